@@ -1,0 +1,1 @@
+"""Reusable building blocks: dense layers with logical axes, norms, rotary embeddings, resizing."""

@@ -1,0 +1,135 @@
+"""Llama-3 decoder in Flax NNX: GQA, RMSNorm, SwiGLU, half-split RoPE, untied lm_head, scanned layers.
+
+Parameter names follow transformers' `LlamaForCausalLM` (`model.layers.*.self_attn.q_proj`, ...)
+with kernels stored [in, out] and the layers stacked along a leading `layers` axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kangaroo_jax.attention import get_attention
+from kangaroo_jax.config import LlamaConfig
+from kangaroo_jax.layers.linear import dense
+from kangaroo_jax.layers.norms import RMSNorm
+from kangaroo_jax.layers.rope import apply_llama_rope, llama_inv_freq
+from kangaroo_jax.layers.scan import create_stack, run_stack
+from kangaroo_jax.parallel import shard
+
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+
+
+class LlamaAttention(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
+    self.k_proj = dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+    self.v_proj = dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+    self.o_proj = dense(cfg.num_heads * hd, d, ("heads", "embed"), **kw)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.attention_impl = attention_impl
+
+  def __call__(self, x, positions, segment_ids, inv_freq):
+    """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed]."""
+    b, s, _ = x.shape
+    q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    q = shard(apply_llama_rope(q, positions, inv_freq), (BATCH, LENGTH, "activation_heads", None))
+    k = shard(apply_llama_rope(k, positions, inv_freq), (BATCH, LENGTH, "activation_kv_heads", None))
+    v = shard(v, (BATCH, LENGTH, "activation_kv_heads", None))
+    out = get_attention(self.attention_impl)(
+        q, k, v, causal=True, q_positions=positions, kv_positions=positions,
+        q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(shard(h, (BATCH, LENGTH, "activation_mlp")))
+
+
+class LlamaDecoderLayer(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+    self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                    rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+    self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids, inv_freq):
+    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq)
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return shard(x, (BATCH, LENGTH, EMBED))
+
+
+class LlamaModel(nnx.Module):
+  """Embeddings, decoder stack and final norm (transformers' `LlamaModel`)."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, remat_policy: str,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat_policy = remat_policy
+    self.embed_tokens = nnx.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
+    self.layers = create_stack(
+        lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                    rngs=r),
+        cfg.num_layers, rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[batch, seq] int -> [batch, seq, embed]."""
+    return shard(self.embed_tokens(input_ids), (BATCH, LENGTH, EMBED))
+
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """inputs_embeds [batch, seq, embed] -> final hidden states [batch, seq, embed].
+
+    positions default to 0..seq-1; segment_ids (packed samples) default to one segment.
+    """
+    b, s, _ = inputs_embeds.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    x = shard(inputs_embeds.astype(self.dtype), (BATCH, LENGTH, EMBED))
+    inv_freq = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+    x = run_stack(self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq), self.remat_policy)
+    return self.norm(x)
+
+
+class LlamaForCausalLM(nnx.Module):
+  """LlamaModel + untied lm_head -> logits."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True):
+    self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                            remat_policy=remat_policy, rngs=rngs)
+    self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+    self.logits_fp32 = logits_fp32
+
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Token ids [batch, seq] or embeddings [batch, seq, embed] -> logits [batch, seq, vocab]."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+      inputs_embeds = self.model.embed(input_ids)
+    hidden = self.model(inputs_embeds, positions, segment_ids)
+    logits = self.lm_head(hidden)
+    if self.logits_fp32:
+      logits = logits.astype(jnp.float32)
+    return shard(logits, (BATCH, LENGTH, "activation_vocab"))

@@ -1,0 +1,16 @@
+"""Shared test utilities."""
+
+import numpy as np
+
+
+def max_rel_error(ours, reference) -> float:
+  """max |ours - ref| / max |ref|: one number that is scale-free and does not blow up near zeros."""
+  ours = np.asarray(ours, dtype=np.float64)
+  reference = np.asarray(reference, dtype=np.float64)
+  assert ours.shape == reference.shape, (ours.shape, reference.shape)
+  return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def torch_state_numpy(module) -> dict:
+  """A torch module's state_dict as float32 numpy arrays."""
+  return {k: v.detach().float().numpy() for k, v in module.state_dict().items()}

@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-AttentionImpl = Literal["reference"]
+AttentionImpl = Literal["reference", "ring", "all_gather"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ATTENTION_IMPLS = ("reference",)
+_ATTENTION_IMPLS = ("reference", "ring", "all_gather")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -195,6 +195,8 @@ class KangarooConfig:
   param_dtype: DTypeName = "float32"
   compute_dtype: DTypeName = "bfloat16"
   attention_impl: AttentionImpl = "reference"
+  # Zigzag reorder of the sequence for causal ring attention (only acts when context > 1).
+  load_balance: bool = True
   remat_policy: RematPolicy = "none"
   scan_layers: bool = True
   logits_fp32: bool = True

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+from kangaroo_jax.attention.context_parallel import all_gather_attention, decode_attention, ring_attention
 from kangaroo_jax.attention.reference import attention_mask, reference_attention
 
-_IMPLS: dict[str, Callable] = {"reference": reference_attention}
+# Context-parallel impls fall back to `reference` when no mesh is set or the context axis is 1.
+_IMPLS: dict[str, Callable] = {"reference": reference_attention, "ring": ring_attention,
+                               "all_gather": all_gather_attention}
 
 
 def get_attention(impl: str) -> Callable:
@@ -17,4 +20,5 @@ def get_attention(impl: str) -> Callable:
     raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_IMPLS)}") from None
 
 
-__all__ = ["attention_mask", "get_attention", "reference_attention"]
+__all__ = ["all_gather_attention", "attention_mask", "decode_attention", "get_attention", "reference_attention",
+           "ring_attention"]

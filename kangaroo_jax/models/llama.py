@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kangaroo_jax.attention import get_attention
+from kangaroo_jax.attention.context_parallel import context_size
+from kangaroo_jax.attention.layout import inverse_order, zigzag_order
 from kangaroo_jax.config import LlamaConfig
 from kangaroo_jax.layers.linear import dense
 from kangaroo_jax.layers.norms import RMSNorm
@@ -78,10 +80,11 @@ class LlamaModel(nnx.Module):
   """Embeddings, decoder stack and final norm (transformers' `LlamaModel`)."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, remat_policy: str,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, load_balance: bool = True):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
+    self.zigzag = load_balance and attention_impl == "ring"
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
@@ -104,19 +107,32 @@ class LlamaModel(nnx.Module):
     b, s, _ = inputs_embeds.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = shard(inputs_embeds.astype(self.dtype), (BATCH, LENGTH, EMBED))
+    x = inputs_embeds.astype(self.dtype)
+    n = context_size()
+    zigzag = self.zigzag and n > 1
+    if zigzag:
+      # Causal ring attention does equal work per device only in the zigzag order; positions and
+      # segment ids move with their tokens, so RoPE and masks are unchanged.
+      order = zigzag_order(s, n)
+      x, positions = x[:, order], positions[:, order]
+      segment_ids = None if segment_ids is None else segment_ids[:, order]
+    x = shard(x, (BATCH, LENGTH, EMBED))
     inv_freq = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
     x = run_stack(self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq), self.remat_policy)
-    return self.norm(x)
+    x = self.norm(x)
+    if zigzag:
+      x = shard(x[:, inverse_order(order)], (BATCH, LENGTH, EMBED))
+    return x
 
 
 class LlamaForCausalLM(nnx.Module):
   """LlamaModel + untied lm_head -> logits."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True):
+               attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True,
+               load_balance: bool = True):
     self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                            remat_policy=remat_policy, rngs=rngs)
+                            remat_policy=remat_policy, load_balance=load_balance, rngs=rngs)
     self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.logits_fp32 = logits_fp32

@@ -1,0 +1,1 @@
+"""TEST-ONLY torchvision.ops stand-in (see tests/_stubs/torchvision/__init__.py)."""

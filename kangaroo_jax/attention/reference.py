@@ -40,7 +40,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     q: [batch, q_len, heads, head_dim]
     k, v: [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0. K/V are never repeated in
       memory: queries are grouped as [batch, q_len, kv_heads, group, head_dim] instead.
-    q_positions / kv_positions: [batch, q_len] / [batch, kv_len] ints (required when causal).
+    q_positions / kv_positions: [batch, q_len] / [batch, kv_len] ints; when causal and both are
+      omitted they default to 0..len-1.
     q_segment_ids / kv_segment_ids: [batch, q_len] / [batch, kv_len] ints; tokens attend only
       within equal ids (packed samples).
   Returns: [batch, q_len, heads, head_dim] in q's dtype.
@@ -50,6 +51,9 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
   if h % kvh:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kvh})")
   scale = d ** -0.5 if scale is None else scale
+  if causal and q_positions is None and kv_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(sq, dtype=jnp.int32), (b, sq))
+    kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
   qg = q.reshape(b, sq, kvh, h // kvh, d)
   logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32,
                       precision=jax.lax.Precision.HIGHEST) * scale

@@ -208,27 +208,27 @@ def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, cau
 
 # ---------------------------------------------------------------- custom_vjp entry point
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
-def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, axis_name, axis_size, block_q, block_kv):
-  out, _ = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal, scale=scale, axis_name=axis_name,
-                         axis_size=axis_size, block_q=block_q, block_kv=block_kv)
-  return out
+@functools.lru_cache(maxsize=None)
+def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int):
+  """A custom_vjp ring for one static configuration (statics closed over, not nondiff_argnums)."""
+  kw = dict(causal=causal, scale=scale, axis_name=axis_name, axis_size=axis_size, block_q=block_q,
+            block_kv=block_kv)
 
+  @jax.custom_vjp
+  def ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, **kw)[0]
 
-def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, axis_name, axis_size, block_q, block_kv):
-  out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal, scale=scale, axis_name=axis_name,
-                           axis_size=axis_size, block_q=block_q, block_kv=block_kv)
-  return out, (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg)
+  def fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, **kw)
+    return out, (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg)
 
+  def bwd(res, dout):
+    q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg = res
+    dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, **kw)
+    return dq, dk, dv, None, None, None, None
 
-def _ring_bwd(causal, scale, axis_name, axis_size, block_q, block_kv, res, dout):
-  q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg = res
-  dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, causal=causal, scale=scale,
-                              axis_name=axis_name, axis_size=axis_size, block_q=block_q, block_kv=block_kv)
-  return dq, dk, dv, None, None, None, None
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
+  ring.defvjp(fwd, bwd)
+  return ring
 
 
 def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
@@ -243,5 +243,10 @@ def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   bq, bk = pick_block(q.shape[1], block_q), pick_block(k.shape[1], block_kv)
-  return _ring(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, float(scale), axis_name,
-               axis_size, bq, bk)
+  ring = _make_ring(bool(causal), float(scale), axis_name, int(axis_size), bq, bk)
+  # Under a differentiated layer scan, positions and segment ids are loop constants; without this
+  # barrier JAX hoists every tile's mask out of the loop and materialises O(seq^2 / devices) of it.
+  # Tying them to q makes them loop-variant, so masks are built tile by tile.
+  q, q_positions, kv_positions, q_segment_ids, kv_segment_ids = jax.lax.optimization_barrier(
+      (q, q_positions, kv_positions, q_segment_ids, kv_segment_ids))
+  return ring(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)

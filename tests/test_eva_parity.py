@@ -2,7 +2,7 @@
 
 timm is built directly (no downloads, no pretrained weights). timm imports torchvision at import
 time and torchvision cannot be installed here, so a test-only stand-in (tests/_stubs/torchvision)
-is put on sys.path in this module only, before timm is imported.
+is put on sys.path in this module only while timm is imported, then removed again.
 
 timm settings (EVA02-CLIP style): rope_type='cat' (interleaved pairs, rope_rotate_half=False),
 ref_feat_shape = 2 (the RoPE pre-training grid; the frame grid is 4, so the rescaled positions
@@ -27,6 +27,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from timm.models.eva import Eva  # noqa: E402
+
+# Take the stand-in away again: other tests in this process (transformers) must not see a torchvision.
+sys.path.remove(_STUBS)
+for _name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+  del sys.modules[_name]
 
 from kangaroo_jax.config import VisionConfig  # noqa: E402
 from kangaroo_jax.models import eva_vit  # noqa: E402

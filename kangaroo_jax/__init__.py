@@ -8,6 +8,7 @@ _flax.config.update("flax_always_shard_variable", False)
 
 from kangaroo_jax.config import KangarooConfig, LlamaConfig, ProjectorConfig, VisionConfig, preset  # noqa: E402
 from kangaroo_jax.models import Kangaroo  # noqa: E402
+from kangaroo_jax.pretrained import from_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,18 @@
 """Fill our parameter arrays from released tensors, one tensor at a time, with strict key accounting.
 
-Each target array is allocated once (in the target dtype) and written slice by slice, so peak memory
-is one copy of the model plus the tensor in flight. All problems are collected and reported together.
+Two uses of one accounting object (`Assembler`):
+  * in memory (`add` + `finish`, via `load_released_tensors`): each target array is allocated once in
+    the target dtype and written slice by slice (tests, small models);
+  * planning from headers only (`accept` + `check`): every key is classified and shape-checked and the
+    source key of every parameter slice is recorded in `sources`, before a single weight is read; the
+    streaming converter (tools/convert_weights/convert.py) then reads and writes one tensor at a time.
+All problems are collected and reported together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -25,6 +31,7 @@ class Report:
   mapped: int = 0
   ignored: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
   bytes_read: int = 0
+  defaulted: dict[str, str] = dataclasses.field(default_factory=dict)  # absent optional key -> what was used
 
 
 _HINTS = (
@@ -43,78 +50,103 @@ def _hint(key: str) -> str:
 
 
 class Assembler:
-  """Collects released tensors into our flat state {path: np.ndarray}.
+  """Collects released tensors into our flat state {path: np.ndarray}, or only plans that (headers only).
 
   Args:
     targets: our flat parameter shapes/dtypes {path: (shape, dtype)} (e.g. from nnx.eval_shape).
     prefix: path prefix of `targets` inside the full Kangaroo model (("llm",) for a bare Llama).
     rules: mapping rules (default: the released Kangaroo naming).
+    optional: released keys that may be absent, {key: (fill, reason)} with fill "ones" or "zeros"
+      (e.g. the final vision `norm`, which the default feature tap never uses).
   """
 
   def __init__(self, targets: Mapping[Path, tuple[tuple[int, ...], np.dtype]], prefix: Path = (),
-               rules: Iterable[Rule] = RULES):
+               rules: Iterable[Rule] = RULES, optional: Mapping[str, tuple[str, str]] | None = None):
     self.targets = dict(targets)
     self.prefix = prefix
     self.rules = tuple(r for r in rules if strip_prefix(r.path, prefix) in self.targets)
+    self.optional = dict(optional or {})
     self.arrays: dict[Path, np.ndarray] = {}
     self.filled: dict[Path, set] = {}
+    # path -> {layer (None if not stacked): released key}: where each slice of each parameter comes from.
+    self.sources: dict[Path, dict[int | None, str]] = {}
     self.report = Report()
     self.unmapped: list[str] = []
     self.errors: list[str] = []
 
-  def add(self, key: str, value: np.ndarray) -> None:
+  def accept(self, key: str, shape: tuple[int, ...], dtype) -> tuple[Path, Mapped] | None:
+    """Accounts for one released tensor from its header entry. Returns where it goes, or None."""
     what = classify(key, self.rules)
     if isinstance(what, Ignored):
       self.report.ignored[key] = what.reason
-      return
+      return None
     if what is None:
-      self.unmapped.append(f"{key} {tuple(value.shape)} {value.dtype} (hint: {_hint(key)})")
-      return
-    self._place(key, what, value)
-
-  def _place(self, key: str, what: Mapped, value: np.ndarray) -> None:
+      self.unmapped.append(f"{key} {tuple(shape)} {np.dtype(dtype)} (hint: {_hint(key)})")
+      return None
     path = strip_prefix(what.rule.path, self.prefix)
-    shape, dtype = self.targets[path]
-    slice_shape = shape[1:] if what.rule.stacked else shape
+    target_shape, _ = self.targets[path]
+    slice_shape = target_shape[1:] if what.rule.stacked else target_shape
     expected = released_shape(slice_shape, what.rule)
-    if tuple(value.shape) != expected:
-      self.errors.append(f"{key}: expected shape {expected}, found {tuple(value.shape)}")
+    if tuple(shape) != expected:
+      self.errors.append(f"{key}: expected shape {expected}, found {tuple(shape)}")
+      return None
+    if np.dtype(dtype).kind in "iub":
+      self.errors.append(f"{key}: expected a floating-point tensor, found dtype {np.dtype(dtype)}")
+      return None
+    if what.rule.stacked and not 0 <= what.layer < target_shape[0]:
+      self.errors.append(f"{key}: layer index {what.layer} out of range for {target_shape[0]} layers")
+      return None
+    slot = what.layer if what.rule.stacked else None
+    if slot in self.filled.setdefault(path, set()):
+      self.errors.append(f"{key}: given twice")
+      return None
+    self.filled[path].add(slot)
+    self.sources.setdefault(path, {})[slot] = key
+    self.report.mapped += 1
+    self.report.bytes_read += math.prod(shape) * np.dtype(dtype).itemsize
+    return path, what
+
+  def add(self, key: str, value: np.ndarray) -> None:
+    placed = self.accept(key, tuple(value.shape), value.dtype)
+    if placed is None:
       return
-    if what.rule.stacked and not 0 <= what.layer < shape[0]:
-      self.errors.append(f"{key}: layer index {what.layer} out of range for {shape[0]} layers")
-      return
+    path, what = placed
+    shape, dtype = self.targets[path]
     converted = to_ours(value, what.rule.transform).astype(dtype, copy=False)
     if path not in self.arrays:
       self.arrays[path] = np.empty(shape, dtype)
-      self.filled[path] = set()
-    slot = what.layer if what.rule.stacked else None
-    if slot in self.filled[path]:
-      self.errors.append(f"{key}: given twice")
-      return
     if what.rule.stacked:
       self.arrays[path][what.layer] = converted
     else:
       self.arrays[path][...] = converted
-    self.filled[path].add(slot)
-    self.report.mapped += 1
-    self.report.bytes_read += value.nbytes
+
+  def defaults(self) -> dict[Path, tuple[str, str, str]]:
+    """Unstacked parameters whose optional released key is absent: {path: (key, fill, reason)}."""
+    out = {}
+    for rule in self.rules:
+      path = strip_prefix(rule.path, self.prefix)
+      if rule.key in self.optional and not rule.stacked and None not in self.filled.get(path, set()):
+        fill, reason = self.optional[rule.key]
+        out[path] = (rule.key, fill, reason)
+    return out
 
   def missing(self) -> list[str]:
     out = []
+    defaulted = self.defaults()
     for rule in self.rules:
       path = strip_prefix(rule.path, self.prefix)
       shape = self.targets[path][0]
       have = self.filled.get(path, set())
       if rule.stacked:
         out += [f"{rule.key.format(i=i)} {released_shape(shape[1:], rule)}" for i in range(shape[0]) if i not in have]
-      elif None not in have:
+      elif None not in have and path not in defaulted:
         out.append(f"{rule.key} {released_shape(shape, rule)}")
     covered = {strip_prefix(r.path, self.prefix) for r in self.rules}
     out += [f"(no released key maps to our parameter {'.'.join(p)})" for p in self.targets if p not in covered]
     return out
 
-  def finish(self) -> dict[Path, np.ndarray]:
-    """Returns the complete flat state, or raises ConversionError listing every problem."""
+  def check(self) -> None:
+    """Raises ConversionError listing every unmapped key, shape/layout error and missing key."""
     problems = []
     if self.unmapped:
       problems.append(f"{len(self.unmapped)} unmapped key(s):\n  " + "\n  ".join(sorted(self.unmapped)))
@@ -125,6 +157,15 @@ class Assembler:
       problems.append(f"{len(missing)} missing key(s):\n  " + "\n  ".join(missing))
     if problems:
       raise ConversionError("checkpoint does not match the model config:\n" + "\n".join(problems))
+    for path, (key, fill, reason) in self.defaults().items():
+      self.report.defaulted[key] = f"filled with {fill}: {reason}"
+
+  def finish(self) -> dict[Path, np.ndarray]:
+    """Returns the complete flat state, or raises ConversionError listing every problem."""
+    self.check()
+    for path, (_, fill, _) in self.defaults().items():
+      shape, dtype = self.targets[path]
+      self.arrays[path] = (np.ones if fill == "ones" else np.zeros)(shape, dtype)
     return self.arrays
 
 

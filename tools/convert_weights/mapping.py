@@ -90,6 +90,14 @@ IGNORED: tuple[tuple[re.Pattern, str], ...] = (
 )
 
 
+# Released keys that may be absent, with the value to use and why that is harmless. Only offered to the
+# assembler when the config does not use the parameter (see tools/convert_weights/convert.py).
+OPTIONAL_WHEN_UNUSED: dict[str, tuple[str, str]] = {
+    "vision_tower.norm.weight": ("ones", "final vision norm, unused unless VisionConfig.feature_tap='last_postnorm'"),
+    "vision_tower.norm.bias": ("zeros", "final vision norm, unused unless VisionConfig.feature_tap='last_postnorm'"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Mapped:
   rule: Rule

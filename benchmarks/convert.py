@@ -1,0 +1,182 @@
+"""Conversion benchmark: peak memory and throughput of `tools.convert_weights import` on a >= 1 GB checkpoint.
+
+Synthesizes a bf16 model.safetensors in the released naming for a widened tiny config (random values,
+written one tensor at a time), then runs, each in its own child process:
+  plain read:   a plain sequential read of the same file (16 MiB blocks, data discarded);
+  import floor: the interpreter with the converter's modules imported, converting nothing;
+  convert:      `python -m tools.convert_weights import SRC DST --quiet` (bf16 -> bf16 Orbax/OCDBT,
+                fsync before the final rename included).
+Both the read and the conversion run twice: "cold" right after the file was evicted from the page cache
+(posix_fadvise DONTNEED), and "warm" with the file cached. Peak RSS is the child's VmHWM at exit.
+Throughput uses the conversion's own wall time (the CLI reports it; interpreter start-up and imports
+are reported separately as process seconds).
+Targets (issue 3): peak RSS <= 2 x largest tensor + 500 MB; throughput >= 50 % of the plain read.
+Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+MB = 1e6
+
+
+def widened_config():
+  """~1.1 GB in bf16: tiny's structure with a 2048-wide, 8-layer LLM and a 1024-wide, 4-block EVA at 224 px."""
+  from kangaroo_jax.config import KangarooConfig, LlamaConfig, ProjectorConfig, VisionConfig
+  return KangarooConfig(
+      llm=LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16,
+                      num_kv_heads=4, head_dim=128, max_position_embeddings=4096, bos_token_id=1,
+                      eos_token_ids=(2,)),
+      vision=VisionConfig(image_size=224, patch_size=14, width=1024, num_layers=4, head_width=64, mlp_hidden=2730,
+                          pt_hw_seq_len=16),
+      projector=ProjectorConfig(),
+      param_dtype="bfloat16", compute_dtype="bfloat16")
+
+
+# Runs `-m module args...` or `-c code args...` and prints the process's peak RSS (VmHWM) and run time.
+# VmHWM starts afresh at exec; ru_maxrss of a forked child would include the parent's memory at fork.
+_WRAPPER = """
+import runpy, sys, time
+t0 = time.perf_counter()
+code = 0
+try:
+  mode, target = sys.argv[1], sys.argv[2]
+  sys.argv = [target] + sys.argv[3:]
+  if mode == '-m':
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+  else:
+    exec(compile(target, '<bench>', 'exec'), {'__name__': '__main__'})
+except SystemExit as e:
+  code = e.code or 0
+hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]
+print('BENCH', hwm, time.perf_counter() - t0, flush=True)
+sys.exit(code)
+"""
+
+
+def _run_child(mode: str, target: str, *args: str) -> tuple[float, int, str]:
+  """(seconds in the child, peak RSS bytes, output)."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _WRAPPER, mode, target, *args], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+  out = proc.stdout.decode(errors="replace")
+  if proc.returncode != 0:
+    raise RuntimeError(f"{mode} {target[:60]} {args} failed ({proc.returncode}):\n{out[-4000:]}")
+  fields = [line for line in out.splitlines() if line.startswith("BENCH ")][-1].split()
+  return float(fields[2]), int(fields[1]), out
+
+
+def _evict(path: str) -> None:
+  """Drops `path` from the page cache (flushed first), so the next read comes from disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+  finally:
+    os.close(fd)
+
+
+_PLAIN_READ = """
+import sys
+n = 0
+with open(sys.argv[1], 'rb', buffering=0) as f:
+  view = memoryview(bytearray(16 << 20))
+  while True:
+    got = f.readinto(view)
+    if not got:
+      break
+    n += got
+print('READ', n)
+"""
+
+_IMPORT_FLOOR = "import tools.convert_weights.convert, kangaroo_jax.pretrained, orbax.checkpoint, tensorstore"
+
+
+def _convert(src: str, dst: str, cfg_path: str) -> dict:
+  shutil.rmtree(dst, ignore_errors=True)
+  proc_s, rss, out = _run_child("-m", "tools.convert_weights", "import", src, dst, "--config-json", cfg_path, "--quiet")
+  seconds = float(re.search(r"dtype \w+, ([0-9.]+)s;", out).group(1))
+  return {"seconds": seconds, "process_seconds": round(proc_s, 2), "peak_rss": rss}
+
+
+def _plain_read(path: str, size: int) -> float:
+  seconds, _, out = _run_child("-c", _PLAIN_READ, path)
+  assert f"READ {size}" in out, out
+  return seconds
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder, removed)")
+  args = ap.parse_args()
+  import ml_dtypes
+
+  from tools.convert_weights import synthetic
+
+  work = args.keep or tempfile.mkdtemp(prefix="convert-bench-")
+  os.makedirs(work, exist_ok=True)
+  src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
+  try:
+    t0 = time.perf_counter()
+    cfg = widened_config()
+    info = synthetic.write_checkpoint(src, cfg, dtype=ml_dtypes.bfloat16, seed=0)
+    synth_s = time.perf_counter() - t0
+    cfg_path = os.path.join(work, "bench_config.json")
+    with open(cfg_path, "w") as f:
+      f.write(cfg.to_json())
+    path, size = info["path"], os.path.getsize(info["path"])
+
+    _evict(path)
+    read_cold = _plain_read(path, size)
+    read_warm = _plain_read(path, size)
+    _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR)
+    _evict(path)
+    cold = _convert(src, dst, cfg_path)
+    warm = _convert(src, dst, cfg_path)
+    with open(os.path.join(dst, "conversion_report.json")) as f:
+      mapped = json.load(f)["mapped"]
+
+    largest = info["largest_tensor_bytes"]
+    target_rss = 2 * largest + 500 * MB
+    peak = max(cold["peak_rss"], warm["peak_rss"])
+    result = {
+        "checkpoint_bytes": size,
+        "tensors": info["tensors"],
+        "mapped": mapped,
+        "largest_tensor_bytes": largest,
+        "peak_rss_bytes": peak,
+        "peak_rss_target_bytes": int(target_rss),
+        "peak_rss_ok": peak <= target_rss,
+        "import_floor_rss_bytes": floor_rss,
+        "peak_rss_above_floor_bytes": peak - floor_rss,
+        "cold": {"convert_s": cold["seconds"], "convert_mb_s": round(size / MB / cold["seconds"], 1),
+                 "plain_read_s": round(read_cold, 3), "plain_read_mb_s": round(size / MB / read_cold, 1),
+                 "ratio": round(read_cold / cold["seconds"], 3), "process_s": cold["process_seconds"]},
+        "warm": {"convert_s": warm["seconds"], "convert_mb_s": round(size / MB / warm["seconds"], 1),
+                 "plain_read_s": round(read_warm, 3), "plain_read_mb_s": round(size / MB / read_warm, 1),
+                 "ratio": round(read_warm / warm["seconds"], 3), "process_s": warm["process_seconds"]},
+        "throughput_ok_cold": read_cold / cold["seconds"] >= 0.5,
+        "synthesize_s": round(synth_s, 1),
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result))
+  finally:
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,99 @@
+"""Loading a converted checkpoint: `model, tokenizer = kangaroo_jax.from_pretrained(path)`.
+
+Layout written by `python -m tools.convert_weights import SRC DST`:
+  DST/kangaroo_config.json       KangarooConfig.to_json() (param_dtype = the stored dtype)
+  DST/state/                     Orbax PyTree checkpoint (OCDBT): nested dict of parameter arrays,
+                                 keys = the NNX parameter path (llm/model/layers/self_attn/q_proj/kernel)
+  DST/tokenizer.json, ...        tokenizer files copied from the release (optional)
+  DST/conversion_report.json     what was mapped / ignored / defaulted, from where
+
+Each parameter is restored straight onto its shards (NamedSharding from the logical-axis rules,
+kangaroo_jax.parallel.sharding.param_shardings) on the given mesh, else on the mesh set with
+`jax.set_mesh`, else on one device. No full host copy and no replicated copy is made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from kangaroo_jax.config import KangarooConfig
+from kangaroo_jax.models import Kangaroo
+from kangaroo_jax.parallel.sharding import param_shardings
+from kangaroo_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+
+CONFIG_FILE = "kangaroo_config.json"
+STATE_DIR = "state"
+REPORT_FILE = "conversion_report.json"
+
+
+def load_config(path: str) -> KangarooConfig:
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    return KangarooConfig.from_dict(json.load(f))
+
+
+def nested(flat: dict[tuple[str, ...], object]) -> dict:
+  """{("a", "b"): x} -> {"a": {"b": x}} (the tree layout stored in the checkpoint)."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+def _current_mesh() -> Mesh | None:
+  mesh = jax.sharding.get_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | None = None,
+                    config: KangarooConfig | None = None) -> tuple[Kangaroo, Tokenizer | None]:
+  """Restores a converted checkpoint.
+
+  Args:
+    path: the converter's output folder.
+    mesh: where to put the parameters; default: the mesh set with `jax.set_mesh`, else one device.
+    param_dtype: cast while restoring (e.g. "float32"); default: the stored dtype.
+    config: use this config instead of `kangaroo_config.json` (e.g. other execution options); its
+      parameter shapes must match the stored ones.
+  Returns: (model, tokenizer or None when the folder holds no tokenizer files).
+  """
+  import orbax.checkpoint as ocp
+
+  cfg = config or load_config(path)
+  if param_dtype is not None:
+    cfg = cfg.replace(param_dtype=param_dtype)
+  mesh = mesh if mesh is not None else _current_mesh()
+  # Shapes only, built outside any ambient mesh: under `jax.set_mesh` flax would try to turn the logical
+  # axis names into mesh shardings itself; param_shardings does that through the rules table below.
+  with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
+    abstract = nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = list(nnx.to_flat_state(abstract_state))
+  if mesh is not None:
+    shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
+    sharding_of = lambda p: shardings[p].get_value()  # noqa: E731
+  else:
+    one = SingleDeviceSharding(jax.devices()[0])
+    sharding_of = lambda p: one  # noqa: E731
+  targets = {tuple(map(str, p)): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(p)) for p, v in flat}
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.abspath(os.path.join(path, STATE_DIR)), nested(targets))
+
+  def leaf(p):
+    node = restored
+    for k in map(str, p):
+      node = node[k]
+    return node
+
+  state = nnx.from_flat_state([(p, v.replace(leaf(p))) for p, v in flat])
+  model = nnx.merge(graphdef, state)
+  tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
+  return model, tokenizer

@@ -1,0 +1,79 @@
+"""CLI: python -m tools.convert_weights {import,inspect,export} ...
+
+  import SRC DST [--dtype bfloat16] [--preset kangaroo-8b | --config-json CFG] [--format auto|safetensors|bin]
+  inspect SRC [--json] [--format ...]            keys, shapes, dtypes, sizes from headers only
+  export CKPT OUT [--dtype as-stored]            model.safetensors + config.json in the released naming
+
+Exit status 2 with a message on a checkpoint problem (mismatch, truncation, ...), 0 on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m tools.convert_weights", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  imp = sub.add_parser("import", help="released PyTorch/safetensors checkpoint -> Orbax checkpoint")
+  imp.add_argument("src", help="model folder (config.json + model.safetensors[.index.json] or pytorch_model.bin)")
+  imp.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+  imp.add_argument("--dtype", default="bfloat16", help="stored parameter dtype: bfloat16 (default), float32, float16")
+  imp.add_argument("--preset", default="kangaroo-8b",
+                   help="KangarooConfig preset for the vision tower / projector (the released config.json "
+                        "only covers the LLM); checked against the tensor shapes")
+  imp.add_argument("--config-json", help="a full KangarooConfig JSON to use instead of --preset + config.json")
+  imp.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
+  imp.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after success)")
+  imp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+  ins = sub.add_parser("inspect", help="list keys/shapes/dtypes from headers only")
+  ins.add_argument("src")
+  ins.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
+  ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+  exp = sub.add_parser("export", help="converted checkpoint -> model.safetensors + config.json (released naming)")
+  exp.add_argument("ckpt", help="a folder written by `import`")
+  exp.add_argument("out")
+  exp.add_argument("--dtype", default=None, help="tensor dtype in the file (default: as stored)")
+  exp.add_argument("--overwrite", action="store_true")
+  exp.add_argument("--quiet", action="store_true")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  # Heavy imports after argument parsing, so --help is instant.
+  from kangaroo_jax.config import ConfigError
+  from tools.convert_weights.assemble import ConversionError
+  from tools.convert_weights.convert import export_checkpoint, format_inspect, import_checkpoint, inspect_checkpoint
+  from tools.convert_weights.sources import SourceError
+
+  try:
+    if args.command == "import":
+      r = import_checkpoint(args.src, args.dst, dtype=args.dtype, preset=args.preset, config_json=args.config_json,
+                            fmt=args.format, overwrite=args.overwrite, progress=not args.quiet)
+      print(f"wrote {r.dst}: {r.mapped} tensors mapped ({r.bytes_read / 1e9:.3f} GB read), {len(r.ignored)} ignored, "
+            f"{len(r.defaulted)} defaulted, dtype {r.config.param_dtype}, {r.seconds:.1f}s; {r.config_source}")
+      for key, reason in sorted(r.ignored.items()):
+        print(f"  ignored {key}: {reason}")
+      for key, what in sorted(r.defaulted.items()):
+        print(f"  defaulted {key}: {what}")
+    elif args.command == "inspect":
+      result = inspect_checkpoint(args.src, args.format)
+      print(json.dumps(result, indent=1) if args.json else format_inspect(result))
+    else:
+      r = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+      print(f"wrote {r['out']}: {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB")
+  except (ConversionError, SourceError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,264 @@
+"""import / export / inspect: the converter's three operations (the CLI in __main__.py is a thin wrapper).
+
+import:  headers only -> config resolved and checked against shapes -> every key classified and every
+         shape checked (Assembler.accept/check) -> nothing wrong? then one tensor at a time: read,
+         transform (transpose / conv layout / reshape), cast, write chunk by chunk into the Orbax
+         checkpoint -> config, report and tokenizer files -> the temp folder is renamed to DST.
+         Any failure removes the temp folder: DST either is complete or does not exist.
+export:  the converted checkpoint -> model.safetensors + config.json in the released naming,
+         again one (layer) slice at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Iterator
+
+import numpy as np
+
+from kangaroo_jax.config import KangarooConfig, preset as get_preset
+from kangaroo_jax.pretrained import CONFIG_FILE, REPORT_FILE, STATE_DIR, load_config, nested
+from kangaroo_jax.tokenizer import TOKENIZER_FILES
+from tools.convert_weights import safetensors_io
+from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
+from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve_config
+from tools.convert_weights.mapping import (IGNORED, OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
+                                           released_shape, to_ours, to_released)
+from tools.convert_weights.orbax_io import DEFAULT_CHUNK_BYTES, LazyParam, StoredParams, fsync_tree, save_streaming
+from tools.convert_weights.progress import Progress
+from tools.convert_weights.sources import Source, open_source
+
+DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
+                 "f32": "float32", "float16": "float16", "fp16": "float16", "f16": "float16"}
+_TORCH_DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+
+
+def dtype_name(name: str) -> str:
+  try:
+    return DTYPE_ALIASES[name.lower()]
+  except KeyError:
+    raise ConversionError(f"unknown dtype {name!r}; expected one of {sorted(set(DTYPE_ALIASES))}") from None
+
+
+def _np_dtype(name: str) -> np.dtype:
+  import ml_dtypes
+  return np.dtype({"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}[name])
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a fresh temp folder beside `dst`; renamed to `dst` on success, removed on any failure."""
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not overwrite:
+    raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the result
+  try:
+    yield tmp
+    if os.path.exists(dst):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+      os.rename(dst, os.path.join(old, "x"))
+      os.rename(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+  copied = []
+  for name in TOKENIZER_FILES:
+    path = os.path.join(src_dir, name)
+    if os.path.isfile(path):
+      shutil.copyfile(path, os.path.join(dst_dir, name))
+      copied.append(name)
+  return copied
+
+
+@dataclasses.dataclass
+class ImportResult:
+  dst: str
+  config: KangarooConfig
+  config_source: str
+  mapped: int
+  ignored: dict[str, str]
+  defaulted: dict[str, str]
+  bytes_read: int
+  seconds: float
+  tokenizer_files: list[str]
+
+
+def plan_import(source: Source, cfg: KangarooConfig) -> Assembler:
+  """Classifies every key and checks every shape from the headers; raises ConversionError on any problem."""
+  from flax import nnx
+  from kangaroo_jax.models import Kangaroo
+
+  targets = param_targets(nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0))))
+  optional = OPTIONAL_WHEN_UNUSED if cfg.vision.feature_tap != "last_postnorm" else {}
+  asm = Assembler(targets, optional=optional)
+  for key in sorted(source.infos):
+    info = source.infos[key]
+    asm.accept(key, info.shape, info.dtype)
+  asm.check()
+  return asm
+
+
+def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: str = "kangaroo-8b",
+                      config_json: str | None = None, fmt: str = "auto", overwrite: bool = False,
+                      progress: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                      sync: bool = True) -> ImportResult:
+  """Converts a released checkpoint folder `src` into `dst` (see the module docstring).
+
+  `sync`: flush the written files to disk before the final rename (chunks are written without an
+  fsync each; one pass at the end is much faster and gives the same guarantee at the rename).
+  """
+  t0 = time.perf_counter()
+  dtype = dtype_name(dtype)
+  if os.path.exists(dst) and not overwrite:
+    raise ConversionError(f"{os.path.abspath(dst)} already exists (pass --overwrite to replace it)")
+  src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+  with open_source(src, fmt) as source:
+    cfg, cfg_note = resolve_config(src_dir, get_preset(preset), config_json)
+    cfg = cfg.replace(param_dtype=dtype)
+    check_against_header(cfg, source.infos, cfg_note)
+    asm = plan_import(source, cfg)
+
+    rule_of = {}
+    for rule in asm.rules:
+      rule_of[rule.path] = rule
+    defaults = asm.defaults()
+    bar = Progress(asm.report.mapped + len(defaults), asm.report.bytes_read, "import", enabled=progress)
+
+    def lazy(path: Path) -> LazyParam:
+      shape, target_dtype = asm.targets[path]
+      if path in defaults:
+        fill = defaults[path][1]
+        return LazyParam(shape, target_dtype, lambda: iter([(None, (np.ones if fill == "ones" else np.zeros)(shape))]),
+                         stacked=False, on_written=lambda n: bar.update(1, 0))
+      rule = rule_of[path]
+      keys = asm.sources[path]
+
+      def slices():
+        for slot in sorted(keys, key=lambda s: -1 if s is None else s):
+          yield slot, to_ours(source.read(keys[slot]), rule.transform)
+
+      return LazyParam(shape, target_dtype, slices, stacked=rule.stacked, on_written=lambda n: bar.update(1, n))
+
+    tree = nested({path: lazy(path) for path in asm.targets})
+    with atomic_output_dir(dst, overwrite) as tmp:
+      save_streaming(os.path.join(tmp, STATE_DIR), tree, chunk_bytes)
+      bar.close()
+      with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        f.write(cfg.to_json() + "\n")
+      copied = _copy_tokenizer_files(src_dir, tmp)
+      report = {
+          "source": source.describe(), "config": cfg_note, "dtype": dtype,
+          "mapped": asm.report.mapped, "bytes_read": asm.report.bytes_read,
+          "ignored": asm.report.ignored, "defaulted": asm.report.defaulted, "tokenizer_files": copied,
+      }
+      with open(os.path.join(tmp, REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+      if sync:
+        fsync_tree(tmp)
+  return ImportResult(os.path.abspath(dst), cfg, cfg_note, asm.report.mapped, asm.report.ignored,
+                      asm.report.defaulted, asm.report.bytes_read, time.perf_counter() - t0, copied)
+
+
+def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
+                      progress: bool = True) -> dict:
+  """Writes `out/model.safetensors` + `out/config.json` (released naming) from a converted checkpoint.
+
+  `dtype`: the stored dtype by default, so import -> export -> import is bit-identical.
+  """
+  cfg = load_config(ckpt)
+  stored = StoredParams(os.path.join(ckpt, STATE_DIR))
+  have = set(stored.paths)
+  entries, plan = [], []
+  for rule in RULES:
+    if rule.path not in have:
+      continue
+    shape, stored_dtype = stored.shape_dtype(rule.path)
+    out_dtype = _np_dtype(dtype_name(dtype)) if dtype else stored_dtype
+    if rule.stacked:
+      for i in range(shape[0]):
+        plan.append((rule.key.format(i=i), rule, i, released_shape(shape[1:], rule), out_dtype))
+    else:
+      plan.append((rule.key, rule, None, released_shape(shape, rule), out_dtype))
+  covered = {r.path for r in RULES}
+  unexported = sorted(".".join(p) for p in have if p not in covered)
+  if unexported:
+    raise ConversionError(f"parameters with no released name cannot be exported: {unexported}")
+  plan.sort(key=lambda e: e[0])
+  entries = [(key, shape, dt) for key, _, _, shape, dt in plan]
+  total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in entries)
+  bar = Progress(len(entries), total, "export", enabled=progress)
+
+  def tensors():
+    for key, rule, layer, _, out_dtype in plan:
+      value = np.ascontiguousarray(to_released(stored.read(rule.path, layer), rule.transform).astype(out_dtype,
+                                                                                                   copy=False))
+      bar.update(1, value.nbytes)
+      yield key, value
+
+  names = sorted({np.dtype(d).name for _, _, d in entries})
+  torch_dtype = names[0] if len(names) == 1 else "float32"
+  with atomic_output_dir(out, overwrite) as tmp:
+    written = safetensors_io.write_file(os.path.join(tmp, "model.safetensors"), entries, tensors(),
+                                        metadata={"format": "pt"})
+    bar.close()
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_from_llama(cfg.llm, _TORCH_DTYPE_NAMES.get(torch_dtype, torch_dtype)), f, indent=2)
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json() + "\n")
+    copied = _copy_tokenizer_files(ckpt, tmp)
+  return {"out": os.path.abspath(out), "tensors": len(entries), "bytes": written, "tokenizer_files": copied}
+
+
+def inspect_checkpoint(src: str, fmt: str = "auto") -> dict:
+  """Keys, shapes, dtypes, sizes and what the converter would do with each, from headers only."""
+  with open_source(src, fmt) as source:
+    rows = []
+    counts = {"mapped": 0, "ignored": 0, "unmapped": 0}
+    for key in sorted(source.infos):
+      info = source.infos[key]
+      what = classify(key, RULES)
+      if isinstance(what, Mapped):
+        action = ".".join(what.rule.path) + (f"[{what.layer}]" if what.rule.stacked else "")
+        counts["mapped"] += 1
+      elif isinstance(what, Ignored):
+        action = f"ignored: {what.reason}"
+        counts["ignored"] += 1
+      else:
+        action = "UNMAPPED"
+        counts["unmapped"] += 1
+      rows.append({"key": key, "dtype": safetensors_io._NAMES.get(info.dtype, str(info.dtype)),
+                   "shape": list(info.shape), "bytes": info.nbytes, "action": action})
+    return {"source": source.describe(), "tensors": len(rows), "total_bytes": source.total_bytes,
+            "parameters": int(sum(np.prod(r["shape"]) for r in rows)), "counts": counts, "rows": rows}
+
+
+def format_inspect(result: dict) -> str:
+  width = max((len(r["key"]) for r in result["rows"]), default=10)
+  lines = [f"{r['key']:<{width}}  {r['dtype']:<5} {str(tuple(r['shape'])):<22} {r['bytes']:>14,d}  {r['action']}"
+           for r in result["rows"]]
+  c = result["counts"]
+  lines.append(f"{result['source']}: {result['tensors']} tensors, {result['parameters']:,d} parameters, "
+               f"{result['total_bytes'] / 1e9:.3f} GB; mapped {c['mapped']}, ignored {c['ignored']}, "
+               f"unmapped {c['unmapped']}")
+  return "\n".join(lines)
+
+
+__all__ = ["ConversionError", "IGNORED", "ImportResult", "atomic_output_dir", "export_checkpoint",
+           "format_inspect", "import_checkpoint", "inspect_checkpoint", "plan_import"]

@@ -1,0 +1,278 @@
+"""Released checkpoint readers: one tensor at a time, with the full key/shape/dtype list from headers only.
+
+Supported layouts of a Hugging Face model folder (first match wins unless `fmt` is given):
+  model.safetensors.index.json + shards   |  model.safetensors
+  pytorch_model.bin.index.json + shards   |  pytorch_model.bin        (these two need torch)
+Safetensors is read with numpy (pread, no memory map). `.bin` files are opened with
+`torch.load(mmap=True, weights_only=True)`, so only the tensor being converted is paged in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Iterator
+
+import numpy as np
+
+from tools.convert_weights.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+
+
+class SourceError(ValueError):
+  """The source folder or one of its files cannot be read as a released checkpoint."""
+
+
+class Source:
+  """A checkpoint's tensors: `infos` from headers (nothing loaded), `read(key)` one at a time."""
+
+  kind = "?"
+
+  def __init__(self, files: list[str]):
+    self.files = files
+    self.infos: dict[str, TensorInfo] = {}
+
+  def read(self, key: str) -> np.ndarray:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(i.nbytes for i in self.infos.values())
+
+  def describe(self) -> str:
+    return f"{self.kind}: " + ", ".join(os.path.basename(f) for f in self.files)
+
+
+def _load_index(path: str) -> dict[str, str]:
+  try:
+    with open(path) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SourceError(f"{os.path.basename(path)}: not a valid index file with a 'weight_map' ({e})") from None
+  if not isinstance(weight_map, dict):
+    raise SourceError(f"{os.path.basename(path)}: 'weight_map' is not an object")
+  return weight_map
+
+
+def _check_against_index(index_path: str, weight_map: dict[str, str], found: dict[str, str]) -> None:
+  """Every key listed where the index says, and no shard key the index does not list."""
+  name = os.path.basename(index_path)
+  problems = [f"{k}: index says {weight_map[k]}, not found there" for k in weight_map
+              if found.get(k) != weight_map[k]]
+  problems += [f"{k}: in {found[k]} but not in the index" for k in found if k not in weight_map]
+  if problems:
+    raise SourceError(f"{name} does not match the shard files:\n  " + "\n  ".join(sorted(problems)[:50]))
+
+
+class SafetensorsSource(Source):
+  kind = "safetensors"
+
+  def __init__(self, files: list[str], index_path: str | None = None, weight_map: dict[str, str] | None = None):
+    super().__init__(files)
+    found: dict[str, str] = {}
+    for path in files:
+      try:
+        infos, _ = read_header(path)
+      except FileNotFoundError:
+        raise SourceError(f"shard {os.path.basename(path)} listed in the index is missing") from None
+      for key, info in infos.items():
+        if key in self.infos:
+          raise SourceError(f"tensor {key!r} appears in both {os.path.basename(self.infos[key].file)} and "
+                            f"{os.path.basename(path)}")
+        self.infos[key] = info
+        found[key] = os.path.basename(path)
+    if weight_map is not None:
+      _check_against_index(index_path, weight_map, found)
+    self._fds: dict[str, int] = {}
+
+  def read(self, key: str) -> np.ndarray:
+    info = self.infos[key]
+    fd = self._fds.get(info.file)
+    if fd is None:
+      fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+    return read_tensor(info, fd)
+
+  def close(self) -> None:
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError:
+    raise SourceError("reading pytorch_model.bin needs torch (CPU build is enough: pip install torch); "
+                      "a model.safetensors needs no torch") from None
+  return torch
+
+
+def torch_dtype_to_numpy(dtype) -> np.dtype:
+  import ml_dtypes
+  torch = _import_torch()
+  special = {torch.bfloat16: ml_dtypes.bfloat16}
+  for name, target in (("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)):
+    if hasattr(torch, name):
+      special[getattr(torch, name)] = target
+  if dtype in special:
+    return np.dtype(special[dtype])
+  return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
+
+
+def torch_to_numpy(t) -> np.ndarray:
+  """A CPU torch tensor -> numpy with the same dtype (bfloat16 via ml_dtypes), no float upcast."""
+  import ml_dtypes
+  torch = _import_torch()
+  t = t.detach()
+  if t.dtype == torch.bfloat16:
+    return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  if t.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
+    target = ml_dtypes.float8_e4m3fn if t.dtype == torch.float8_e4m3fn else ml_dtypes.float8_e5m2
+    return t.contiguous().view(torch.uint8).numpy().view(target)
+  return t.contiguous().numpy()
+
+
+_MADV_DONTNEED = 4
+_libc = None
+
+
+def _file_mappings(path: str) -> list[tuple[int, int]]:
+  """Address ranges where `path` is memory-mapped in this process (/proc/self/maps; empty elsewhere)."""
+  real = os.path.realpath(path)
+  out = []
+  try:
+    with open("/proc/self/maps") as f:
+      for line in f:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].strip() == real:
+          lo, hi = (int(x, 16) for x in parts[0].split("-"))
+          out.append((lo, hi))
+  except OSError:
+    pass
+  return out
+
+
+def _release_pages(t, mappings: list[tuple[int, int]]) -> None:
+  """madvise(DONTNEED) over a tensor's storage, only where it lies inside a read-only use of the file's
+  memory map (the pages then re-fault from the file if read again; anonymous memory is never touched)."""
+  global _libc
+  try:
+    import ctypes
+    storage = t.untyped_storage()
+    start, n = storage.data_ptr(), storage.nbytes()
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = -(-start // page) * page, (start + n) // page * page  # whole pages inside the storage only
+    if hi <= lo or not any(a <= lo and hi <= b for a, b in mappings):
+      return
+    if _libc is None:
+      _libc = ctypes.CDLL(None, use_errno=True)
+      _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _libc.madvise(lo, hi - lo, _MADV_DONTNEED)
+  except Exception:  # best effort (non-Linux): memory use is only less tidy
+    pass
+
+
+class TorchBinSource(Source):
+  kind = "pytorch_model.bin"
+
+  def __init__(self, files: list[str], index_path: str | None = None, weight_map: dict[str, str] | None = None):
+    super().__init__(files)
+    torch = _import_torch()
+    self._tensors = {}
+    self._mappings: dict[str, list[tuple[int, int]]] = {}
+    found: dict[str, str] = {}
+    for path in files:
+      name = os.path.basename(path)
+      if not os.path.exists(path):
+        raise SourceError(f"shard {name} listed in the index is missing")
+      if not zipfile.is_zipfile(path):
+        raise SourceError(f"{name}: not a (complete) torch zip checkpoint; the file is truncated, corrupt, or "
+                          "in the legacy pre-1.6 format (re-save it with torch.save or convert to safetensors)")
+      try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+      except Exception as e:  # torch raises RuntimeError / UnpicklingError / zipfile errors alike
+        raise SourceError(f"{name}: cannot be loaded ({type(e).__name__}: {e}); the file is truncated or "
+                          "corrupt") from None
+      if not isinstance(state, dict):
+        raise SourceError(f"{name}: expected a state dict, found {type(state).__name__}")
+      self._mappings[path] = _file_mappings(path)
+      for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+          raise SourceError(f"{name}: entry {key!r} is a {type(t).__name__}, not a tensor")
+        if key in self._tensors:
+          raise SourceError(f"tensor {key!r} appears in two shards")
+        self._tensors[key] = t
+        found[key] = name
+        dtype = torch_dtype_to_numpy(t.dtype)  # from the pickle's metadata; no data is touched
+        self.infos[key] = TensorInfo(key, tuple(t.shape), dtype, path)
+    if weight_map is not None:
+      _check_against_index(index_path, weight_map, found)
+
+  def read(self, key: str) -> np.ndarray:
+    t = self._tensors[key]
+    try:
+      # Copy out of the memory map, then drop the mapped pages from this process (they stay in the
+      # page cache): otherwise every page read so far would count in RSS until the file is closed.
+      out = np.array(torch_to_numpy(t), copy=True)
+    except Exception as e:
+      raise SourceError(f"{os.path.basename(self.infos[key].file)}: reading {key!r} failed "
+                        f"({type(e).__name__}: {e}); the file is truncated or corrupt") from None
+    _release_pages(t, self._mappings.get(self.infos[key].file, []))
+    return out
+
+  def close(self) -> None:
+    self._tensors.clear()
+    self._mappings.clear()
+
+
+FORMATS = ("auto", "safetensors", "bin")
+
+
+def open_source(src: str, fmt: str = "auto") -> Source:
+  """Opens a model folder (or a single .safetensors / .bin file) and reads every header."""
+  if fmt not in FORMATS:
+    raise SourceError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+  if os.path.isfile(src):
+    if src.endswith(".safetensors"):
+      return _wrap(lambda: SafetensorsSource([src]))
+    if src.endswith((".bin", ".pt", ".pth")):
+      return TorchBinSource([src])
+    raise SourceError(f"{src}: expected a .safetensors or .bin file, or a model folder")
+  if not os.path.isdir(src):
+    raise SourceError(f"{src}: no such file or folder")
+  candidates = []
+  if fmt in ("auto", "safetensors"):
+    candidates += [("model.safetensors.index.json", SafetensorsSource), ("model.safetensors", SafetensorsSource)]
+  if fmt in ("auto", "bin"):
+    candidates += [("pytorch_model.bin.index.json", TorchBinSource), ("pytorch_model.bin", TorchBinSource)]
+  for name, cls in candidates:
+    path = os.path.join(src, name)
+    if not os.path.exists(path):
+      continue
+    if name.endswith(".index.json"):
+      weight_map = _load_index(path)
+      files = [os.path.join(src, f) for f in sorted(set(weight_map.values()))]
+      return _wrap(lambda: cls(files, path, weight_map))
+    return _wrap(lambda: cls([path]))
+  wanted = [n for n, _ in candidates]
+  raise SourceError(f"{src}: no checkpoint found; looked for {wanted} (format={fmt!r})")
+
+
+def _wrap(make):
+  try:
+    return make()
+  except SafetensorsError as e:
+    raise SourceError(str(e)) from None
+
+
+def iter_infos(source: Source) -> Iterator[TensorInfo]:
+  return iter(sorted(source.infos.values(), key=lambda i: i.key))

@@ -3,15 +3,18 @@
 Synthesizes a bf16 model.safetensors in the released naming for a widened tiny config (random values,
 written one tensor at a time), then runs, each in its own child process:
   plain read:   a plain sequential read of the same file (16 MiB blocks, data discarded);
+  plain copy:   the same read, each block written to a new file, fsync at the end (the I/O floor of
+                any conversion that has to write the data once);
   import floor: the interpreter with the converter's modules imported, converting nothing;
   convert:      `python -m tools.convert_weights import SRC DST --quiet` (bf16 -> bf16 Orbax/OCDBT,
                 fsync before the final rename included).
-Both the read and the conversion run twice: "cold" right after the file was evicted from the page cache
-(posix_fadvise DONTNEED), and "warm" with the file cached. Peak RSS is the child's VmHWM at exit.
+"cold" runs start right after the file was evicted from the page cache (posix_fadvise DONTNEED) and
+are repeated (median reported: disk timings on a shared VM vary by several x between runs); "warm"
+runs read the cached file. Peak RSS is the child's VmHWM at exit (max over all conversion runs).
 Throughput uses the conversion's own wall time (the CLI reports it; interpreter start-up and imports
-are reported separately as process seconds).
+are in process_s).
 Targets (issue 3): peak RSS <= 2 x largest tensor + 500 MB; throughput >= 50 % of the plain read.
-Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR]
+Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -102,6 +105,22 @@ with open(sys.argv[1], 'rb', buffering=0) as f:
 print('READ', n)
 """
 
+_PLAIN_COPY = """
+import os, sys
+n = 0
+with open(sys.argv[1], 'rb', buffering=0) as f, open(sys.argv[2], 'wb', buffering=0) as g:
+  view = memoryview(bytearray(16 << 20))
+  while True:
+    got = f.readinto(view)
+    if not got:
+      break
+    g.write(view[:got])
+    n += got
+  os.fsync(g.fileno())
+os.remove(sys.argv[2])
+print('READ', n)
+"""
+
 _IMPORT_FLOOR = "import tools.convert_weights.convert, kangaroo_jax.pretrained, orbax.checkpoint, tensorstore"
 
 
@@ -118,9 +137,20 @@ def _plain_read(path: str, size: int) -> float:
   return seconds
 
 
+def _plain_copy(path: str, size: int, work: str) -> float:
+  seconds, _, out = _run_child("-c", _PLAIN_COPY, path, os.path.join(work, "copy.tmp"))
+  assert f"READ {size}" in out, out
+  return seconds
+
+
+def _median(xs):
+  return sorted(xs)[len(xs) // 2]
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder, removed)")
+  ap.add_argument("--repeats", type=int, default=3, help="cold runs of each measurement (median reported)")
   args = ap.parse_args()
   import ml_dtypes
 
@@ -139,19 +169,30 @@ def main() -> None:
       f.write(cfg.to_json())
     path, size = info["path"], os.path.getsize(info["path"])
 
-    _evict(path)
-    read_cold = _plain_read(path, size)
-    read_warm = _plain_read(path, size)
-    _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR)
-    _evict(path)
-    cold = _convert(src, dst, cfg_path)
+    runs = {"read": [], "copy": [], "convert": []}
+    peak = 0
+    for _ in range(args.repeats):
+      _evict(path)
+      runs["read"].append(_plain_read(path, size))
+      _evict(path)
+      runs["copy"].append(_plain_copy(path, size, work))
+      _evict(path)
+      run = _convert(src, dst, cfg_path)
+      runs["convert"].append(run["seconds"])
+      peak = max(peak, run["peak_rss"])
+    cold = {k: _median(v) for k, v in runs.items()}
+    warm_read = _plain_read(path, size)
     warm = _convert(src, dst, cfg_path)
+    peak = max(peak, warm["peak_rss"])
+    _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR)
     with open(os.path.join(dst, "conversion_report.json")) as f:
       mapped = json.load(f)["mapped"]
 
+    def rate(seconds):
+      return round(size / MB / seconds, 1)
+
     largest = info["largest_tensor_bytes"]
     target_rss = 2 * largest + 500 * MB
-    peak = max(cold["peak_rss"], warm["peak_rss"])
     result = {
         "checkpoint_bytes": size,
         "tensors": info["tensors"],
@@ -162,13 +203,16 @@ def main() -> None:
         "peak_rss_ok": peak <= target_rss,
         "import_floor_rss_bytes": floor_rss,
         "peak_rss_above_floor_bytes": peak - floor_rss,
-        "cold": {"convert_s": cold["seconds"], "convert_mb_s": round(size / MB / cold["seconds"], 1),
-                 "plain_read_s": round(read_cold, 3), "plain_read_mb_s": round(size / MB / read_cold, 1),
-                 "ratio": round(read_cold / cold["seconds"], 3), "process_s": cold["process_seconds"]},
-        "warm": {"convert_s": warm["seconds"], "convert_mb_s": round(size / MB / warm["seconds"], 1),
-                 "plain_read_s": round(read_warm, 3), "plain_read_mb_s": round(size / MB / read_warm, 1),
-                 "ratio": round(read_warm / warm["seconds"], 3), "process_s": warm["process_seconds"]},
-        "throughput_ok_cold": read_cold / cold["seconds"] >= 0.5,
+        "cold_median_of": args.repeats,
+        "cold": {"convert_mb_s": rate(cold["convert"]), "plain_read_mb_s": rate(cold["read"]),
+                 "plain_copy_mb_s": rate(cold["copy"]),
+                 "ratio_to_read": round(cold["read"] / cold["convert"], 3),
+                 "ratio_to_copy": round(cold["copy"] / cold["convert"], 3),
+                 "convert_s_runs": runs["convert"], "read_s_runs": [round(x, 3) for x in runs["read"]],
+                 "copy_s_runs": [round(x, 3) for x in runs["copy"]]},
+        "warm": {"convert_mb_s": rate(warm["seconds"]), "plain_read_mb_s": rate(warm_read),
+                 "ratio_to_read": round(warm_read / warm["seconds"], 3), "process_s": warm["process_seconds"]},
+        "throughput_ok": cold["read"] / cold["convert"] >= 0.5,
         "synthesize_s": round(synth_s, 1),
         "cpu_count": os.cpu_count(),
     }

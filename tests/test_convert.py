@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import re
 import shutil
+import time
+import types
 
 import jax
 import ml_dtypes
@@ -38,8 +41,11 @@ from tests.test_tokenizer import build_bpe_tokenizer
 from tools.convert_weights import safetensors_io, sources
 from tools.convert_weights.__main__ import main as cli
 from tools.convert_weights.assemble import ConversionError, load_released_tensors
-from tools.convert_weights.convert import export_checkpoint, import_checkpoint, inspect_checkpoint
+from tools.convert_weights.convert import import_checkpoint, inspect_checkpoint, plan_import
+from tools.convert_weights.hf_config import check_against_header, resolve_config
 from tools.convert_weights.orbax_io import StoredParams, contiguous
+from tools.convert_weights.progress import Progress
+from tools.convert_weights.safetensors_io import TensorInfo
 from tools.convert_weights.sources import SourceError
 from tools.convert_weights.synthetic import random_tensor, released_entries
 
@@ -191,6 +197,12 @@ def test_round_trip_is_bit_identical_bf16(released, tmp_path):
     x, y = a.read(path), b.read(path)
     assert x.dtype == y.dtype == np.dtype(ml_dtypes.bfloat16)
     assert np.array_equal(x.view(np.uint16), y.view(np.uint16)), path
+  # Restoring with a cast: bf16 values upcast exactly.
+  model, _ = kangaroo_jax.from_pretrained(str(second), param_dtype="float32")
+  kernel = model.llm.model.layers.mlp.down_proj.kernel[...]
+  assert kernel.dtype == np.float32
+  assert np.array_equal(np.asarray(kernel), b.read(("llm", "model", "layers", "mlp", "down_proj", "kernel"))
+                        .astype(np.float32))
 
 
 def _write_modified(released, tmp_path, change) -> str:
@@ -249,6 +261,8 @@ def test_failure_while_writing_leaves_nothing(released, tmp_path, monkeypatch):
   dst = tmp_path / "out"
   with pytest.raises(Exception, match="simulated I/O error"):
     import_checkpoint(src, str(dst), preset="tiny", progress=False)
+  _no_output(dst)
+  time.sleep(0.5)  # nothing reappears from a writer that was still running
   _no_output(dst)
 
 
@@ -352,6 +366,36 @@ def test_existing_output_needs_overwrite(released, imported_f32, tmp_path):
   import_checkpoint(src, str(dst), preset="tiny", overwrite=True, progress=False)
   assert not (dst / "stale.txt").exists() and (dst / "state").is_dir()
   assert os.stat(dst).st_mode & 0o077  # not left with mkdtemp's 0700
+
+
+def test_released_8b_layout_plans_cleanly(tmp_path):
+  """The full-size released key set (spec sections 2.4, 3.1, 4.3, with EVA's per-block rope copies) against
+  the kangaroo-8b preset and the released config.json: headers only, nothing is allocated."""
+  cfg8 = preset("kangaroo-8b")
+  hf = {**_hf_config_json(cfg8.llm), "bos_token_id": 128000, "eos_token_id": 128001, "rope_theta": 500000.0}
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  cfg, note = resolve_config(str(tmp_path), cfg8)
+  assert cfg.llm == cfg8.llm and cfg.llm.eos_token_ids == (128001, 128009)
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  entries = released_entries(cfg8)
+  entries += [(f"vision_tower.blocks.{i}.attn.rope.{n}", (1024, 64)) for i in range(24) for n in ("freqs_cos",
+                                                                                                   "freqs_sin")]
+  infos = {k: TensorInfo(k, tuple(s), bf16, "model.safetensors") for k, s in entries}
+  check_against_header(cfg, infos, note)
+  asm = plan_import(types.SimpleNamespace(infos=infos), cfg.replace(param_dtype="bfloat16"))
+  assert asm.report.mapped == 805 and len(asm.report.ignored) == 4 + 48
+  # Parameter counts of spec section 9: Llama-3-8B + EVA-L@448 (no head) + projector.
+  assert asm.report.bytes_read == 2 * (8_030_261_248 + 304_104_384 + 20_979_712)
+
+
+def test_progress_bar_counts_tensors_and_bytes():
+  out = io.StringIO()
+  bar = Progress(4, 4000, "import", stream=out)
+  for _ in range(4):
+    bar.update(1, 1000)
+  bar.close()
+  lines = out.getvalue().splitlines()
+  assert lines[-1].startswith("import [##############################] 4/4 tensors 3.9 KB/3.9 KB")
 
 
 def test_contiguous_transpose_is_exact():

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
   imp.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
   imp.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after success)")
   imp.add_argument("--quiet", action="store_true", help="no progress bar")
+  imp.add_argument("--no-sync", action="store_true",
+                   help="skip the fsync of the result before the final rename (faster on slow disks; a crash "
+                        "right after the rename could then leave a complete-looking but unflushed checkpoint)")
 
   ins = sub.add_parser("inspect", help="list keys/shapes/dtypes from headers only")
   ins.add_argument("src")
@@ -56,9 +59,10 @@ def main(argv=None) -> int:
   try:
     if args.command == "import":
       r = import_checkpoint(args.src, args.dst, dtype=args.dtype, preset=args.preset, config_json=args.config_json,
-                            fmt=args.format, overwrite=args.overwrite, progress=not args.quiet)
+                            fmt=args.format, overwrite=args.overwrite, progress=not args.quiet,
+                            sync=not args.no_sync)
       print(f"wrote {r.dst}: {r.mapped} tensors mapped ({r.bytes_read / 1e9:.3f} GB read), {len(r.ignored)} ignored, "
-            f"{len(r.defaulted)} defaulted, dtype {r.config.param_dtype}, {r.seconds:.1f}s; {r.config_source}")
+            f"{len(r.defaulted)} defaulted, dtype {r.config.param_dtype}, {r.seconds:.2f}s; {r.config_source}")
       for key, reason in sorted(r.ignored.items()):
         print(f"  ignored {key}: {reason}")
       for key, what in sorted(r.defaulted.items()):

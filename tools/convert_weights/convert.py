@@ -73,8 +73,19 @@ def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
     else:
       os.rename(tmp, dst)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     raise
+
+
+def _remove(folder: str, attempts: int = 20) -> None:
+  """rmtree that also wins against a writer thread still finishing (Orbax's background commit)."""
+  for _ in range(attempts):
+    shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.exists(folder):
+      time.sleep(0.05)
+      if not os.path.exists(folder):
+        return
+    time.sleep(0.05)
 
 
 def _copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
@@ -182,6 +193,9 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
 
   `dtype`: the stored dtype by default, so import -> export -> import is bit-identical.
   """
+  if not os.path.isfile(os.path.join(ckpt, CONFIG_FILE)) or not os.path.isdir(os.path.join(ckpt, STATE_DIR)):
+    raise ConversionError(f"{ckpt}: not a converted checkpoint (expected {CONFIG_FILE} and {STATE_DIR}/ written by "
+                          "`python -m tools.convert_weights import`)")
   cfg = load_config(ckpt)
   stored = StoredParams(os.path.join(ckpt, STATE_DIR))
   have = set(stored.paths)

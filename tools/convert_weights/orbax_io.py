@@ -12,6 +12,7 @@ is one source tensor plus one chunk. Host numpy only: no device, no mesh, nothin
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -28,7 +29,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handlers as np_handlers
 
 Path = tuple[str, ...]
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = 32 << 20  # chunk = unit of writing and of sharded reading
 
 
 class LazyParam:
@@ -114,12 +115,13 @@ def fsync_tree(root: str) -> None:
 class StreamingHandler(np_handlers.NumpyHandler):
   """Writes LazyParam leaves sequentially, chunk by chunk; stored as 'np.ndarray' (standard restore).
 
-  One chunk write is in flight while the next chunk is prepared (two chunks of memory at most).
+  Up to `max_pending` chunk writes are in flight while the next chunk is prepared.
   """
 
-  def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+  def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_pending: int = 2):
     super().__init__(deepcopy_host_arrays=False)
     self.chunk_bytes = chunk_bytes
+    self.max_pending = max_pending
     self._context = None
 
   async def _background_serialize(self, values, infos, args=None):
@@ -139,32 +141,41 @@ class StreamingHandler(np_handlers.NumpyHandler):
       chunk = tuple(store.chunk_layout.write_chunk.shape)
       if value.stacked and chunk[0] != 1:
         raise AssertionError(f"{info.name}: stacked parameter got chunk shape {chunk}; expected one layer per chunk")
-      pending = None
-      for layer, arr in value.slices():
-        lead = () if layer is None else (layer,)
-        want = value.shape[len(lead):]
-        if tuple(arr.shape) != want:
-          raise AssertionError(f"{info.name}[{layer}]: produced shape {arr.shape}, expected {want}")
-        for block in _blocks(want, chunk[len(lead):]):
-          data = contiguous(arr[block], value.dtype)
-          write = store[lead + block].write(data)
-          if pending is not None:
-            await pending
-          pending = write
-        if value.on_written is not None:
-          value.on_written(arr.nbytes)
-        del arr
-      if pending is not None:
-        await pending
+      pending = collections.deque()
+      try:
+        for layer, arr in value.slices():
+          lead = () if layer is None else (layer,)
+          want = value.shape[len(lead):]
+          if tuple(arr.shape) != want:
+            raise AssertionError(f"{info.name}[{layer}]: produced shape {arr.shape}, expected {want}")
+          for block in _blocks(want, chunk[len(lead):]):
+            data = contiguous(arr[block], value.dtype)
+            # The block is never modified afterwards, so TensorStore may keep a reference instead of a copy.
+            pending.append(store[lead + block].write(data, can_reference_source_data_indefinitely=True))
+            del data
+            while len(pending) > self.max_pending:
+              await pending.popleft()
+          if value.on_written is not None:
+            value.on_written(arr.nbytes)
+          del arr
+        while pending:
+          await pending.popleft()
+      finally:
+        # On an error, let the writes already issued finish before the caller deletes the folder.
+        for write in pending:
+          try:
+            await write
+          except Exception:  # the original error is the one to report
+            pass
 
 
-def save_streaming(directory: str, tree: dict, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+def save_streaming(directory: str, tree: dict, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_pending: int = 2) -> None:
   """Saves a nested dict of LazyParam as an Orbax PyTree checkpoint (OCDBT, zarr, uncompressed) at `directory`.
 
   bf16 weights barely compress, and compression would cost most of the conversion time.
   """
   registry = type_handlers.create_type_handler_registry(
-      (LazyParam, StreamingHandler(chunk_bytes)),
+      (LazyParam, StreamingHandler(chunk_bytes, max_pending)),
       (jax.Array, type_handlers.ArrayHandler()),
       (np.ndarray, np_handlers.NumpyHandler()),
   )

@@ -7,7 +7,10 @@ written one tensor at a time), then runs, each in its own child process:
                 any conversion that has to write the data once);
   import floor: the interpreter with the converter's modules imported, converting nothing;
   convert:      `python -m tools.convert_weights import SRC DST --quiet` (bf16 -> bf16 Orbax/OCDBT,
-                fsync before the final rename included).
+                fsync before the final rename included);
+  bin:          (with torch installed; --no-bin skips it) the same tensors saved as pytorch_model.bin by
+                torch.save and converted once, cache warm (peak RSS with torch imported; the .bin reader
+                memory-maps the file and drops each tensor's pages after copying it).
 "cold" runs start right after the file was evicted from the page cache (posix_fadvise DONTNEED) and
 are repeated (median reported: disk timings on a shared VM vary by several x between runs); "warm"
 runs read the cached file. Peak RSS is the child's VmHWM at exit (max over all conversion runs).
@@ -143,6 +146,29 @@ def _plain_copy(path: str, size: int, work: str) -> float:
   return seconds
 
 
+_SAVE_BIN = """
+import shutil, sys, torch
+from safetensors.torch import load_file
+torch.save(load_file(sys.argv[1] + '/model.safetensors'), sys.argv[2] + '/pytorch_model.bin')
+shutil.copy(sys.argv[1] + '/config.json', sys.argv[2] + '/config.json')
+"""
+
+
+def _bin_run(src: str, work: str, cfg_path: str, size: int, largest: int) -> dict:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return {"skipped": "torch not installed"}
+  bin_src, bin_dst = os.path.join(work, "bin"), os.path.join(work, "bin_dst")
+  os.makedirs(bin_src, exist_ok=True)
+  _run_child("-c", _SAVE_BIN, src, bin_src)
+  _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR + ", torch")
+  run = _convert(bin_src, bin_dst, cfg_path)
+  return {"file_bytes": os.path.getsize(os.path.join(bin_src, "pytorch_model.bin")), "peak_rss_bytes": run["peak_rss"],
+          "import_floor_rss_bytes": floor_rss, "peak_rss_above_floor_bytes": run["peak_rss"] - floor_rss,
+          "peak_rss_ok": run["peak_rss"] <= 2 * largest + 500 * MB, "convert_mb_s": round(size / MB / run["seconds"], 1)}
+
+
 def _median(xs):
   return sorted(xs)[len(xs) // 2]
 
@@ -151,6 +177,7 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder, removed)")
   ap.add_argument("--repeats", type=int, default=3, help="cold runs of each measurement (median reported)")
+  ap.add_argument("--no-bin", action="store_true", help="skip the pytorch_model.bin conversion")
   args = ap.parse_args()
   import ml_dtypes
 
@@ -216,6 +243,8 @@ def main() -> None:
         "synthesize_s": round(synth_s, 1),
         "cpu_count": os.cpu_count(),
     }
+    if not args.no_bin:
+      result["bin"] = _bin_run(src, work, cfg_path, size, largest)
     print(json.dumps(result))
   finally:
     if not args.keep:

@@ -28,7 +28,7 @@ from kangaroo_jax.tokenizer import TOKENIZER_FILES
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
 from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve_config
-from tools.convert_weights.mapping import (IGNORED, OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
+from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
                                            released_shape, to_ours, to_released)
 from tools.convert_weights.orbax_io import DEFAULT_CHUNK_BYTES, LazyParam, StoredParams, fsync_tree, save_streaming
 from tools.convert_weights.progress import Progress
@@ -146,9 +146,7 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
     check_against_header(cfg, source.infos, cfg_note)
     asm = plan_import(source, cfg)
 
-    rule_of = {}
-    for rule in asm.rules:
-      rule_of[rule.path] = rule
+    rule_of = {rule.path: rule for rule in asm.rules}
     defaults = asm.defaults()
     bar = Progress(asm.report.mapped + len(defaults), asm.report.bytes_read, "import", enabled=progress)
 
@@ -199,7 +197,7 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
   cfg = load_config(ckpt)
   stored = StoredParams(os.path.join(ckpt, STATE_DIR))
   have = set(stored.paths)
-  entries, plan = [], []
+  plan = []
   for rule in RULES:
     if rule.path not in have:
       continue
@@ -274,5 +272,5 @@ def format_inspect(result: dict) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["ConversionError", "IGNORED", "ImportResult", "atomic_output_dir", "export_checkpoint",
+__all__ = ["ConversionError", "ImportResult", "atomic_output_dir", "export_checkpoint",
            "format_inspect", "import_checkpoint", "inspect_checkpoint", "plan_import"]

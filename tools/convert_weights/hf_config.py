@@ -14,10 +14,9 @@ import re
 from typing import Mapping
 
 from kangaroo_jax.config import ConfigError, KangarooConfig, LlamaConfig, RopeScaling
+from kangaroo_jax.pretrained import CONFIG_FILE as KANGAROO_CONFIG
 from tools.convert_weights.assemble import ConversionError
 from tools.convert_weights.safetensors_io import TensorInfo
-
-KANGAROO_CONFIG = "kangaroo_config.json"
 
 
 def _as_list(v) -> list[int]:

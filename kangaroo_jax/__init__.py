@@ -12,4 +12,4 @@ from kangaroo_jax.pretrained import from_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Kangaroo", "KangarooConfig", "LlamaConfig", "ProjectorConfig", "VisionConfig", "preset"]
+__all__ = ["Kangaroo", "KangarooConfig", "LlamaConfig", "ProjectorConfig", "VisionConfig", "from_pretrained", "preset"]

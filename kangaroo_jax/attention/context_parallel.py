@@ -7,11 +7,13 @@ mesh before tracing the collective code, so a bad combination fails with a sente
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kangaroo_jax.attention.reference import MASK_VALUE, reference_attention
+from kangaroo_jax.attention.reference import MASK_VALUE, attention_mask, reference_attention
 from kangaroo_jax.attention.ring import ring_attention_shard
 
 CONTEXT = "context"
@@ -67,7 +69,8 @@ def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
 
 
 def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                   kv_segment_ids=None, scale: float | None = None, block_q: int = 512, block_kv: int = 512):
+                   kv_segment_ids=None, scale: float | None = None, block_q: int = 512, block_kv: int = 512,
+                   tile_impl: str = "auto"):
   """Ring attention over `context`; same contract as `reference_attention`.
 
   q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]. Falls back to the
@@ -84,17 +87,41 @@ def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None
   def per_device(q, k, v, qp, kp, qs, ks):
     return ring_attention_shard(q, k, v, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
                                 kv_segment_ids=ks, axis_name=CONTEXT, axis_size=n, scale=scale, block_q=block_q,
-                                block_kv=block_kv)
+                                block_kv=block_kv, tile_impl=tile_impl)
 
   return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
                        check_vma=False)(q, k, v, qp, kp, qs, ks)
 
 
+def local_attention_kernel(kernel: str, dtype) -> str:
+  """Which dense kernel a device runs: "cudnn" (fused, GPU, half precision) or "xla"."""
+  if kernel not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"unknown dense attention kernel {kernel!r}; expected 'auto', 'xla' or 'cudnn'")
+  if kernel == "auto":
+    fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if fused_ok else "xla"
+  return kernel
+
+
+def dense_local_attention(q, k, v, *, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale,
+                          kernel: str = "auto"):
+  """Dense attention on one device through `jax.nn.dot_product_attention` (cuDNN flash on GPU).
+
+  The mask is built from positions and segment ids exactly as in `reference_attention`.
+  """
+  impl = local_attention_kernel(kernel, q.dtype)
+  mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
+  mask = None if mask is None else mask[:, None]  # [b, 1, q, kv], broadcast over heads
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+
+
 def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                         kv_segment_ids=None, scale: float | None = None):
+                         kv_segment_ids=None, scale: float | None = None, kernel: str = "auto"):
   """Queries stay sharded over `context`; K/V (and their positions / segments) are all-gathered.
 
   Memory per device is O(seq/context * seq) for the logits; simple and fast up to ~20-30k tokens.
+  The per-device attention is `reference_attention` unless `kernel` resolves to "cudnn" (GPU, bf16/fp16).
   """
   mesh = _mesh()
   if mesh is None or context_size() == 1:
@@ -104,10 +131,13 @@ def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_position
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1],
                                "all-gather attention")
 
+  local = reference_attention if local_attention_kernel(kernel, q.dtype) == "xla" else functools.partial(
+      dense_local_attention, kernel=kernel)
+
   def per_device(q, k, v, qp, kp, qs, ks):
     gather = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)
-    return reference_attention(q, gather(k), gather(v), causal=causal, q_positions=qp, kv_positions=gather(kp),
-                               q_segment_ids=qs, kv_segment_ids=gather(ks), scale=scale)
+    return local(q, gather(k), gather(v), causal=causal, q_positions=qp, kv_positions=gather(kp),
+                 q_segment_ids=qs, kv_segment_ids=gather(ks), scale=scale)
 
   return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
                        check_vma=False)(q, k, v, qp, kp, qs, ks)

@@ -72,3 +72,9 @@ def test_sharded_tiny_model_matches_single_device():
   kernel = model.llm.model.layers.mlp.gate_proj.kernel[...]
   assert not kernel.sharding.is_fully_replicated
   assert max_rel_error(np.asarray(got), expected) <= 1e-5
+
+
+def test_frames_are_spread_over_every_device():
+  shape = {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}
+  assert logical_to_spec(("activation_frames", None, None, None), shape, (32, 56, 56, 3)) == \
+      PartitionSpec(("fsdp", "context", "tensor"), None, None, None)

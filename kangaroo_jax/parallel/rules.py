@@ -25,8 +25,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("activation_mlp", ("tensor",)),
     ("activation_vocab", ("tensor",)),
     ("activation_head_dim", ()),
-    # Vision tower: (batch * frames) spread over every non-tensor device so pixels are never replicated.
-    ("activation_frames", ("data", "fsdp", "context")),
+    # Vision tower: (batch * frames) spread over every device so pixels are never replicated; its
+    # weights (0.3B) are gathered per layer instead, which is cheap next to the frames' activations.
+    ("activation_frames", ("data", "fsdp", "context", "tensor")),
     ("activation_patches", ()),
     # --- parameters ---
     ("layers", ()),

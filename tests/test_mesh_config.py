@@ -1,6 +1,7 @@
 """Mesh construction and config-time validation: clear errors for every invalid combination."""
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -17,6 +18,13 @@ def test_minus_one_fills_the_remaining_devices():
   mesh = make_mesh(MeshConfig(fsdp=2, context=-1, tensor=2))
   assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_dcn_axes_are_slice_major():
+  mesh = make_mesh(MeshConfig(data=1, fsdp=-1, dcn_data=2))  # 2 "slices" of 4 devices
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert set(ids[0].ravel()) == {0, 1, 2, 3} and set(ids[1].ravel()) == {4, 5, 6, 7}
 
 
 @pytest.mark.parametrize("cfg,match", [

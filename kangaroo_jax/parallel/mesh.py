@@ -74,13 +74,27 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
   ici, dcn = resolve_shape(cfg, len(devices))
   shape = tuple(i * d for i, d in zip(ici, dcn))
   if math.prod(dcn) > 1:
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    if all(hasattr(d, "slice_index") for d in devices):
+      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    elif jax.process_count() > 1:
+      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, process_is_granule=True)
+    else:
+      grid = _blocks_as_slices(devices, ici, dcn)
   else:
     try:
       grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (AssertionError, NotImplementedError, ValueError):
       grid = np.asarray(devices).reshape(shape)  # CPU / unknown topologies: plain order
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _blocks_as_slices(devices, ici, dcn) -> np.ndarray:
+  """Single process without slice information (CPU tests): consecutive device blocks act as slices,
+  with each mesh axis laid out slice-major (the DCN part outermost), as on a real multi-slice pod."""
+  n = len(ici)
+  grid = np.asarray(devices, dtype=object).reshape(tuple(dcn) + tuple(ici))
+  grid = grid.transpose([a for i in range(n) for a in (i, n + i)])
+  return grid.reshape(tuple(i * d for i, d in zip(ici, dcn)))
 
 
 def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:

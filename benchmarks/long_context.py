@@ -8,6 +8,7 @@ Prints one JSON line with:
   max_seq: the longest sequence whose fwd+bwd of a tiny-width 2-layer Llama compiles to <= 16 GB
            summed over the 8 devices (compile-time memory analysis; nothing that long is run).
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/long_context.py
+     ... benchmarks/long_context.py --run 262144   executes fwd+bwd at that length, prints time and peak RSS
 """
 
 from __future__ import annotations
@@ -120,8 +121,36 @@ def max_sequence(mesh, budget: int = 16 * GB) -> dict:
   return dict(budget_bytes=budget, max_seq=best, tried=tried)
 
 
+def execute(seq: int, mesh) -> dict:
+  """Actually runs fwd+bwd of the tiny-width 2-layer model at `seq` tokens; peak RSS of this process."""
+  import resource
+  import time
+  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, max_position_embeddings=seq)
+  with jax.set_mesh(mesh):
+    from kangaroo_jax.parallel.mesh import init_sharded
+    model = init_sharded(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), attention_impl="ring",
+                                                  remat_policy="full"), mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params, ids):
+      logits = nnx.merge(graphdef, params)(ids)
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, seq)), jnp.int32)
+    step = jax.jit(jax.value_and_grad(loss))
+    start = time.perf_counter()
+    value, grads = step(params, ids)
+    jax.block_until_ready(grads)
+  return dict(seq=seq, seconds=round(time.perf_counter() - start, 1), loss=float(value),
+              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def main():
   mesh = make_mesh(MeshConfig(fsdp=1, context=8))
+  if len(sys.argv) > 2 and sys.argv[1] == "--run":
+    print(json.dumps(dict(benchmark="long_context_run", **execute(int(sys.argv[2]), mesh))))
+    return
   result = dict(benchmark="long_context", backend=jax.default_backend(), devices=len(jax.devices()),
                 mesh=dict(mesh.shape), memory=memory_table(mesh), balance=balance(), max_sequence=max_sequence(mesh))
   print(json.dumps(result))

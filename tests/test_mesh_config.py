@@ -57,6 +57,8 @@ def test_sharded_init_and_sufficient_sharding_check():
   mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
   model = init_sharded(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)), mesh)
   assert_params_sufficiently_sharded(model, tolerance=0.02)
+  with jax.set_mesh(mesh):  # also works from inside a mesh context
+    assert_params_sufficiently_sharded(init_sharded(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)), mesh))
   replicated = make_mesh(MeshConfig(data=8, fsdp=1))  # nothing maps to `data` for params
   model = init_sharded(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)), replicated)
   with pytest.raises(MeshError, match="replicated on every device"):

@@ -99,8 +99,10 @@ def _blocks_as_slices(devices, ici, dcn) -> np.ndarray:
 
 def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
   """Creates a model with every parameter born on its shard (jit with out_shardings): no host copy."""
-  abstract = nnx.eval_shape(create)
-  graphdef, abstract_state = nnx.split(abstract)
+  # jax.eval_shape rather than nnx.eval_shape: the latter turns logical names into mesh shardings
+  # when called under a mesh context, and logical names are not mesh axes.
+  graphdef, abstract_state = jax.eval_shape(lambda: nnx.split(create()))
+  abstract = nnx.merge(graphdef, abstract_state)
   param_sh = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
   replicated = NamedSharding(mesh, PartitionSpec())  # non-param state (RNG counters) is tiny
   out = nnx.from_flat_state([(p, param_sh.get(p, v.replace(replicated)))

@@ -6,7 +6,8 @@ Prints one JSON line with:
   balance: live (query x key) tiles of causal ring attention on the most loaded device, zigzag vs
            contiguous layout, times the lowered cost_analysis FLOPs of one tile;
   max_seq: the longest sequence whose fwd+bwd of a tiny-width 2-layer Llama compiles to <= 16 GB
-           summed over the 8 devices (compile-time memory analysis; nothing that long is run).
+           summed over the 8 devices. CAUTION: this is XLA:CPU's compile-time estimate, which misses
+           buffers inside CPU fusions; measured peak RSS is 3-5x higher (use --run to measure).
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/long_context.py
      ... benchmarks/long_context.py --run 262144   executes fwd+bwd at that length, prints time and peak RSS
 """
@@ -121,7 +122,7 @@ def max_sequence(mesh, budget: int = 16 * GB) -> dict:
   return dict(budget_bytes=budget, max_seq=best, tried=tried)
 
 
-def execute(seq: int, mesh) -> dict:
+def execute(seq: int, mesh, remat: str = "full") -> dict:
   """Actually runs fwd+bwd of the tiny-width 2-layer model at `seq` tokens; peak RSS of this process."""
   import resource
   import time
@@ -130,7 +131,7 @@ def execute(seq: int, mesh) -> dict:
   with jax.set_mesh(mesh):
     from kangaroo_jax.parallel.mesh import init_sharded
     model = init_sharded(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), attention_impl="ring",
-                                                  remat_policy="full"), mesh)
+                                                  remat_policy=remat), mesh)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params, ids):
@@ -149,7 +150,8 @@ def execute(seq: int, mesh) -> dict:
 def main():
   mesh = make_mesh(MeshConfig(fsdp=1, context=8))
   if len(sys.argv) > 2 and sys.argv[1] == "--run":
-    print(json.dumps(dict(benchmark="long_context_run", **execute(int(sys.argv[2]), mesh))))
+    remat = sys.argv[3] if len(sys.argv) > 3 else "full"
+    print(json.dumps(dict(benchmark="long_context_run", remat=remat, **execute(int(sys.argv[2]), mesh, remat))))
     return
   result = dict(benchmark="long_context", backend=jax.default_backend(), devices=len(jax.devices()),
                 mesh=dict(mesh.shape), memory=memory_table(mesh), balance=balance(), max_sequence=max_sequence(mesh))

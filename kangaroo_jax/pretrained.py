@@ -97,3 +97,38 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
   model = nnx.merge(graphdef, state)
   tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
   return model, tokenizer
+
+
+def save_pretrained(model: Kangaroo, tokenizer_dir: str | None, out_dir: str) -> str:
+  """Writes `model` in the layout `from_pretrained` reads (config, Orbax `state/`, tokenizer files).
+
+  Args:
+    model: a Kangaroo whose parameters may be sharded (Orbax writes each shard from its device).
+    tokenizer_dir: folder holding tokenizer files (tokenizer.json / tokenizer.model, configs) to copy,
+      or None to write a checkpoint without a tokenizer.
+    out_dir: created if missing; must not already hold a `state/` checkpoint.
+  Returns: out_dir.
+  """
+  import shutil
+
+  import orbax.checkpoint as ocp
+  from kangaroo_jax.tokenizer import TOKENIZER_FILES
+
+  state_dir = os.path.abspath(os.path.join(out_dir, STATE_DIR))
+  if os.path.exists(state_dir):
+    raise FileExistsError(f"{state_dir} already exists; save_pretrained does not overwrite checkpoints")
+  if tokenizer_dir is not None and not has_tokenizer(tokenizer_dir):
+    raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to copy")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    f.write(model.cfg.to_json())
+  flat = nnx.to_flat_state(nnx.state(model))
+  tree = nested({tuple(map(str, p)): v.get_value() for p, v in flat})
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(state_dir, tree)
+  if tokenizer_dir is not None:
+    for name in TOKENIZER_FILES:
+      src = os.path.join(tokenizer_dir, name)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(out_dir, name))
+  return out_dir

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kangaroo_jax.attention import get_attention
-from kangaroo_jax.attention.context_parallel import context_size
+from kangaroo_jax.attention.context_parallel import context_size, decode_attention
 from kangaroo_jax.attention.layout import inverse_order, zigzag_order
 from kangaroo_jax.config import LlamaConfig
 from kangaroo_jax.layers.linear import dense
@@ -48,6 +48,50 @@ class LlamaAttention(nnx.Module):
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
+  def cached(self, x, positions, inv_freq, k_cache, v_cache, start, cache_valid):
+    """Attention of new tokens over a KV cache, after writing their K/V into it.
+
+    Args:
+      x: [batch, chunk, embed] new tokens; positions: [batch, chunk] (= their cache slots).
+      k_cache, v_cache: [batch, max_len, kv_heads, head_dim] this layer's cache.
+      start: [batch] slot of each row's first new token.
+      cache_valid: [batch, max_len] bool, slots holding real tokens once this chunk is written.
+    Returns: ([batch, chunk, embed], k_cache, v_cache)
+    """
+    b, c, _ = x.shape
+    q = self.q_proj(x).reshape(b, c, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, c, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, c, self.num_kv_heads, self.head_dim)
+    q = apply_llama_rope(q, positions, inv_freq)
+    k = apply_llama_rope(k, positions, inv_freq).astype(k_cache.dtype)
+    v = v.astype(v_cache.dtype)
+    cache_names = (BATCH, LENGTH, "activation_kv_heads", None)
+    k_cache = shard(write_cache(k_cache, k, start), cache_names)
+    v_cache = shard(write_cache(v_cache, v, start), cache_names)
+    cache_positions = jnp.broadcast_to(jnp.arange(k_cache.shape[1], dtype=jnp.int32), cache_valid.shape)
+    if c == 1:
+      # The cache length is sharded over `context`; decode_attention merges the shards' partial softmax.
+      out = decode_attention(q, k_cache, v_cache, q_positions=positions, cache_positions=cache_positions,
+                             cache_valid=cache_valid)
+    else:
+      # Invalid slots (padding, stale tokens of a shorter row) get segment 0 and are never attended.
+      out = get_attention(self.attention_impl)(
+          q, k_cache, v_cache, causal=True, q_positions=positions, kv_positions=cache_positions,
+          q_segment_ids=jnp.ones((b, c), jnp.int32), kv_segment_ids=cache_valid.astype(jnp.int32))
+    return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_cache, v_cache
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """cache [batch, max_len, ...] with new [batch, chunk, ...] written at slots start[b] .. start[b]+chunk-1.
+
+  The caller guarantees start + chunk <= max_len. One token is written with a select instead of a
+  dynamic slice so the length axis can stay sharded without moving the cache.
+  """
+  if new.shape[1] == 1:
+    hit = jnp.arange(cache.shape[1])[None, :] == start[:, None]
+    return jnp.where(hit.reshape(hit.shape + (1,) * (cache.ndim - 2)), new, cache)
+  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(cache, new, start)
+
 
 class LlamaMLP(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -74,6 +118,14 @@ class LlamaDecoderLayer(nnx.Module):
     x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq)
     x = x + self.mlp(self.post_attention_layernorm(x))
     return shard(x, (BATCH, LENGTH, EMBED))
+
+  def cached(self, x, positions, inv_freq, k_cache, v_cache, start, cache_valid):
+    """Same as __call__ for new tokens attending over this layer's KV cache (see LlamaAttention.cached)."""
+    h, k_cache, v_cache = self.self_attn.cached(self.input_layernorm(x), positions, inv_freq, k_cache, v_cache,
+                                                start, cache_valid)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return shard(x, (BATCH, LENGTH, EMBED)), k_cache, v_cache
 
 
 class LlamaModel(nnx.Module):
@@ -124,6 +176,34 @@ class LlamaModel(nnx.Module):
       x = shard(x[:, inverse_order(order)], (BATCH, LENGTH, EMBED))
     return x
 
+  def forward_cached(self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
+                     new_lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Runs new tokens through the stack against a KV cache (prefill chunk or one decode step).
+
+    Slot t of a row's cache holds the token at position t, so positions are start[b] + 0..chunk-1.
+    Args:
+      inputs_embeds: [batch, chunk, embed]
+      k_cache, v_cache: [layers, batch, max_len, kv_heads, head_dim]
+      start: [batch] int32, slot of each row's first new token (its current cache length).
+      new_lengths: [batch] int32, valid cache length after this chunk (<= start + chunk; rows with
+        fewer new tokens than `chunk` are padded, and their padding is written but never valid).
+    Returns: (final hidden states [batch, chunk, embed], k_cache, v_cache)
+    """
+    b, c, _ = inputs_embeds.shape
+    positions = start[:, None].astype(jnp.int32) + jnp.arange(c, dtype=jnp.int32)[None, :]
+    cache_valid = jnp.arange(k_cache.shape[2], dtype=jnp.int32)[None, :] < new_lengths[:, None]
+    inv_freq = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+    x = shard(inputs_embeds.astype(self.dtype), (BATCH, LENGTH, EMBED))
+
+    def step(h, layer, kc, vc):
+      h, kc, vc = layer.cached(h, positions, inv_freq, kc, vc, start, cache_valid)
+      return h, (kc, vc)
+
+    scanned = nnx.scan(step, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                       transform_metadata={nnx.PARTITION_NAME: "layers"})
+    x, (k_cache, v_cache) = scanned(x, self.layers, k_cache, v_cache)
+    return self.norm(x), k_cache, v_cache
+
 
 class LlamaForCausalLM(nnx.Module):
   """LlamaModel + untied lm_head -> logits."""
@@ -149,3 +229,19 @@ class LlamaForCausalLM(nnx.Module):
     if self.logits_fp32:
       logits = logits.astype(jnp.float32)
     return shard(logits, (BATCH, LENGTH, "activation_vocab"))
+
+  def forward_cached(self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
+                     new_lengths: jax.Array, logit_index: jax.Array | None = None):
+    """LlamaModel.forward_cached + lm_head.
+
+    logit_index: [batch] chunk offsets; when given only those rows' logits are computed ([batch, vocab])
+    instead of [batch, chunk, vocab], which is what prefill needs (the last prompt token of each row).
+    Returns: (logits, k_cache, v_cache)
+    """
+    hidden, k_cache, v_cache = self.model.forward_cached(inputs_embeds, k_cache, v_cache, start, new_lengths)
+    if logit_index is not None:
+      hidden = jnp.take_along_axis(hidden, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    logits = self.lm_head(hidden)
+    if self.logits_fp32:
+      logits = logits.astype(jnp.float32)
+    return logits, k_cache, v_cache

@@ -1,0 +1,96 @@
+"""The preallocated KV cache: explicit arrays stacked like the scanned decoder layers.
+
+Slot t of row b holds the keys/values of the token at position t of that row, so a row's valid
+slots are exactly 0 .. lengths[b]-1 and positions never need storing. Rows of different lengths
+share one array (right padding); whatever lies beyond a row's length is never attended to and is
+overwritten as the row grows. `max_len` comes from a small set of buckets so the jitted decode
+step compiles once per bucket, not once per length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from kangaroo_jax.config import LlamaConfig
+from kangaroo_jax.parallel.rules import logical_to_spec
+
+# [layers, batch, max_len, kv_heads, head_dim]; "layers" is never sharded, the rest follow the activations.
+CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
+MIN_BUCKET = 128
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """k, v: [layers, batch, max_len, kv_heads, head_dim]; lengths: int32 [batch] valid slots per row."""
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def _mesh():
+  mesh = jax.sharding.get_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def bucket_length(n: int, multiple: int = 1) -> int:
+  """Smallest power of two >= max(n, MIN_BUCKET), rounded up to `multiple` (the context-axis split)."""
+  if n < 0:
+    raise ValueError(f"cache length must be >= 0, got {n}")
+  b = MIN_BUCKET
+  while b < n:
+    b *= 2
+  return -(-b // multiple) * multiple
+
+
+def cache_sharding(shape):
+  """NamedSharding of a cache array on the current mesh (`jax.set_mesh`), or None without one."""
+  mesh = _mesh()
+  if mesh is None:
+    return None
+  return NamedSharding(mesh, logical_to_spec(CACHE_AXES, dict(mesh.shape), shape))
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
+  """An empty cache (all lengths 0), placed on the current mesh with the logical-axis rules."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  sharding = cache_sharding(shape)
+  # Two separate buffers: the decode step donates both.
+  make = lambda: jnp.zeros(shape, dtype) if sharding is None else jax.device_put(jnp.zeros(shape, dtype), sharding)  # noqa: E731
+  return KVCache(make(), make(), jnp.zeros((batch,), jnp.int32))
+
+
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+  """The same cache with room for `max_len` slots (existing slots keep their contents)."""
+  if max_len < cache.max_len:
+    raise ValueError(f"cannot shrink a KV cache from {cache.max_len} to {max_len} slots")
+  if max_len == cache.max_len:
+    return cache
+  pad = [(0, 0)] * 5
+  pad[2] = (0, max_len - cache.max_len)
+  k, v = jnp.pad(cache.k, pad), jnp.pad(cache.v, pad)
+  sharding = cache_sharding(k.shape)
+  if sharding is not None:
+    k, v = jax.device_put(k, sharding), jax.device_put(v, sharding)
+  return KVCache(k, v, cache.lengths)
+
+
+def with_lengths(cache: KVCache, lengths) -> KVCache:
+  """Rolls rows back to `lengths` valid slots (e.g. to reuse only a common prefix of a conversation)."""
+  lengths = jnp.asarray(lengths, jnp.int32)
+  if lengths.shape != cache.lengths.shape:
+    raise ValueError(f"lengths must be [{cache.batch}], got shape {lengths.shape}")
+  return dataclasses.replace(cache, lengths=lengths)

@@ -1,0 +1,239 @@
+"""The training loop: mesh -> model -> data -> restore-or-init -> jitted step -> metrics / checkpoints.
+
+Resume precedence: a checkpoint in WORKDIR (exact resume: model, optimizer, step, iterator) >
+`init_from` (the previous curriculum stage's export: parameters only, fresh optimizer) > random init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from kangaroo_jax.models import Kangaroo
+from kangaroo_jax.parallel.mesh import init_sharded, make_mesh
+from train import metrics as metrics_lib
+from train.checkpoint import Checkpointer
+from train.config import TrainConfig, validate_for_mesh
+from train.optim import check_selection, is_trainable, make_optimizer
+from train.params import ModelDef, combine, flatten, partition
+from train.step import init_state, make_train_step, state_shardings
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: dict                   # the final train state (device arrays)
+  history: list[dict]           # per-step host metrics of this invocation
+  status: str                   # "done" | "preempted" | "stopped" (stop_after reached)
+  step: int
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption / scheduler stop) sets a flag; the loop saves and exits at a step boundary."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.flag = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._old)
+
+  def agreed(self) -> bool:
+    """True on every process as soon as any process got the signal (they must save the same step)."""
+    if jax.process_count() == 1:
+      return self.flag
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+
+def make_iterator(cfg: TrainConfig) -> Iterator[dict]:
+  """The per-host batch iterator (contract section 3) with get_state / set_state (section 4)."""
+  if cfg.data.source == "synthetic":
+    from train.synthetic import SyntheticIterator
+    return SyntheticIterator(cfg.model, global_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+                             frame_size=cfg.data.frame_size, max_frames=cfg.data.max_frames,
+                             seed=cfg.data.shuffle_seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  from train.data import grain_iterator
+  return grain_iterator(cfg)
+
+
+def _initial_params(cfg: TrainConfig, model_def: ModelDef, mesh) -> dict:
+  if cfg.init_from:
+    from kangaroo_jax.pretrained import from_pretrained
+    model, _ = from_pretrained(cfg.init_from, mesh, config=cfg.model)
+  else:
+    model = init_sharded(lambda: Kangaroo(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh)
+  return model_def.to_params(model)
+
+
+def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = None,
+          stop_after: int | None = None, place_batch: Callable | None = None) -> TrainResult:
+  """Trains until cfg.total_steps (or `stop_after` steps in this call, or SIGTERM), checkpointing on the way.
+
+  Args:
+    iterator: per-host batches; default from cfg.data.
+    stop_after: end this invocation after that many steps (with a checkpoint), like a job time limit.
+    place_batch: host batch -> global arrays; default kangaroo_jax.data.global_batch.make_global_batch.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0
+  mesh = make_mesh(cfg.mesh)
+  validate_for_mesh(cfg, dict(mesh.shape), jax.process_count())
+  model_def = ModelDef(cfg.model)
+  shapes = model_def.shapes()
+  paths = list(flatten(shapes))
+  check_selection(cfg.optim, paths)
+  trainable = functools.partial(is_trainable, cfg.optim)
+  tx, lr_schedule = make_optimizer(cfg.optim, cfg.total_steps, [p for p in paths if trainable(p)])
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
+  abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
+  state_sh = state_shardings(abstract, train_sh, frozen_sh, tx, replicated)
+
+  if place_batch is None:
+    from kangaroo_jax.data.global_batch import make_global_batch
+    place_batch = functools.partial(make_global_batch, mesh=mesh)
+  iterator = iterator if iterator is not None else make_iterator(cfg)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.ckpt)
+  config_record = dict(cfg.raw, model_config=cfg.model.to_dict())
+
+  latest = ckpt.latest_step()
+  if latest is not None:
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
+    state = ckpt.restore(latest, target, iterator)
+    resumed = f"resumed from {ckpt.directory}/{latest}"
+  else:
+    params = _initial_params(cfg, model_def, mesh)
+    with jax.set_mesh(mesh):
+      state = jax.jit(lambda p: init_state(*partition(p, trainable), tx), out_shardings=state_sh,
+                      donate_argnums=0)(params)
+    resumed = f"initialised from {cfg.init_from}" if cfg.init_from else "random init"
+  start = int(jax.device_get(state["step"]))
+
+  from kangaroo_jax.data.video import normalize_frames
+  step_fn = jax.jit(make_train_step(model_def, tx, lr_schedule, normalize_frames, cfg.optim.grad_accum),
+                    donate_argnums=0, out_shardings=(state_sh, None))
+
+  flops = metrics_lib.FlopModel.build(cfg.model, {p: s.shape for p, s in flatten(shapes).items()},
+                                      {p for p in paths if trainable(p)}, cfg.data.frame_size)
+  peak = metrics_lib.peak_flops(jax.devices()[0], cfg.peak_flops_per_device)
+  writer = metrics_lib.Writer(workdir, cfg.total_steps, start, primary)
+  n_train = model_def.num_params(trainable)
+  writer.text(f"[{cfg.stage}] {resumed}; step {start}/{cfg.total_steps}; mesh {dict(mesh.shape)}; "
+              f"{model_def.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable; "
+              f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+
+  history: list[dict] = []
+  window = dict(steps=0, time=0.0, tokens=0.0, frames=0.0, flops=0.0, losses=[])
+  pending = None  # (step, device metrics, host batch stats): read one step late so the device never idles
+  status = "done"
+  step = start
+
+  def drain(p) -> dict:
+    s, dev, stats, dt = p
+    m = {k: float(v) for k, v in jax.device_get(dev).items()}
+    tokens, sq, frames = stats
+    m["step"] = s
+    history.append(m)
+    if dt is not None:  # None: the step that compiled; it would distort every rate
+      window["steps"] += 1
+      window["time"] += dt
+      # Hosts hold equal shares of the global batch: scale this host's counts by the process count.
+      window["tokens"] += tokens * jax.process_count()
+      window["frames"] += frames * jax.process_count()
+      window["flops"] += flops.train_flops(tokens, sq, frames) * jax.process_count()
+    if m["finite"]:
+      window["losses"].append(m["loss"])
+    if m["nonfinite_streak"] >= cfg.optim.max_nonfinite:
+      raise NonFiniteError(f"step {s}: {int(m['nonfinite_streak'])} non-finite steps in a row "
+                           f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); the last good state is in "
+                           f"{ckpt.directory}")
+    return m
+
+  def log(m: dict) -> None:
+    vals = dict(loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"], skipped=m["skipped"])
+    if window["steps"]:
+      t = window["time"]
+      per_dev = window["flops"] / t / jax.device_count()
+      vals.update(tokens_per_s=window["tokens"] / t, frames_per_s=window["frames"] / t,
+                  step_time_s=t / window["steps"], tflops_per_device=per_dev / 1e12,
+                  mfu=per_dev / peak if peak else None)
+    writer.scalars(int(m["step"]), {f"train/{k}": v for k, v in vals.items()})
+    writer.console(int(m["step"]), cfg.total_steps, vals)
+    window.update(steps=0, time=0.0, tokens=0.0, frames=0.0, flops=0.0)
+
+  def save(s: int) -> None:
+    losses = window["losses"]
+    ckpt.save(s, state, iterator, config_record, float(np.mean(losses)) if losses else float("nan"))
+    window["losses"] = []
+
+  try:
+    with _Preemption() as preemption:
+      t_last = time.perf_counter()
+      while step < cfg.total_steps:
+        host_batch = next(iterator)
+        stats = metrics_lib.batch_stats(host_batch)
+        batch = place_batch(host_batch)
+        with jax.set_mesh(mesh):
+          state, dev_metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+          m = drain(pending)
+          if m["step"] % cfg.log_every == 0:
+            log(m)
+        now = time.perf_counter()
+        # The first step of an invocation includes compilation: keep it out of the rates.
+        pending = (step, dev_metrics, stats, None if step == start + 1 else now - t_last)
+        t_last = now
+        writer.advance()
+        stop = stop_after is not None and step - start >= stop_after
+        preempted = preemption.agreed()
+        if step % cfg.ckpt.every == 0 or step == cfg.total_steps or stop or preempted:
+          m = drain(pending)
+          pending = None
+          if m["step"] % cfg.log_every == 0 or step == cfg.total_steps:
+            log(m)
+          save(step)
+        if preempted:
+          status = "preempted"
+          writer.text(f"[{cfg.stage}] SIGTERM: saved step {step}, exiting")
+          break
+        if stop:
+          status = "stopped"
+          break
+      if pending is not None:
+        drain(pending)
+    ckpt.wait()
+    if status == "done" and cfg.export:
+      from train.export import write_export
+      out = write_export(os.path.join(workdir, "export"), cfg, model_def, combine(state["params"], state["frozen"]),
+                         step)
+      writer.text(f"[{cfg.stage}] exported to {out}")
+  finally:
+    ckpt.close()
+    writer.close()
+    if hasattr(iterator, "close"):
+      iterator.close()
+  return TrainResult(state=state, history=history, status=status, step=step)
+

@@ -1,0 +1,145 @@
+"""First-fit packing of variable-length samples (tokens + frames) into fixed rows, as a Grain IterDataset.
+
+A sample (from `pipeline.PrepareSample`) is {"input_ids" int32 [n], "loss_mask" bool [n], "frames" uint8
+[f, H, W, 3], "timestamps" float32 [f]} or a skip marker {"skip": reason index}. Up to `bins` rows are
+open; each sample goes into the first row where both its tokens and its frames fit. When none fits and
+all bins are open, every open row is emitted (a "window") and packing restarts with that sample.
+
+Checkpointing replays instead of storing frames: the state is the parent's state at the start of the
+current window plus how many of the window's rows were already emitted. Restoring re-reads the window
+(deterministic) and drops those rows, so resumed batches are identical.
+
+Skipped samples and the number of samples read are counted per window and reported on the window's first
+row (`_skips` int32 [len(SKIP_REASONS)], `_seen` int32), so counts survive multiprocessing workers.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from kangaroo_jax.data.config import SKIP_REASONS
+
+
+def make_row(samples: list[dict], seq_len: int, max_frames: int, frame_hw: tuple[int, int]) -> dict:
+  """Packs samples into one row with the keys of contract section 3 (shapes [L] / [F, H, W, 3] / [F])."""
+  h, w = frame_hw
+  ids = np.zeros(seq_len, np.int32)
+  tgt = np.zeros(seq_len, np.int32)
+  mask = np.zeros(seq_len, np.float32)
+  pos = np.zeros(seq_len, np.int32)
+  seg = np.zeros(seq_len, np.int32)
+  frames = np.zeros((max_frames, h, w, 3), np.uint8)
+  ts = np.zeros(max_frames, np.float32)
+  t = fo = 0
+  for k, s in enumerate(samples):
+    x, m = s["input_ids"], s["loss_mask"]
+    n, f = len(x), len(s["frames"])
+    ids[t:t + n] = x
+    # The target of token t is token t+1 of the same segment; visual placeholders are no targets.
+    nxt = x[1:]
+    tgt[t:t + n - 1] = np.where(nxt >= 0, nxt, 0)
+    mask[t:t + n - 1] = m[1:]
+    pos[t:t + n] = np.arange(n)
+    seg[t:t + n] = k + 1
+    frames[fo:fo + f] = s["frames"]
+    ts[fo:fo + f] = s["timestamps"]
+    t += n
+    fo += f
+  return {"input_ids": ids, "targets": tgt, "loss_mask": mask, "positions": pos, "segment_ids": seg,
+          "frames": frames, "timestamps": ts, "num_frames": np.int32(fo)}
+
+
+class PackIterDataset(grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_frames: int, frame_hw: tuple[int, int],
+               bins: int = 4):
+    super().__init__(parent)
+    self.seq_len, self.max_frames, self.frame_hw, self.bins = seq_len, max_frames, tuple(frame_hw), bins
+
+  def __iter__(self):
+    return _PackIterator(self._parent.__iter__(), self)
+
+
+class _PackIterator(grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, ds: PackIterDataset):
+    super().__init__(parent)
+    self._ds = ds
+    self._window_start = parent.get_state()
+    self._ready: list[dict] = []
+    self._emitted = 0
+    self._carry = None  # (sample, parent state before it) that opens the next window
+
+  def _read(self):
+    """(sample, parent state before reading it) or None at the end."""
+    if self._carry is not None:
+      item, self._carry = self._carry, None
+      return item
+    state = self._parent.get_state()
+    try:
+      return next(self._parent), state
+    except StopIteration:
+      return None
+
+  def _fill_window(self) -> None:
+    ds = self._ds
+    bins: list[list[dict]] = []
+    used: list[list[int]] = []  # [tokens, frames] per bin
+    skips = np.zeros(len(SKIP_REASONS), np.int32)
+    seen = 0
+    start = None
+    while True:
+      item = self._read()
+      if item is None:
+        break
+      sample, state = item
+      if start is None:
+        start = state
+      if "skip" in sample:
+        skips[int(sample["skip"])] += 1
+        seen += 1
+        continue
+      n, f = len(sample["input_ids"]), len(sample["frames"])
+      for b, (tn, tf) in enumerate(used):
+        if tn + n <= ds.seq_len and tf + f <= ds.max_frames:
+          bins[b].append(sample)
+          used[b] = [tn + n, tf + f]
+          break
+      else:
+        if len(bins) == ds.bins:
+          self._carry = (sample, state)
+          break
+        bins.append([sample])
+        used.append([n, f])
+      seen += 1
+    if start is not None:
+      self._window_start = start
+    self._emitted = 0
+    self._ready = [make_row(b, ds.seq_len, ds.max_frames, ds.frame_hw) for b in bins]
+    if self._ready:
+      self._ready[0]["_skips"], self._ready[0]["_seen"] = skips, np.int32(seen)
+      for r in self._ready[1:]:
+        r["_skips"], r["_seen"] = np.zeros_like(skips), np.int32(0)
+
+  def __next__(self) -> dict:
+    if not self._ready:
+      self._fill_window()
+      if not self._ready:
+        raise StopIteration
+    self._emitted += 1
+    return self._ready.pop(0)
+
+  def get_state(self) -> dict:
+    if not self._ready:
+      # Between windows: the next window starts at the carried sample (or wherever the parent is).
+      parent = self._carry[1] if self._carry is not None else self._parent.get_state()
+      return {"parent": parent, "emitted": 0}
+    return {"parent": self._window_start, "emitted": self._emitted}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._carry = None
+    self._ready = []
+    self._fill_window()
+    drop = int(state["emitted"])
+    self._ready = self._ready[drop:]
+    self._emitted = drop

@@ -1,0 +1,223 @@
+"""The Grain training pipeline (contract sections 3 and 4).
+
+    ArrayRecordDataSource -> MapDataset -> shuffle(seed) -> repeat(epochs) -> [shard_index::shard_count]
+      -> PrepareSample (decode frames / video, resize, tokenize; bad samples become skip markers)
+      -> to_iter_dataset -> PackIterDataset (first-fit) -> batch(rows per host) -> mp_prefetch(workers)
+      -> TrainIterator (pops skip counts, logs them, enforces max_skip_rate; get_state / set_state)
+
+Everything up to mp_prefetch runs inside the worker processes, so the transforms are module-level
+classes that hold only picklable config (the tokenizer is reloaded from its file in each worker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import grain
+import numpy as np
+
+from kangaroo_jax.config import KangarooConfig
+from kangaroo_jax.data.config import SKIP_REASONS, DataConfig
+from kangaroo_jax.data.packing import PackIterDataset
+from kangaroo_jax.data.prompt import PromptError, encode_conversation
+from kangaroo_jax.data.records import RecordError, decode_frames, unpack_record
+from kangaroo_jax.data.video import VideoError, load_video, preprocess_frames
+
+log = logging.getLogger("kangaroo_jax.data")
+_REASON = {r: i for i, r in enumerate(SKIP_REASONS)}
+
+
+class SkipRateExceeded(RuntimeError):
+  """Too many samples were skipped; the message lists the counts per reason."""
+
+
+def fit_frames(frames: np.ndarray, hw: tuple[int, int], keep_aspect: bool) -> np.ndarray:
+  """uint8 [f, h, w, 3] -> [f, H, W, 3]: squash (released transform) or letterbox (aspect kept, zero bars).
+
+  Letterboxing is how keep-aspect samples share one row: every row has one frame size (contract section 3),
+  so the bars cost visual tokens; a per-row bucketing by aspect ratio is not implemented.
+  """
+  out_h, out_w = hw
+  f, h, w, _ = frames.shape
+  if (h, w) == (out_h, out_w):
+    return frames
+  if not keep_aspect:
+    return preprocess_frames(frames, (out_h, out_w))
+  scale = min(out_h / h, out_w / w)
+  nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+  inner = preprocess_frames(frames, (nh, nw))
+  out = np.zeros((f, out_h, out_w, 3), np.uint8)
+  top, left = (out_h - nh) // 2, (out_w - nw) // 2
+  out[:, top:top + nh, left:left + nw] = inner
+  return out
+
+
+class PrepareSample:
+  """(record index, record bytes) -> packed-sample dict, or {"skip": reason index} (never raises for bad data)."""
+
+  def __init__(self, data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer):
+    self.data_cfg = data_cfg
+    self.visual_token_id = model_cfg.visual_token_id
+    self.frames_per_group = model_cfg.projector.frames_per_group
+    gh, gw = model_cfg.vision.grid_for(*data_cfg.frame_size)
+    self.tokens_per_group = model_cfg.projector.tokens_per_group(gh, gw)
+    # Tokenizers wrap native objects; workers reload from the file when there is one.
+    self._tokenizer_path = getattr(tokenizer, "path", None)
+    self._tokenizer = None if self._tokenizer_path else tokenizer
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    if self._tokenizer_path:
+      d["_tokenizer"] = None
+    return d
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      from kangaroo_jax.tokenizer import load_tokenizer
+      self._tokenizer = load_tokenizer(self._tokenizer_path)
+    return self._tokenizer
+
+  def _skip(self, reason: str, where: str, err: Exception | str) -> dict:
+    log.warning("skipping %s (%s): %s", where, reason, err)
+    return {"skip": np.int32(_REASON[reason])}
+
+  def __call__(self, index: int, raw: bytes) -> dict:
+    c = self.data_cfg
+    where = f"record {index}"
+    try:
+      rec = unpack_record(raw, where)
+      where = f"record {index} ({rec.get('id', '?')})"
+      if "frames" in rec:
+        frames = decode_frames(rec["frames"], where)
+        ts = np.asarray(rec.get("timestamps", np.zeros(len(frames))), np.float32)
+        if ts.shape != (len(frames),):
+          raise RecordError(f"{where}: {ts.shape[0] if ts.ndim else 0} timestamps for {len(frames)} frames")
+      elif "video" in rec:
+        v = rec["video"]
+        dec = load_video(v["path"], num_frames=c.num_frames, fps=c.fps, max_frames=c.max_frames,
+                         start=v.get("start"), end=v.get("end"))
+        frames, ts = dec.frames, dec.timestamps
+      else:
+        frames, ts = np.zeros((0, *c.frame_size, 3), np.uint8), np.zeros(0, np.float32)
+    except VideoError as e:
+      return self._skip("missing_video" if "no such file" in str(e) else "bad_video", where, e)
+    except (RecordError, KeyError, TypeError, ValueError) as e:
+      return self._skip("bad_record", where, e)
+    if len(frames) % 2 and len(frames):
+      frames, ts = np.concatenate([frames, frames[-1:]]), np.concatenate([ts, ts[-1:]])
+    if len(frames) > c.max_frames_per_row:
+      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames_per_row {c.max_frames_per_row}")
+    try:
+      if len(frames):
+        frames = fit_frames(frames, c.frame_size, c.keep_aspect)
+      enc = encode_conversation(self.tokenizer, rec["messages"], num_groups=len(frames) // self.frames_per_group,
+                                tokens_per_group=self.tokens_per_group, visual_token_id=self.visual_token_id,
+                                markers=c.markers, system=c.system_prompt)
+    except (PromptError, KeyError, TypeError, ValueError) as e:
+      return self._skip("bad_conversation", where, e)
+    if len(enc) > c.seq_len:
+      return self._skip("too_long", where, f"{len(enc)} tokens > seq_len {c.seq_len}")
+    return {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask, "frames": frames, "timestamps": ts}
+
+
+class _PrepareMap(grain.transforms.MapWithIndex):
+  def __init__(self, prepare: PrepareSample):
+    self.prepare = prepare
+
+  def map_with_index(self, index: int, element: bytes) -> dict:
+    return self.prepare(index, element)
+
+
+def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.IterDataset:
+  """The Grain dataset yielding host batches (numpy dicts incl. `_skips` [B, R] and `_seen` [B])."""
+  c = data_cfg
+  if c.global_batch_size % shard_count:
+    raise ValueError(f"global_batch_size {c.global_batch_size} is not divisible by the {shard_count} data shards")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  source = grain.sources.ArrayRecordDataSource(c.shard_files())
+  ds = grain.MapDataset.source(source)
+  if c.shuffle:
+    ds = ds.shuffle(seed=c.seed)
+  ds = ds.repeat(c.num_epochs)
+  ds = ds[shard_index::shard_count]
+  ds = ds.map_with_index(_PrepareMap(PrepareSample(c, model_cfg, tokenizer)))
+  it = ds.to_iter_dataset()
+  it = PackIterDataset(it, seq_len=c.seq_len, max_frames=c.max_frames_per_row, frame_hw=c.frame_size,
+                       bins=c.packing_bins)
+  it = it.batch(c.global_batch_size // shard_count, drop_remainder=True)
+  if c.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
+                                                     per_worker_buffer_size=c.worker_buffer_size))
+  return it
+
+
+class TrainIterator:
+  """Host batches (contract section 3) with skip accounting; `get_state` / `set_state` for checkpoints.
+
+  The state is a JSON-serialisable dict: {"grain": Grain iterator state, "skipped": {reason: n}, "seen": n}.
+  """
+
+  def __init__(self, ds: grain.IterDataset, data_cfg: DataConfig):
+    self._ds, self._cfg = ds, data_cfg
+    self._it = iter(ds)
+    self._skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    self._seen = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    skips = batch.pop("_skips").sum(axis=0)
+    self._seen += int(batch.pop("_seen").sum())
+    if skips.any():
+      self._skipped += skips
+      log.warning("data: skipped %s so far (of %d samples read)", self.skipped, self._seen)
+    self._check_skip_rate()
+    return batch
+
+  @property
+  def skipped(self) -> dict[str, int]:
+    return {r: int(n) for r, n in zip(SKIP_REASONS, self._skipped) if n}
+
+  def metrics(self) -> dict[str, float]:
+    m = {f"data/skipped/{r}": float(n) for r, n in zip(SKIP_REASONS, self._skipped)}
+    m["data/seen"] = float(self._seen)
+    m["data/skip_rate"] = float(self._skipped.sum()) / max(self._seen, 1)
+    return m
+
+  def _check_skip_rate(self) -> None:
+    c = self._cfg
+    total = int(self._skipped.sum())
+    if self._seen >= c.skip_check_min_samples and total > c.max_skip_rate * self._seen:
+      raise SkipRateExceeded(
+          f"data: {total} of {self._seen} samples skipped ({total / self._seen:.1%} > max_skip_rate "
+          f"{c.max_skip_rate:.1%}); reasons: {self.skipped}. Fix or rebuild the dataset "
+          f"({c.data}), or raise DataConfig.max_skip_rate.")
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._it.get_state(), "skipped": self.skipped, "seen": self._seen}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(state["grain"])
+    self._skipped = np.asarray([int(state["skipped"].get(r, 0)) for r in SKIP_REASONS], np.int64)
+    self._seen = int(state["seen"])
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def make_train_iterator(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, process_index: int = 0,
+                        process_count: int = 1) -> TrainIterator:
+  """The trainer's entry point. `process_index` / `process_count` select the data shard this host reads:
+  pass `data_shard_for_process(mesh, global_batch_size)` when `context` spans hosts (hosts holding the same
+  batch rows must read the same shard), else `jax.process_index()`, `jax.process_count()`."""
+  return TrainIterator(build_dataset(data_cfg, model_cfg, tokenizer, shard_index=process_index,
+                                     shard_count=process_count), data_cfg)

@@ -96,6 +96,9 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
   state = nnx.from_flat_state([(p, v.replace(leaf(p))) for p, v in flat])
   model = nnx.merge(graphdef, state)
   tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
+  if tokenizer is not None:
+    from kangaroo_jax.inference.chat import register_tokenizer
+    register_tokenizer(model, tokenizer)  # so model.chat(...) works without tokenizer=
   return model, tokenizer
 
 

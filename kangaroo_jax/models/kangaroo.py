@@ -107,3 +107,9 @@ class Kangaroo(nnx.Module):
     """input_ids [b, l], frames [b, f, h, w, c], timestamps [b, f] -> logits [b, l, vocab]."""
     embeds = self.embed_inputs(input_ids, frames, timestamps)
     return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
+
+  def chat(self, video_path: str | None = None, query: str | None = None, tokenizer=None, history=None, **kwargs):
+    """The released API: `answer, history = model.chat(video_path=..., query=..., history=None, num_frames=64,
+    max_new_tokens=512, do_sample=True, temperature=0.6, top_p=0.9)`; see kangaroo_jax.inference.chat."""
+    from kangaroo_jax.inference.chat import chat
+    return chat(self, video_path=video_path, query=query, tokenizer=tokenizer, history=history, **kwargs)

@@ -69,6 +69,13 @@ class IncrementalDecoder:
       self.emit(text[len(self.sent):])
       self.sent = text
 
+  def finish(self) -> None:
+    """Emits what was held back (an answer that really ends in an incomplete byte sequence)."""
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    if text.startswith(self.sent) and len(text) > len(self.sent):
+      self.emit(text[len(self.sent):])
+      self.sent = text
+
 
 def _common_prefix(a, b) -> int:
   n = min(len(a), len(b))
@@ -154,6 +161,8 @@ class Chat:
                                timestamps=timestamps if needs_frames else None, max_new_tokens=max_new_tokens,
                                sampling=sampling, stop_ids=self.tokenizer.stop_ids, seed=seed, cache=cache,
                                cache_ids=[ids[:keep].tolist()] if cache is not None else None, on_token=on_token)
+    if on_token is not None:
+      on_token.finish()
     answer = self.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
     out = ChatHistory(messages + [{"role": "assistant", "content": answer}])
     out.session = _Session(key, gen.cache, gen.cache_ids[0])

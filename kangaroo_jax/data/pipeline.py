@@ -151,9 +151,17 @@ def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *,
                        bins=c.packing_bins)
   it = it.batch(c.global_batch_size // shard_count, drop_remainder=True)
   if c.worker_count > 0:
+    _mark_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
                                                      per_worker_buffer_size=c.worker_buffer_size))
   return it
+
+
+def _mark_absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; programs that do not use absl never parse them."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class TrainIterator:

@@ -126,6 +126,10 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), iter=IteratorRestore(iterator))
     return self.manager.restore(step, args=args)["state"]
 
+  def restore_state(self, step: int) -> dict:
+    """The state as saved (host arrays, no sharding): for inspection and tests."""
+    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
   def restore_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 

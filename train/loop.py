@@ -65,16 +65,17 @@ class _Preemption:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
 
 
-def make_iterator(cfg: TrainConfig) -> Iterator[dict]:
+def make_iterator(cfg: TrainConfig, mesh) -> Iterator[dict]:
   """The per-host batch iterator (contract section 3) with get_state / set_state (section 4)."""
+  from kangaroo_jax.data.global_batch import data_shard_for_process
+  shard, shards = data_shard_for_process(mesh, cfg.data.batch_size)
   if cfg.data.source == "synthetic":
     from train.synthetic import SyntheticIterator
     return SyntheticIterator(cfg.model, global_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
                              frame_size=cfg.data.frame_size, max_frames=cfg.data.max_frames,
-                             seed=cfg.data.shuffle_seed, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             seed=cfg.data.shuffle_seed, shard_index=shard, shard_count=shards)
   from train.data import grain_iterator
-  return grain_iterator(cfg)
+  return grain_iterator(cfg, shard, shards)
 
 
 def _initial_params(cfg: TrainConfig, model_def: ModelDef, mesh) -> dict:
@@ -114,7 +115,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
   if place_batch is None:
     from kangaroo_jax.data.global_batch import make_global_batch
     place_batch = functools.partial(make_global_batch, mesh=mesh)
-  iterator = iterator if iterator is not None else make_iterator(cfg)
+  iterator = iterator if iterator is not None else make_iterator(cfg, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.ckpt)
   config_record = dict(cfg.raw, model_config=cfg.model.to_dict())
 

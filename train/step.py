@@ -99,7 +99,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, lr_sc
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     grads, loss, count = grads_and_loss(model_def, normalize, state["params"], state["frozen"], batch, accum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)

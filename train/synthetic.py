@@ -19,15 +19,15 @@ class SyntheticIterator:
   """Yields per-host batches (numpy dicts). State: {"step": next batch index}."""
 
   def __init__(self, model_cfg: KangarooConfig, *, global_batch: int, seq_len: int, frame_size: int,
-               max_frames: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
+               max_frames: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                samples_per_row: int = 2):
-    if global_batch % process_count:
-      raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
+    if global_batch % shard_count:
+      raise ValueError(f"global batch {global_batch} not divisible into {shard_count} row shards")
     self.cfg = model_cfg
     self.global_batch, self.seq_len, self.size, self.max_frames = global_batch, seq_len, frame_size, max_frames
     self.seed = seed
-    self.rows = global_batch // process_count
-    self.first_row = process_index * self.rows
+    self.rows = global_batch // shard_count
+    self.first_row = shard_index * self.rows
     self.samples_per_row = samples_per_row
     gh, gw = model_cfg.vision.grid_for(frame_size, frame_size)
     self.frames_per_sample = max_frames // samples_per_row

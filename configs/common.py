@@ -1,0 +1,92 @@
+"""Shared defaults and argument parsing for the experiment configs.
+
+`arg` is "key=value,key=value" after the config path (`configs/stage2_video_pretrain.py:mode=cpu,prev=DIR`):
+  mode=full   the Kangaroo-8B shapes of that stage (TPU/GPU pod)
+  mode=cpu    the same stage on the `tiny` model with small frames and sequences (laptop / CI smoke run)
+  prev=DIR    the previous stage's workdir: this stage starts from DIR/export
+  steps=N     override total_steps
+Anything else can be overridden per field: --config.optim.lr=1e-4.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_BOOL = {"true": True, "false": False, "1": True, "0": False}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"a=1,b=x" -> ConfigDict with the types of `defaults`; unknown keys are an error."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r}: expected key=value")
+    k, v = item.split("=", 1)
+    if k not in defaults:
+      raise ValueError(f"config arg {k!r}: unknown; known: {sorted(defaults)}")
+    d = defaults[k]
+    out[k] = _BOOL[v.lower()] if isinstance(d, bool) else type(d)(v) if d is not None else v
+  return ml_collections.ConfigDict(out)
+
+
+def base(stage: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10
+  c.init_from = ""
+  c.export = True
+  c.peak_flops_per_device = 0.0
+  c.model = ml_collections.ConfigDict(dict(preset="kangaroo-8b", overrides={}))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                          dcn_context=1, dcn_tensor=1))
+  c.data = ml_collections.ConfigDict(dict(
+      source="grain", batch_size=256, seq_len=4096, frame_size=224, max_frames=16, num_frames=16,
+      manifest="", video_root="", tokenizer="", worker_count=8, shuffle_seed=0))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
+      grad_accum=1, trainable=(".*",), frozen=(), lr_scales=(), max_nonfinite=5))
+  c.ckpt = ml_collections.ConfigDict(dict(every=500, keep=3, keep_best=1, async_save=True))
+  return c
+
+
+# Module groups by parameter path (train/optim.py matches these with re.fullmatch).
+VISION = r"vision_tower/.*"
+PROJECTOR = r"mm_projector/.*|patchify/.*"
+LLM = r"llm/.*"
+
+
+def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: int, batch: int, lr: float,
+          trainable: tuple[str, ...], lr_scales: tuple = (), steps: int, context: int = 1,
+          attention: str = "reference", remat: str = "full") -> ml_collections.ConfigDict:
+  """One curriculum stage. `mode=cpu` keeps the stage's structure (trainable modules, frame/sequence
+  ratios, LR) on the tiny model so the whole curriculum can be run end to end on a CPU."""
+  a = parse_arg(arg, mode="full", prev="", steps=0, data="", tokenizer="")
+  c = base(name)
+  c.total_steps = a.steps or steps
+  c.optim.lr = lr
+  c.optim.trainable = trainable
+  c.optim.lr_scales = lr_scales
+  c.optim.warmup_steps = max(1, c.total_steps // 20)
+  if a.prev:
+    c.init_from = f"{a.prev}/export"
+  c.data.manifest = a.data
+  c.data.tokenizer = a.tokenizer
+  if a.mode == "full":
+    c.model.overrides = dict(compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention)
+    c.mesh.context = context
+    c.data.update(frame_size=frame_size, max_frames=frames, num_frames=frames, seq_len=seq_len, batch_size=batch)
+  elif a.mode == "cpu":
+    c.model.preset = "tiny"
+    # Frames shrink with the stage's resolution (28 px at 224, 56 px at 448); sequences keep their ratio.
+    small = 28 if frame_size < 448 else 56
+    c.model.overrides = dict(attention_impl="ring" if context > 1 else "reference")
+    c.mesh.update(fsdp=-1, context=min(context, 2))
+    c.data.update(source="synthetic", frame_size=small, max_frames=min(frames, 8), num_frames=min(frames, 8),
+                  seq_len=128, batch_size=8, worker_count=0)
+    c.log_every = 1
+    c.ckpt.every = max(1, c.total_steps)
+  else:
+    raise ValueError(f"mode={a.mode!r}: expected 'full' or 'cpu'")
+  return c

@@ -94,7 +94,8 @@ class Chat:
     self.model, self.tokenizer = model, tokenizer
     self.engine = Engine(model, prefill_chunk=prefill_chunk)
     self.system, self.markers = system, markers
-    self._video: tuple | None = None  # (key, frames [1, f, S, S, 3] float32, timestamps [1, f])
+    # The last video: (key, frames [1, f, S, S, 3] float32, timestamps [1, f], visual tokens or None).
+    self._video: list | None = None
     self.video_loads = 0  # decoded videos (tests check that follow-ups decode nothing)
 
   def load_visual(self, path: str, num_frames: int, start: float | None = None, end: float | None = None):
@@ -113,9 +114,16 @@ class Chat:
       decoded = load_video(path, num_frames=num_frames, start=start, end=end)
       size = self.model.cfg.vision.image_size
       frames = normalize_frames(preprocess_frames(decoded.frames, size, patch_size=self.model.cfg.vision.patch_size))
-      self._video = (key, frames[None], np.asarray(decoded.timestamps, np.float32)[None])
+      self._video = [key, frames[None], np.asarray(decoded.timestamps, np.float32)[None], None]
       self.video_loads += 1
-    return self._video
+    return tuple(self._video[:3])
+
+  def visual_tokens(self, path: str, num_frames: int, start: float | None = None, end: float | None = None):
+    """(key, visual tokens [1, n_vis, embed], frame grid (f, h, w)) of a video, encoded once and cached."""
+    key, frames, timestamps = self.load_visual(path, num_frames, start, end)
+    if self._video[3] is None:
+      self._video[3] = self.engine.encode_frames(frames, timestamps)
+    return key, self._video[3], frames.shape[1:4]
 
   def chat(self, video_path: str | None = None, query: str | None = None, history=None, *, num_frames: int = 64,
            max_new_tokens: int = 512, do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.9,
@@ -131,12 +139,11 @@ class Chat:
     has_video = any(self.markers.video in m.get("content", "") for m in messages)
     if has_video and video_path is None:
       raise ValueError("the history is about a video: pass the same video_path again")
-    key = frames = timestamps = None
+    key = visual = None
     num_groups = 0
     tokens_per_group = 1
     if video_path is not None:
-      key, frames, timestamps = self.load_visual(video_path, num_frames, start, end)
-      _, f, h, w, _ = frames.shape
+      key, visual, (f, h, w) = self.visual_tokens(video_path, num_frames, start, end)
       num_groups = f // self.model.cfg.projector.frames_per_group
       tokens_per_group = self.model.visual_tokens_per_frame_group(h, w)
     content = query if has_video or video_path is None else self.markers.video + query
@@ -154,11 +161,11 @@ class Chat:
       if keep:
         cache = with_lengths(session.cache, [keep])
     new_ids = ids[keep:]
-    needs_frames = bool((new_ids == self.model.cfg.visual_token_id).any())
+    needs_visual = bool((new_ids == self.model.cfg.visual_token_id).any())
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
     on_token = IncrementalDecoder(self.tokenizer, stream) if stream is not None else None
-    gen = self.engine.generate([new_ids.tolist()], frames=frames if needs_frames else None,
-                               timestamps=timestamps if needs_frames else None, max_new_tokens=max_new_tokens,
+    gen = self.engine.generate([new_ids.tolist()], visual=visual if needs_visual else None,
+                               max_new_tokens=max_new_tokens,
                                sampling=sampling, stop_ids=self.tokenizer.stop_ids, seed=seed, cache=cache,
                                cache_ids=[ids[:keep].tolist()] if cache is not None else None, on_token=on_token)
     if on_token is not None:

@@ -24,7 +24,7 @@ from flax import nnx
 from kangaroo_jax.attention.context_parallel import context_size
 from kangaroo_jax.inference.cache import KVCache, bucket_length, grow_cache, init_cache
 from kangaroo_jax.inference.sampling import SamplingConfig, sample
-from kangaroo_jax.models.kangaroo import Kangaroo, check_visual_placeholders
+from kangaroo_jax.models.kangaroo import Kangaroo, check_visual_placeholders, merge_visual_tokens
 
 MIN_CHUNK = 16
 
@@ -77,12 +77,18 @@ class Engine:
     return (m.llm if self.is_multimodal else m), m
 
   def _build(self) -> None:
-    def embed(state, ids, frames, timestamps):
+    def encode_frames(state, frames, timestamps):
+      self.trace_counts["vision"] += 1
+      _, m = self._llm(state)
+      return m.encode_frames(frames, timestamps)
+
+    def embed(state, ids, visual):
       self.trace_counts["embed"] += 1
-      llm, m = self._llm(state)
-      if self.is_multimodal:
-        return m.embed_inputs(ids, frames, timestamps)
-      return llm.model.embed(ids)
+      llm, _ = self._llm(state)
+      if visual is None:
+        return llm.model.embed(ids)
+      is_visual = ids == self.visual_token_id
+      return merge_visual_tokens(llm.model.embed(jnp.where(is_visual, 0, ids)), visual, is_visual)
 
     def prefill_chunk(state, cache, embeds, start, n_new, logit_index, has_last, prev_logits):
       self.trace_counts["prefill"] += 1
@@ -105,6 +111,7 @@ class Engine:
       self.trace_counts["sample"] += 1
       return sample(logits, jax.random.fold_in(key, 0), sampling)
 
+    self._encode_frames = jax.jit(encode_frames)
     self._embed = jax.jit(embed)
     self._prefill_chunk = jax.jit(prefill_chunk, donate_argnums=(1,))
     self._decode_step = jax.jit(decode_step, static_argnames=("sampling",), donate_argnums=(1,))
@@ -115,21 +122,34 @@ class Engine:
   def new_cache(self, batch: int, max_len: int) -> KVCache:
     return init_cache(self.llm_cfg, batch, bucket_length(max_len, 2 * context_size()), self.dtype)
 
-  def embed(self, ids: np.ndarray, frames=None, timestamps=None) -> jax.Array:
-    """ids int [batch, n] (visual_token_id at visual positions) -> embeddings [batch, n, embed]."""
+  def encode_frames(self, frames, timestamps=None) -> jax.Array:
+    """Normalised frames [batch, f, h, w, 3] (+ timestamps [batch, f]) -> visual tokens [batch, n_vis, embed]."""
+    if not self.is_multimodal:
+      raise ValueError("a text-only model cannot take frames")
+    frames = jnp.asarray(frames)
+    if frames.ndim != 5:
+      raise ValueError(f"frames must be [batch, frames, height, width, 3], got shape {frames.shape}")
+    return self._encode_frames(self.state, frames, timestamps)
+
+  def embed(self, ids: np.ndarray, visual: jax.Array | None = None, length: int | None = None) -> jax.Array:
+    """ids int [batch, n] (visual_token_id at visual positions) -> embeddings [batch, length or n, embed].
+
+    visual: [batch, n_vis, embed] from `encode_frames`; row b's k-th placeholder gets visual[b, k].
+    length: pad the ids to this many (a bucket), so embedding compiles per bucket, not per prompt length.
+    """
     ids = np.asarray(ids, np.int32)
     if self.is_multimodal:
-      is_visual = ids == self.visual_token_id
-      if frames is None and is_visual.any():
+      if visual is None and (ids == self.visual_token_id).any():
         raise ValueError(f"the prompt holds visual placeholders ({self.visual_token_id}) but no frames were given")
-      if frames is not None:
-        if frames.ndim != 5 or frames.shape[0] != ids.shape[0]:
-          raise ValueError(f"frames must be [batch={ids.shape[0]}, frames, height, width, 3], got {frames.shape}")
-        b, f, h, w, _ = frames.shape
-        check_visual_placeholders(ids, self.model.num_visual_tokens(f, h, w), self.visual_token_id)
+      if visual is not None:
+        if visual.ndim != 3 or visual.shape[0] != ids.shape[0]:
+          raise ValueError(f"visual tokens must be [batch={ids.shape[0]}, n, embed], got {visual.shape}")
+        check_visual_placeholders(ids, visual.shape[1], self.visual_token_id)
     elif (ids < 0).any():
       raise ValueError("a text-only model got negative (visual placeholder) ids")
-    return self._embed(self.state, ids, frames, timestamps)
+    if length is not None and length > ids.shape[1]:
+      ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])))
+    return self._embed(self.state, ids, visual)
 
   def prefill(self, cache: KVCache, embeds: jax.Array, num_new: Sequence[int]) -> tuple[KVCache, jax.Array]:
     """Appends each row's new tokens to the cache, in chunks.
@@ -180,7 +200,8 @@ class Engine:
 
   # --- generation ------------------------------------------------------------------------------
 
-  def generate(self, prompts: Sequence[Sequence[int]], *, frames=None, timestamps=None, max_new_tokens: int = 512,
+  def generate(self, prompts: Sequence[Sequence[int]], *, frames=None, timestamps=None, visual=None,
+               max_new_tokens: int = 512,
                sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (), seed: int = 0,
                cache: KVCache | None = None, cache_ids: Sequence[Sequence[int]] | None = None,
                on_token: Callable[[int, int], None] | None = None) -> Generation:
@@ -190,6 +211,7 @@ class Engine:
       prompts: per row, the token ids to append (visual_token_id where visual tokens go); with `cache`,
         they continue that row's cached tokens (`cache_ids`).
       frames: [batch, frames, h, w, 3] normalised, timestamps [batch, frames]; needed when prompts hold placeholders.
+      visual: instead of frames, their visual tokens from `encode_frames` (e.g. cached for a follow-up).
       max_new_tokens: per row, at most this many tokens (the stop token counts).
       stop_ids: a row ends at the first of these (it is not returned in `tokens`).
       on_token: called as on_token(row, token_id) for every returned token as soon as it is known (streaming).
@@ -212,7 +234,11 @@ class Engine:
     longest = max(len(x) for x in base)
     needed = max(longest + padded, max(len(x) for x in base) + n + max_new_tokens)
     cache = self.ensure_capacity(cache, b, needed)
-    cache, logits = self.prefill(cache, self.embed(ids, frames, timestamps), num_new)
+    if frames is not None:
+      if visual is not None:
+        raise ValueError("pass frames or their visual tokens, not both")
+      visual = self.encode_frames(frames, timestamps)
+    cache, logits = self.prefill(cache, self.embed(ids, visual, length=padded), num_new)
 
     key = jax.random.key(seed)
     stops = set(int(s) for s in stop_ids)

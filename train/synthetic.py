@@ -28,10 +28,11 @@ class SyntheticIterator:
     self.seed = seed
     self.rows = global_batch // shard_count
     self.first_row = shard_index * self.rows
-    self.samples_per_row = samples_per_row
     gh, gw = model_cfg.vision.grid_for(frame_size, frame_size)
-    self.frames_per_sample = max_frames // samples_per_row
     per_group = model_cfg.projector.frames_per_group
+    samples_per_row = max(1, min(samples_per_row, max_frames // per_group))  # an image row holds one sample
+    self.samples_per_row = samples_per_row
+    self.frames_per_sample = max_frames // samples_per_row
     if self.frames_per_sample % per_group:
       raise ValueError(f"max_frames {max_frames} / {samples_per_row} samples is not a multiple of {per_group}")
     self.vis_per_sample = self.frames_per_sample // per_group * model_cfg.projector.tokens_per_group(gh, gw)

@@ -242,9 +242,24 @@ def preprocess_frames(frames_uint8: np.ndarray, size: int | Sequence[int], *, ke
   if (out_h, out_w) == (h, w):
     return frames.copy()
   out = np.empty((f, out_h, out_w, 3), np.uint8)
-  for i in range(f):
+
+  def one(i):
     out[i] = np.asarray(Image.fromarray(frames[i]).resize((out_w, out_h), Image.Resampling.BICUBIC))
+
+  # Pillow releases the GIL while resampling, so frames resize in parallel threads (as decoding does).
+  threads = min(f, os.cpu_count() or 1, 8)
+  if threads > 1 and h * w >= 128 * 128:
+    with _executor(threads) as ex:
+      list(ex.map(one, range(f)))
+  else:
+    for i in range(f):
+      one(i)
   return out
+
+
+def _executor(threads: int):
+  from concurrent.futures import ThreadPoolExecutor
+  return ThreadPoolExecutor(threads)
 
 
 def normalize_frames(frames_uint8):

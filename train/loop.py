@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
   replicated = NamedSharding(mesh, PartitionSpec())
   train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
   abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
-  state_sh = state_shardings(abstract, train_sh, frozen_sh, tx, replicated)
+  state_sh = state_shardings(abstract, train_sh, frozen_sh, replicated)
 
   if place_batch is None:
     from kangaroo_jax.data.global_batch import make_global_batch

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from kangaroo_jax.parallel.rules import shard
-from train.params import ModelDef, combine
+from train.params import ModelDef, combine, flatten
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -123,10 +123,20 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, lr_sc
   return train_step
 
 
-def state_shardings(state_shapes: State, param_sh: dict, frozen_sh: dict, tx: optax.GradientTransformation,
-                    replicated) -> State:
-  """Shardings for the state: params by the rules table, Adam moments like their params, scalars replicated."""
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, state_shapes["opt_state"], param_sh,
-                                 transform_non_params=lambda _: replicated)
+def state_shardings(state_shapes: State, param_sh: dict, frozen_sh: dict, replicated) -> State:
+  """Shardings for the state: params by the rules table, each optimizer leaf like the parameter whose path
+  ends its own (Adam moments), everything else (counts, scalars) replicated."""
+  by_path = flatten(param_sh)
+
+  def leaf_sharding(path, leaf):
+    keys = []
+    for k in reversed(path):  # the trailing dict keys of an optimizer leaf are its parameter's path
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.append(str(k.key))
+    sh = by_path.get("/".join(reversed(keys)))
+    return sh if sh is not None and len(sh.spec) <= leaf.ndim else replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, state_shapes["opt_state"])
   return dict(step=replicated, params=param_sh, frozen=frozen_sh, opt_state=opt_sh, nonfinite_streak=replicated,
               skipped=replicated)

@@ -43,7 +43,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
                                           dcn_context=1, dcn_tensor=1))
   c.data = ml_collections.ConfigDict(dict(
       source="grain", batch_size=256, seq_len=4096, frame_size=224, max_frames=16, num_frames=16,
-      manifest="", video_root="", tokenizer="", worker_count=8, shuffle_seed=0))
+      dataset="", tokenizer="", worker_count=8, shuffle_seed=0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
       grad_accum=1, trainable=(".*",), frozen=(), lr_scales=(), max_nonfinite=5))
@@ -71,7 +71,7 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
   c.optim.warmup_steps = max(1, c.total_steps // 20)
   if a.prev:
     c.init_from = f"{a.prev}/export"
-  c.data.manifest = a.data
+  c.data.dataset = a.data
   c.data.tokenizer = a.tokenizer
   if a.mode == "full":
     c.model.overrides = dict(compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention)

@@ -91,8 +91,7 @@ class DataConfig:
   frame_size: int = 56          # square frames, pixels
   max_frames: int = 8           # frame slots per row
   num_frames: int = 8           # frames sampled per video (grain); even
-  manifest: str = ""            # JSONL manifest (grain)
-  video_root: str = ""          # folder the manifest's video paths are relative to
+  dataset: str = ""             # ArrayRecord shards from tools.build_dataset (grain): folder, file or glob
   tokenizer: str = ""           # folder with tokenizer files (grain; copied into the export)
   worker_count: int = 0         # Grain worker processes
   shuffle_seed: int = 0
@@ -111,7 +110,7 @@ class DataConfig:
     if self.num_frames > self.max_frames:
       raise _err(f"{w}.num_frames", f"{self.num_frames} frames per video exceed max_frames={self.max_frames}")
     if self.source == "grain":
-      for f in ("manifest", "tokenizer"):
+      for f in ("dataset", "tokenizer"):
         if not getattr(self, f):
           raise _err(f"{w}.{f}", "required when data.source='grain'")
 

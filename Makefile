@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(TEST_ENV) $(VPY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VPY) -m kangaroo_jax.demo
+	JAX_PLATFORMS=cpu $(VPY) -m train.demo --fresh
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

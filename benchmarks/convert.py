@@ -2,20 +2,23 @@
 
 Synthesizes a bf16 model.safetensors in the released naming for a widened tiny config (random values,
 written one tensor at a time), then runs, each in its own child process:
-  plain read:   a plain sequential read of the same file (16 MiB blocks, data discarded);
+  plain read:   a plain sequential read of the same file (16 MiB blocks, data discarded); the
+                throughput target is measured against its cold (from disk) median;
   plain copy:   the same read, each block written to a new file, fsync at the end (the I/O floor of
                 any conversion that has to write the data once);
   import floor: the interpreter with the converter's modules imported, converting nothing;
-  convert:      `python -m tools.convert_weights import SRC DST --quiet` (bf16 -> bf16 Orbax/OCDBT,
-                fsync before the final rename included);
+  convert:      `python -m tools.convert_weights import SRC DST --quiet` (bf16 -> bf16 Orbax/OCDBT;
+                the durable fsync of every file and folder before the final rename is included);
   bin:          (with torch installed; --no-bin skips it) the same tensors saved as pytorch_model.bin by
                 torch.save and converted once, cache warm (peak RSS with torch imported; the .bin reader
                 memory-maps the file and drops each tensor's pages after copying it).
 "cold" runs start right after the file was evicted from the page cache (posix_fadvise DONTNEED) and
 are repeated (median reported: disk timings on a shared VM vary by several x between runs); "warm"
 runs read the cached file. Peak RSS is the child's VmHWM at exit (max over all conversion runs).
-Throughput uses the conversion's own wall time (the CLI reports it; interpreter start-up and imports
-are in process_s).
+Throughput uses the conversion's own wall time (the CLI reports it, from reading the headers to the
+rename; interpreter start-up and imports are in process_s). The conversion uses several threads; the
+plain read uses one and is I/O bound, so on a machine shared with other CPU-heavy work the ratio
+drops: `loadavg_1min` (before, after) and the conversion's CPU seconds are printed for that reason.
 Targets (issue 3): peak RSS <= 2 x largest tensor + 500 MB; throughput >= 50 % of the plain read.
 Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR] [--repeats 3]
 """
@@ -52,7 +55,8 @@ def widened_config():
       param_dtype="bfloat16", compute_dtype="bfloat16")
 
 
-# Runs `-m module args...` or `-c code args...` and prints the process's peak RSS (VmHWM) and run time.
+# Runs `-m module args...` or `-c code args...` and prints the process's peak RSS (VmHWM), run time and
+# CPU time (user + sys, all threads; start-up and imports included).
 # VmHWM starts afresh at exec; ru_maxrss of a forked child would include the parent's memory at fork.
 _WRAPPER = """
 import runpy, sys, time
@@ -67,14 +71,16 @@ try:
     exec(compile(target, '<bench>', 'exec'), {'__name__': '__main__'})
 except SystemExit as e:
   code = e.code or 0
+import resource
 hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]
-print('BENCH', hwm, time.perf_counter() - t0, flush=True)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print('BENCH', hwm, time.perf_counter() - t0, ru.ru_utime + ru.ru_stime, flush=True)
 sys.exit(code)
 """
 
 
 def _run_child(mode: str, target: str, *args: str) -> tuple[float, int, str]:
-  """(seconds in the child, peak RSS bytes, output)."""
+  """(seconds in the child, peak RSS bytes, output); the child's CPU seconds are `_cpu_seconds(output)`."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", _WRAPPER, mode, target, *args], stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -83,6 +89,10 @@ def _run_child(mode: str, target: str, *args: str) -> tuple[float, int, str]:
     raise RuntimeError(f"{mode} {target[:60]} {args} failed ({proc.returncode}):\n{out[-4000:]}")
   fields = [line for line in out.splitlines() if line.startswith("BENCH ")][-1].split()
   return float(fields[2]), int(fields[1]), out
+
+
+def _cpu_seconds(out: str) -> float:
+  return float([line for line in out.splitlines() if line.startswith("BENCH ")][-1].split()[3])
 
 
 def _evict(path: str) -> None:
@@ -131,7 +141,7 @@ def _convert(src: str, dst: str, cfg_path: str) -> dict:
   shutil.rmtree(dst, ignore_errors=True)
   proc_s, rss, out = _run_child("-m", "tools.convert_weights", "import", src, dst, "--config-json", cfg_path, "--quiet")
   seconds = float(re.search(r"dtype \w+, ([0-9.]+)s;", out).group(1))
-  return {"seconds": seconds, "process_seconds": round(proc_s, 2), "peak_rss": rss}
+  return {"seconds": seconds, "process_seconds": round(proc_s, 2), "peak_rss": rss, "cpu_seconds": _cpu_seconds(out)}
 
 
 def _plain_read(path: str, size: int) -> float:
@@ -197,7 +207,9 @@ def main() -> None:
     path, size = info["path"], os.path.getsize(info["path"])
 
     runs = {"read": [], "copy": [], "convert": []}
+    cpu = []
     peak = 0
+    load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
       _evict(path)
       runs["read"].append(_plain_read(path, size))
@@ -206,6 +218,7 @@ def main() -> None:
       _evict(path)
       run = _convert(src, dst, cfg_path)
       runs["convert"].append(run["seconds"])
+      cpu.append(run["cpu_seconds"])
       peak = max(peak, run["peak_rss"])
     cold = {k: _median(v) for k, v in runs.items()}
     warm_read = _plain_read(path, size)
@@ -236,12 +249,14 @@ def main() -> None:
                  "ratio_to_read": round(cold["read"] / cold["convert"], 3),
                  "ratio_to_copy": round(cold["copy"] / cold["convert"], 3),
                  "convert_s_runs": runs["convert"], "read_s_runs": [round(x, 3) for x in runs["read"]],
-                 "copy_s_runs": [round(x, 3) for x in runs["copy"]]},
+                 "copy_s_runs": [round(x, 3) for x in runs["copy"]],
+                 "convert_process_cpu_s_runs": [round(x, 2) for x in cpu]},
         "warm": {"convert_mb_s": rate(warm["seconds"]), "plain_read_mb_s": rate(warm_read),
                  "ratio_to_read": round(warm_read / warm["seconds"], 3), "process_s": warm["process_seconds"]},
         "throughput_ok": cold["read"] / cold["convert"] >= 0.5,
         "synthesize_s": round(synth_s, 1),
         "cpu_count": os.cpu_count(),
+        "loadavg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
     if not args.no_bin:
       result["bin"] = _bin_run(src, work, cfg_path, size, largest)

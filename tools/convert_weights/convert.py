@@ -1,9 +1,11 @@
 """import / export / inspect: the converter's three operations (the CLI in __main__.py is a thin wrapper).
 
 import:  headers only -> config resolved and checked against shapes -> every key classified and every
-         shape checked (Assembler.accept/check) -> nothing wrong? then one tensor at a time: read,
-         transform (transpose / conv layout / reshape), cast, write chunk by chunk into the Orbax
-         checkpoint -> config, report and tokenizer files -> the temp folder is renamed to DST.
+         shape checked (Assembler.accept/check) -> nothing wrong? then tensor by tensor: read (the
+         kernel reads ahead), transform (transpose / conv layout / reshape), cast, write chunk by
+         chunk into the Orbax checkpoint, the stages overlapping with bounded memory (orbax_io) ->
+         config, report and tokenizer files -> every file fsynced (most already in the background)
+         -> the temp folder is renamed to DST.
          Any failure removes the temp folder: DST either is complete or does not exist.
 export:  the converted checkpoint -> model.safetensors + config.json in the released naming,
          again one (layer) slice at a time.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,7 +33,8 @@ from tools.convert_weights.assemble import Assembler, ConversionError, param_tar
 from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve_config
 from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
                                            released_shape, to_ours, to_released)
-from tools.convert_weights.orbax_io import DEFAULT_CHUNK_BYTES, LazyParam, StoredParams, fsync_tree, save_streaming
+from tools.convert_weights.orbax_io import (DEFAULT_CHUNK_BYTES, BackgroundSync, LazyParam, StoredParams,
+                                           return_large_frees_to_os, save_streaming)
 from tools.convert_weights.progress import Progress
 from tools.convert_weights.sources import Source, open_source
 
@@ -132,8 +136,9 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
                       sync: bool = True) -> ImportResult:
   """Converts a released checkpoint folder `src` into `dst` (see the module docstring).
 
-  `sync`: flush the written files to disk before the final rename (chunks are written without an
-  fsync each; one pass at the end is much faster and gives the same guarantee at the rename).
+  `sync`: flush the written files to disk before the final rename. Chunks are written without an
+  fsync each; a background thread fsyncs finished files during the conversion, and one durable pass
+  before the rename covers every file and folder, so the guarantee at the rename is the same.
   """
   t0 = time.perf_counter()
   dtype = dtype_name(dtype)
@@ -154,20 +159,26 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
       shape, target_dtype = asm.targets[path]
       if path in defaults:
         fill = defaults[path][1]
-        return LazyParam(shape, target_dtype, lambda: iter([(None, (np.ones if fill == "ones" else np.zeros)(shape))]),
-                         stacked=False, on_written=lambda n: bar.update(1, 0))
+        return LazyParam(shape, target_dtype,
+                         lambda: iter([(None, (np.ones if fill == "ones" else np.zeros)(shape, target_dtype))]),
+                         stacked=False, slice_bytes=math.prod(shape) * np.dtype(target_dtype).itemsize,
+                         on_written=lambda n: bar.update(1, 0))
       rule = rule_of[path]
       keys = asm.sources[path]
+      slots = sorted(keys, key=lambda s: -1 if s is None else s)
 
       def slices():
-        for slot in sorted(keys, key=lambda s: -1 if s is None else s):
+        for slot in slots:
           yield slot, to_ours(source.read(keys[slot]), rule.transform)
 
-      return LazyParam(shape, target_dtype, slices, stacked=rule.stacked, on_written=lambda n: bar.update(1, n))
+      return LazyParam(shape, target_dtype, slices, stacked=rule.stacked, on_written=lambda n: bar.update(1, n),
+                       slice_bytes=max(source.infos[k].nbytes for k in keys.values()),
+                       reads=tuple(keys[slot] for slot in slots))
 
     tree = nested({path: lazy(path) for path in asm.targets})
-    with atomic_output_dir(dst, overwrite) as tmp:
-      save_streaming(os.path.join(tmp, STATE_DIR), tree, chunk_bytes)
+    return_large_frees_to_os()  # keeps the peak RSS at what is in flight (see the function)
+    with atomic_output_dir(dst, overwrite) as tmp, BackgroundSync(tmp) if sync else contextlib.nullcontext() as syncer:
+      save_streaming(os.path.join(tmp, STATE_DIR), tree, chunk_bytes, on_order=source.prefetch)
       bar.close()
       with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         f.write(cfg.to_json() + "\n")
@@ -180,7 +191,7 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
       with open(os.path.join(tmp, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
       if sync:
-        fsync_tree(tmp)
+        syncer.finish()
   return ImportResult(os.path.abspath(dst), cfg, cfg_note, asm.report.mapped, asm.report.ignored,
                       asm.report.defaulted, asm.report.bytes_read, time.perf_counter() - t0, copied)
 

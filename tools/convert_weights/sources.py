@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
 from typing import Iterator
 
@@ -34,6 +35,9 @@ class Source:
 
   def read(self, key: str) -> np.ndarray:
     raise NotImplementedError
+
+  def prefetch(self, order: list[str]) -> None:
+    """Hint: `read` will be called for these keys in this order (a reader may start I/O early)."""
 
   def close(self) -> None:
     pass
@@ -93,18 +97,103 @@ class SafetensorsSource(Source):
     if weight_map is not None:
       _check_against_index(index_path, weight_map, found)
     self._fds: dict[str, int] = {}
+    self._readahead: Readahead | None = None
+
+  def prefetch(self, order: list[str]) -> None:
+    if self._readahead is not None:
+      self._readahead.close()
+    self._readahead = Readahead([self.infos[k] for k in order if k in self.infos])
 
   def read(self, key: str) -> np.ndarray:
     info = self.infos[key]
+    if self._readahead is not None:
+      self._readahead.reading(key)
     fd = self._fds.get(info.file)
     if fd is None:
       fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
     return read_tensor(info, fd)
 
   def close(self) -> None:
+    if self._readahead is not None:
+      self._readahead.close()
+      self._readahead = None
     for fd in self._fds.values():
       os.close(fd)
     self._fds.clear()
+
+
+_WILLNEED_PIECE = 1 << 20
+
+
+class Readahead:
+  """Asks the kernel to read the next tensors from disk while the current one is converted.
+
+  The converter reads tensors in parameter order, not file order, and one at a time, so without this
+  the disk idles while a tensor is transposed and written, and the CPU idles while the next is read.
+  posix_fadvise(WILLNEED) fills the page cache asynchronously: nothing is added to this process's
+  memory (the cached pages are the kernel's to evict), and `read` of a prefetched tensor is a memory
+  copy. Requests stay at most `window` bytes ahead of the tensor being read (always at least the
+  next one). A wrong `order` only wastes I/O: reads never depend on it.
+  """
+
+  def __init__(self, order: list[TensorInfo], window: int = 256 << 20):
+    self._order = order
+    self._index = {info.key: i for i, info in enumerate(order)}
+    self._ends = np.cumsum([0] + [info.nbytes for info in order])  # _ends[i]: bytes before tensor i
+    self._window = window
+    self._current = -1  # index of the tensor being read
+    self._cond = threading.Condition()
+    self._stop = False
+    self._fds: dict[str, int] = {}
+    self._thread = None
+    if order and hasattr(os, "posix_fadvise"):
+      self._thread = threading.Thread(target=self._run, name="safetensors-readahead", daemon=True)
+      self._thread.start()
+
+  def reading(self, key: str) -> None:
+    i = self._index.get(key)
+    if i is not None:
+      with self._cond:
+        self._current = max(self._current, i)
+        self._cond.notify()
+
+  def _run(self) -> None:
+    nxt = 0
+    try:
+      while True:
+        with self._cond:
+          while not self._stop:
+            nxt = max(nxt, self._current + 1)
+            if nxt < len(self._order) and (nxt == self._current + 1 or
+                                           self._ends[nxt] - self._ends[self._current + 1] < self._window):
+              break
+            self._cond.wait()
+          if self._stop:
+            return
+        info = self._order[nxt]
+        fd = self._fds.get(info.file)
+        if fd is None:
+          fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        # Linux reads at most the device's readahead size per call (8 MB here, 128 KB by default), so
+        # one call per tensor would prefetch only its first few MB.
+        for start in range(info.offset, info.offset + info.nbytes, _WILLNEED_PIECE):
+          if self._stop:
+            return
+          os.posix_fadvise(fd, start, min(_WILLNEED_PIECE, info.offset + info.nbytes - start), os.POSIX_FADV_WILLNEED)
+        nxt += 1
+    except OSError:  # only a hint: the reads themselves report any real problem
+      pass
+    finally:
+      for fd in self._fds.values():
+        os.close(fd)
+      self._fds.clear()
+
+  def close(self) -> None:
+    with self._cond:
+      self._stop = True
+      self._cond.notify()
+    if self._thread is not None:
+      self._thread.join()
 
 
 def _import_torch():

@@ -21,6 +21,7 @@ from kangaroo_jax.parallel.rules import logical_to_spec
 # [layers, batch, max_len, kv_heads, head_dim]; "layers" is never sharded, the rest follow the activations.
 CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
 MIN_BUCKET = 128
+LINEAR_BUCKET = 1024  # above this, buckets grow in steps of this many slots instead of doubling
 
 
 @jax.tree_util.register_dataclass
@@ -47,12 +48,16 @@ def _mesh():
 
 
 def bucket_length(n: int, multiple: int = 1) -> int:
-  """Smallest power of two >= max(n, MIN_BUCKET), rounded up to `multiple` (the context-axis split)."""
+  """Cache slots for n tokens: powers of two from MIN_BUCKET to LINEAR_BUCKET, then multiples of
+  LINEAR_BUCKET (decode reads every slot, so a long context should not pay for up to 2x padding);
+  rounded up to `multiple` (the context-axis split)."""
   if n < 0:
     raise ValueError(f"cache length must be >= 0, got {n}")
   b = MIN_BUCKET
-  while b < n:
+  while b < n and b < LINEAR_BUCKET:
     b *= 2
+  if b < n:
+    b = -(-n // LINEAR_BUCKET) * LINEAR_BUCKET
   return -(-b // multiple) * multiple
 
 

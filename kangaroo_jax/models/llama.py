@@ -48,26 +48,27 @@ class LlamaAttention(nnx.Module):
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
-  def cached(self, x, positions, inv_freq, k_cache, v_cache, start, cache_valid):
-    """Attention of new tokens over a KV cache, after writing their K/V into it.
+  def cached(self, x, positions, inv_freq, k_all, v_all, layer, start, cache_valid):
+    """Attention of new tokens over the KV cache, after writing their K/V into it.
 
     Args:
       x: [batch, chunk, embed] new tokens; positions: [batch, chunk] (= their cache slots).
-      k_cache, v_cache: [batch, max_len, kv_heads, head_dim] this layer's cache.
+      k_all, v_all: [layers, batch, max_len, kv_heads, head_dim], the whole stack's cache; only
+        layer `layer` (a traced index) is written and read, so the scan can update it in place.
       start: [batch] slot of each row's first new token.
       cache_valid: [batch, max_len] bool, slots holding real tokens once this chunk is written.
-    Returns: ([batch, chunk, embed], k_cache, v_cache)
+    Returns: ([batch, chunk, embed], k_all, v_all)
     """
     b, c, _ = x.shape
     q = self.q_proj(x).reshape(b, c, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, c, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, c, self.num_kv_heads, self.head_dim)
     q = apply_llama_rope(q, positions, inv_freq)
-    k = apply_llama_rope(k, positions, inv_freq).astype(k_cache.dtype)
-    v = v.astype(v_cache.dtype)
-    cache_names = (BATCH, LENGTH, "activation_kv_heads", None)
-    k_cache = shard(write_cache(k_cache, k, start), cache_names)
-    v_cache = shard(write_cache(v_cache, v, start), cache_names)
+    k = apply_llama_rope(k, positions, inv_freq).astype(k_all.dtype)
+    v = v.astype(v_all.dtype)
+    k_all = shard(write_cache(k_all, k, layer, positions), CACHE_AXES)
+    v_all = shard(write_cache(v_all, v, layer, positions), CACHE_AXES)
+    k_cache, v_cache = k_all[layer], v_all[layer]
     cache_positions = jnp.broadcast_to(jnp.arange(k_cache.shape[1], dtype=jnp.int32), cache_valid.shape)
     if c == 1:
       # The cache length is sharded over `context`; decode_attention merges the shards' partial softmax.
@@ -78,19 +79,22 @@ class LlamaAttention(nnx.Module):
       out = get_attention(self.attention_impl)(
           q, k_cache, v_cache, causal=True, q_positions=positions, kv_positions=cache_positions,
           q_segment_ids=jnp.ones((b, c), jnp.int32), kv_segment_ids=cache_valid.astype(jnp.int32))
-    return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_cache, v_cache
+    return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_all, v_all
 
 
-def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """cache [batch, max_len, ...] with new [batch, chunk, ...] written at slots start[b] .. start[b]+chunk-1.
+CACHE_AXES = ("layers", BATCH, LENGTH, "activation_kv_heads", None)
 
-  The caller guarantees start + chunk <= max_len. One token is written with a select instead of a
-  dynamic slice so the length axis can stay sharded without moving the cache.
+
+def write_cache(cache: jax.Array, new: jax.Array, layer, slots: jax.Array) -> jax.Array:
+  """cache [layers, batch, max_len, ...] with new [batch, chunk, ...] written at [layer, b, slots[b, t]].
+
+  A scatter of just the new entries: inside the layer scan (cache in the carry) and with the cache
+  donated to the jitted step, XLA updates the buffer in place, so a decode step moves O(1) cache
+  bytes for the write instead of copying the cache. Slots past max_len are dropped (callers size
+  the cache so this never happens to a valid token).
   """
-  if new.shape[1] == 1:
-    hit = jnp.arange(cache.shape[1])[None, :] == start[:, None]
-    return jnp.where(hit.reshape(hit.shape + (1,) * (cache.ndim - 2)), new, cache)
-  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(cache, new, start)
+  rows = jnp.arange(new.shape[0])[:, None]
+  return cache.at[layer, rows, slots].set(new, mode="drop")
 
 
 class LlamaMLP(nnx.Module):
@@ -119,13 +123,13 @@ class LlamaDecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return shard(x, (BATCH, LENGTH, EMBED))
 
-  def cached(self, x, positions, inv_freq, k_cache, v_cache, start, cache_valid):
-    """Same as __call__ for new tokens attending over this layer's KV cache (see LlamaAttention.cached)."""
-    h, k_cache, v_cache = self.self_attn.cached(self.input_layernorm(x), positions, inv_freq, k_cache, v_cache,
-                                                start, cache_valid)
+  def cached(self, x, positions, inv_freq, k_all, v_all, layer, start, cache_valid):
+    """Same as __call__ for new tokens attending over the KV cache (see LlamaAttention.cached)."""
+    h, k_all, v_all = self.self_attn.cached(self.input_layernorm(x), positions, inv_freq, k_all, v_all, layer,
+                                            start, cache_valid)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return shard(x, (BATCH, LENGTH, EMBED)), k_cache, v_cache
+    return shard(x, (BATCH, LENGTH, EMBED)), k_all, v_all
 
 
 class LlamaModel(nnx.Module):
@@ -195,13 +199,16 @@ class LlamaModel(nnx.Module):
     inv_freq = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
     x = shard(inputs_embeds.astype(self.dtype), (BATCH, LENGTH, EMBED))
 
-    def step(h, layer, kc, vc):
-      h, kc, vc = layer.cached(h, positions, inv_freq, kc, vc, start, cache_valid)
-      return h, (kc, vc)
+    def step(carry, layer):
+      h, k_all, v_all, i = carry
+      h, k_all, v_all = layer.cached(h, positions, inv_freq, k_all, v_all, i, start, cache_valid)
+      return h, k_all, v_all, i + 1
 
-    scanned = nnx.scan(step, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+    # The whole cache rides in the carry (not as scanned input/output), so each layer's write is an
+    # in-place update instead of a copy of that layer's cache.
+    scanned = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                        transform_metadata={nnx.PARTITION_NAME: "layers"})
-    x, (k_cache, v_cache) = scanned(x, self.layers, k_cache, v_cache)
+    x, k_cache, v_cache, _ = scanned((x, k_cache, v_cache, jnp.int32(0)), self.layers)
     return self.norm(x), k_cache, v_cache
 
 

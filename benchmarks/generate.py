@@ -19,6 +19,8 @@ import platform
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Idle OpenMP threads of torch would otherwise spin and take the cores from XLA between the two runs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

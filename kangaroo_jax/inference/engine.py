@@ -70,7 +70,10 @@ class Engine:
 
   def refresh(self) -> None:
     """Re-reads the model's weights (after training or loading into the same module)."""
-    self.graphdef, self.state = nnx.split(self.model)
+    self.graphdef, state = nnx.split(self.model)
+    # Host (numpy) leaves, e.g. weights loaded in place from a torch state dict, would be copied to the
+    # device on every jitted call; place them once.
+    self.state = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), state)
 
   def _llm(self, state):
     m = nnx.merge(self.graphdef, state)

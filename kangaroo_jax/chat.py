@@ -27,19 +27,29 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--system", help="system prompt")
   p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), help="cast weights while loading")
   p.add_argument("--prefill-chunk", type=int, default=512)
+  p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                 help="split the KV cache and prefill over N devices (context axis)")
+  p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split attention heads / MLP over N devices")
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  from kangaroo_jax.data.video import VideoError
-  from kangaroo_jax.inference.chat import Chat
-  from kangaroo_jax.pretrained import from_pretrained
+  from kangaroo_jax.inference.loading import load_for_inference
 
-  model, tokenizer = from_pretrained(args.ckpt_dir, param_dtype=args.param_dtype)
+  model, tokenizer, scope = load_for_inference(args.ckpt_dir, param_dtype=args.param_dtype,
+                                               context=args.context_parallel, tensor=args.tensor_parallel)
   if tokenizer is None:
     print(f"error: {args.ckpt_dir} holds no tokenizer.json or tokenizer.model", file=sys.stderr)
     return 2
+  with scope:
+    return _session(args, model, tokenizer)
+
+
+def _session(args, model, tokenizer) -> int:
+  from kangaroo_jax.data.video import VideoError
+  from kangaroo_jax.inference.chat import Chat
+
   chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, system=args.system)
   opts = dict(num_frames=args.num_frames, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)

@@ -15,7 +15,8 @@ import kangaroo_jax
 from kangaroo_jax.data.prompt import encode_conversation
 from kangaroo_jax.data.tiny_tokenizer import build_chat_sentencepiece
 from kangaroo_jax.data.video import VideoError
-from kangaroo_jax.inference.chat import chat_for
+from kangaroo_jax.inference.chat import Chat, chat_for
+from kangaroo_jax.inference.loading import load_for_inference
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.pretrained import from_pretrained, save_pretrained
 from kangaroo_jax.tokenizer import load_tokenizer
@@ -142,3 +143,18 @@ def test_cli_interactive_and_one_shot(assets, loaded):
   assert run.stdout == f"{want1}\n{want2}\n"
   bad = _cli([assets["ckpt"], "--video", "/nonexistent/v.mp4", "--query", q1])
   assert bad.returncode == 2 and "/nonexistent/v.mp4" in bad.stderr
+
+
+def test_chat_on_a_context_parallel_mesh(assets, loaded):
+  """Weights on a context=4 x tensor=2 mesh, cache and prefill split over `context`: same answers."""
+  model, _ = loaded
+  q1, q2 = "What happens in the video?", "What colour is the car?"
+  want1, h = model.chat(video_path=assets["video"], query=q1, **GREEDY)
+  want2, _ = model.chat(video_path=assets["video"], query=q2, history=h, **GREEDY)
+  sharded, tok, scope = load_for_inference(assets["ckpt"], context=4, tensor=2)
+  with scope:
+    chat = Chat(sharded, tok, prefill_chunk=16)
+    got1, h = chat.chat(assets["video"], q1, None, **GREEDY)
+    got2, h = chat.chat(assets["video"], q2, h, **GREEDY)
+    assert "context" in str(h.session.cache.k.sharding.spec)
+  assert (got1, got2) == (want1, want2)

@@ -1,0 +1,33 @@
+"""Loading a checkpoint for inference, optionally onto a (context x tensor) mesh."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+
+from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
+from kangaroo_jax.pretrained import from_pretrained, load_config
+
+
+def load_for_inference(ckpt_dir: str, *, param_dtype: str | None = None, context: int = 1, tensor: int = 1,
+                       attention_impl: str = "all_gather"):
+  """(model, tokenizer, mesh context manager) for chat / evaluate.
+
+  With context * tensor > 1 the weights are placed on a mesh of that many devices (data = fsdp = 1, so a
+  single request fits), the KV cache length and prefill chunks are split over `context` and heads over
+  `tensor`; `attention_impl` ("all_gather" or "ring") is the prefill attention. Run generation inside
+  the returned context manager (`with scope: ...`).
+  """
+  if context < 1 or tensor < 1:
+    raise ValueError(f"context and tensor must be >= 1, got {context}, {tensor}")
+  if context * tensor == 1:
+    model, tokenizer = from_pretrained(ckpt_dir, param_dtype=param_dtype)
+    return model, tokenizer, contextlib.nullcontext()
+  n = context * tensor
+  if n > len(jax.devices()):
+    raise ValueError(f"a mesh of context={context} x tensor={tensor} needs {n} devices; {len(jax.devices())} available")
+  mesh = make_mesh(MeshConfig(data=1, fsdp=1, context=context, tensor=tensor), devices=jax.devices()[:n])
+  cfg = load_config(ckpt_dir).replace(attention_impl=attention_impl)
+  model, tokenizer = from_pretrained(ckpt_dir, mesh, param_dtype=param_dtype, config=cfg)
+  return model, tokenizer, jax.set_mesh(mesh)

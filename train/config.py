@@ -95,6 +95,7 @@ class DataConfig:
   tokenizer: str = ""           # folder with tokenizer files (grain; copied into the export)
   worker_count: int = 0         # Grain worker processes
   shuffle_seed: int = 0
+  max_skip_rate: float = 0.05   # grain: stop when more than this fraction of samples was unusable
 
   def validate(self) -> None:
     w = "data"
@@ -104,6 +105,7 @@ class DataConfig:
       _int(self, f, 1, w)
     _int(self, "worker_count", 0, w)
     _int(self, "shuffle_seed", 0, w)
+    _float(self, "max_skip_rate", 0.0, 1.0, where=w)
     if self.max_frames % 2 or self.num_frames % 2:
       raise _err(f"{w}.max_frames", f"frame counts must be even (patchify pairs frames), got "
                  f"max_frames={self.max_frames}, num_frames={self.num_frames}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -38,6 +39,7 @@ class TrainResult:
   history: list[dict]           # per-step host metrics of this invocation
   status: str                   # "done" | "preempted" | "stopped" (stop_after reached)
   step: int
+  summary: dict                 # what WORKDIR/summary.json holds (data counters summed over all hosts)
 
 
 class _Preemption:
@@ -78,7 +80,8 @@ def make_iterator(cfg: TrainConfig, mesh) -> Iterator[dict]:
   return grain_iterator(cfg, shard, shards)
 
 
-def _initial_params(cfg: TrainConfig, model_def: ModelDef, mesh) -> dict:
+def initial_params(cfg: TrainConfig, model_def: ModelDef, mesh) -> dict:
+  """The parameters a run without a checkpoint starts from: `init_from`'s export, else a seeded init."""
   if cfg.init_from:
     from kangaroo_jax.pretrained import from_pretrained
     model, _ = from_pretrained(cfg.init_from, mesh, config=cfg.model)
@@ -112,6 +115,8 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
   abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
   state_sh = state_shardings(abstract, train_sh, frozen_sh, replicated)
 
+  from kangaroo_jax.data.global_batch import data_shard_for_process
+  data_shard = data_shard_for_process(mesh, cfg.data.batch_size)[0]
   if place_batch is None:
     from kangaroo_jax.data.global_batch import make_global_batch
     place_batch = functools.partial(make_global_batch, mesh=mesh)
@@ -125,7 +130,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     state = ckpt.restore(latest, target, iterator)
     resumed = f"resumed from {ckpt.directory}/{latest}"
   else:
-    params = _initial_params(cfg, model_def, mesh)
+    params = initial_params(cfg, model_def, mesh)
     with jax.set_mesh(mesh):
       state = jax.jit(lambda p: init_state(*partition(p, trainable), tx), out_shardings=state_sh,
                       donate_argnums=0)(params)
@@ -145,6 +150,11 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
               f"{model_def.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable; "
               f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
 
+  def data_snapshot() -> dict:
+    # This host's counters right after it read a batch, so they line up with that batch's step.
+    read = getattr(iterator, "metrics", None)
+    return read() if read is not None else {}
+
   history: list[dict] = []
   window = dict(steps=0, time=0.0, tokens=0.0, frames=0.0, flops=0.0, losses=[])
   pending = None  # (step, device metrics, host batch stats): read one step late so the device never idles
@@ -152,10 +162,11 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
   step = start
 
   def drain(p) -> dict:
-    s, dev, stats, dt = p
+    s, dev, stats, dt, data_m = p
     m = {k: float(v) for k, v in jax.device_get(dev).items()}
     tokens, sq, frames = stats
     m["step"] = s
+    m.update(data_m)
     history.append(m)
     if dt is not None:  # None: the step that compiled; it would distort every rate
       window["steps"] += 1
@@ -174,13 +185,19 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
 
   def log(m: dict) -> None:
     vals = dict(loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"], skipped=m["skipped"])
+    data_scalars = {}
+    if any(k.startswith("data/") for k in m):
+      totals = metrics_lib.data_totals({k: v for k, v in m.items() if k.startswith("data/")}, data_shard)
+      data_scalars = totals
+      if totals["data/skipped_total"]:
+        vals["data"] = metrics_lib.describe_skips(totals)
     if window["steps"]:
       t = window["time"]
       per_dev = window["flops"] / t / jax.device_count()
       vals.update(tokens_per_s=window["tokens"] / t, frames_per_s=window["frames"] / t,
                   step_time_s=t / window["steps"], tflops_per_device=per_dev / 1e12,
                   mfu=per_dev / peak if peak else None)
-    writer.scalars(int(m["step"]), {f"train/{k}": v for k, v in vals.items()})
+    writer.scalars(int(m["step"]), {f"train/{k}": v for k, v in vals.items() if k != "data"} | data_scalars)
     writer.console(int(m["step"]), cfg.total_steps, vals)
     window.update(steps=0, time=0.0, tokens=0.0, frames=0.0, flops=0.0)
 
@@ -195,6 +212,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
       while step < cfg.total_steps:
         host_batch = next(iterator)
         stats = metrics_lib.batch_stats(host_batch)
+        data_m = data_snapshot()
         batch = place_batch(host_batch)
         with jax.set_mesh(mesh):
           state, dev_metrics = step_fn(state, batch)
@@ -205,7 +223,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
             log(m)
         now = time.perf_counter()
         # The first step of an invocation includes compilation: keep it out of the rates.
-        pending = (step, dev_metrics, stats, None if step == start + 1 else now - t_last)
+        pending = (step, dev_metrics, stats, None if step == start + 1 else now - t_last, data_m)
         t_last = now
         writer.advance()
         stop = stop_after is not None and step - start >= stop_after
@@ -226,6 +244,13 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
       if pending is not None:
         drain(pending)
     ckpt.wait()
+    final_data = data_snapshot()
+    summary = _summary(cfg, status, step, history,
+                       metrics_lib.data_totals(final_data, data_shard) if final_data else None)
+    writer.text(f"[{cfg.stage}] {status} at step {step}; data: " + (
+        metrics_lib.describe_skips(summary["data"]) if summary["data"] else "no skip accounting (synthetic)"))
+    if primary:
+      _write_json(os.path.join(workdir, "summary.json"), summary)
     if status == "done" and cfg.export:
       from train.export import write_export
       out = write_export(os.path.join(workdir, "export"), cfg, model_def, combine(state["params"], state["frozen"]),
@@ -236,5 +261,19 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     writer.close()
     if hasattr(iterator, "close"):
       iterator.close()
-  return TrainResult(state=state, history=history, status=status, step=step)
+  return TrainResult(state=state, history=history, status=status, step=step, summary=summary)
+
+
+def _summary(cfg: TrainConfig, status: str, step: int, history: list[dict], data: dict | None) -> dict:
+  last = history[-1] if history else {}
+  return dict(stage=cfg.stage, status=status, step=step, total_steps=cfg.total_steps,
+              steps_this_run=len(history), last_loss=last.get("loss"),
+              nonfinite_steps_skipped=int(last.get("skipped", 0)), data=data)
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
 

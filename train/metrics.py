@@ -96,6 +96,35 @@ def batch_stats(host_batch: dict[str, np.ndarray]) -> tuple[float, float, float]
   return tokens, sq, float(host_batch["num_frames"].sum())
 
 
+def data_totals(local: dict[str, float], shard: int) -> dict[str, float]:
+  """The data iterator's counters (`data/seen`, `data/skipped/<reason>`) summed over the data shards.
+
+  Every process must call this at the same step (an all-gather when there are several). Processes that
+  read the same shard (context spanning hosts) count the same samples, so each shard is counted once.
+  """
+  keys = sorted(k for k in local if k != "data/skip_rate")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    mine = np.asarray([shard] + [local[k] for k in keys], np.int32)
+    per_shard: dict[int, np.ndarray] = {}
+    for row in np.asarray(multihost_utils.process_allgather(mine)):
+      per_shard.setdefault(int(row[0]), row[1:])
+    totals = dict(zip(keys, (float(v) for v in np.sum(list(per_shard.values()), axis=0))))
+  else:
+    totals = {k: float(local[k]) for k in keys}
+  skipped = sum(v for k, v in totals.items() if k.startswith("data/skipped/"))
+  totals["data/skipped_total"] = skipped
+  totals["data/skip_rate"] = skipped / max(totals.get("data/seen", 0.0), 1.0)
+  return totals
+
+
+def describe_skips(totals: dict[str, float]) -> str:
+  """"3 of 40 samples skipped (bad_video 1, missing_video 1, too_long 1)" or "0 of 40 samples skipped"."""
+  reasons = {k.rsplit("/", 1)[1]: int(v) for k, v in totals.items() if k.startswith("data/skipped/") and v}
+  detail = f" ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})" if reasons else ""
+  return f"{int(totals['data/skipped_total'])} of {int(totals.get('data/seen', 0))} samples skipped{detail}"
+
+
 class Writer:
   """TensorBoard event files in WORKDIR/tb and a console line, on process 0 only."""
 
@@ -124,10 +153,12 @@ class Writer:
     parts = [f"step {step}/{total}"]
     fmt = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
            ("tokens_per_s", "{:,.0f} tok/s"), ("frames_per_s", "{:,.1f} frames/s"), ("step_time_s", "{:.3f} s/step"),
-           ("tflops_per_device", "{:.3f} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"), ("skipped", "skipped {:.0f}")]
+           ("tflops_per_device", "{:.3f} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"), ("skipped", "{:.0f} non-finite steps skipped")]
     for k, f in fmt:
       if values.get(k) is not None:
         parts.append(f.format(values[k]))
+    if values.get("data"):  # only once something was dropped: a clean run keeps a short line
+      parts.append(f"data: {values['data']}")
     line = " | ".join(parts)
     if self.bar is not None and not self.bar.disable:
       self.bar.write(line)

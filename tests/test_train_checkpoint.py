@@ -23,17 +23,38 @@ def _env():
   return env
 
 
+# The resumed half of the run, in a new process: nothing but the files in WORKDIR carries over.
+_RESUME = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+    import numpy as np
+    from tests.train_helpers import host_params, tiny_config
+    from train.loop import train
+    r = train(tiny_config(), sys.argv[1])
+    params = {k.replace("/", "|"): v for k, v in host_params(r.state).items()}
+    np.savez(sys.argv[2], status=r.status, steps=[h["step"] for h in r.history],
+             losses=np.asarray([h["loss"] for h in r.history], np.float64), **params)
+""")
+
+
 def test_exact_resume_and_restore_onto_another_mesh(tmp_path):
   full = train(tiny_config(), str(tmp_path / "full"))  # 6 steps in one go
   first = train(tiny_config(), str(tmp_path / "split"), stop_after=3)
   assert first.status == "stopped" and first.step == 3
   shutil.copytree(tmp_path / "split", tmp_path / "other_mesh")
-  second = train(tiny_config(), str(tmp_path / "split"))  # a fresh call: restores step 3 and the iterator
-  assert second.status == "done" and [h["step"] for h in second.history] == [4, 5, 6]
-  assert losses(first) + losses(second) == losses(full)  # bit-identical
-  pf, ps = host_params(full.state), host_params(second.state)
+  out = str(tmp_path / "second.npz")
+  proc = subprocess.run([sys.executable, "-c", _RESUME, str(tmp_path / "split"), out], env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert f"resumed from {tmp_path / 'split' / 'checkpoints'}/3" in proc.stdout
+  second = np.load(out)
+  assert str(second["status"]) == "done" and second["steps"].tolist() == [4, 5, 6]
+  assert losses(first) + second["losses"].tolist() == losses(full)  # bit-identical
+  pf = host_params(full.state)
+  assert sorted(pf) == sorted(k.replace("|", "/") for k in second.files if "|" in k)
   for k in pf:
-    assert np.array_equal(pf[k], ps[k]), k
+    assert np.array_equal(pf[k], second[k.replace("/", "|")]), k
 
   # The step-3 checkpoint (written on fsdp=8) restored onto fsdp=4 x tensor=2 continues the same run.
   other = train(tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 2}), str(tmp_path / "other_mesh"))

@@ -126,7 +126,7 @@ def test_grain_training_reports_skips_and_resumes_exactly(dataset, tmp_path, cap
 
   # ... and it says so: the console, TensorBoard and WORKDIR/summary.json.
   out = capsys.readouterr().out
-  assert f"step 3/3 | loss" in out and "samples skipped (bad_video" in out, out
+  assert "step 3/3 | loss" in out and "samples skipped (bad_video" in out, out
   assert json.load(open(tmp_path / "full" / "summary.json"))["data"] == data
   tb = _tb_scalars(str(tmp_path / "full"))
   assert tb["data/skipped/too_long"][-1] == (3, data["data/skipped/too_long"])

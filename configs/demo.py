@@ -1,20 +1,27 @@
-"""`make demo`: the tiny model learns synthetic video QA (train/demo_data.py) on a CPU in a few minutes.
+"""`make demo`: a small model learns synthetic video QA (train/demo_data.py) on a CPU in a few minutes.
 
-arg: data=<ArrayRecord folder>,tokenizer=<folder>,steps=N
+arg: data=<ArrayRecord folder>,tokenizer=<folder>,steps=N,frame_size=PX,batch=B,lr=LR
 """
 
 from configs.common import base, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, data="", tokenizer="", steps=300)
+  a = parse_arg(arg, data="", tokenizer="", steps=500, frame_size=112, batch=8, lr=2e-3)
   c = base("demo")
   c.model.preset = "tiny"
+  # Wider than `tiny` and at 112 px: an 8x8 patch grid leaves 16 visual tokens per frame pair after the
+  # 2x2 spatial pooling, enough to tell where a shape is in each pair (56 px gives 4, too coarse for motion).
+  grid = a.frame_size // 14
+  c.model.overrides = dict(
+      vision=dict(image_size=a.frame_size, width=96, num_layers=2, head_width=32, mlp_hidden=256,
+                  pt_hw_seq_len=grid),
+      llm=dict(hidden_size=128, intermediate_size=320, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32))
   c.total_steps = a.steps
   c.log_every = 25
-  c.data.update(source="grain", dataset=a.data, tokenizer=a.tokenizer, batch_size=16, seq_len=256,
-                frame_size=56, max_frames=16, num_frames=8, worker_count=0)
-  c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.05, weight_decay=0.0, clip_norm=1.0)
-  c.ckpt.update(every=100, keep=2, keep_best=1)
+  c.data.update(source="grain", dataset=a.data, tokenizer=a.tokenizer, batch_size=a.batch, seq_len=160,
+                frame_size=a.frame_size, max_frames=8, num_frames=8, worker_count=0)
+  c.optim.update(lr=a.lr, warmup_steps=max(1, a.steps // 10), min_lr_ratio=0.05, weight_decay=0.0, clip_norm=1.0)
+  c.ckpt.update(every=max(1, a.steps), keep=1, keep_best=0)
   c.mesh.fsdp = -1
   return c

@@ -1,32 +1,52 @@
 """`make demo` / `python -m train.demo [--workdir DIR] [--steps N]`: the whole job on a CPU in a few minutes.
 
-  1. synthetic video QA (moving / appearing coloured shapes, train/demo_data.py): train manifest + held-out
-     benchmark JSON;
-  2. a tiny chat sentencepiece tokenizer and ArrayRecord shards (tools.build_dataset);
-  3. trains the `tiny` model with `configs/demo.py` (the same trainer as `python -m train`), checkpoints,
+  1. synthetic video QA (moving / appearing coloured shapes at 112 px, train/demo_data.py): train manifest +
+     held-out benchmark JSON (other random seed) + a benchmark over training clips (train accuracy);
+  2. a small chat sentencepiece tokenizer and ArrayRecord shards (tools.build_dataset);
+  3. trains a small model with `configs/demo.py` (the same trainer as `python -m train`), checkpoints,
      exports WORKDIR/run/export;
-  4. evaluates the held-out videos with `kangaroo_jax.evaluate` and prints accuracy per question type next
-     to chance;
+  4. evaluates held-out and training videos with `kangaroo_jax.evaluate` and prints accuracy per question
+     type next to chance and a majority-answer baseline, and whether direction is clearly above chance;
   5. asks one question about one video through the chat API.
+Exits non-zero only on errors; a low accuracy is reported, not raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import math
 import os
 import shutil
 import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAME_SIZE, FRAMES = 112, 8
+STEPS = 500
+
+
+def _baselines(train_items, test_items, task: str) -> float:
+  """Test accuracy of the best constant answer learnt from the training answers (answer text or letter)."""
+  tr = [it for it in train_items if it.task == task]
+  te = [it for it in test_items if it.task == task]
+  if not te:
+    return float("nan")
+  best = 0.0
+  for key in (lambda it: it.options[it.answer], lambda it: it.answer):
+    counts = collections.Counter(key(it) for it in tr)
+    if counts:
+      guess = counts.most_common(1)[0][0]
+      best = max(best, sum(key(it) == guess for it in te) / len(te))
+  return best
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default=os.path.join(_ROOT, ".cache", "demo"))
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--train-videos", type=int, default=1500)
-  p.add_argument("--test-videos", type=int, default=200)
+  p.add_argument("--steps", type=int, default=STEPS)
+  p.add_argument("--train-videos", type=int, default=2000)
+  p.add_argument("--test-videos", type=int, default=400)
   p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: resume what is there)")
   args = p.parse_args(argv)
   if _ROOT not in sys.path:
@@ -39,60 +59,90 @@ def main(argv=None) -> int:
   from train import demo_data
 
   t0 = time.perf_counter()
+  times = {}
   if args.fresh and os.path.exists(args.workdir):
     shutil.rmtree(args.workdir)
   data_dir, tok_dir = os.path.join(args.workdir, "data"), os.path.join(args.workdir, "tokenizer")
   ds_dir, run_dir = os.path.join(args.workdir, "records"), os.path.join(args.workdir, "run")
-  print(f"[demo] 1/5 generating {args.train_videos} + {args.test_videos} videos in {data_dir}", flush=True)
-  paths = demo_data.generate(data_dir, num_train=args.train_videos, num_test=args.test_videos)
+  print(f"[demo] 1/5 generating {args.train_videos} + {args.test_videos} videos ({FRAME_SIZE} px, {FRAMES} "
+        f"frames) in {data_dir}", flush=True)
+  paths = demo_data.generate(data_dir, num_train=args.train_videos, num_test=args.test_videos, size=FRAME_SIZE,
+                             frames=FRAMES)
+  times["data"] = time.perf_counter() - t0
   print("[demo] 2/5 tokenizer + ArrayRecord shards", flush=True)
-  build_chat_sentencepiece(paths["texts"] + ["<video><vi_start><vi_end><eof><eov>"], tok_dir, vocab_size=320)
+  # 512 pieces: every option word is one token, so a sample is ~150 tokens instead of ~250 with 320.
+  build_chat_sentencepiece(paths["texts"] + ["<video><vi_start><vi_end><eof><eov>"], tok_dir, vocab_size=512)
   if not os.path.exists(os.path.join(ds_dir, "summary.json")):
     from tools.build_dataset import main as build
-    rc = build([paths["manifest"], ds_dir, "--size", "56", "--num-frames", "8"])
+    rc = build([paths["manifest"], ds_dir, "--size", str(FRAME_SIZE), "--num-frames", str(FRAMES)])
     if rc:
       raise SystemExit(f"tools.build_dataset failed with {rc}")
+  times["records"] = time.perf_counter() - t0 - times["data"]
 
-  print(f"[demo] 3/5 training the tiny model for {args.steps} steps on {jax.device_count()} "
+  print(f"[demo] 3/5 training the demo model for {args.steps} steps on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s)", flush=True)
   from configs.demo import get_config
   from train.config import from_configdict
   from train.loop import train
-  cfg = from_configdict(get_config(f"data={ds_dir},tokenizer={tok_dir},steps={args.steps}"))
+  cfg = from_configdict(get_config(f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},frame_size={FRAME_SIZE}"))
   t_train = time.perf_counter()
   result = train(cfg, run_dir)
-  t_train = time.perf_counter() - t_train
+  times["train"] = time.perf_counter() - t_train
   hist = result.history
   if hist:
     first, last = hist[0]["loss"], sum(h["loss"] for h in hist[-20:]) / len(hist[-20:])
-    print(f"[demo] training loss {first:.3f} -> {last:.3f} (mean of the last 20 steps), {t_train:.0f} s", flush=True)
+    print(f"[demo] training loss {first:.3f} -> {last:.3f} (mean of the last 20 steps; ln 4 = 1.386 would be "
+          f"a guess among 4 options), {times['train']:.0f} s", flush=True)
 
-  print("[demo] 4/5 evaluating on held-out videos", flush=True)
+  print("[demo] 4/5 evaluating on held-out videos (and as many training videos, for train accuracy)", flush=True)
+  t_eval = time.perf_counter()
   from kangaroo_jax import from_pretrained
   from kangaroo_jax.evaluate import evaluate, model_answer_fn
   from kangaroo_jax.inference.chat import Chat
   from kangaroo_jax.inference.mcq import load_benchmark
   model, tokenizer = from_pretrained(os.path.join(run_dir, "export"))
   chat = Chat(model, tokenizer)
-  items = load_benchmark(paths["benchmark"])
-  out = os.path.join(args.workdir, "eval")
-  shutil.rmtree(out, ignore_errors=True)  # the model may have changed since a previous run
-  summary = evaluate(model_answer_fn(chat, num_frames=8, max_new_tokens=12), items, paths["videos"], out)
-  print(f"[demo] held-out accuracy ({len(items)} videos):")
-  print(f"  {'question type':<12} {'accuracy':>9} {'chance':>8} {'n':>5}")
-  for task, r in summary["per_task"].items():
-    print(f"  {task:<12} {r['accuracy']:>8.1f}% {100 * demo_data.CHANCE[task]:>7.1f}% {r['total']:>5}")
-  print(f"  {'overall':<12} {summary['overall']['accuracy']:>8.1f}%")
+  answer_fn = model_answer_fn(chat, num_frames=FRAMES, max_new_tokens=8)
+  items, train_items = load_benchmark(paths["benchmark"]), load_benchmark(paths["train_benchmark"])
+  summaries = {}
+  for split, its in (("test", items), ("train", train_items)):
+    out = os.path.join(args.workdir, f"eval_{split}")
+    shutil.rmtree(out, ignore_errors=True)  # the model may have changed since a previous run
+    summaries[split] = evaluate(answer_fn, its, paths["videos"], out)
+  times["eval"] = time.perf_counter() - t_eval
+  test, train_acc = summaries["test"]["per_task"], summaries["train"]["per_task"]
+  print(f"[demo] accuracy per question type: {len(items)} held-out videos (test), {len(train_items)} training "
+        "videos (train); majority = always giving the most common training answer")
+  print(f"  {'type':<10} {'test':>6} {'train':>6} {'chance':>7} {'majority':>8} {'n test':>6}")
+  for task in demo_data.TYPES:
+    r, tr = test.get(task), train_acc.get(task)
+    if r is None:
+      continue
+    tr_s = f"{tr['accuracy']:5.1f}%" if tr else "    -"
+    print(f"  {task:<10} {r['accuracy']:5.1f}% {tr_s:>6} {100 * demo_data.CHANCE[task]:6.1f}% "
+          f"{100 * _baselines(train_items, items, task):7.1f}% {r['total']:>6}")
+  print(f"  {'overall':<10} {summaries['test']['overall']['accuracy']:5.1f}% "
+        f"{summaries['train']['overall']['accuracy']:5.1f}%")
+  d = test.get("direction")
+  if d:
+    # "Clearly above chance": more than 3 binomial standard errors above it over this many items.
+    p0 = demo_data.CHANCE["direction"]
+    bar = 100 * (p0 + 3 * math.sqrt(p0 * (1 - p0) / d["total"]))
+    verdict = "MET" if d["accuracy"] > bar else "NOT MET"
+    print(f"[demo] direction target {verdict}: {d['accuracy']:.1f}% on {d['total']} held-out videos vs chance "
+          f"{100 * p0:.0f}% (clearly above = over {bar:.1f}%, chance + 3 standard errors)")
 
   print("[demo] 5/5 chat", flush=True)
   item = next(it for it in items if it.task == "direction")
   from kangaroo_jax.inference.mcq import format_prompt
   question = format_prompt(item)
-  answer, _ = chat.chat(os.path.join(paths["videos"], item.video), question, None, num_frames=8,
-                        max_new_tokens=12, do_sample=False)
+  answer, _ = chat.chat(os.path.join(paths["videos"], item.video), question, None, num_frames=FRAMES,
+                        max_new_tokens=8, do_sample=False)
   print(f"  video: {item.video}\n  user: {question}\n  assistant: {answer}\n  (correct: "
         f"{item.options[item.answer]})")
-  print(f"[demo] done in {time.perf_counter() - t0:.0f} s; checkpoint: {run_dir}/checkpoints, "
+  total = time.perf_counter() - t0
+  print(f"[demo] done in {total:.0f} s (data {times['data']:.0f} s, records {times['records']:.0f} s, train "
+        f"{times['train']:.0f} s, eval {times['eval']:.0f} s); checkpoint: {run_dir}/checkpoints, "
         f"export: {run_dir}/export, TensorBoard: {run_dir}/tb")
   return 0
 

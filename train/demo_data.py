@@ -4,9 +4,15 @@ Four question types, each multiple choice (the prompt is exactly the one `kangar
   direction  where the shape moves (left/right/up/down): needs the order of the frames   chance 1/4
   color      the shape's colour                                                           chance 1/4
   shape      circle / square / triangle                                                   chance 1/3
-  order      which of two shapes appears first: needs the order of events                 chance 1/2
+  order      which of two shapes appears first (both stay visible): needs the order of events  chance 1/2
+The training reply is the chosen option's text followed by <|eot_id|>: every supervised token but the
+last is the decision itself, so the loss cannot be driven down by copying the prompt
+(`extract_choice` reads the option text back at evaluation).
+Answers are balanced: every answer value and every answer letter occurs equally often per question
+type (up to one), and the options are shuffled.
 Outputs: videos/*.mp4, a training manifest (kangaroo_jax.data.manifest format) and a held-out
-benchmark JSON in MVBench shape ({task: [items]}) for `python -m kangaroo_jax.evaluate`.
+benchmark JSON in MVBench shape ({task: [items]}) for `python -m kangaroo_jax.evaluate`; the held-out
+videos come from another random stream (their own seed) than the training ones.
 """
 
 from __future__ import annotations
@@ -17,12 +23,19 @@ import os
 import av
 import numpy as np
 
-from kangaroo_jax.inference.mcq import LETTERS, MCItem, format_prompt
+from kangaroo_jax.inference.mcq import MCItem, format_prompt
 
-COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
+COLORS = {"red": (240, 30, 30), "green": (30, 220, 50), "blue": (40, 80, 255), "yellow": (250, 230, 30)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+TYPES = ("direction", "color", "shape", "order")
 CHANCE = {"direction": 1 / 4, "color": 1 / 4, "shape": 1 / 3, "order": 1 / 2}
+# The CLIP mean colour: it normalises to 0, so the (random-init) ViT sees nothing but the shapes. On a dark
+# background every background patch embeds to the same large vector and the shapes were a ~1% perturbation
+# of it, too small for the model to learn from in a few hundred steps.
+BACKGROUND = (123, 117, 104)
+# Direction is the question the demo is about (and the hardest), so it gets the largest share.
+TYPE_WEIGHTS = {"direction": 0.4, "color": 0.2, "shape": 0.2, "order": 0.2}
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -35,23 +48,24 @@ def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
   return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)  # triangle, apex up
 
 
-def render(kind: dict, size: int, frames: int) -> np.ndarray:
-  """uint8 [frames, size, size, 3] on a grey background."""
-  out = np.full((frames, size, size, 3), 90, np.uint8)
-  r = size * 0.17
+def trajectory(kind: dict, frames: int) -> np.ndarray:
+  """[frames, 2] centre (x, y) in pixels of a "move" clip: linear from `start` to `end`."""
+  a = np.linspace(0.0, 1.0, frames)[:, None]
+  return np.asarray(kind["start"]) * (1 - a) + np.asarray(kind["end"]) * a
+
+
+def render(kind: dict, frames: int) -> np.ndarray:
+  """uint8 [frames, size, size, 3] on a plain background."""
+  size = kind["size"]
+  out = np.empty((frames, size, size, 3), np.uint8)
+  out[...] = BACKGROUND
   if kind["type"] == "order":
-    for t in range(frames):
-      first = t < frames // 2
-      obj = kind["first"] if first else kind["second"]
-      out[t][_mask(obj["shape"], size, size / 2, size / 2, r)] = COLORS[obj["color"]]
+    for obj in (kind["first"], kind["second"]):
+      m = _mask(obj["shape"], size, *obj["center"], obj["radius"])
+      out[obj["appears"]:, m] = COLORS[obj["color"]]
     return out
-  dx, dy = DIRECTIONS[kind["direction"]]
-  lo, hi = r + 1, size - r - 1
-  for t in range(frames):
-    a = t / (frames - 1)
-    cx = size / 2 if dx == 0 else (lo + (hi - lo) * a if dx > 0 else hi - (hi - lo) * a)
-    cy = size / 2 if dy == 0 else (lo + (hi - lo) * a if dy > 0 else hi - (hi - lo) * a)
-    out[t][_mask(kind["shape"], size, cx, cy, r)] = COLORS[kind["color"]]
+  for t, (cx, cy) in enumerate(trajectory(kind, frames)):
+    out[t][_mask(kind["shape"], size, cx, cy, kind["radius"])] = COLORS[kind["color"]]
   return out
 
 
@@ -68,63 +82,127 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 4) -> None:
       container.mux(packet)
 
 
-def _question(kind: dict, qtype: str, rng) -> tuple[str, list[str], int]:
-  if qtype == "order":
-    a, b = kind["first"], kind["second"]
-    opts = [f"the {a['color']} {a['shape']}", f"the {b['color']} {b['shape']}"]
-    perm = rng.permutation(2)
-    return "Which shape appears first?", [opts[i] for i in perm], int(np.argmin(perm))
-  if qtype == "direction":
-    opts, answer, q = list(DIRECTIONS), kind["direction"], f"In which direction does the {kind['shape']} move?"
-  elif qtype == "color":
-    opts, answer, q = list(COLORS), kind["color"], f"What colour is the {kind['shape']}?"
-  else:
-    opts, answer, q = list(SHAPES), kind["shape"], "What shape is moving?"
-  opts = [opts[i] for i in rng.permutation(len(opts))]
-  return q, opts, opts.index(answer)
+def _label(o: dict) -> str:
+  return f"the {o['color']} {o['shape']}"
 
 
-def _sample(rng) -> tuple[dict, str]:
-  qtype = rng.choice(["direction", "direction", "color", "shape", "order"])  # direction is the hard one
-  if qtype == "order":
-    objs = []
-    while len(objs) < 2:
-      o = {"shape": str(rng.choice(SHAPES)), "color": str(rng.choice(list(COLORS)))}
-      if not objs or o != objs[0]:
-        objs.append(o)
-    return {"type": "order", "first": objs[0], "second": objs[1]}, qtype
-  return {"type": "move", "shape": str(rng.choice(SHAPES)), "color": str(rng.choice(list(COLORS))),
-          "direction": str(rng.choice(list(DIRECTIONS)))}, qtype
+class _Balanced:
+  """Draws from range(n) so that each value occurs equally often (up to one) over any prefix of n*k draws."""
+
+  def __init__(self, n: int, rng):
+    self.n, self.rng, self.queue = n, rng, []
+
+  def __call__(self) -> int:
+    if not self.queue:
+      self.queue = list(self.rng.permutation(self.n))
+    return int(self.queue.pop())
 
 
-def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 56, frames: int = 8,
-             seed: int = 0) -> dict:
-  """Writes the dataset; returns paths {"manifest", "benchmark", "videos", "texts"} (texts: for the tokenizer)."""
+def _move(rng, size: int, direction: str, shape: str, color: str) -> dict:
+  r = size * rng.uniform(0.16, 0.2)
+  # The shape crosses at least ~40% of the frame, so the motion spans several ViT patches per frame pair.
+  near, far = rng.uniform(r + 1, 0.3 * size), size - rng.uniform(r + 1, 0.3 * size)
+  side = rng.uniform(r + 1, size - r - 1)
+  dx, dy = DIRECTIONS[direction]
+  a, b = (near, far) if dx + dy > 0 else (far, near)
+  start, end = ((a, side), (b, side)) if dx else ((side, a), (side, b))
+  return {"type": "move", "size": size, "shape": shape, "color": color, "direction": direction,
+          "radius": float(r), "start": [float(v) for v in start], "end": [float(v) for v in end]}
+
+
+def _order(rng, size: int, frames: int) -> dict:
+  # Different colour and shape, so the two options differ in every word; both stay once they appear, so
+  # the last frames alone cannot tell which came first.
+  colors, shapes = rng.permutation(list(COLORS))[:2], rng.permutation(list(SHAPES))[:2]
+  r = size * rng.uniform(0.16, 0.2)
+  xs = [size * 0.27, size * 0.73]
+  if rng.random() < 0.5:
+    xs.reverse()
+  t1 = int(rng.integers(0, frames // 4 + 1))
+  t2 = int(rng.integers(t1 + 2, frames - 1))
+  objs = []
+  for i, t in enumerate((t1, t2)):
+    cy = rng.uniform(r + 1, size - r - 1)
+    objs.append({"shape": str(shapes[i]), "color": str(colors[i]), "radius": float(r),
+                 "center": [float(xs[i] + rng.uniform(-0.02, 0.02) * size), float(cy)], "appears": t})
+  return {"type": "order", "size": size, "first": objs[0], "second": objs[1]}
+
+
+def sample(n: int, *, seed: int, size: int = 112, frames: int = 8) -> list[dict]:
+  """n clips with their question: [{"kind": render spec, "task", "question", "options", "answer": index}]."""
   rng = np.random.default_rng(seed)
+  counts = {t: int(round(w * n)) for t, w in TYPE_WEIGHTS.items()}
+  counts["direction"] += n - sum(counts.values())
+  tasks = [t for t, c in counts.items() for _ in range(c)]
+  tasks = [tasks[i] for i in rng.permutation(n)]
+  n_opts = {"direction": len(DIRECTIONS), "color": len(COLORS), "shape": len(SHAPES), "order": 2}
+  value = {t: _Balanced(k, rng) for t, k in n_opts.items()}  # which answer (e.g. "left")
+  letter = {t: _Balanced(k, rng) for t, k in n_opts.items()}  # where it sits among the options
+  out = []
+  for task in tasks:
+    v, pos = value[task](), letter[task]()
+    if task == "order":
+      kind = _order(rng, size, frames)
+      pair = [_label(kind["first"]), _label(kind["second"])]
+      answer_text, options, question = pair[0], pair, "Which shape appears first?"
+    else:
+      shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+      direction = str(rng.choice(list(DIRECTIONS)))
+      if task == "direction":
+        direction = list(DIRECTIONS)[v]
+        options, question = list(DIRECTIONS), f"In which direction does the {shape} move?"
+      elif task == "color":
+        color = list(COLORS)[v]
+        options, question = list(COLORS), f"What colour is the {shape}?"
+      else:
+        shape = SHAPES[v]
+        options, question = list(SHAPES), "What shape is moving?"
+      kind = _move(rng, size, direction, shape, color)
+      answer_text = options[v]
+    rest = [o for o in options if o != answer_text]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    options = rest[:pos] + [answer_text] + rest[pos:]
+    out.append({"kind": kind, "task": task, "question": question, "options": options, "answer": pos})
+  return out
+
+
+def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 112, frames: int = 8,
+             seed: int = 0) -> dict:
+  """Writes the dataset; returns paths {"manifest", "benchmark", "train_benchmark", "videos", "texts"}.
+
+  train_benchmark: the first `num_test` training clips in benchmark form (train-set accuracy);
+  texts: for the tokenizer.
+  """
   videos = os.path.join(out_dir, "videos")
   os.makedirs(videos, exist_ok=True)
-  manifest, bench, texts = [], {}, []
-  for i in range(num_train + num_test):
-    kind, qtype = _sample(rng)
-    name = f"clip_{i:05d}.mp4"
-    write_mp4(os.path.join(videos, name), render(kind, size, frames))
-    question, options, answer = _question(kind, qtype, rng)
-    item = MCItem(id=f"{qtype}/{i}", task=qtype, video=name, question=question, options=tuple(options),
-                  answer=answer)
-    prompt = format_prompt(item)
-    reply = f"({LETTERS[answer]}) {options[answer]}"
-    texts += [prompt, reply]
-    if i < num_train:
-      manifest.append({"id": f"train-{i}", "video": f"videos/{name}", "conversations": [
-          {"role": "user", "content": "<video>" + prompt}, {"role": "assistant", "content": reply}]})
-    else:
-      bench.setdefault(qtype, []).append({"question_id": f"test-{i}", "video": name, "question": question,
-                                          "candidates": options, "answer": options[answer]})
+  train = sample(num_train, seed=seed, size=size, frames=frames)
+  test = sample(num_test, seed=seed + 1_000_003, size=size, frames=frames)  # another stream: held out
+  manifest, bench, train_bench, texts = [], {}, {}, []
+  for split, clips in (("train", train), ("test", test)):
+    for i, c in enumerate(clips):
+      name = f"{split}_{i:05d}.mp4"
+      write_mp4(os.path.join(videos, name), render(c["kind"], frames))
+      item = MCItem(id=f"{split}-{i}", task=c["task"], video=name, question=c["question"],
+                    options=tuple(c["options"]), answer=c["answer"])
+      prompt, reply = format_prompt(item), c["options"][c["answer"]]
+      texts += [prompt, reply]
+      entry = {"question_id": item.id, "video": name, "question": item.question, "candidates": c["options"],
+               "answer": reply}
+      if split == "train":
+        manifest.append({"id": item.id, "video": f"videos/{name}", "conversations": [
+            {"role": "user", "content": "<video>" + prompt}, {"role": "assistant", "content": reply}]})
+        if i < num_test:
+          train_bench.setdefault(c["task"], []).append(entry)
+      else:
+        bench.setdefault(c["task"], []).append(entry)
   paths = {"manifest": os.path.join(out_dir, "train.jsonl"), "benchmark": os.path.join(out_dir, "test.json"),
-           "videos": videos}
+           "train_benchmark": os.path.join(out_dir, "train_subset.json"), "videos": videos}
   with open(paths["manifest"], "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in manifest)
-  with open(paths["benchmark"], "w") as f:
-    json.dump(bench, f, indent=1)
+  for key, b in (("benchmark", bench), ("train_benchmark", train_bench)):
+    with open(paths[key], "w") as f:
+      json.dump(b, f, indent=1)
+  with open(os.path.join(out_dir, "specs.json"), "w") as f:  # render specs: for checking held-out overlap
+    json.dump({"train": [c["kind"] for c in train], "test": [c["kind"] for c in test]}, f)
   paths["texts"] = texts
   return paths

@@ -1,0 +1,122 @@
+"""train/demo_data.py: labels read back from the decoded videos, balanced answers, disjoint held-out clips."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kangaroo_jax.data.video import load_video
+from kangaroo_jax.inference.mcq import load_benchmark
+from train import demo_data
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("demo_data"))
+  paths = demo_data.generate(out, num_train=96, num_test=48, seed=3)
+  with open(paths["manifest"]) as f:
+    manifest = [json.loads(line) for line in f]
+  return out, paths, manifest
+
+
+def _foreground(frame: np.ndarray) -> np.ndarray:
+  # Compression blurs the edges a little; anything clearly off the background colour is a shape.
+  return np.abs(frame.astype(np.int32) - np.array(demo_data.BACKGROUND)).max(-1) > 60
+
+
+def _centroid(frame: np.ndarray) -> np.ndarray:
+  ys, xs = np.nonzero(_foreground(frame))
+  return np.array([xs.mean(), ys.mean()])
+
+
+def _decoded(out: str, video: str) -> np.ndarray:
+  return load_video(os.path.join(out, "videos", os.path.basename(video)), num_frames=8).frames
+
+
+def test_direction_label_matches_centroid_motion(dataset):
+  out, paths, manifest = dataset
+  items = load_benchmark(paths["benchmark"]) + load_benchmark(paths["train_benchmark"])
+  checked = 0
+  for it in items:
+    if it.task != "direction":
+      continue
+    frames = _decoded(out, it.video)
+    motion = _centroid(frames[-1]) - _centroid(frames[0])
+    axis = int(np.argmax(np.abs(motion)))
+    measured = {(0, True): "right", (0, False): "left", (1, True): "down", (1, False): "up"}[(axis, motion[axis] > 0)]
+    assert measured == it.options[it.answer], (it.id, motion)
+    assert np.abs(motion).max() > 0.3 * frames.shape[2]  # the motion is large relative to the frame
+    checked += 1
+  assert checked >= 10
+
+
+def test_order_answer_is_the_shape_that_appears_first(dataset):
+  out, paths, _ = dataset
+  checked = 0
+  for it in load_benchmark(paths["benchmark"]) + load_benchmark(paths["train_benchmark"]):
+    if it.task != "order":
+      continue
+    frames = _decoded(out, it.video)
+    colour = it.options[it.answer].split()[1]  # "the red circle"
+    other = it.options[1 - it.answer].split()[1]
+    def first_frame(name):
+      rgb = np.array(demo_data.COLORS[name])
+      hit = [(np.abs(f.astype(np.int32) - rgb).max(-1) < 60).sum() > 20 for f in frames]
+      return hit.index(True) if any(hit) else len(frames)
+    assert first_frame(colour) < first_frame(other) < len(frames), it.id
+    assert _foreground(frames[-1]).sum() > 0  # both shapes are still there at the end
+    checked += 1
+  assert checked >= 4
+
+
+def test_colour_and_shape_labels(dataset):
+  out, paths, _ = dataset
+  for it in load_benchmark(paths["benchmark"]):
+    if it.task != "color":
+      continue
+    pixels = _decoded(out, it.video)[0][_foreground(_decoded(out, it.video)[0])].astype(np.int32)
+    nearest = min(demo_data.COLORS, key=lambda c: np.abs(pixels.mean(0) - demo_data.COLORS[c]).sum())
+    assert nearest == it.options[it.answer], it.id
+
+
+def test_answers_are_balanced_and_options_shuffled():
+  clips = demo_data.sample(400, seed=7)
+  by_task = collections.defaultdict(list)
+  for c in clips:
+    by_task[c["task"]].append(c)
+  assert set(by_task) == set(demo_data.TYPES)
+  for task, cs in by_task.items():
+    n = len(cs[0]["options"])
+    letters = collections.Counter(c["answer"] for c in cs)
+    values = collections.Counter(c["options"][c["answer"]] for c in cs)
+    assert max(letters.values()) - min(letters.values()) <= 1, (task, letters)
+    assert len(letters) == n
+    if task != "order":  # order's answer texts are free combinations of colour and shape
+      assert max(values.values()) - min(values.values()) <= 1, (task, values)
+      assert len({tuple(c["options"]) for c in cs}) > 1  # the option order varies
+  assert len(by_task["direction"]) > len(by_task["color"])
+
+
+def test_reply_is_the_option_text(dataset):
+  _, paths, manifest = dataset
+  for r in manifest:
+    user, reply = r["conversations"][0]["content"], r["conversations"][1]["content"]
+    assert user.startswith("<video>") and f") {reply}\n" in user
+
+
+def test_held_out_videos_do_not_overlap_training(dataset):
+  out, paths, manifest = dataset
+  with open(os.path.join(out, "specs.json")) as f:
+    specs = json.load(f)
+  key = lambda k: json.dumps(k, sort_keys=True)  # noqa: E731
+  assert not {key(k) for k in specs["train"]} & {key(k) for k in specs["test"]}
+  train_videos = {os.path.basename(r["video"]) for r in manifest}
+  test_items = load_benchmark(paths["benchmark"])
+  assert not train_videos & {it.video for it in test_items}
+  # ... nor in content: no held-out clip decodes to the same frames as a training clip.
+  digest = lambda v: _decoded(out, v).tobytes().__hash__()  # noqa: E731
+  train_hashes = {digest(v) for v in train_videos}
+  assert not train_hashes & {digest(it.video) for it in test_items}
+  assert len(test_items) == 48 and len(manifest) == 96

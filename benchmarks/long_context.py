@@ -9,7 +9,7 @@ Prints one JSON line with:
            summed over the 8 devices. CAUTION: this is XLA:CPU's compile-time estimate, which misses
            buffers inside CPU fusions; measured peak RSS is 3-5x higher (use --run to measure).
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/long_context.py
-     ... benchmarks/long_context.py --run 262144   executes fwd+bwd at that length, prints time and peak RSS
+     ... benchmarks/long_context.py --run 262144 full 2048   executes fwd+bwd at that length, prints time and peak RSS
 """
 
 from __future__ import annotations
@@ -122,8 +122,12 @@ def max_sequence(mesh, budget: int = 16 * GB) -> dict:
   return dict(budget_bytes=budget, max_seq=best, tried=tried)
 
 
-def execute(seq: int, mesh, remat: str = "full") -> dict:
-  """Actually runs fwd+bwd of the tiny-width 2-layer model at `seq` tokens; peak RSS of this process."""
+def execute(seq: int, mesh, remat: str = "full", block: int = 512) -> dict:
+  """Actually runs fwd+bwd of the tiny-width 2-layer model at `seq` tokens; peak RSS of this process.
+
+  `block` is the ring tile length. On fake CPU devices the runtime holds memory per executed loop
+  iteration until the run ends (benchmarks/cpu_loop_memory.py), so long runs want fewer, larger tiles.
+  """
   import resource
   import time
   cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -131,7 +135,7 @@ def execute(seq: int, mesh, remat: str = "full") -> dict:
   with jax.set_mesh(mesh):
     from kangaroo_jax.parallel.mesh import init_sharded
     model = init_sharded(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), attention_impl="ring",
-                                                  remat_policy=remat), mesh)
+                                                  remat_policy=remat, attention_block=block), mesh)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params, ids):
@@ -143,7 +147,7 @@ def execute(seq: int, mesh, remat: str = "full") -> dict:
     start = time.perf_counter()
     value, grads = step(params, ids)
     jax.block_until_ready(grads)
-  return dict(seq=seq, seconds=round(time.perf_counter() - start, 1), loss=float(value),
+  return dict(seq=seq, block=block, seconds=round(time.perf_counter() - start, 1), loss=float(value),
               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
@@ -151,7 +155,9 @@ def main():
   mesh = make_mesh(MeshConfig(fsdp=1, context=8))
   if len(sys.argv) > 2 and sys.argv[1] == "--run":
     remat = sys.argv[3] if len(sys.argv) > 3 else "full"
-    print(json.dumps(dict(benchmark="long_context_run", remat=remat, **execute(int(sys.argv[2]), mesh, remat))))
+    block = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    print(json.dumps(dict(benchmark="long_context_run", remat=remat, **execute(int(sys.argv[2]), mesh, remat,
+                                                                                 block))))
     return
   result = dict(benchmark="long_context", backend=jax.default_backend(), devices=len(jax.devices()),
                 mesh=dict(mesh.shape), memory=memory_table(mesh), balance=balance(), max_sequence=max_sequence(mesh))

@@ -195,6 +195,9 @@ class KangarooConfig:
   param_dtype: DTypeName = "float32"
   compute_dtype: DTypeName = "bfloat16"
   attention_impl: AttentionImpl = "reference"
+  # Ring attention tile length (tokens per query/key block). Larger tiles mean fewer loop
+  # iterations and bigger score buffers; fused kernels on TPU/GPU pick their own inner blocks.
+  attention_block: int = 512
   # Zigzag reorder of the sequence for causal ring attention (only acts when context > 1).
   load_balance: bool = True
   remat_policy: RematPolicy = "none"
@@ -209,6 +212,7 @@ class KangarooConfig:
     _check_choice(self.compute_dtype, tuple(_DTYPES), c, "compute_dtype")
     _check_choice(self.attention_impl, _ATTENTION_IMPLS, c, "attention_impl")
     _check_choice(self.remat_policy, _REMAT_POLICIES, c, "remat_policy")
+    _check(self.attention_block > 0, c, "attention_block", f"must be a positive token count, got {self.attention_block}")
     if self.projector.patchify != "none":
       g = self.vision.trained_grid
       _check(g % self.projector.spatial_patch == 0, c, "projector.spatial_patch",

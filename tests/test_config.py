@@ -54,7 +54,9 @@ def test_8b_key_shapes(abstract_8b):
     (lambda: KangarooConfig(visual_token_id=0), "visual_token_id"),
     (lambda: KangarooConfig(visual_token_id=5), "visual_token_id"),
     (lambda: ProjectorConfig(patchify="maxpool"), "patchify"),
-], ids=["kv_heads", "vision_head_width", "feature_tap", "visual_id_zero", "visual_id_positive", "patchify"])
+    (lambda: KangarooConfig(attention_block=0), "attention_block"),
+], ids=["kv_heads", "vision_head_width", "feature_tap", "visual_id_zero", "visual_id_positive", "patchify",
+        "attention_block"])
 def test_invalid_config_names_field(build, field):
   with pytest.raises(ConfigError, match=field):
     build()

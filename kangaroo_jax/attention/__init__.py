@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from kangaroo_jax.attention.context_parallel import all_gather_attention, decode_attention, ring_attention
@@ -12,12 +13,20 @@ _IMPLS: dict[str, Callable] = {"reference": reference_attention, "ring": ring_at
                                "all_gather": all_gather_attention}
 
 
-def get_attention(impl: str) -> Callable:
-  """Returns the attention function for `impl` (same signature as `reference_attention`)."""
+def get_attention(impl: str, block_size: int | None = None) -> Callable:
+  """Returns the attention function for `impl` (same signature as `reference_attention`).
+
+  `block_size` sets the ring's query and key tile length (tokens); other impls have no tiles.
+  """
   try:
-    return _IMPLS[impl]
+    fn = _IMPLS[impl]
   except KeyError:
     raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_IMPLS)}") from None
+  if impl == "ring" and block_size is not None:
+    if block_size < 1:
+      raise ValueError(f"attention block_size must be positive, got {block_size}")
+    return functools.partial(fn, block_q=block_size, block_kv=block_size)
+  return fn
 
 
 __all__ = ["all_gather_attention", "attention_mask", "decode_attention", "get_attention", "reference_attention",

@@ -24,7 +24,8 @@ BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embe
 
 
 class LlamaAttention(nnx.Module):
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
+               attention_block: int | None = None):
     d, hd = cfg.hidden_size, cfg.head_dim
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
@@ -33,6 +34,7 @@ class LlamaAttention(nnx.Module):
     self.o_proj = dense(cfg.num_heads * hd, d, ("heads", "embed"), **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
     self.attention_impl = attention_impl
+    self.attention_block = attention_block
 
   def __call__(self, x, positions, segment_ids, inv_freq):
     """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed]."""
@@ -43,7 +45,7 @@ class LlamaAttention(nnx.Module):
     q = shard(apply_llama_rope(q, positions, inv_freq), (BATCH, LENGTH, "activation_heads", None))
     k = shard(apply_llama_rope(k, positions, inv_freq), (BATCH, LENGTH, "activation_kv_heads", None))
     v = shard(v, (BATCH, LENGTH, "activation_kv_heads", None))
-    out = get_attention(self.attention_impl)(
+    out = get_attention(self.attention_impl, self.attention_block)(
         q, k, v, causal=True, q_positions=positions, kv_positions=positions,
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
@@ -76,7 +78,7 @@ class LlamaAttention(nnx.Module):
                              cache_valid=cache_valid)
     else:
       # Invalid slots (padding, stale tokens of a shorter row) get segment 0 and are never attended.
-      out = get_attention(self.attention_impl)(
+      out = get_attention(self.attention_impl, self.attention_block)(
           q, k_cache, v_cache, causal=True, q_positions=positions, kv_positions=cache_positions,
           q_segment_ids=jnp.ones((b, c), jnp.int32), kv_segment_ids=cache_valid.astype(jnp.int32))
     return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_all, v_all
@@ -110,11 +112,12 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
+               attention_block: int | None = None):
     norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
     self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    rngs=rngs)
+                                    attention_block=attention_block, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
     self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -136,7 +139,7 @@ class LlamaModel(nnx.Module):
   """Embeddings, decoder stack and final norm (transformers' `LlamaModel`)."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, remat_policy: str,
-               rngs: nnx.Rngs, load_balance: bool = True):
+               rngs: nnx.Rngs, load_balance: bool = True, attention_block: int | None = None):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
@@ -146,7 +149,7 @@ class LlamaModel(nnx.Module):
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
     self.layers = create_stack(
         lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    rngs=r),
+                                    attention_block=attention_block, rngs=r),
         cfg.num_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -217,9 +220,10 @@ class LlamaForCausalLM(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True,
-               load_balance: bool = True):
+               load_balance: bool = True, attention_block: int | None = None):
     self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                            remat_policy=remat_policy, load_balance=load_balance, rngs=rngs)
+                            remat_policy=remat_policy, load_balance=load_balance, attention_block=attention_block,
+                            rngs=rngs)
     self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.logits_fp32 = logits_fp32

@@ -3,6 +3,7 @@ resume to identical batches in a new process, skip accounting and the max skip r
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,17 @@ def _cfg(d, **kw):
   return DataConfig(**{**base, **kw})
 
 
+def _raw(cfg):
+  """Every record's bytes, shard by shard."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  raw = []
+  for p in cfg.shard_files():
+    r = ArrayRecordReader(p)
+    raw += r.read_all()
+    r.close()
+  return raw
+
+
 def _segments(batch):
   """Yields (record number, input_ids, loss_mask, targets, frames, timestamps) of every packed segment."""
   for b in range(batch["input_ids"].shape[0]):
@@ -60,14 +72,8 @@ def test_batches_follow_the_contract_and_account_for_every_sample(env):
           "frames": (np.uint8, (2, 8, 56, 56, 3)), "timestamps": (np.float32, (2, 8)), "num_frames": (np.int32, (2,))}
   assert {k: (v.dtype.type, v.shape) for k, v in b0.items()} == want
   prep = PrepareSample(cfg, model_cfg, tok)
-  from array_record.python.array_record_module import ArrayRecordReader
-  raw = []
-  for p in cfg.shard_files():
-    r = ArrayRecordReader(p)
-    raw += r.read_all()
-    r.close()
   expected = {}
-  for i, rb in enumerate(raw):
+  for i, rb in enumerate(_raw(cfg)):
     s = prep(i, rb)
     expected[frame_index_of(s["frames"][0])] = s
   seen = []
@@ -220,3 +226,52 @@ def test_bad_samples_are_skipped_counted_and_the_rate_is_enforced(env, tmp_path)
                                tiny(), tok)
   with pytest.raises(SkipRateExceeded, match=r"9 of 10 samples skipped .*max_skip_rate 50.0%.*bad_video"):
     list(strict)
+
+
+TOO_LONG_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r})
+from data_helpers import tiny_tokenizer
+from kangaroo_jax.config import tiny
+from kangaroo_jax.data.config import DataConfig
+from kangaroo_jax.data.pipeline import make_train_iterator
+if __name__ == "__main__":
+  it = make_train_iterator(DataConfig(**json.loads({cfg!r})), tiny(), tiny_tokenizer({tok!r}))
+  try:
+    next(it)
+    out = {{"error": None}}
+  except Exception as e:
+    out = {{"error": type(e).__name__, "message": str(e)}}
+  it.close()
+  print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("workers,rate", [(0, 0.05), (2, 0.05), (0, 1.0), (2, 1.0)])
+def test_every_sample_too_long_raises_instead_of_hanging(env, tmp_path, workers, rate):
+  """seq_len below every sample: no row is ever packed, so the skip counts (which travel in rows) never reach
+  the TrainIterator; the packer itself must stop, in the worker processes too, and even at max_skip_rate 1.0.
+  Runs in a subprocess so that a regression fails on the timeout instead of blocking the suite."""
+  d, tok = env
+  shortest = min(len(PrepareSample(_cfg(d), tiny(), tok)(i, rb)["input_ids"]) for i, rb in enumerate(_raw(_cfg(d))))
+  seq_len = shortest - 1
+  cfg_json = json.dumps({"data": str(d / "data"), "seq_len": seq_len, "global_batch_size": 2, "frame_size": [56, 56],
+                         "max_frames_per_row": 8, "packing_bins": 3, "seed": 3, "num_epochs": None,
+                         "worker_count": workers, "max_skip_rate": rate, "skip_check_min_samples": 10})
+  script = tmp_path / "too_long.py"
+  script.write_text(TOO_LONG_SCRIPT.format(tests=os.path.join(REPO, "tests"), cfg=cfg_json, tok=str(d / "tok3")))
+  envv = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  try:
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=envv, cwd=REPO,
+                       timeout=180)
+  except subprocess.TimeoutExpired:
+    pytest.fail("the pipeline hung instead of raising SkipRateExceeded")
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  assert got["error"] == "SkipRateExceeded", got
+  msg = got["message"]
+  assert "too_long" in msg and f"seq_len {seq_len} is shorter" in msg and f"needs {shortest} tokens" in msg, msg
+  if rate < 1.0:  # the rate rule fires first, as soon as the minimum sample count is read
+    assert f"max_skip_rate {rate:.1%}" in msg and re.search(r"\b(\d+) of \1 samples skipped", msg), msg
+  else:  # only the consecutive-skip guard can stop it
+    assert "samples read were all skipped" in msg, msg

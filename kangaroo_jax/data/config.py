@@ -16,6 +16,13 @@ class DataConfigError(ValueError):
   """An invalid DataConfig field; the message names it."""
 
 
+class SkipRateExceeded(RuntimeError):
+  """Too many samples were skipped; the message lists the counts per reason.
+
+  Defined here rather than in pipeline.py so the packer (which pipeline.py imports) can raise it too.
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Validated options of `make_train_iterator`.
@@ -27,7 +34,8 @@ class DataConfig:
   num_frames / fps / max_frames: sampling for records that reference a video (decoded in the workers).
   packing_bins: rows kept open for first-fit packing (more bins = fuller rows, more host memory).
   max_skip_rate: stop with an error when skipped / seen samples exceeds this, checked once at least
-    `skip_check_min_samples` samples were seen.
+    `skip_check_min_samples` samples were seen. The packer also stops, whatever the rate, after
+    `10 * skip_check_min_samples` consecutive skipped samples (nothing could ever be packed).
   """
   data: str
   seq_len: int = 4096
@@ -69,6 +77,9 @@ class DataConfig:
       raise DataConfigError(f"DataConfig.worker_count must be >= 0, got {self.worker_count}")
     if not 0.0 <= self.max_skip_rate <= 1.0:
       raise DataConfigError(f"DataConfig.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+    if not isinstance(self.skip_check_min_samples, int) or self.skip_check_min_samples <= 0:
+      raise DataConfigError(
+          f"DataConfig.skip_check_min_samples must be a positive int, got {self.skip_check_min_samples!r}")
     if self.num_epochs is not None and self.num_epochs <= 0:
       raise DataConfigError(f"DataConfig.num_epochs must be positive or None, got {self.num_epochs}")
 

@@ -5,6 +5,9 @@
       -> to_iter_dataset -> PackIterDataset (first-fit) -> batch(rows per host) -> mp_prefetch(workers)
       -> TrainIterator (pops skip counts, logs them, enforces max_skip_rate; get_state / set_state)
 
+The packer enforces max_skip_rate too while it cannot emit a row (every sample skipped), since the
+TrainIterator only learns of skips from emitted rows; SkipRateExceeded then comes out of `next`.
+
 Everything up to mp_prefetch runs inside the worker processes, so the transforms are module-level
 classes that hold only picklable config (the tokenizer is reloaded from its file in each worker).
 """
@@ -19,7 +22,7 @@ import grain
 import numpy as np
 
 from kangaroo_jax.config import KangarooConfig
-from kangaroo_jax.data.config import SKIP_REASONS, DataConfig
+from kangaroo_jax.data.config import SKIP_REASONS, DataConfig, SkipRateExceeded
 from kangaroo_jax.data.packing import PackIterDataset
 from kangaroo_jax.data.prompt import PromptError, encode_conversation
 from kangaroo_jax.data.records import RecordError, decode_frames, unpack_record
@@ -27,10 +30,6 @@ from kangaroo_jax.data.video import VideoError, load_video, preprocess_frames
 
 log = logging.getLogger("kangaroo_jax.data")
 _REASON = {r: i for i, r in enumerate(SKIP_REASONS)}
-
-
-class SkipRateExceeded(RuntimeError):
-  """Too many samples were skipped; the message lists the counts per reason."""
 
 
 def fit_frames(frames: np.ndarray, hw: tuple[int, int], keep_aspect: bool) -> np.ndarray:
@@ -80,9 +79,13 @@ class PrepareSample:
       self._tokenizer = load_tokenizer(self._tokenizer_path)
     return self._tokenizer
 
-  def _skip(self, reason: str, where: str, err: Exception | str) -> dict:
+  def _skip(self, reason: str, where: str, err: Exception | str, need: int | None = None) -> dict:
+    """`need`: the size (tokens, frames) the sample needed, so the packer can say which limit is too small."""
     log.warning("skipping %s (%s): %s", where, reason, err)
-    return {"skip": np.int32(_REASON[reason])}
+    out = {"skip": np.int32(_REASON[reason])}
+    if need is not None:
+      out["need"] = np.int32(need)
+    return out
 
   def __call__(self, index: int, raw: bytes) -> dict:
     c = self.data_cfg
@@ -109,7 +112,8 @@ class PrepareSample:
     if len(frames) % 2 and len(frames):
       frames, ts = np.concatenate([frames, frames[-1:]]), np.concatenate([ts, ts[-1:]])
     if len(frames) > c.max_frames_per_row:
-      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames_per_row {c.max_frames_per_row}")
+      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames_per_row {c.max_frames_per_row}",
+                        need=len(frames))
     try:
       if len(frames):
         frames = fit_frames(frames, c.frame_size, c.keep_aspect)
@@ -119,7 +123,7 @@ class PrepareSample:
     except (PromptError, KeyError, TypeError, ValueError) as e:
       return self._skip("bad_conversation", where, e)
     if len(enc) > c.seq_len:
-      return self._skip("too_long", where, f"{len(enc)} tokens > seq_len {c.seq_len}")
+      return self._skip("too_long", where, f"{len(enc)} tokens > seq_len {c.seq_len}", need=len(enc))
     return {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask, "frames": frames, "timestamps": ts}
 
 
@@ -148,7 +152,7 @@ def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *,
   ds = ds.map_with_index(_PrepareMap(PrepareSample(c, model_cfg, tokenizer)))
   it = ds.to_iter_dataset()
   it = PackIterDataset(it, seq_len=c.seq_len, max_frames=c.max_frames_per_row, frame_hw=c.frame_size,
-                       bins=c.packing_bins)
+                       bins=c.packing_bins, max_skip_rate=c.max_skip_rate, min_samples=c.skip_check_min_samples)
   it = it.batch(c.global_batch_size // shard_count, drop_remainder=True)
   if c.worker_count > 0:
     _mark_absl_flags_parsed()

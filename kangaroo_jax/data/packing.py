@@ -3,7 +3,8 @@
 A sample (from `pipeline.PrepareSample`) is {"input_ids" int32 [n], "loss_mask" bool [n], "frames" uint8
 [f, H, W, 3], "timestamps" float32 [f]} or a skip marker {"skip": reason index, optionally "need": the
 tokens / frames the sample needed}. Up to `bins` rows are open; each sample goes into the first row where
-both its tokens and its frames fit. When none fits and all bins are open, every open row is emitted (a "window") and packing restarts with that sample.
+both its tokens and its frames fit. When none fits and all bins are open, every open row is emitted (a
+"window") and packing restarts with that sample.
 
 Checkpointing replays instead of storing frames: the state is the parent's state at the start of the
 current window plus how many of the window's rows were already emitted. Restoring re-reads the window

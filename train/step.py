@@ -20,22 +20,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kangaroo_jax.data.global_batch import BATCH_AXES
 from kangaroo_jax.parallel.rules import shard
 from train.params import ModelDef, combine, flatten
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
-
-_BATCH_AXES = {
-    "input_ids": ("activation_batch", "activation_length"),
-    "targets": ("activation_batch", "activation_length"),
-    "loss_mask": ("activation_batch", "activation_length"),
-    "positions": ("activation_batch", "activation_length"),
-    "segment_ids": ("activation_batch", "activation_length"),
-    "frames": ("activation_batch", None, None, None, None),
-    "timestamps": ("activation_batch", None),
-    "num_frames": ("activation_batch",),
-}
 
 
 def init_state(params: dict, frozen: dict, tx: optax.GradientTransformation) -> State:
@@ -65,7 +55,7 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
 
 
 def _constrain(batch: Batch) -> Batch:
-  return {k: shard(v, _BATCH_AXES[k]) if k in _BATCH_AXES else v for k, v in batch.items()}
+  return {k: shard(v, BATCH_AXES[k]) if k in BATCH_AXES else v for k, v in batch.items()}
 
 
 def grads_and_loss(model_def: ModelDef, normalize: Callable, params: dict, frozen: dict, batch: Batch,

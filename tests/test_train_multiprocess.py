@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,6 +37,9 @@ def _run_pair(workdir: str, extra: list[str]) -> list[str]:
   return outs
 
 
+@pytest.mark.skipif(os.environ.get("KANGAROO_RUN_MULTIPROCESS_TRAIN") != "1",
+                    reason="the two CPU processes can deadlock in cross-process gloo collectives when the machine "
+                           "is loaded (open in issue 6); set KANGAROO_RUN_MULTIPROCESS_TRAIN=1 to run it")
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   workdir = str(tmp_path / "w")
   first = _run_pair(workdir, ["--stop_after=2"])

@@ -59,10 +59,18 @@ class _Preemption:
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self._old)
 
-  def agreed(self) -> bool:
-    """True on every process as soon as any process got the signal (they must save the same step)."""
+  def agreed(self, in_flight=None) -> bool:
+    """True on every process as soon as any process got the signal (they must save the same step).
+
+    `in_flight`: arrays of the step just dispatched; on CPU they are waited for first.
+    """
     if jax.process_count() == 1:
       return self.flag
+    if in_flight is not None and jax.default_backend() == "cpu":
+      # XLA:CPU runs each local device's work independently, so this cross-process gather could
+      # start on one device while the train step's own cross-process collectives still run on
+      # another; under load the two processes then deadlock inside gloo (seen in the 2-process test).
+      jax.block_until_ready(in_flight)
     from jax.experimental import multihost_utils
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
 
@@ -227,7 +235,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
         t_last = now
         writer.advance()
         stop = stop_after is not None and step - start >= stop_after
-        preempted = preemption.agreed()
+        preempted = preemption.agreed(state)
         if step % cfg.ckpt.every == 0 or step == cfg.total_steps or stop or preempted:
           m = drain(pending)
           pending = None

@@ -146,3 +146,15 @@ def test_keep_aspect_sizes_and_normalize_on_device():
   np.testing.assert_allclose(np.asarray(normalize_frames(jnp.asarray(out))), normalize_frames(out), atol=1e-6)
   with pytest.raises(ValueError, match="uint8"):
     preprocess_frames(frames.astype(np.float32), 112)
+
+
+def test_numpy_normalize_is_bit_identical_to_the_plain_formula():
+  rng = np.random.default_rng(3)
+  frames = rng.integers(0, 256, (3, 9, 7, 3), dtype=np.uint8)
+  mean = np.asarray(CLIP_MEAN, np.float32)
+  inv_std = np.asarray([1.0 / s for s in CLIP_STD], np.float32)
+  plain = lambda x: (x.astype(np.float32) * np.float32(1.0 / 255.0) - mean) * inv_std
+  for x in (frames, frames[:, ::2, 1:], frames[0]):  # contiguous, strided view, a single image
+    got = normalize_frames(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got, plain(x))

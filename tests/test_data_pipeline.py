@@ -275,3 +275,42 @@ def test_every_sample_too_long_raises_instead_of_hanging(env, tmp_path, workers,
     assert f"max_skip_rate {rate:.1%}" in msg and re.search(r"\b(\d+) of \1 samples skipped", msg), msg
   else:  # only the consecutive-skip guard can stop it
     assert "samples read were all skipped" in msg, msg
+
+
+def test_keep_aspect_rows_use_a_non_square_grid_through_the_model(tmp_path, env):
+  """keep_aspect with a configured (H, W): wide 56x112 sources are letterboxed into 56x84 slots (aspect
+  kept, bars top and bottom), the prompt carries the 4x6-patch grid's visual-token count, and the model
+  consumes the batch with that grid."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from data_helpers import index_frame
+  from kangaroo_jax.data.records import encode_frames
+  from kangaroo_jax.data.video import normalize_frames
+  from kangaroo_jax.models.kangaroo import Kangaroo
+  _, tok = env
+  path = str(tmp_path / "wide.array_record")
+  w = ArrayRecordWriter(path, "group_size:1")
+  for i in range(3):
+    frames = np.stack([index_frame(i, 56, 112)] * 2)
+    w.write(pack_record({"id": f"w{i}", "frames": encode_frames(frames, "raw"), "timestamps": [0.0, 0.5],
+                         "messages": [{"role": "user", "content": "<video>What happens?"},
+                                      {"role": "assistant", "content": "apples"}]}))
+  w.close()
+  cfg = DataConfig(data=path, seq_len=64, global_batch_size=1, frame_size=(56, 84), keep_aspect=True,
+                   max_frames_per_row=2, packing_bins=1, num_epochs=1, shuffle=False)
+  batch = next(iter(make_train_iterator(cfg, tiny(), tok)))
+  assert batch["frames"].shape == (1, 2, 56, 84, 3)
+  frame = batch["frames"][0, 0]
+  # 56x112 scaled by 0.75 -> 42x84, centred: 7-pixel zero bars above and below, none at the sides.
+  assert not frame[:7].any() and not frame[-7:].any() and frame[7:49].any()
+  assert frame_index_of(frame[7:49]) == 0
+  gh, gw = tiny().vision.grid_for(56, 84)
+  assert (gh, gw) == (4, 6)
+  n_vis = int((batch["input_ids"][0] < 0).sum())
+  assert n_vis == tiny().projector.tokens_per_group(gh, gw) == 6
+  model = Kangaroo(tiny(), rngs=nnx.Rngs(0))
+  logits = nnx.jit(lambda m, b: m(b["input_ids"], normalize_frames(b["frames"]), b["timestamps"],
+                                  positions=b["positions"], segment_ids=b["segment_ids"]))(
+      model, {k: jnp.asarray(batch[k]) for k in ("input_ids", "frames", "timestamps", "positions", "segment_ids")})
+  assert logits.shape == (1, 64, tiny().llm.vocab_size) and bool(jnp.isfinite(logits).all())

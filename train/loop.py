@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import time
 from typing import Callable, Iterator
 
@@ -24,6 +23,7 @@ from kangaroo_jax.parallel.mesh import init_sharded, make_mesh
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, validate_for_mesh
+from train.coordination import Coordinator, Preemption
 from train.optim import check_selection, is_trainable, make_optimizer
 from train.params import ModelDef, combine, flatten, partition
 from train.step import init_state, make_train_step, state_shardings
@@ -40,39 +40,6 @@ class TrainResult:
   status: str                   # "done" | "preempted" | "stopped" (stop_after reached)
   step: int
   summary: dict                 # what WORKDIR/summary.json holds (data counters summed over all hosts)
-
-
-class _Preemption:
-  """SIGTERM (TPU preemption / scheduler stop) sets a flag; the loop saves and exits at a step boundary."""
-
-  def __init__(self):
-    self.flag = False
-    self._old = None
-
-  def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.flag = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
-
-  def agreed(self, in_flight=None) -> bool:
-    """True on every process as soon as any process got the signal (they must save the same step).
-
-    `in_flight`: arrays of the step just dispatched; on CPU they are waited for first.
-    """
-    if jax.process_count() == 1:
-      return self.flag
-    if in_flight is not None and jax.default_backend() == "cpu":
-      # XLA:CPU runs each local device's work independently, so this cross-process gather could
-      # start on one device while the train step's own cross-process collectives still run on
-      # another; under load the two processes then deadlock inside gloo (seen in the 2-process test).
-      jax.block_until_ready(in_flight)
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
 
 
 def make_iterator(cfg: TrainConfig, mesh) -> Iterator[dict]:
@@ -129,6 +96,11 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     from kangaroo_jax.data.global_batch import make_global_batch
     place_batch = functools.partial(make_global_batch, mesh=mesh)
   iterator = iterator if iterator is not None else make_iterator(cfg, mesh)
+  # Multi-process: the first cross-process collectives (Orbax's barriers, then the train step)
+  # each set up a gloo group on CPU, which fails if the processes arrive more than 30 s apart.
+  # Start both from a coordination-service barrier; no-op for one process.
+  coord = Coordinator()
+  coord.barrier("checkpointer")
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.ckpt)
   config_record = dict(cfg.raw, model_config=cfg.model.to_dict())
 
@@ -215,14 +187,20 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     window["losses"] = []
 
   try:
-    with _Preemption() as preemption:
+    with Preemption(coord) as preemption:
       t_last = time.perf_counter()
       while step < cfg.total_steps:
+        preemption.publish(step)  # before this step is dispatched (see Preemption)
         host_batch = next(iterator)
         stats = metrics_lib.batch_stats(host_batch)
         data_m = data_snapshot()
         batch = place_batch(host_batch)
         with jax.set_mesh(mesh):
+          if coord.multi and step == start:
+            # Compile first (jit reuses it), then start the first step together: compile times
+            # differ between hosts by more than gloo's 30 s rendezvous under load.
+            step_fn.lower(state, batch).compile()
+            coord.barrier("train_step_compiled")
           state, dev_metrics = step_fn(state, batch)
         step += 1
         if pending is not None:
@@ -235,7 +213,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
         t_last = now
         writer.advance()
         stop = stop_after is not None and step - start >= stop_after
-        preempted = preemption.agreed(state)
+        preempted = preemption.agreed(step)
         if step % cfg.ckpt.every == 0 or step == cfg.total_steps or stop or preempted:
           m = drain(pending)
           pending = None
@@ -269,6 +247,10 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     writer.close()
     if hasattr(iterator, "close"):
       iterator.close()
+  # Every process has finished its checkpoint writes (ckpt.close waits for them): leave together, so
+  # none tears down its coordination client or gloo peers while another still needs them. Then the
+  # process exit runs jax.distributed.shutdown (its own barrier, jax's shutdown_timeout_seconds).
+  coord.barrier("train_end")
   return TrainResult(state=state, history=history, status=status, step=step, summary=summary)
 
 

@@ -19,6 +19,8 @@ Throughput uses the conversion's own wall time (the CLI reports it, from reading
 rename; interpreter start-up and imports are in process_s). The conversion uses several threads; the
 plain read uses one and is I/O bound, so on a machine shared with other CPU-heavy work the ratio
 drops: `loadavg_1min` (before, after) and the conversion's CPU seconds are printed for that reason.
+`convert_no_sync` is the same conversion with `--no-sync` (no durable fsync before the rename: the
+rate of the converter itself, data left in the page cache); plain_copy_ratio_to_read shows what writing the bytes once durably costs on this disk by itself.
 Targets (issue 3): peak RSS <= 2 x largest tensor + 500 MB; throughput >= 50 % of the plain read.
 Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR] [--repeats 3]
 """
@@ -137,9 +139,10 @@ print('READ', n)
 _IMPORT_FLOOR = "import tools.convert_weights.convert, kangaroo_jax.pretrained, orbax.checkpoint, tensorstore"
 
 
-def _convert(src: str, dst: str, cfg_path: str) -> dict:
+def _convert(src: str, dst: str, cfg_path: str, *extra: str) -> dict:
   shutil.rmtree(dst, ignore_errors=True)
-  proc_s, rss, out = _run_child("-m", "tools.convert_weights", "import", src, dst, "--config-json", cfg_path, "--quiet")
+  proc_s, rss, out = _run_child("-m", "tools.convert_weights", "import", src, dst, "--config-json", cfg_path, "--quiet",
+                                *extra)
   seconds = float(re.search(r"dtype \w+, ([0-9.]+)s;", out).group(1))
   return {"seconds": seconds, "process_seconds": round(proc_s, 2), "peak_rss": rss, "cpu_seconds": _cpu_seconds(out)}
 
@@ -206,7 +209,7 @@ def main() -> None:
       f.write(cfg.to_json())
     path, size = info["path"], os.path.getsize(info["path"])
 
-    runs = {"read": [], "copy": [], "convert": []}
+    runs = {"read": [], "copy": [], "convert": [], "convert_no_sync": []}
     cpu = []
     peak = 0
     load_before = os.getloadavg()[0]
@@ -219,6 +222,10 @@ def main() -> None:
       run = _convert(src, dst, cfg_path)
       runs["convert"].append(run["seconds"])
       cpu.append(run["cpu_seconds"])
+      peak = max(peak, run["peak_rss"])
+      _evict(path)
+      run = _convert(src, dst, cfg_path, "--no-sync")
+      runs["convert_no_sync"].append(run["seconds"])
       peak = max(peak, run["peak_rss"])
     cold = {k: _median(v) for k, v in runs.items()}
     warm_read = _plain_read(path, size)
@@ -248,6 +255,10 @@ def main() -> None:
                  "plain_copy_mb_s": rate(cold["copy"]),
                  "ratio_to_read": round(cold["read"] / cold["convert"], 3),
                  "ratio_to_copy": round(cold["copy"] / cold["convert"], 3),
+                 "plain_copy_ratio_to_read": round(cold["read"] / cold["copy"], 3),
+                 "convert_no_sync_mb_s": rate(cold["convert_no_sync"]),
+                 "no_sync_ratio_to_read": round(cold["read"] / cold["convert_no_sync"], 3),
+                 "convert_no_sync_s_runs": runs["convert_no_sync"],
                  "convert_s_runs": runs["convert"], "read_s_runs": [round(x, 3) for x in runs["read"]],
                  "copy_s_runs": [round(x, 3) for x in runs["copy"]],
                  "convert_process_cpu_s_runs": [round(x, 2) for x in cpu]},

@@ -120,3 +120,17 @@ def test_held_out_videos_do_not_overlap_training(dataset):
   train_hashes = {digest(v) for v in train_videos}
   assert not train_hashes & {digest(it.video) for it in test_items}
   assert len(test_items) == 48 and len(manifest) == 96
+
+
+def test_demo_config_validates_and_overrides(tmp_path):
+  """`make demo`'s config builds a valid TrainConfig; its arg string overrides steps and the TPE."""
+  import pytest
+  from configs.demo import get_config
+  from train.config import from_configdict
+  cfg = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},steps=7"))
+  assert cfg.total_steps == 7 and cfg.model.projector.tpe == "none"
+  assert cfg.model.vision.image_size == 112 and cfg.data.num_frames == 8
+  paths = f"data={tmp_path},tokenizer={tmp_path}"
+  assert from_configdict(get_config(paths + ",tpe=sinusoidal")).model.projector.tpe == "sinusoidal"
+  with pytest.raises(Exception, match="tpe"):
+    from_configdict(get_config(paths + ",tpe=cosine"))

@@ -23,7 +23,7 @@ import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAME_SIZE, FRAMES = 112, 8
-STEPS = 500
+STEPS = 1500
 
 
 def _baselines(train_items, test_items, task: str) -> float:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default=os.path.join(_ROOT, ".cache", "demo"))
   p.add_argument("--steps", type=int, default=STEPS)
-  p.add_argument("--train-videos", type=int, default=2000)
+  p.add_argument("--train-videos", type=int, default=3000)
   p.add_argument("--test-videos", type=int, default=400)
   p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: resume what is there)")
   args = p.parse_args(argv)

@@ -35,7 +35,7 @@ CHANCE = {"direction": 1 / 4, "color": 1 / 4, "shape": 1 / 3, "order": 1 / 2}
 # of it, too small for the model to learn from in a few hundred steps.
 BACKGROUND = (123, 117, 104)
 # Direction is the question the demo is about (and the hardest), so it gets the largest share.
-TYPE_WEIGHTS = {"direction": 0.4, "color": 0.2, "shape": 0.2, "order": 0.2}
+TYPE_WEIGHTS = {"direction": 0.5, "color": 0.15, "shape": 0.15, "order": 0.2}
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 from typing import Iterable, Iterator, Mapping
@@ -137,6 +138,34 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> np.ndarray:
   finally:
     if own:
       os.close(fd)
+  return buf.view(info.dtype).reshape(info.shape)
+
+
+def map_tensor(info: TensorInfo, fd: int) -> np.ndarray:
+  """One tensor as a read-only array over a memory map of its bytes (the page cache's pages: no copy).
+
+  For the converter: a copy out of the page cache (pread) into fresh memory costs a memcpy plus the
+  kernel zeroing every new page, ~1/3 of the conversion's CPU time. The map covers only this tensor
+  and is unmapped when the last array viewing it is dropped, so RSS stays bounded as with `read_tensor`
+  (the converter holds at most the largest tensor's worth of source data). MAP_POPULATE maps the
+  pages in one call instead of a page fault per 64 KB. The file's size is checked first, so a file
+  truncated after its header was validated gives a clear error, not a SIGBUS. Falls back to
+  `read_tensor` where the file cannot be mapped.
+  """
+  if info.nbytes == 0:
+    return np.empty(info.shape, info.dtype)
+  size = os.fstat(fd).st_size
+  if info.offset + info.nbytes > size:
+    raise SafetensorsError(f"{os.path.basename(info.file)}: unexpected end of file while reading {info.key!r} "
+                           f"(needs bytes up to {info.offset + info.nbytes}, the file has {size}); the file was "
+                           "truncated")
+  start = info.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+  try:
+    m = mmap.mmap(fd, info.offset + info.nbytes - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                  prot=mmap.PROT_READ, offset=start)
+  except (OSError, ValueError, AttributeError):
+    return read_tensor(info, fd)
+  buf = np.frombuffer(m, np.uint8, info.nbytes, info.offset - start)
   return buf.view(info.dtype).reshape(info.shape)
 
 

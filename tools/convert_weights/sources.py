@@ -3,7 +3,8 @@
 Supported layouts of a Hugging Face model folder (first match wins unless `fmt` is given):
   model.safetensors.index.json + shards   |  model.safetensors
   pytorch_model.bin.index.json + shards   |  pytorch_model.bin        (these two need torch)
-Safetensors is read with numpy (pread, no memory map). `.bin` files are opened with
+Safetensors tensors are memory-mapped one at a time (read-only; unmapped when dropped; see
+`safetensors_io.map_tensor`). `.bin` files are opened with
 `torch.load(mmap=True, weights_only=True)`, so only the tensor being converted is paged in.
 """
 
@@ -17,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tools.convert_weights.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from tools.convert_weights.safetensors_io import SafetensorsError, TensorInfo, map_tensor, read_header, read_tensor
 
 
 class SourceError(ValueError):
@@ -111,7 +112,7 @@ class SafetensorsSource(Source):
     fd = self._fds.get(info.file)
     if fd is None:
       fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-    return read_tensor(info, fd)
+    return map_tensor(info, fd)
 
   def close(self) -> None:
     if self._readahead is not None:
@@ -131,8 +132,8 @@ class Readahead:
   The converter reads tensors in parameter order, not file order, and one at a time, so without this
   the disk idles while a tensor is transposed and written, and the CPU idles while the next is read.
   posix_fadvise(WILLNEED) fills the page cache asynchronously: nothing is added to this process's
-  memory (the cached pages are the kernel's to evict), and `read` of a prefetched tensor is a memory
-  copy. Requests stay at most `window` bytes ahead of the tensor being read (always at least the
+  memory (the cached pages are the kernel's to evict), and `read` of a prefetched tensor only maps
+  cached pages. Requests stay at most `window` bytes ahead of the tensor being read (always at least the
   next one). A wrong `order` only wastes I/O: reads never depend on it.
   """
 

@@ -12,8 +12,11 @@ placeholders and 30 fixed question tokens.
   --tpe             the projector's TPE (configs/demo.py uses none; see the comment there)
 
 Run: python benchmarks/demo_probe.py --task still --tpe sinusoidal --steps 200
-Numbers from the 2-core VM (batch 8, lr 2e-3): still / sinusoidal: 25% at 200 steps (loss ln 4);
-still / none: 43% at 200; direction / none: 25%, 25%, 33%, 58% at 100..400 steps.
+Numbers from the 2-core VM (batch 8, lr 2e-3), accuracy at steps 100, 200: still / sinusoidal 25%,
+50%; still / none 25%, 25%. An earlier version of this probe (other clips) gave the opposite order
+(sinusoidal 25%, 25%; none 25%, 43%) and direction / none 25%, 25%, 33%, 58% at 100..400 steps: the
+model sits at chance (loss ln 4) for a few hundred steps and then takes off, at a step that varies
+more between data draws than between these settings.
 """
 
 from __future__ import annotations

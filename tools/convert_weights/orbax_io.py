@@ -78,14 +78,16 @@ def _blocks(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tuple[sl
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_TRANSPOSE_ROWS = 64  # rows of the source per strided copy (16: 0.8-0.9 GB/s, 32-128: ~1.3 GB/s for bf16)
+# Square tiles: a 256 x 256 bf16 tile (128 KB) stays in L2 on both sides of the copy. Measured on a
+# 5632 x 2048 bf16 matrix: 256-tiles 1.17 GB/s, 64-row strips 0.74 GB/s, 512-tiles 0.65 GB/s.
+_TRANSPOSE_TILE = 256
 
 
 def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
   """`a` as a C-contiguous array of `dtype`, fast for the transposed views of Linear weights.
 
   numpy's plain copy of a large transposed matrix runs at ~0.25 GB/s (every element a cache/TLB
-  miss); copying 64 source rows at a time runs at ~1.3 GB/s. Bits are moved as unsigned ints, so
+  miss); copying 256 x 256 tiles runs at ~1.2 GB/s. Bits are moved as unsigned ints, so
   the result is bit-identical to `np.array(a, dtype, order="C")`.
   `out`: an optional flat uint8 buffer of at least `a.nbytes` bytes to transpose into (reusing a
   buffer saves the kernel zeroing fresh pages); used only when no cast is needed.
@@ -100,8 +102,10 @@ def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) ->
     res = out[:a.nbytes].view(src.dtype).reshape(a.shape)
   else:
     res = np.empty(a.shape, src.dtype)
-  for i in range(0, src.shape[0], _TRANSPOSE_ROWS):
-    res[:, i:i + _TRANSPOSE_ROWS] = src[i:i + _TRANSPOSE_ROWS].T
+  t = _TRANSPOSE_TILE
+  for i in range(0, src.shape[0], t):
+    for j in range(0, src.shape[1], t):
+      res[j:j + t, i:i + t] = src[i:i + t, j:j + t].T
   res = res.view(a.dtype)
   return res if res.dtype == dtype else res.astype(dtype)
 

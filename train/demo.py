@@ -1,4 +1,4 @@
-"""`make demo` / `python -m train.demo [--workdir DIR] [--steps N]`: the whole job on a CPU in a few minutes.
+"""`make demo` / `python -m train.demo [--workdir DIR] [--steps N]`: the whole job on a CPU in about 10 minutes.
 
   1. synthetic video QA (moving / appearing coloured shapes at 112 px, train/demo_data.py): train manifest +
      held-out benchmark JSON (other random seed) + a benchmark over training clips (train accuracy);
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
   p.add_argument("--train-videos", type=int, default=3000)
   p.add_argument("--test-videos", type=int, default=400)
   p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: resume what is there)")
-  p.add_argument("--tpe", choices=("none", "sinusoidal", "learned"), default="none",
-                 help="the projector's temporal position embedding (configs/demo.py explains the default)")
+  p.add_argument("--tpe", choices=("none", "sinusoidal", "learned"),
+                 help="the projector's temporal position embedding (default and why: configs/demo.py)")
   args = p.parse_args(argv)
   if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)  # configs/ is loaded as a package
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
   from configs.demo import get_config
   from train.config import from_configdict
   from train.loop import train
-  cfg = from_configdict(get_config(f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},frame_size={FRAME_SIZE},"
-                                   f"tpe={args.tpe}"))
+  arg = f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},frame_size={FRAME_SIZE}"
+  cfg = from_configdict(get_config(arg + (f",tpe={args.tpe}" if args.tpe else "")))
   t_train = time.perf_counter()
   result = train(cfg, run_dir)
   times["train"] = time.perf_counter() - t_train

@@ -35,10 +35,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from kangaroo_jax.config import KangarooConfig, tiny  # noqa: E402
+from configs.demo import get_config  # noqa: E402
+from kangaroo_jax.config import KangarooConfig  # noqa: E402
 from kangaroo_jax.data.video import normalize_frames  # noqa: E402
 from kangaroo_jax.models import Kangaroo  # noqa: E402
 from train import demo_data  # noqa: E402
+from train.config import model_config  # noqa: E402
 
 SIZE, FRAMES, FPS = 112, 8, 4
 QUESTION_TOKENS = 30
@@ -46,12 +48,8 @@ ANSWER_IDS = np.arange(100, 104)  # the 4 answer tokens; the loss is over these 
 
 
 def demo_model_config(tpe: str) -> KangarooConfig:
-  d = tiny().to_dict()
-  d["vision"].update(image_size=SIZE, width=96, num_layers=2, head_width=32, mlp_hidden=256,
-                     pt_hw_seq_len=SIZE // 14)
-  d["llm"].update(hidden_size=128, intermediate_size=320, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32)
-  d["projector"]["tpe"] = tpe
-  return KangarooConfig.from_dict(d)
+  """The `make demo` model (configs/demo.py) with the given TPE."""
+  return model_config(get_config(f"frame_size={SIZE},tpe={tpe}").model.to_dict())
 
 
 def clips(n: int, seed: int, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +71,8 @@ def main() -> None:
   ap.add_argument("--lr", type=float, default=2e-3)
   ap.add_argument("--batch", type=int, default=8)
   args = ap.parse_args()
+  if args.steps < 2:
+    ap.error(f"--steps must be at least 2 (warm-up plus decay), got {args.steps}")
 
   cfg = demo_model_config(args.tpe)
   model = Kangaroo(cfg, rngs=nnx.Rngs(0))

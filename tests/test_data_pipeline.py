@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_helpers import frame_index_of, tiny_tokenizer, write_records, write_video
+from data_helpers import frame_index_of, index_frame, tiny_tokenizer, write_records, write_video
 from kangaroo_jax.config import tiny
 from kangaroo_jax.data.config import DataConfig
 from kangaroo_jax.data.pipeline import PrepareSample, SkipRateExceeded, make_train_iterator
@@ -284,7 +284,6 @@ def test_keep_aspect_rows_use_a_non_square_grid_through_the_model(tmp_path, env)
   import jax.numpy as jnp
   from flax import nnx
   from array_record.python.array_record_module import ArrayRecordWriter
-  from data_helpers import index_frame
   from kangaroo_jax.data.records import encode_frames
   from kangaroo_jax.data.video import normalize_frames
   from kangaroo_jax.models.kangaroo import Kangaroo

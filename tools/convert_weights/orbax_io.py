@@ -95,7 +95,7 @@ def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) ->
   dtype = np.dtype(dtype)
   if a.flags.c_contiguous:
     return a if a.dtype == dtype else a.astype(dtype)
-  if a.ndim != 2 or a.strides[0] != a.dtype.itemsize or a.dtype.itemsize not in _UINT:
+  if not _transposes(a, a.dtype):
     return np.array(a, dtype=dtype, order="C")
   src = a.T.view(_UINT[a.dtype.itemsize])  # rows of the source are (nearly) contiguous
   if out is not None and a.dtype == dtype and out.nbytes >= a.nbytes:
@@ -111,7 +111,8 @@ def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) ->
 
 
 def _transposes(view: np.ndarray, dtype: np.dtype) -> bool:
-  """`contiguous(view, dtype)` takes its blocked-transpose path (and can use an `out` buffer)."""
+  """`contiguous(view, dtype)` takes its tiled-transpose path and can use an `out` buffer (a 2-D
+  transposed view of plain-bits items, no cast)."""
   return (not view.flags.c_contiguous and view.ndim == 2 and view.strides[0] == view.dtype.itemsize
           and view.dtype.itemsize in _UINT and view.dtype == np.dtype(dtype))
 

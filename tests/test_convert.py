@@ -398,14 +398,22 @@ def test_progress_bar_counts_tensors_and_bytes():
   assert lines[-1].startswith("import [##############################] 4/4 tensors 3.9 KB/3.9 KB")
 
 
-def test_contiguous_transpose_is_exact():
+@pytest.mark.parametrize("cols", [53, 50, 48])  # source columns: odd (plain tiles), even, a multiple of 8 (grouped)
+def test_contiguous_transpose_is_exact(cols):
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((37, 53), dtype=np.float32)
-  for a in (x.T, x.T[3:30, 5:20], x.astype(ml_dtypes.bfloat16).T):
+  x = rng.standard_normal((37, cols), dtype=np.float32)
+  # NaNs with payloads: grouped items are copied as raw bytes, never as floats.
+  x.view(np.uint32)[0, :4] = [0x7FC00001, 0xFFC12345, 0x7F800001, 0x80000000]
+  views = (x.T, x.T[3:30, 5:20], x.T[:, 1:], x.astype(ml_dtypes.bfloat16).T, x.astype(np.float16).T[:, 2:])
+  for a in views:
     for dtype in (a.dtype, np.dtype(ml_dtypes.bfloat16)):
-      got = contiguous(a, dtype)
-      assert got.flags.c_contiguous and got.dtype == dtype
-      assert np.array_equal(got.view(np.uint8), np.array(a, dtype=dtype, order="C").view(np.uint8))
+      want = np.array(a, dtype=dtype, order="C").view(np.uint8)
+      # No scratch, a scratch of a few rows (many column blocks) and one of 16 bytes (too small: replaced).
+      for scratch in (None, np.empty(37 * 16 * 3, np.uint8), np.empty(16, np.uint8)):
+        out = np.empty(a.nbytes + 7, np.uint8)
+        got = contiguous(a, dtype, out, scratch)
+        assert got.flags.c_contiguous and got.dtype == dtype and got.shape == a.shape
+        assert np.array_equal(got.view(np.uint8), want)
 
 
 def test_streaming_writer_overlaps_within_the_memory_bound(tmp_path):
@@ -473,3 +481,24 @@ def test_background_sync_then_final_pass_covers_changed_files(tmp_path, monkeypa
     (root / "meta").write_text("{}")
     sync.finish()
   assert sorted(synced) == [".", "d", "d/early", "d/late", "meta"]
+
+
+def test_unsharded_drops_only_a_one_chunk_sharding_codec():
+  from tools.convert_weights.orbax_io import _unsharded
+
+  inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  index = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+  def spec(grid, inner_chunk):
+    return {"driver": "zarr3", "metadata": {
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid}},
+        "codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": inner_chunk, "codecs": inner,
+                                                                  "index_codecs": index}}]}}
+
+  one = spec([1, 64, 32], [1, 64, 32])
+  assert _unsharded(one)["metadata"]["codecs"] == inner
+  assert one["metadata"]["codecs"][0]["name"] == "sharding_indexed"  # the input is not modified
+  several = spec([1, 64, 32], [1, 16, 32])  # several chunks per shard: the shard index is needed
+  assert _unsharded(several) == several
+  plain = {"driver": "zarr", "metadata": {"chunks": [4, 4]}}
+  assert _unsharded(plain) == plain

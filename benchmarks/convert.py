@@ -98,7 +98,10 @@ def _cpu_seconds(out: str) -> float:
 
 
 def _evict(path: str) -> None:
-  """Drops `path` from the page cache (flushed first), so the next read comes from disk."""
+  """Drops `path` from the page cache, so the next read comes from disk, after flushing every dirty
+  page on the machine (the --no-sync run leaves ~1 GB for the kernel to write back, which would
+  otherwise slow down whichever run comes next: the plain read, in the loop below)."""
+  os.sync()
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)

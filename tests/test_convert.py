@@ -172,6 +172,18 @@ def test_bin_import_matches_safetensors_import(released, imported_f32, tmp_path)
   assert max_rel_error(np.asarray(model(ids)), ref) <= TOL
 
 
+def test_early_readahead_predicts_the_writers_order(released, tmp_path, monkeypatch):
+  """The read-ahead hint given before planning (from the keys alone) is the order the writer then reads in."""
+  from tools.convert_weights import sources
+
+  hints = []
+  real = sources.SafetensorsSource.prefetch
+  monkeypatch.setattr(sources.SafetensorsSource, "prefetch", lambda self, order: (hints.append(list(order)),
+                                                                                    real(self, order))[1])
+  result = import_checkpoint(released["dir"], str(tmp_path / "out"), preset="tiny", progress=False)
+  assert len(hints) == 2 and hints[0] == hints[1] and len(hints[0]) == result.mapped
+
+
 def test_round_trip_is_bit_identical_bf16(released, tmp_path):
   """bf16 .bin -> import (bf16) -> export -> import: every stored array bit-identical."""
   src = tmp_path / "bf16src"

@@ -32,7 +32,7 @@ from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
 from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve_config
 from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
-                                           released_shape, to_ours, to_released)
+                                           released_shape, to_ours, to_released, write_order)
 from tools.convert_weights.orbax_io import (DEFAULT_CHUNK_BYTES, BackgroundSync, LazyParam, StoredParams,
                                            return_large_frees_to_os, save_streaming)
 from tools.convert_weights.progress import Progress
@@ -146,6 +146,9 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
     raise ConversionError(f"{os.path.abspath(dst)} already exists (pass --overwrite to replace it)")
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   with open_source(src, fmt) as source:
+    # Tracing the model's shapes for the plan takes ~0.3 s: let the disk start on the first tensors
+    # meanwhile (the writer replaces this hint with its exact order).
+    source.prefetch(write_order(source.infos))
     cfg, cfg_note = resolve_config(src_dir, get_preset(preset), config_json)
     cfg = cfg.replace(param_dtype=dtype)
     check_against_header(cfg, source.infos, cfg_note)

@@ -121,6 +121,19 @@ def classify(key: str, rules: Iterable[Rule] = RULES) -> Mapped | Ignored | None
   return None
 
 
+def write_order(keys: Iterable[str], rules: Iterable[Rule] = RULES) -> list[str]:
+  """The mapped ones among `keys` in the order the converter reads them: by parameter path (the
+  order Orbax writes a nested dict's leaves in), then layer. Known from the keys alone, before the
+  model's shapes are traced, so the source can start reading ahead early."""
+  rules = tuple(rules)
+  rows = []
+  for key in keys:
+    what = classify(key, rules)
+    if isinstance(what, Mapped):
+      rows.append((what.rule.path, -1 if what.layer is None else what.layer, key))
+  return [key for _, _, key in sorted(rows)]
+
+
 def to_ours(value: np.ndarray, transform: str) -> np.ndarray:
   """Released layout -> our layout for one tensor (one layer's slice for stacked params)."""
   if transform == "id":

@@ -376,41 +376,63 @@ class StreamingHandler(np_handlers.NumpyHandler):
       self.on_order([key for value in values for key in value.reads])
     loop = asyncio.get_running_loop()
     budget = max((v.slice_bytes for v in values), default=0)
-    held = [0]  # source bytes referenced by chunks not yet written
+    held = [0]  # source bytes of the slices whose blocks are not all copied (or, uncopied, written)
+    freed = asyncio.Event()  # set whenever `held` goes down
     in_flight = [0]  # output bytes of the blocks being copied or written
     max_bytes = self.max_pending * self.chunk_bytes
     max_tasks = self.max_pending * _TASKS_PER_CHUNK
     pending: collections.deque[asyncio.Task] = collections.deque()
 
-    async def put(store, index, view, dtype, done, nbytes):
+    async def put(store, index, view, dtype, nbytes, progress):
       buf = None
-      if view.flags.c_contiguous and view.dtype == dtype:
-        data = view
-      elif pool is None:
-        data = contiguous(view, dtype)
-      else:
-        if _transposes(view, dtype):
-          buf = buffers.take(view.nbytes)
-        data = await loop.run_in_executor(pool, copy_in_worker, view, dtype, buf)
-      del view
-      # The block is never modified afterwards, so TensorStore may keep a reference instead of a copy.
-      await store[index].write(data, can_reference_source_data_indefinitely=True)
-      del data
-      if buf is not None:
-        buffers.give(buf)
-      in_flight[0] -= nbytes
-      done()
+      try:
+        if view.flags.c_contiguous and view.dtype == dtype:
+          data = view  # written as is: TensorStore reads the source until the write is done
+        else:
+          if pool is None:
+            data = contiguous(view, dtype)
+          else:
+            if _transposes(view, dtype):
+              buf = buffers.take(view.nbytes)
+            data = await loop.run_in_executor(pool, copy_in_worker, view, dtype, buf)
+          view = None
+          progress.source_done()
+        # The block is never modified afterwards, so TensorStore may keep a reference instead of a copy.
+        await store[index].write(data, can_reference_source_data_indefinitely=True)
+        del data
+        if buf is not None:
+          buffers.give(buf)
+      finally:
+        view = None
+        progress.source_done()  # no-op if already done; else the block kept the source until here
+        in_flight[0] -= nbytes
+      progress.written()
 
-    def slice_done(nbytes: int, blocks: int, on_written):
-      left = [blocks]
+    class SliceProgress:
+      """Per source slice: its bytes leave `held` once every block has let go of the source (a
+      slice's memory map is unmapped when its last view is dropped), and count as written once
+      every block is written."""
 
-      def done():
-        left[0] -= 1
-        if left[0] == 0:
-          held[0] -= nbytes
-          if on_written is not None:
-            on_written(nbytes)
-      return done
+      def __init__(self, nbytes: int, blocks: int, on_written):
+        self.nbytes, self.on_written = nbytes, on_written
+        self.using, self.unwritten = blocks, blocks
+
+    class BlockProgress:
+      def __init__(self, parent: SliceProgress):
+        self.parent, self.released = parent, False
+
+      def source_done(self):
+        if not self.released:
+          self.released = True
+          self.parent.using -= 1
+          if self.parent.using == 0:
+            held[0] -= self.parent.nbytes
+            freed.set()
+
+      def written(self):
+        self.parent.unwritten -= 1
+        if self.parent.unwritten == 0 and self.parent.on_written is not None:
+          self.parent.on_written(self.parent.nbytes)
 
     # Two free buffers serve the steady state (a finished block's buffer goes to the next block);
     # keeping one per block in flight raised the peak RSS by ~60 MB for no speed (cold runs, 2 cores).
@@ -434,7 +456,10 @@ class StreamingHandler(np_handlers.NumpyHandler):
         slices = value.slices()
         while True:
           while held[0] and held[0] + value.slice_bytes > budget:
-            await pending.popleft()
+            freed.clear()
+            await freed.wait()
+            while pending and pending[0].done():  # a failed block stops the conversion here
+              await pending.popleft()
           item = next(slices, None)
           if item is None:
             break
@@ -449,13 +474,14 @@ class StreamingHandler(np_handlers.NumpyHandler):
               value.on_written(0)
             continue
           held[0] += arr.nbytes
-          done = slice_done(arr.nbytes, len(blocks), value.on_written)
+          progress = SliceProgress(arr.nbytes, len(blocks), value.on_written)
           for block in blocks:
             nbytes = math.prod(s.stop - s.start for s in block) * value.dtype.itemsize
             while pending and (len(pending) >= max_tasks or in_flight[0] + nbytes > max_bytes):
               await pending.popleft()
             in_flight[0] += nbytes
-            pending.append(asyncio.ensure_future(put(store, lead + block, arr[block], value.dtype, done, nbytes)))
+            pending.append(asyncio.ensure_future(put(store, lead + block, arr[block], value.dtype, nbytes,
+                                                     BlockProgress(progress))))
           del arr, item
       while pending:
         await pending.popleft()

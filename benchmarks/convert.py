@@ -22,7 +22,7 @@ drops: `loadavg_1min` (before, after) and the conversion's CPU seconds are print
 `convert_no_sync` is the same conversion with `--no-sync` (no durable fsync before the rename: the
 rate of the converter itself, data left in the page cache); plain_copy_ratio_to_read shows what writing the bytes once durably costs on this disk by itself.
 Targets (issue 3): peak RSS <= 2 x largest tensor + 500 MB; throughput >= 50 % of the plain read.
-Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR] [--repeats 3]
+Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def _median(xs):
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder, removed)")
-  ap.add_argument("--repeats", type=int, default=3, help="cold runs of each measurement (median reported)")
+  ap.add_argument("--repeats", type=int, default=5, help="cold runs of each measurement (median reported)")
   ap.add_argument("--no-bin", action="store_true", help="skip the pytorch_model.bin conversion")
   args = ap.parse_args()
   import ml_dtypes

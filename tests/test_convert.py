@@ -258,6 +258,32 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(released, tmp_path, case
   _no_output(dst)
 
 
+@pytest.mark.parametrize("change", ["rewritten", "replaced"])
+def test_source_changed_during_conversion_leaves_nothing(released, tmp_path, monkeypatch, change):
+  src = _variant(released, tmp_path)
+  path = os.path.join(src, "model.safetensors")
+  calls = {"n": 0}
+  real = sources.SafetensorsSource.read
+
+  def meddle(self, key):  # another process rewrites (same size) or replaces the file mid-conversion
+    calls["n"] += 1
+    if calls["n"] == 5:
+      if change == "rewritten":
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+      else:
+        shutil.copy(path, path + ".new")
+        os.replace(path + ".new", path)
+    return real(self, key)
+
+  monkeypatch.setattr(sources.SafetensorsSource, "read", meddle)
+  dst = tmp_path / "out"
+  what = "modification time" if change == "rewritten" else r"file \(replaced\)"
+  with pytest.raises(ConversionError, match=f"model.safetensors: changed during the conversion \\({what}"):
+    import_checkpoint(src, str(dst), preset="tiny", progress=False)
+  _no_output(dst)
+
+
 def test_failure_while_writing_leaves_nothing(released, tmp_path, monkeypatch):
   src = _variant(released, tmp_path)
   calls = {"n": 0}

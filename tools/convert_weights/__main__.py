@@ -10,7 +10,7 @@ Exit status 2 with a message on a checkpoint problem (mismatch, truncation, ...)
 from __future__ import annotations
 
 import argparse
-import gc
+import faulthandler
 import json
 import os
 import sys
@@ -52,12 +52,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  # A short-lived process that creates few reference cycles: without these, the cyclic GC's full passes
-  # over the imported modules' objects and OpenBLAS's idle-spinning thread took ~8 % of a conversion's
-  # CPU (perf, 2-core VM), CPU the copy and write threads need.
-  gc.disable()
-  if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   # Heavy imports after argument parsing, so --help is instant.
   from kangaroo_jax.config import ConfigError
   from tools.convert_weights.assemble import ConversionError
@@ -87,5 +81,17 @@ def main(argv=None) -> int:
   return 0
 
 
+def _process_setup() -> None:
+  """Settings for the converter's own process (not for callers of `main`)."""
+  # A source file truncated while one of its tensors is being copied out of the memory map kills the
+  # process with SIGBUS (the output is never renamed into place): show where, not only "Bus error".
+  faulthandler.enable()
+  # Nothing here multiplies matrices; an idle OpenBLAS thread still spun on one of the copy threads'
+  # cores (~2 % of the conversion's CPU samples, perf, 2-core VM).
+  if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 if __name__ == "__main__":
+  _process_setup()
   sys.exit(main())

@@ -540,3 +540,24 @@ def test_unsharded_drops_only_a_one_chunk_sharding_codec():
   assert _unsharded(several) == several
   plain = {"driver": "zarr", "metadata": {"chunks": [4, 4]}}
   assert _unsharded(plain) == plain
+
+
+def test_buffer_pool_reuses_best_fit_within_its_byte_budget():
+  from tools.convert_weights.orbax_io import _BufferPool
+
+  pool = _BufferPool(keep_bytes=100)
+  a, b = pool.take(40), pool.take(60)
+  pool.give(a)
+  pool.give(b)
+  assert [x.nbytes for x in pool.free] == [40, 60]
+  assert pool.take(35) is a  # smallest that fits
+  assert pool.take(20).nbytes == 20 and len(pool.free) == 1  # 60 is more than twice 20: a fresh buffer
+  pool.give(a)
+  held = pool.take(50)  # the 60-byte buffer, still referenced below
+  view = held[:10]
+  pool.give(held)  # a view is alive: not taken back
+  assert [x.nbytes for x in pool.free] == [40]
+  del view
+  c = np.empty(70, np.uint8)
+  pool.give(c)  # 40 + 70 > 100: the oldest free buffer goes
+  assert [x.nbytes for x in pool.free] == [70]

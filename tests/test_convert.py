@@ -172,6 +172,26 @@ def test_bin_import_matches_safetensors_import(released, imported_f32, tmp_path)
   assert max_rel_error(np.asarray(model(ids)), ref) <= TOL
 
 
+def test_bin_tensors_are_mapped_unless_not_contiguous(released, imported_f32, tmp_path, monkeypatch):
+  """.bin tensors are read through a map of their own bytes; a non-contiguous one (a view saved with
+  its whole storage) falls back to a copy. Either way the stored values are the released ones."""
+  src = _variant(released, tmp_path, files=())
+  tensors = {k: torch.from_numpy(v.copy()) for k, v in released["tensors"].items()}
+  key = "model.layers.0.mlp.down_proj.weight"
+  tensors[key] = tensors[key].t().contiguous().t()  # same values, column-major storage
+  assert not tensors[key].is_contiguous()
+  torch.save(tensors, os.path.join(src, "pytorch_model.bin"))
+  mapped = []
+  real = sources._mapped
+  monkeypatch.setattr(sources, "_mapped", lambda info, fd: (mapped.append(info.key), real(info, fd))[1])
+  dst = tmp_path / "out"
+  import_checkpoint(src, str(dst), preset="tiny", dtype="float32", progress=False)
+  assert key not in mapped and len(mapped) == len(tensors) - 1 - 2 - 2  # minus head and rope tables (ignored)
+  a, b = StoredParams(os.path.join(imported_f32, "state")), StoredParams(os.path.join(dst, "state"))
+  for path in a.paths:
+    assert np.array_equal(a.read(path), b.read(path)), path
+
+
 def test_early_readahead_predicts_the_writers_order(released, tmp_path, monkeypatch):
   """The read-ahead hint given before planning (from the keys alone) is the order the writer then reads in."""
   from tools.convert_weights import sources

@@ -10,6 +10,7 @@ Safetensors tensors are memory-mapped one at a time (read-only; unmapped when dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -112,7 +113,7 @@ class SafetensorsSource(Source):
     fd = self._fds.get(info.file)
     if fd is None:
       fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-    return map_tensor(info, fd)
+    return _mapped(info, fd)
 
   def close(self) -> None:
     if self._readahead is not None:
@@ -121,6 +122,13 @@ class SafetensorsSource(Source):
     for fd in self._fds.values():
       os.close(fd)
     self._fds.clear()
+
+
+def _mapped(info: TensorInfo, fd: int) -> np.ndarray:
+  try:
+    return map_tensor(info, fd)
+  except SafetensorsError as e:  # e.g. the file was truncated after its header was read
+    raise SourceError(str(e)) from None
 
 
 _WILLNEED_PIECE = 1 << 20
@@ -235,8 +243,9 @@ _MADV_DONTNEED = 4
 _libc = None
 
 
-def _file_mappings(path: str) -> list[tuple[int, int]]:
-  """Address ranges where `path` is memory-mapped in this process (/proc/self/maps; empty elsewhere)."""
+def _file_mappings(path: str) -> list[tuple[int, int, int]]:
+  """(start address, end address, file offset at start) of each memory map of `path` in this process
+  (/proc/self/maps; empty elsewhere)."""
   real = os.path.realpath(path)
   out = []
   try:
@@ -245,10 +254,23 @@ def _file_mappings(path: str) -> list[tuple[int, int]]:
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and parts[5].strip() == real:
           lo, hi = (int(x, 16) for x in parts[0].split("-"))
-          out.append((lo, hi))
+          out.append((lo, hi, int(parts[2], 16)))
   except OSError:
     pass
   return out
+
+
+def _file_offset(t, mappings: list[tuple[int, int, int]]) -> int | None:
+  """Where a contiguous tensor's bytes lie in the file whose `mappings` hold its storage (None when
+  they do not, e.g. a non-contiguous view or a storage torch copied)."""
+  if not t.is_contiguous():
+    return None
+  start = t.data_ptr()
+  end = start + t.numel() * t.element_size()
+  for lo, hi, offset in mappings:
+    if lo <= start and end <= hi:
+      return offset + start - lo
+  return None
 
 
 def _release_pages(t, mappings: list[tuple[int, int]]) -> None:
@@ -261,7 +283,7 @@ def _release_pages(t, mappings: list[tuple[int, int]]) -> None:
     start, n = storage.data_ptr(), storage.nbytes()
     page = os.sysconf("SC_PAGE_SIZE")
     lo, hi = -(-start // page) * page, (start + n) // page * page  # whole pages inside the storage only
-    if hi <= lo or not any(a <= lo and hi <= b for a, b in mappings):
+    if hi <= lo or not any(a <= lo and hi <= b for a, b, _ in mappings):
       return
     if _libc is None:
       _libc = ctypes.CDLL(None, use_errno=True)
@@ -278,7 +300,8 @@ class TorchBinSource(Source):
     super().__init__(files)
     torch = _import_torch()
     self._tensors = {}
-    self._mappings: dict[str, list[tuple[int, int]]] = {}
+    self._mappings: dict[str, list[tuple[int, int, int]]] = {}
+    self._fds: dict[str, int] = {}
     found: dict[str, str] = {}
     for path in files:
       name = os.path.basename(path)
@@ -309,6 +332,16 @@ class TorchBinSource(Source):
 
   def read(self, key: str) -> np.ndarray:
     t = self._tensors[key]
+    info = self.infos[key]
+    offset = _file_offset(t, self._mappings.get(info.file, []))
+    if offset is not None and t.numel():
+      # A map of just this tensor's bytes, as for safetensors (`map_tensor`: no copy, unmapped when the
+      # last view is dropped, file size checked first). torch's own map of the whole file keeps the
+      # pages it touched in RSS until closed, and a copy out of it costs a memcpy plus fresh pages.
+      fd = self._fds.get(info.file)
+      if fd is None:
+        fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+      return _mapped(dataclasses.replace(info, offset=offset), fd)
     try:
       # Copy out of the memory map, then drop the mapped pages from this process (they stay in the
       # page cache): otherwise every page read so far would count in RSS until the file is closed.
@@ -322,6 +355,9 @@ class TorchBinSource(Source):
   def close(self) -> None:
     self._tensors.clear()
     self._mappings.clear()
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
 
 
 FORMATS = ("auto", "safetensors", "bin")

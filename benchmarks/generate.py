@@ -33,6 +33,7 @@ from kangaroo_jax.config import LlamaConfig  # noqa: E402
 from kangaroo_jax.inference import Engine  # noqa: E402
 from kangaroo_jax.models import LlamaForCausalLM  # noqa: E402
 from tools.convert_weights.assemble import load_released_tensors  # noqa: E402
+from tools.convert_weights.hf_config import transformers_llama_config  # noqa: E402
 
 CONFIGS = {
     "tiny": lambda: kangaroo_jax.preset("tiny").llm,
@@ -44,12 +45,7 @@ CONFIGS = {
 
 
 def _pair(cfg: LlamaConfig):
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-      max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False, attention_bias=False,
-      mlp_bias=False, attn_implementation="eager")
+  hf_cfg = transformers_llama_config(cfg, attn_implementation="eager")
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(hf_cfg).eval()
   ours = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))

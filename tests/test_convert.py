@@ -42,7 +42,7 @@ from tools.convert_weights import safetensors_io, sources
 from tools.convert_weights.__main__ import main as cli
 from tools.convert_weights.assemble import ConversionError, load_released_tensors
 from tools.convert_weights.convert import import_checkpoint, inspect_checkpoint, plan_import
-from tools.convert_weights.hf_config import check_against_header, resolve_config
+from tools.convert_weights.hf_config import check_against_header, resolve_config, transformers_llama_config
 from tools.convert_weights.orbax_io import StoredParams, contiguous
 from tools.convert_weights.progress import Progress
 from tools.convert_weights.safetensors_io import TensorInfo
@@ -70,12 +70,7 @@ def released(tmp_path_factory):
   'tensors': the float32 numpy tensors of the file}."""
   root = tmp_path_factory.mktemp("released")
   llm = CFG.llm
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-      num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-      head_dim=llm.head_dim, rms_norm_eps=llm.rms_norm_eps, rope_theta=llm.rope_theta,
-      max_position_embeddings=llm.max_position_embeddings, tie_word_embeddings=False, attention_bias=False,
-      mlp_bias=False, attn_implementation="eager")
+  hf_cfg = transformers_llama_config(llm, attn_implementation="eager")
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(hf_cfg).eval()
   with torch.no_grad():

@@ -10,6 +10,7 @@ from kangaroo_jax.config import LlamaConfig, RopeScaling
 from kangaroo_jax.models import LlamaForCausalLM
 from tests.helpers import max_rel_error, torch_state_numpy
 from tools.convert_weights.assemble import load_released_tensors
+from tools.convert_weights.hf_config import transformers_llama_config
 
 TOL = 1e-4
 
@@ -18,18 +19,7 @@ def _configs(rope_scaling: RopeScaling | None):
   ours = LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=112, num_layers=3, num_heads=6,
                      num_kv_heads=2, head_dim=8, rope_theta=500000.0, rope_scaling=rope_scaling,
                      max_position_embeddings=4096, rms_norm_eps=1e-5)
-  hf_scaling = None
-  if rope_scaling is not None:
-    hf_scaling = dict(rope_type="llama3", factor=rope_scaling.factor, low_freq_factor=rope_scaling.low_freq_factor,
-                      high_freq_factor=rope_scaling.high_freq_factor,
-                      original_max_position_embeddings=rope_scaling.original_max_position_embeddings,
-                      rope_theta=ours.rope_theta)
-  hf = transformers.LlamaConfig(
-      vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
-      num_hidden_layers=ours.num_layers, num_attention_heads=ours.num_heads, num_key_value_heads=ours.num_kv_heads,
-      head_dim=ours.head_dim, rms_norm_eps=ours.rms_norm_eps, rope_theta=ours.rope_theta,
-      rope_scaling=hf_scaling, max_position_embeddings=ours.max_position_embeddings, tie_word_embeddings=False,
-      attention_bias=False, mlp_bias=False, attn_implementation="eager")
+  hf = transformers_llama_config(ours, attn_implementation="eager")
   return ours, hf
 
 

@@ -116,6 +116,14 @@ def hf_from_llama(llm: LlamaConfig, torch_dtype: str) -> dict:
   }
 
 
+def transformers_llama_config(llm: LlamaConfig, **overrides):
+  """`transformers.LlamaConfig` read from the config.json we would write for `llm` (`hf_from_llama`):
+  the reference LLM of the parity tests and benchmarks, built the way a released config is read.
+  Needs transformers (imported here). `overrides`, e.g. attn_implementation="eager", win."""
+  import transformers
+  return transformers.LlamaConfig(**{**hf_from_llama(llm, "float32"), **overrides})
+
+
 def _read_json(path: str) -> dict:
   try:
     with open(path) as f:

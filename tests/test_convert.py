@@ -178,7 +178,7 @@ def test_bin_tensors_are_mapped_unless_not_contiguous(released, imported_f32, tm
   torch.save(tensors, os.path.join(src, "pytorch_model.bin"))
   mapped = []
   real = sources._mapped
-  monkeypatch.setattr(sources, "_mapped", lambda info, fd: (mapped.append(info.key), real(info, fd))[1])
+  monkeypatch.setattr(sources, "_mapped", lambda info, fds: (mapped.append(info.key), real(info, fds))[1])
   dst = tmp_path / "out"
   import_checkpoint(src, str(dst), preset="tiny", dtype="float32", progress=False)
   assert key not in mapped and len(mapped) == len(tensors) - 1 - 2 - 2  # minus head and rope tables (ignored)
@@ -455,18 +455,20 @@ def test_progress_bar_counts_tensors_and_bytes():
 def test_contiguous_transpose_is_exact(cols):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((37, cols), dtype=np.float32)
-  # NaNs with payloads: grouped items are copied as raw bytes, never as floats.
+  # NaNs with payloads: grouped items are copied as raw bytes, never as floats. Casting them warns
+  # (numpy / ml_dtypes) in both `contiguous` and the reference: expected here.
   x.view(np.uint32)[0, :4] = [0x7FC00001, 0xFFC12345, 0x7F800001, 0x80000000]
-  views = (x.T, x.T[3:30, 5:20], x.T[:, 1:], x.astype(ml_dtypes.bfloat16).T, x.astype(np.float16).T[:, 2:])
-  for a in views:
-    for dtype in (a.dtype, np.dtype(ml_dtypes.bfloat16)):
-      want = np.array(a, dtype=dtype, order="C").view(np.uint8)
-      # No scratch, a scratch of a few rows (many column blocks) and one of 16 bytes (too small: replaced).
-      for scratch in (None, np.empty(37 * 16 * 3, np.uint8), np.empty(16, np.uint8)):
-        out = np.empty(a.nbytes + 7, np.uint8)
-        got = contiguous(a, dtype, out, scratch)
-        assert got.flags.c_contiguous and got.dtype == dtype and got.shape == a.shape
-        assert np.array_equal(got.view(np.uint8), want)
+  with np.errstate(invalid="ignore"):
+    views = (x.T, x.T[3:30, 5:20], x.T[:, 1:], x.astype(ml_dtypes.bfloat16).T, x.astype(np.float16).T[:, 2:])
+    for a in views:
+      for dtype in (a.dtype, np.dtype(ml_dtypes.bfloat16)):
+        want = np.array(a, dtype=dtype, order="C").view(np.uint8)
+        # No scratch, a scratch of a few rows (many column blocks) and one of 16 bytes (too small: replaced).
+        for scratch in (None, np.empty(37 * 16 * 3, np.uint8), np.empty(16, np.uint8)):
+          out = np.empty(a.nbytes + 7, np.uint8)
+          got = contiguous(a, dtype, out, scratch)
+          assert got.flags.c_contiguous and got.dtype == dtype and got.shape == a.shape
+          assert np.array_equal(got.view(np.uint8), want)
 
 
 def test_streaming_writer_overlaps_within_the_memory_bound(tmp_path):

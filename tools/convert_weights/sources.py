@@ -5,7 +5,8 @@ Supported layouts of a Hugging Face model folder (first match wins unless `fmt` 
   pytorch_model.bin.index.json + shards   |  pytorch_model.bin        (these two need torch)
 Safetensors tensors are memory-mapped one at a time (read-only; unmapped when dropped; see
 `safetensors_io.map_tensor`). `.bin` files are opened with
-`torch.load(mmap=True, weights_only=True)`, so only the tensor being converted is paged in.
+`torch.load(mmap=True, weights_only=True)` for their keys, shapes and dtypes; each contiguous
+tensor is then mapped the same way at its offset in the file (others are copied out).
 """
 
 from __future__ import annotations
@@ -110,10 +111,7 @@ class SafetensorsSource(Source):
     info = self.infos[key]
     if self._readahead is not None:
       self._readahead.reading(key)
-    fd = self._fds.get(info.file)
-    if fd is None:
-      fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-    return _mapped(info, fd)
+    return _mapped(info, self._fds)
 
   def close(self) -> None:
     if self._readahead is not None:
@@ -124,7 +122,11 @@ class SafetensorsSource(Source):
     self._fds.clear()
 
 
-def _mapped(info: TensorInfo, fd: int) -> np.ndarray:
+def _mapped(info: TensorInfo, fds: dict[str, int]) -> np.ndarray:
+  """`map_tensor` through the reader's open file (`fds`: path -> descriptor, opened here on first use)."""
+  fd = fds.get(info.file)
+  if fd is None:
+    fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
   try:
     return map_tensor(info, fd)
   except SafetensorsError as e:  # e.g. the file was truncated after its header was read
@@ -273,7 +275,7 @@ def _file_offset(t, mappings: list[tuple[int, int, int]]) -> int | None:
   return None
 
 
-def _release_pages(t, mappings: list[tuple[int, int]]) -> None:
+def _release_pages(t, mappings: list[tuple[int, int, int]]) -> None:
   """madvise(DONTNEED) over a tensor's storage, only where it lies inside a read-only use of the file's
   memory map (the pages then re-fault from the file if read again; anonymous memory is never touched)."""
   global _libc
@@ -338,10 +340,7 @@ class TorchBinSource(Source):
       # A map of just this tensor's bytes, as for safetensors (`map_tensor`: no copy, unmapped when the
       # last view is dropped, file size checked first). torch's own map of the whole file keeps the
       # pages it touched in RSS until closed, and a copy out of it costs a memcpy plus fresh pages.
-      fd = self._fds.get(info.file)
-      if fd is None:
-        fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-      return _mapped(dataclasses.replace(info, offset=offset), fd)
+      return _mapped(dataclasses.replace(info, offset=offset), self._fds)
     try:
       # Copy out of the memory map, then drop the mapped pages from this process (they stay in the
       # page cache): otherwise every page read so far would count in RSS until the file is closed.

@@ -9,9 +9,9 @@ written one tensor at a time), then runs, each in its own child process:
   import floor: the interpreter with the converter's modules imported, converting nothing;
   convert:      `python -m tools.convert_weights import SRC DST --quiet` (bf16 -> bf16 Orbax/OCDBT;
                 the durable fsync of every file and folder before the final rename is included);
-  bin:          (with torch installed; --no-bin skips it) the same tensors saved as pytorch_model.bin by
-                torch.save and converted once, cache warm (peak RSS with torch imported; the .bin reader
-                memory-maps the file and drops each tensor's pages after copying it).
+  bin:          (with torch installed, to write the file; --no-bin skips it) the same tensors saved as
+                pytorch_model.bin by torch.save and converted once, cache warm (the converter reads it
+                without torch, mapping each tensor's bytes in the zip as for safetensors).
 "cold" runs start right after the file was evicted from the page cache (posix_fadvise DONTNEED) and
 are repeated (median reported: disk timings on a shared VM vary by several x between runs); "warm"
 runs read the cached file. Peak RSS is the child's VmHWM at exit (max over all conversion runs).
@@ -178,7 +178,7 @@ def _bin_run(src: str, work: str, cfg_path: str, size: int, largest: int) -> dic
   bin_src, bin_dst = os.path.join(work, "bin"), os.path.join(work, "bin_dst")
   os.makedirs(bin_src, exist_ok=True)
   _run_child("-c", _SAVE_BIN, src, bin_src)
-  _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR + ", torch")
+  _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR)
   run = _convert(bin_src, bin_dst, cfg_path)
   return {"file_bytes": os.path.getsize(os.path.join(bin_src, "pytorch_model.bin")), "peak_rss_bytes": run["peak_rss"],
           "import_floor_rss_bytes": floor_rss, "peak_rss_above_floor_bytes": run["peak_rss"] - floor_rss,

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import types
 
@@ -168,20 +169,23 @@ def test_bin_import_matches_safetensors_import(released, imported_f32, tmp_path)
 
 
 def test_bin_tensors_are_mapped_unless_not_contiguous(released, imported_f32, tmp_path, monkeypatch):
-  """.bin tensors are read through a map of their own bytes; a non-contiguous one (a view saved with
-  its whole storage) falls back to a copy. Either way the stored values are the released ones."""
+  """.bin tensors are read (without torch) through a map of their own bytes; a non-contiguous one (a
+  view saved with its whole storage) is copied out of a map of that storage. Either way the stored
+  values are the released ones."""
   src = _variant(released, tmp_path, files=())
   tensors = {k: torch.from_numpy(v.copy()) for k, v in released["tensors"].items()}
   key = "model.layers.0.mlp.down_proj.weight"
   tensors[key] = tensors[key].t().contiguous().t()  # same values, column-major storage
   assert not tensors[key].is_contiguous()
   torch.save(tensors, os.path.join(src, "pytorch_model.bin"))
-  mapped = []
+  mapped = {}
   real = sources._mapped
-  monkeypatch.setattr(sources, "_mapped", lambda info, fds: (mapped.append(info.key), real(info, fds))[1])
+  monkeypatch.setattr(sources, "_mapped", lambda info, fds: (mapped.update({info.key: info.shape}), real(info, fds))[1])
   dst = tmp_path / "out"
   import_checkpoint(src, str(dst), preset="tiny", dtype="float32", progress=False)
-  assert key not in mapped and len(mapped) == len(tensors) - 1 - 2 - 2  # minus head and rope tables (ignored)
+  assert len(mapped) == len(tensors) - 2 - 2  # all but the CLIP head and the rope tables (ignored, never read)
+  assert mapped[key] == (tensors[key].numel(),)  # its storage, mapped whole; the view is copied out of it
+  assert all(shape == tuple(tensors[k].shape) for k, shape in mapped.items() if k != key)
   a, b = StoredParams(os.path.join(imported_f32, "state")), StoredParams(os.path.join(dst, "state"))
   for path in a.paths:
     assert np.array_equal(a.read(path), b.read(path)), path
@@ -395,7 +399,8 @@ def test_inspect_reads_headers_only(released, tmp_path, monkeypatch, capsys):
     raise AssertionError("inspect must not read tensor data")
 
   monkeypatch.setattr(safetensors_io, "read_tensor", boom)
-  monkeypatch.setattr(sources, "read_tensor", boom)
+  monkeypatch.setattr(safetensors_io, "map_tensor", boom)
+  monkeypatch.setattr(sources, "map_tensor", boom)  # the readers' path to tensor data (.bin too)
   src = _variant(released, tmp_path)
   result = inspect_checkpoint(src)
   assert result["counts"] == {"mapped": len(released_entries(CFG, extras=False)), "ignored": 4, "unmapped": 0}
@@ -578,3 +583,22 @@ def test_buffer_pool_reuses_best_fit_within_its_byte_budget():
   c = np.empty(70, np.uint8)
   pool.give(c)  # 40 + 70 > 100: the oldest free buffer goes
   assert [x.nbytes for x in pool.free] == [70]
+
+
+def test_bin_reader_needs_no_torch_and_refuses_what_is_not_a_state_dict(released, tmp_path, monkeypatch):
+  src = _variant(released, tmp_path, files=("pytorch_model.bin",))
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+  with sources.open_source(src) as source:
+    key = "model.layers.1.self_attn.k_proj.weight"
+    assert np.array_equal(source.read(key), released["tensors"][key])
+  monkeypatch.undo()
+
+  def saved(obj, name):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return str(path)
+
+  with pytest.raises(SourceError, match=r"entry 'step' is a int, not a tensor"):
+    sources.open_source(saved({"w": torch.zeros(2), "step": 3}, "step.bin"))
+  with pytest.raises(SourceError, match=r"refers to torch\.nn\.modules\.linear\.Linear, which a state dict"):
+    sources.open_source(saved({"layer": torch.nn.Linear(2, 2)}, "module.bin"))

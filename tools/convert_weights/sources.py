@@ -2,25 +2,23 @@
 
 Supported layouts of a Hugging Face model folder (first match wins unless `fmt` is given):
   model.safetensors.index.json + shards   |  model.safetensors
-  pytorch_model.bin.index.json + shards   |  pytorch_model.bin        (these two need torch)
-Safetensors tensors are memory-mapped one at a time (read-only; unmapped when dropped; see
-`safetensors_io.map_tensor`). `.bin` files are opened with
-`torch.load(mmap=True, weights_only=True)` for their keys, shapes and dtypes; each contiguous
-tensor is then mapped the same way at its offset in the file (others are copied out).
+  pytorch_model.bin.index.json + shards   |  pytorch_model.bin
+Tensors are memory-mapped one at a time (read-only; unmapped when dropped; see
+`safetensors_io.map_tensor`). `.bin` files need no torch: `torch_zip` finds each tensor's bytes in
+the zip from its pickle; a non-contiguous tensor (a view saved with its storage) is copied out.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
-import zipfile
 from typing import Iterator
 
 import numpy as np
 
-from tools.convert_weights.safetensors_io import SafetensorsError, TensorInfo, map_tensor, read_header, read_tensor
+from tools.convert_weights.safetensors_io import SafetensorsError, TensorInfo, map_tensor, read_header
+from tools.convert_weights.torch_zip import StoredTensor, TorchZipError, read_index
 
 
 class SourceError(ValueError):
@@ -207,153 +205,44 @@ class Readahead:
       self._thread.join()
 
 
-def _import_torch():
-  try:
-    import torch
-  except ImportError:
-    raise SourceError("reading pytorch_model.bin needs torch (CPU build is enough: pip install torch); "
-                      "a model.safetensors needs no torch") from None
-  return torch
-
-
-def torch_dtype_to_numpy(dtype) -> np.dtype:
-  import ml_dtypes
-  torch = _import_torch()
-  special = {torch.bfloat16: ml_dtypes.bfloat16}
-  for name, target in (("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)):
-    if hasattr(torch, name):
-      special[getattr(torch, name)] = target
-  if dtype in special:
-    return np.dtype(special[dtype])
-  return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
-
-
-def torch_to_numpy(t) -> np.ndarray:
-  """A CPU torch tensor -> numpy with the same dtype (bfloat16 via ml_dtypes), no float upcast."""
-  import ml_dtypes
-  torch = _import_torch()
-  t = t.detach()
-  if t.dtype == torch.bfloat16:
-    return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  if t.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
-    target = ml_dtypes.float8_e4m3fn if t.dtype == torch.float8_e4m3fn else ml_dtypes.float8_e5m2
-    return t.contiguous().view(torch.uint8).numpy().view(target)
-  return t.contiguous().numpy()
-
-
-_MADV_DONTNEED = 4
-_libc = None
-
-
-def _file_mappings(path: str) -> list[tuple[int, int, int]]:
-  """(start address, end address, file offset at start) of each memory map of `path` in this process
-  (/proc/self/maps; empty elsewhere)."""
-  real = os.path.realpath(path)
-  out = []
-  try:
-    with open("/proc/self/maps") as f:
-      for line in f:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].strip() == real:
-          lo, hi = (int(x, 16) for x in parts[0].split("-"))
-          out.append((lo, hi, int(parts[2], 16)))
-  except OSError:
-    pass
-  return out
-
-
-def _file_offset(t, mappings: list[tuple[int, int, int]]) -> int | None:
-  """Where a contiguous tensor's bytes lie in the file whose `mappings` hold its storage (None when
-  they do not, e.g. a non-contiguous view or a storage torch copied)."""
-  if not t.is_contiguous():
-    return None
-  start = t.data_ptr()
-  end = start + t.numel() * t.element_size()
-  for lo, hi, offset in mappings:
-    if lo <= start and end <= hi:
-      return offset + start - lo
-  return None
-
-
-def _release_pages(t, mappings: list[tuple[int, int, int]]) -> None:
-  """madvise(DONTNEED) over a tensor's storage, only where it lies inside a read-only use of the file's
-  memory map (the pages then re-fault from the file if read again; anonymous memory is never touched)."""
-  global _libc
-  try:
-    import ctypes
-    storage = t.untyped_storage()
-    start, n = storage.data_ptr(), storage.nbytes()
-    page = os.sysconf("SC_PAGE_SIZE")
-    lo, hi = -(-start // page) * page, (start + n) // page * page  # whole pages inside the storage only
-    if hi <= lo or not any(a <= lo and hi <= b for a, b, _ in mappings):
-      return
-    if _libc is None:
-      _libc = ctypes.CDLL(None, use_errno=True)
-      _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    _libc.madvise(lo, hi - lo, _MADV_DONTNEED)
-  except Exception:  # best effort (non-Linux): memory use is only less tidy
-    pass
-
-
 class TorchBinSource(Source):
+  """`pytorch_model.bin` (torch.save zip format) without torch: see `torch_zip`."""
+
   kind = "pytorch_model.bin"
 
   def __init__(self, files: list[str], index_path: str | None = None, weight_map: dict[str, str] | None = None):
     super().__init__(files)
-    torch = _import_torch()
-    self._tensors = {}
-    self._mappings: dict[str, list[tuple[int, int, int]]] = {}
+    self._stored: dict[str, StoredTensor] = {}
     self._fds: dict[str, int] = {}
     found: dict[str, str] = {}
     for path in files:
       name = os.path.basename(path)
       if not os.path.exists(path):
         raise SourceError(f"shard {name} listed in the index is missing")
-      if not zipfile.is_zipfile(path):
-        raise SourceError(f"{name}: not a (complete) torch zip checkpoint; the file is truncated, corrupt, or "
-                          "in the legacy pre-1.6 format (re-save it with torch.save or convert to safetensors)")
       try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-      except Exception as e:  # torch raises RuntimeError / UnpicklingError / zipfile errors alike
-        raise SourceError(f"{name}: cannot be loaded ({type(e).__name__}: {e}); the file is truncated or "
-                          "corrupt") from None
-      if not isinstance(state, dict):
-        raise SourceError(f"{name}: expected a state dict, found {type(state).__name__}")
-      self._mappings[path] = _file_mappings(path)
-      for key, t in state.items():
-        if not isinstance(t, torch.Tensor):
-          raise SourceError(f"{name}: entry {key!r} is a {type(t).__name__}, not a tensor")
-        if key in self._tensors:
+        stored = read_index(path)
+      except TorchZipError as e:
+        raise SourceError(str(e)) from None
+      for key, t in stored.items():
+        if key in self._stored:
           raise SourceError(f"tensor {key!r} appears in two shards")
-        self._tensors[key] = t
+        self._stored[key] = t
         found[key] = name
-        dtype = torch_dtype_to_numpy(t.dtype)  # from the pickle's metadata; no data is touched
-        self.infos[key] = TensorInfo(key, tuple(t.shape), dtype, path)
+        self.infos[key] = TensorInfo(key, t.shape, t.dtype, path, t.offset)
     if weight_map is not None:
       _check_against_index(index_path, weight_map, found)
 
   def read(self, key: str) -> np.ndarray:
-    t = self._tensors[key]
-    info = self.infos[key]
-    offset = _file_offset(t, self._mappings.get(info.file, []))
-    if offset is not None and t.numel():
-      # A map of just this tensor's bytes, as for safetensors (`map_tensor`: no copy, unmapped when the
-      # last view is dropped, file size checked first). torch's own map of the whole file keeps the
-      # pages it touched in RSS until closed, and a copy out of it costs a memcpy plus fresh pages.
-      return _mapped(dataclasses.replace(info, offset=offset), self._fds)
-    try:
-      # Copy out of the memory map, then drop the mapped pages from this process (they stay in the
-      # page cache): otherwise every page read so far would count in RSS until the file is closed.
-      out = np.array(torch_to_numpy(t), copy=True)
-    except Exception as e:
-      raise SourceError(f"{os.path.basename(self.infos[key].file)}: reading {key!r} failed "
-                        f"({type(e).__name__}: {e}); the file is truncated or corrupt") from None
-    _release_pages(t, self._mappings.get(self.infos[key].file, []))
-    return out
+    t = self._stored[key]
+    if t.contiguous:  # mapped like a safetensors tensor: no copy
+      return _mapped(self.infos[key], self._fds)
+    # A view saved with its whole storage (e.g. a transposed tensor): map the storage, copy the view out.
+    storage = _mapped(TensorInfo(key, (t.storage_numel,), t.dtype, t.file, t.storage_offset), self._fds)
+    view = np.lib.stride_tricks.as_strided(storage[t.element_offset:], t.shape,
+                                           tuple(s * t.dtype.itemsize for s in t.strides), writeable=False)
+    return np.array(view)
 
   def close(self) -> None:
-    self._tensors.clear()
-    self._mappings.clear()
     for fd in self._fds.values():
       os.close(fd)
     self._fds.clear()

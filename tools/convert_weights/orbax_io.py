@@ -342,7 +342,8 @@ class StreamingHandler(np_handlers.NumpyHandler):
   writes in TensorStore's threads, while this coroutine reads the next source tensor, so reading,
   transposing and writing overlap. Memory is bounded: the blocks being copied or written total at
   most `max_pending` chunks' bytes, and the source tensors still referenced by them total at most
-  the largest one (a tensor larger than that is read alone, after everything before it is written).
+  the largest one (a block lets go of its source once copied, or once written if it needed no copy;
+  the largest tensor is read only when no earlier block still uses its source).
   Small blocks may be many (up to `_TASKS_PER_CHUNK` per chunk of that budget): each TensorStore
   write resolves only after an OCDBT commit (~10-80 ms whatever the size), so with a fixed number
   in flight, the 2 MB per-layer blocks of a 1024-wide vision tower were written at ~200-500 MB/s.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kangaroo_jax.inference.loading import add_loading_args, load_from_args
+
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m kangaroo_jax.chat", description=__doc__.split("\n\n")[0])
@@ -25,23 +27,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--system", help="system prompt")
-  p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), help="cast weights while loading")
-  p.add_argument("--prefill-chunk", type=int, default=512)
-  p.add_argument("--context-parallel", type=int, default=1, metavar="N",
-                 help="split the KV cache and prefill over N devices (context axis)")
-  p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split attention heads / MLP over N devices")
+  add_loading_args(p)
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  from kangaroo_jax.inference.loading import load_for_inference
-
-  model, tokenizer, scope = load_for_inference(args.ckpt_dir, param_dtype=args.param_dtype,
-                                               context=args.context_parallel, tensor=args.tensor_parallel)
-  if tokenizer is None:
-    print(f"error: {args.ckpt_dir} holds no tokenizer.json or tokenizer.model", file=sys.stderr)
+  loaded = load_from_args(args)
+  if loaded is None:
     return 2
+  model, tokenizer, scope = loaded
   with scope:
     return _session(args, model, tokenizer)
 

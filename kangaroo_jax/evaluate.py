@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Callable
 
+from kangaroo_jax.inference.loading import add_loading_args, load_from_args
 from kangaroo_jax.inference.mcq import LETTERS, MCItem, extract_choice, format_prompt, load_benchmark, resolve_video
 
 PREDICTIONS = "predictions.jsonl"
@@ -138,23 +139,17 @@ def main(argv=None) -> int:
   p.add_argument("--num-frames", type=int, default=64)
   p.add_argument("--max-new-tokens", type=int, default=16)
   p.add_argument("--max-items", type=int, help="stop after this many new items (resume later)")
-  p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--prefill-chunk", type=int, default=512)
-  p.add_argument("--context-parallel", type=int, default=1, metavar="N",
-                 help="split the KV cache and prefill over N devices (context axis)")
-  p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split attention heads / MLP over N devices")
+  add_loading_args(p)
   args = p.parse_args(argv)
 
   from kangaroo_jax.inference.chat import Chat
-  from kangaroo_jax.inference.loading import load_for_inference
 
   items = load_benchmark(args.benchmark)
   output = args.output or os.path.splitext(args.benchmark)[0] + "_predictions"
-  model, tokenizer, scope = load_for_inference(args.ckpt_dir, param_dtype=args.param_dtype,
-                                               context=args.context_parallel, tensor=args.tensor_parallel)
-  if tokenizer is None:
-    print(f"error: {args.ckpt_dir} holds no tokenizer files", file=sys.stderr)
+  loaded = load_from_args(args)
+  if loaded is None:
     return 2
+  model, tokenizer, scope = loaded
   with scope:
     chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk)
     summary = evaluate(model_answer_fn(chat, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens), items,

@@ -164,3 +164,11 @@ def test_cli_with_another_answer(setup, capsys):
   assert summary["per_task"] == {"Counting Problem": {"accuracy": 0.0, "correct": 0, "total": 2},
                                  "Object Recognition": {"accuracy": 100.0, "correct": 1, "total": 1}}
   assert summary["overall"]["accuracy"] == pytest.approx(33.33)
+
+
+def test_cli_needs_a_tokenizer(setup, capsys):
+  ckpt = save_pretrained(answering(setup["tok"], "C"), None, str(setup["dir"] / "ckpt_no_tok"))
+  rc = ev.main([ckpt, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]),
+                "--output", str(setup["dir"] / "run_no_tok")])
+  assert rc == 2
+  assert f"{ckpt} holds no tokenizer.json or tokenizer.model" in capsys.readouterr().err

@@ -15,11 +15,13 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 AttentionImpl = Literal["reference", "ring", "all_gather"]
+AttentionKernel = Literal["auto", "xla", "splash", "cudnn"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ATTENTION_IMPLS = ("reference", "ring", "all_gather")
+_ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -195,6 +197,9 @@ class KangarooConfig:
   param_dtype: DTypeName = "float32"
   compute_dtype: DTypeName = "bfloat16"
   attention_impl: AttentionImpl = "reference"
+  # Per-device kernel: "auto" = splash on TPU, cuDNN on GPU (dense, half precision), XLA otherwise.
+  # "splash" off TPU runs Pallas in interpret mode (tests).
+  attention_kernel: AttentionKernel = "auto"
   # Ring attention tile length (tokens per query/key block). Larger tiles mean fewer loop
   # iterations and bigger score buffers; fused kernels on TPU/GPU pick their own inner blocks.
   attention_block: int = 512
@@ -211,6 +216,7 @@ class KangarooConfig:
     _check_choice(self.param_dtype, tuple(_DTYPES), c, "param_dtype")
     _check_choice(self.compute_dtype, tuple(_DTYPES), c, "compute_dtype")
     _check_choice(self.attention_impl, _ATTENTION_IMPLS, c, "attention_impl")
+    _check_choice(self.attention_kernel, _ATTENTION_KERNELS, c, "attention_kernel")
     _check_choice(self.remat_policy, _REMAT_POLICIES, c, "remat_policy")
     _check(self.attention_block > 0, c, "attention_block", f"must be a positive token count, got {self.attention_block}")
     if self.projector.patchify != "none":

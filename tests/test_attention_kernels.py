@@ -1,7 +1,8 @@
-"""Fused-kernel hooks: the Pallas attention tile (interpret mode on CPU) and the dense-kernel path.
+"""Fused per-device kernels: splash (Pallas TPU, interpret mode here) and the cuDNN call, against the dense
+reference (forward and gradients), and the kernel choice made from the mesh's platform, not the host's.
 
-The Pallas tile is the kernel TPU runs inside the ring's block step; here it is checked against the
-jnp tile it replaces, alone and inside the full ring (forward and gradients), on a CPU mesh.
+The splash numerics run in Pallas interpret mode on CPU; that they also lower for a real TPU is checked
+by ahead-of-time compilation in tests/test_tpu_aot.py.
 """
 
 import jax
@@ -9,79 +10,88 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kangaroo_jax.attention import reference_attention, ring_attention
-from kangaroo_jax.attention.context_parallel import dense_local_attention, local_attention_kernel
-from kangaroo_jax.attention.pallas_tiles import tile_backward_pallas, tile_forward_pallas
-from kangaroo_jax.attention.ring import resolve_tile_impl
-from kangaroo_jax.attention.tiles import tile_backward_jnp, tile_forward_jnp
+from kangaroo_jax.attention import all_gather_attention, dense_attention, reference_attention, ring_attention
+from kangaroo_jax.attention.context_parallel import ContextParallelError, cudnn_attention, resolve_kernel
+from kangaroo_jax.attention.splash import splash_block
 from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.helpers import max_rel_error
+from tests.test_context_parallel import _check
+
+pytestmark = pytest.mark.xdist_group("splash_interpret")
 
 
-def _tile_inputs(b=2, kvh=2, g=2, tq=8, tk=6, d=16, seed=0):
-  rng = np.random.default_rng(seed)
-  f = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
-  q, k, v, do = f(b, kvh, g, tq, d), f(b, tk, kvh, d), f(b, tk, kvh, d), f(b, kvh, g, tq, d)
-  q_pos = jnp.asarray(np.tile(np.arange(10, 10 + tq), (b, 1)))
-  kv_pos = jnp.asarray(np.tile(np.arange(7, 7 + tk), (b, 1)))
-  q_seg = jnp.asarray(np.tile([1] * 5 + [2] * (tq - 5), (b, 1)))
-  kv_seg = jnp.asarray(np.tile([1] * 3 + [2] * (tk - 3), (b, 1)))
-  acc = (f(b, kvh, g, tq, d), jnp.abs(f(b, kvh, g, tq)) + 1, f(b, kvh, g, tq))
-  return q, k, v, do, q_pos, kv_pos, q_seg, kv_seg, acc
+@pytest.mark.parametrize("mesh_cfg,zigzag", [(MeshConfig(fsdp=2, context=4), True),
+                                             (MeshConfig(data=2, context=2, tensor=2), False)])
+def test_splash_ring_matches_reference(mesh_cfg, zigzag):
+  """Per-step splash kernels merged by log-sum-exp; zigzag (step cases j<i / j>i) and contiguous layouts,
+  packed segments, GQA, heads split over `tensor`."""
+  n = mesh_cfg.context
+  _check(ring_attention, mesh_cfg, causal=True, packed=True, zigzag=zigzag, s=256 * n, h=4, kvh=2, d=32,
+         kernel="splash", layout="zigzag" if zigzag else "natural")
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_pallas_tile_forward_matches_jnp(causal):
-  q, k, v, _, qp, kp, qs, ks, acc = _tile_inputs()
-  want = tile_forward_jnp(q, k, v, qp, kp, qs, ks, *acc, causal=causal, scale=0.25)
-  got = tile_forward_pallas(q, k, v, qp, kp, qs, ks, *acc, causal=causal, scale=0.25)
-  for g, w in zip(got, want):
-    assert max_rel_error(g, w) <= 1e-6
+def test_splash_all_gather_matches_reference():
+  """Kernel built for the global mask with q_seq_shards = context, its mask tables sharded like the queries."""
+  _check(all_gather_attention, MeshConfig(fsdp=2, context=4), causal=True, packed=True, zigzag=False, s=512, h=4,
+         kvh=1, d=32, kernel="splash", layout="natural")
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_pallas_tile_backward_matches_jnp(causal):
-  q, k, v, do, qp, kp, qs, ks, _ = _tile_inputs(seed=1)
-  rng = np.random.default_rng(2)
-  lse = jnp.asarray(rng.normal(size=q.shape[:-1]).astype(np.float32)) + 3.0
-  delta = jnp.asarray(rng.normal(size=q.shape[:-1]).astype(np.float32))
-  want = tile_backward_jnp(q, k, v, do, lse, delta, qp, kp, qs, ks, causal=causal, scale=0.25)
-  got = tile_backward_pallas(q, k, v, do, lse, delta, qp, kp, qs, ks, causal=causal, scale=0.25)
-  for name, g, w in zip(("dq", "dk", "dv"), got, want):
-    assert max_rel_error(g, w) <= 1e-6, name
+def test_splash_dense_without_mesh_matches_reference():
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.normal(size=(2, 256, 4, 32)).astype(np.float32))
+  k, v = (jnp.asarray(rng.normal(size=(2, 256, 2, 32)).astype(np.float32)) for _ in range(2))
+  seg = jnp.asarray(np.tile([1] * 100 + [2] * 156, (2, 1)))
+  pos = jnp.asarray(np.tile(np.concatenate([np.arange(100), np.arange(156)]), (2, 1)))
+  kw = dict(causal=True, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+  got = jax.jit(lambda q, k, v: dense_attention(q, k, v, kernel="splash", layout="natural", **kw))(q, k, v)
+  assert max_rel_error(got, reference_attention(q, k, v, **kw)) <= 1e-5
 
 
-def test_ring_with_pallas_tiles_matches_reference():
-  mesh = make_mesh(MeshConfig(fsdp=2, context=4))
-  rng = np.random.default_rng(0)
-  b, s, h, kvh, d = 2, 32, 4, 2, 8
-  q = jnp.asarray(rng.normal(size=(b, s, h, d)).astype(np.float32))
-  k, v = (jnp.asarray(rng.normal(size=(b, s, kvh, d)).astype(np.float32)) for _ in range(2))
-  w = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
-  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * w))
-  ref_fn = lambda q, k, v: reference_attention(q, k, v, causal=True)
-  ring_fn = lambda q, k, v: ring_attention(q, k, v, causal=True, block_q=4, block_kv=4, tile_impl="pallas")
-  want = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
-  with jax.set_mesh(mesh):
-    out = jax.jit(ring_fn)(q, k, v)
-    got = jax.jit(jax.grad(loss(ring_fn), argnums=(0, 1, 2)))(q, k, v)
-  assert max_rel_error(out, ref_fn(q, k, v)) <= 1e-5
-  for name, g, r in zip("qkv", got, want):
-    assert max_rel_error(g, r) <= 1e-5, name
-
-
-def test_kernel_selection_by_backend():
+def test_kernel_choice_follows_the_mesh_platform():
   assert jax.default_backend() == "cpu"
-  assert resolve_tile_impl("auto") == "jnp"  # Pallas tiles are chosen automatically on TPU only
-  assert resolve_tile_impl("pallas") == "pallas"
-  assert local_attention_kernel("auto", jnp.bfloat16) == "xla"  # cuDNN only on GPU
-  with pytest.raises(ValueError, match="unknown attention tile implementation"):
-    resolve_tile_impl("triton")
-  with pytest.raises(ValueError, match="unknown dense attention kernel"):
-    local_attention_kernel("flash", jnp.float32)
+  lengths = dict(q_len=1024, kv_len=1024)
+  with jax.set_mesh(make_mesh(MeshConfig(fsdp=-1))):
+    assert resolve_kernel("auto", dtype=jnp.bfloat16, layout="natural", **lengths) == "xla"
+  tpu = pytest.importorskip("jax.experimental.topologies").get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  with jax.set_mesh(make_mesh(MeshConfig(fsdp=-1), devices=tpu.devices)):
+    assert resolve_kernel("auto", dtype=jnp.bfloat16, layout="natural", **lengths) == "splash"
+    assert resolve_kernel("auto", dtype=jnp.bfloat16, layout="zigzag", ring=True, **lengths) == "splash"
+    # Positions in no known order (KV-cache prefill) or lengths Mosaic cannot tile: XLA.
+    assert resolve_kernel("auto", dtype=jnp.bfloat16, layout=None, **lengths) == "xla"
+    assert resolve_kernel("auto", dtype=jnp.bfloat16, layout="natural", q_len=1000, kv_len=1000) == "xla"
+  with pytest.raises(ContextParallelError, match="multiples of 128"):
+    resolve_kernel("splash", dtype=jnp.float32, layout="natural", q_len=100, kv_len=100)
+  with pytest.raises(ValueError, match="unknown attention kernel"):
+    resolve_kernel("flash", dtype=jnp.float32, layout=None, q_len=8, kv_len=8)
 
 
-def test_dense_local_attention_plumbing_matches_reference():
+def test_splash_block_obeys_mosaic_rules():
+  assert splash_block(8448) == 384 and splash_block(4224) == 384 and splash_block(1024) == 512 and splash_block(640) == 128
+  assert splash_block(1000) is None and splash_block(64) is None
+
+
+def test_reference_in_query_chunks_matches_unchunked():
+  """Chunked queries (rematerialised per chunk) give the same values and gradients as one dense block."""
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.normal(size=(1, 96, 4, 8)).astype(np.float32))
+  k, v = (jnp.asarray(rng.normal(size=(1, 96, 2, 8)).astype(np.float32)) for _ in range(2))
+  loss = lambda block: (lambda q, k, v: jnp.sum(jnp.sin(reference_attention(q, k, v, causal=True, block_q=block))))
+  for a, b in zip(jax.grad(loss(32), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(96), argnums=(0, 1, 2))(q, k, v)):
+    assert max_rel_error(a, b) <= 1e-6
+  hlo = jax.jit(jax.grad(loss(32))).lower(q, k, v).compile().as_text()
+  assert "f32[1,2,2,96,96]" not in hlo  # no full [q, kv] score matrix
+
+
+def test_bf16_attention_multiplies_in_bf16_with_f32_accumulation():
+  q = jnp.zeros((1, 64, 4, 16), jnp.bfloat16)
+  k = v = jnp.zeros((1, 64, 2, 16), jnp.bfloat16)
+  hlo = jax.jit(lambda q, k, v: reference_attention(q, k, v, causal=True)).lower(q, k, v).as_text()
+  assert "HIGHEST" not in hlo
+  dots = [l for l in hlo.splitlines() if "dot_general" in l]
+  assert dots and all("bf16" in l.split("dot_general")[1].split(")")[0] for l in dots), dots
+
+
+def test_cudnn_call_plumbing_matches_reference():
   """The jax.nn.dot_product_attention call used for cuDNN on GPU, run with XLA: same mask and GQA handling."""
   rng = np.random.default_rng(5)
   q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)).astype(np.float32))
@@ -89,5 +99,5 @@ def test_dense_local_attention_plumbing_matches_reference():
   pos = jnp.asarray(np.tile(np.concatenate([np.arange(5), np.arange(7)]), (2, 1)))
   seg = jnp.asarray(np.tile([1] * 5 + [2] * 7, (2, 1)))
   kw = dict(causal=True, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg, scale=None)
-  got = dense_local_attention(q, k, v, kernel="xla", **kw)
+  got = cudnn_attention(q, k, v, implementation="xla", **kw)
   assert max_rel_error(got, reference_attention(q, k, v, **kw)) <= 1e-5

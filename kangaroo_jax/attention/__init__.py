@@ -1,27 +1,35 @@
-"""Attention implementations behind one dispatcher, selected by `KangarooConfig.attention_impl`."""
+"""Attention implementations behind one dispatcher, selected by `KangarooConfig.attention_impl`.
+
+Each impl runs the platform's fused kernel per device (`KangarooConfig.attention_kernel`, "auto":
+splash on TPU, cuDNN on GPU for dense attention, XLA elsewhere); see `context_parallel.resolve_kernel`.
+"""
 
 from __future__ import annotations
 
 import functools
 from typing import Callable
 
-from kangaroo_jax.attention.context_parallel import all_gather_attention, decode_attention, ring_attention
+from kangaroo_jax.attention.context_parallel import (KERNELS, all_gather_attention, decode_attention, dense_attention,
+                                                     resolve_kernel, ring_attention)
 from kangaroo_jax.attention.reference import attention_mask, reference_attention
 
-# Context-parallel impls fall back to `reference` when no mesh is set or the context axis is 1.
-_IMPLS: dict[str, Callable] = {"reference": reference_attention, "ring": ring_attention,
-                               "all_gather": all_gather_attention}
+# Context-parallel impls fall back to dense attention when no mesh is set or the context axis is 1.
+_IMPLS: dict[str, Callable] = {"reference": dense_attention, "ring": ring_attention, "all_gather": all_gather_attention}
 
 
-def get_attention(impl: str, block_size: int | None = None) -> Callable:
-  """Returns the attention function for `impl` (same signature as `reference_attention`).
+def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto") -> Callable:
+  """Returns the attention function for `impl` (same signature as `reference_attention`, plus `layout`).
 
-  `block_size` sets the ring's query and key tile length (tokens); other impls have no tiles.
+  `block_size` sets the XLA ring's query and key tile length (tokens); other impls have no tiles.
+  `kernel` is the per-device kernel choice (one of `KERNELS`).
   """
   try:
     fn = _IMPLS[impl]
   except KeyError:
     raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_IMPLS)}") from None
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown attention kernel {kernel!r}; available: {KERNELS}")
+  fn = functools.partial(fn, kernel=kernel)
   if impl == "ring" and block_size is not None:
     if block_size < 1:
       raise ValueError(f"attention block_size must be positive, got {block_size}")
@@ -29,5 +37,5 @@ def get_attention(impl: str, block_size: int | None = None) -> Callable:
   return fn
 
 
-__all__ = ["all_gather_attention", "attention_mask", "decode_attention", "get_attention", "reference_attention",
-           "ring_attention"]
+__all__ = ["KERNELS", "all_gather_attention", "attention_mask", "decode_attention", "dense_attention",
+           "get_attention", "reference_attention", "resolve_kernel", "ring_attention"]

@@ -11,10 +11,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kangaroo_jax.attention import splash
+from kangaroo_jax.attention.numerics import attention_einsum
 from kangaroo_jax.attention.reference import MASK_VALUE, attention_mask, reference_attention
 from kangaroo_jax.attention.ring import ring_attention_shard
+from kangaroo_jax.attention.ring_splash import ring_attention_splash_shard
 
 CONTEXT = "context"
 
@@ -33,8 +37,9 @@ def context_size() -> int:
   return 1 if mesh is None or CONTEXT not in mesh.shape else mesh.shape[CONTEXT]
 
 
-def _specs(mesh, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, what: str):
-  n = mesh.shape[CONTEXT]
+def _specs(mesh, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, what: str, context: bool = True):
+  """(head spec [b, s, h, d], token spec [b, s]); the sequence is sharded over `context` unless told not to."""
+  n = mesh.shape.get(CONTEXT, 1) if context else 1
   for name, length in (("query", q_len), ("key/value", kv_len)):
     if length % n:
       raise ContextParallelError(f"{what}: {name} length {length} is not divisible by the context axis ({n}); "
@@ -50,7 +55,8 @@ def _specs(mesh, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int,
   if t > 1 and (heads % t or kv_heads % t):
     raise ContextParallelError(f"{what}: heads ({heads}) and kv heads ({kv_heads}) must be divisible by tensor={t}")
   b = batch_axes if batch_axes else None
-  return P(b, CONTEXT, head_axis, None), P(b, CONTEXT)
+  seq = CONTEXT if context and n > 1 else None
+  return P(b, seq, head_axis, None), P(b, seq)
 
 
 def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
@@ -68,74 +74,171 @@ def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
   return q_positions, kv_positions, q_segment_ids, kv_segment_ids
 
 
+KERNELS = ("auto", "xla", "splash", "cudnn")
+
+
+def platform() -> str:
+  """The platform being compiled for: the current mesh's devices', else the default backend.
+
+  Never `jax.default_backend()` alone: a CPU host compiling ahead of time for a TPU mesh must pick
+  the TPU kernels (and run Pallas natively, not in interpret mode).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_kernel(kernel: str, *, dtype, q_len: int, kv_len: int, layout: str | None, ring: bool = False) -> str:
+  """The per-device kernel an attention call runs: "splash" (TPU), "cudnn" (GPU, dense only) or "xla".
+
+  "auto" picks splash on TPU when the layout is one splash can mask by index and the per-device
+  lengths tile under Mosaic's rules, cuDNN flash attention for dense attention on GPU in half
+  precision, and the XLA path otherwise. "splash" off TPU runs in Pallas interpret mode (tests).
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  splash_ok = layout is not None and splash.supports(q_len, kv_len) and (
+      not ring or layout != "zigzag" or splash.supports(q_len // 2, kv_len // 2))
+  if kernel == "auto":
+    where = platform()
+    if where == "tpu" and splash_ok:
+      return "splash"
+    if where == "gpu" and half and not ring:
+      return "cudnn"
+    return "xla"
+  if kernel == "splash" and not splash_ok:
+    raise ContextParallelError(
+        f"splash attention needs the model's sequence layout (got layout={layout!r}) and per-device lengths that "
+        f"are multiples of {splash.LANES} (x2 for zigzag halves), got q={q_len}, kv={kv_len}")
+  if kernel == "cudnn" and ring:
+    raise ContextParallelError("cuDNN attention is a dense kernel; the ring uses 'xla' tiles on GPU")
+  return kernel
+
+
 def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
                    kv_segment_ids=None, scale: float | None = None, block_q: int = 512, block_kv: int = 512,
-                   tile_impl: str = "auto"):
+                   kernel: str = "auto", layout: str | None = None):
   """Ring attention over `context`; same contract as `reference_attention`.
 
-  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]. Falls back to the
-  reference when no mesh is set or the context axis has size 1.
+  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]. Falls back to dense
+  attention when no mesh is set or the context axis has size 1. `layout` ("natural", "zigzag", or
+  None for arbitrary positions) says how the sequence is ordered, which the splash ring needs.
   """
   mesh = _mesh()
   if mesh is None or context_size() == 1:
-    return reference_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+    return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
+                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel,
+                           layout=layout)
+  # The model's natural order split over `context` is the contiguous ring layout.
+  layout = {"natural": "contiguous"}.get(layout, layout)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "ring attention")
   n = mesh.shape[CONTEXT]
+  use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1] // n,
+                       layout=layout if causal else None, ring=True)
+  if use == "splash":
+    interpret = platform() != "tpu"
+
+    def per_device_splash(q, k, v, qs, ks):
+      return ring_attention_splash_shard(q, k, v, qs, ks, axis_name=CONTEXT, axis_size=n, layout=layout, scale=scale,
+                                         interpret=interpret)
+
+    return jax.shard_map(per_device_splash, in_specs=(head_spec,) * 3 + (tok_spec,) * 2, out_specs=head_spec,
+                         check_vma=False)(q, k, v, qs, ks)
 
   def per_device(q, k, v, qp, kp, qs, ks):
     return ring_attention_shard(q, k, v, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
                                 kv_segment_ids=ks, axis_name=CONTEXT, axis_size=n, scale=scale, block_q=block_q,
-                                block_kv=block_kv, tile_impl=tile_impl)
+                                block_kv=block_kv)
 
   return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
                        check_vma=False)(q, k, v, qp, kp, qs, ks)
 
 
-def local_attention_kernel(kernel: str, dtype) -> str:
-  """Which dense kernel a device runs: "cudnn" (fused, GPU, half precision) or "xla"."""
-  if kernel not in ("auto", "xla", "cudnn"):
-    raise ValueError(f"unknown dense attention kernel {kernel!r}; expected 'auto', 'xla' or 'cudnn'")
-  if kernel == "auto":
-    fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if fused_ok else "xla"
-  return kernel
-
-
-def dense_local_attention(q, k, v, *, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale,
-                          kernel: str = "auto"):
+def cudnn_attention(q, k, v, *, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale,
+                    implementation: str = "cudnn"):
   """Dense attention on one device through `jax.nn.dot_product_attention` (cuDNN flash on GPU).
 
   The mask is built from positions and segment ids exactly as in `reference_attention`.
   """
-  impl = local_attention_kernel(kernel, q.dtype)
   mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal)
   mask = None if mask is None else mask[:, None]  # [b, 1, q, kv], broadcast over heads
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+
+def _splash_dense(q, k, v, qs, ks, *, causal, scale, mesh, gather: bool):
+  """Splash over the mesh: queries sharded over `context` (K/V all-gathered when `gather`), batch over
+  (data, fsdp), heads over `tensor`. Mosaic kernels cannot be auto-partitioned, hence the shard_map."""
+  n = mesh.shape.get(CONTEXT, 1) if gather else 1
+  head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "splash attention",
+                               context=gather)
+  h_local = q.shape[2] // (mesh.shape.get("tensor", 1) if head_spec[2] else 1)
+  kernel = splash.make_kernel("causal" if causal else "full", q.shape[1], k.shape[1], h_local, q_seq_shards=n,
+                              interpret=platform() != "tpu")
+  kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, CONTEXT if n > 1 else None)))
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+  def per_device(kernel, q, k, v, qs, ks):
+    if n > 1:
+      gather_seq = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)  # noqa: E731
+      k, v, ks = gather_seq(k), gather_seq(v), gather_seq(ks)
+    return splash.dense(kernel, q, k, v, qs, ks, scale=scale)
+
+  return jax.shard_map(per_device, in_specs=(kernel_spec,) + (head_spec,) * 3 + (tok_spec,) * 2,
+                       out_specs=head_spec, check_vma=False)(kernel, q, k, v, qs, ks)
+
+
+def dense_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
+                    kv_segment_ids=None, scale: float | None = None, kernel: str = "auto", layout: str | None = None):
+  """The `reference` impl: dense attention with the fused kernel of the platform (same contract).
+
+  XLA (`reference_attention`, query-chunked) on CPU; cuDNN on GPU in half precision; splash on TPU
+  when `layout` is "natural" (positions increase with the index inside each segment).
+  """
+  mesh = _mesh()
+  q_len = q.shape[1] // (context_size() if mesh is not None else 1)
+  use = resolve_kernel(kernel, dtype=q.dtype, q_len=q_len if mesh is not None else q.shape[1], kv_len=k.shape[1],
+                       layout=layout)
+  kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, scale=scale)
+  if use == "xla":
+    return reference_attention(q, k, v, **kw)
+  if use == "cudnn":
+    return cudnn_attention(q, k, v, **kw)
+  qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  if mesh is None:
+    kernel_fn = splash.make_kernel("causal" if causal else "full", q.shape[1], k.shape[1], q.shape[2],
+                                   interpret=platform() != "tpu")
+    return splash.dense(kernel_fn, q, k, v, qs, ks, scale=q.shape[-1] ** -0.5 if scale is None else scale)
+  return _splash_dense(q, k, v, qs, ks, causal=causal, scale=scale, mesh=mesh, gather=context_size() > 1)
 
 
 def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                         kv_segment_ids=None, scale: float | None = None, kernel: str = "auto"):
+                         kv_segment_ids=None, scale: float | None = None, kernel: str = "auto",
+                         layout: str | None = None):
   """Queries stay sharded over `context`; K/V (and their positions / segments) are all-gathered.
 
-  Memory per device is O(seq/context * seq) for the logits; simple and fast up to ~20-30k tokens.
-  The per-device attention is `reference_attention` unless `kernel` resolves to "cudnn" (GPU, bf16/fp16).
+  Memory per device is O(seq/context * seq) for the XLA path's logits (one query chunk at a time);
+  simple and fast up to ~20-30k tokens. Per device it runs splash (TPU), cuDNN (GPU) or XLA.
   """
   mesh = _mesh()
+  kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel)
   if mesh is None or context_size() == 1:
-    return reference_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+    return dense_attention(q, k, v, layout=layout, **kw)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1],
                                "all-gather attention")
-
-  local = reference_attention if local_attention_kernel(kernel, q.dtype) == "xla" else functools.partial(
-      dense_local_attention, kernel=kernel)
+  n = mesh.shape[CONTEXT]
+  use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1], layout=layout)
+  if use == "splash":
+    return _splash_dense(q, k, v, qs, ks, causal=causal, scale=scale, mesh=mesh, gather=True)
+  local = reference_attention if use == "xla" else cudnn_attention
 
   def per_device(q, k, v, qp, kp, qs, ks):
-    gather = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)
+    gather = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)  # noqa: E731
     return local(q, gather(k), gather(v), causal=causal, q_positions=qp, kv_positions=gather(kp),
                  q_segment_ids=qs, kv_segment_ids=gather(ks), scale=scale)
 
@@ -164,14 +267,12 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, cache_positions, cache
   def partial(q, k, v, qp, kp, valid):
     kv_local = k.shape[2]
     qg = q.reshape(q.shape[0], kv_local, q.shape[2] // kv_local, d)
-    s = jnp.einsum("bkgd,btkd->bkgt", qg, k, preferred_element_type=jnp.float32,
-                   precision=jax.lax.Precision.HIGHEST) * scale
+    s = attention_einsum("bkgd,btkd->bkgt", qg, k.astype(qg.dtype)) * scale
     ok = valid & (kp <= qp)
     s = jnp.where(ok[:, None, None, :], s, MASK_VALUE)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
-    return jnp.einsum("bkgt,btkd->bkgd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST), \
-        jnp.sum(p, axis=-1), m
+    return attention_einsum("bkgt,btkd->bkgd", p.astype(qg.dtype), v.astype(qg.dtype)), jnp.sum(p, axis=-1), m
 
   def finish(o, l, m, dtype):
     return (o / l[..., None]).reshape(o.shape[0], 1, o.shape[1] * o.shape[2], d).astype(dtype)

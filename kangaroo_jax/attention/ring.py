@@ -19,24 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kangaroo_jax.attention.pallas_tiles import tile_backward_pallas, tile_forward_pallas
 from kangaroo_jax.attention.reference import MASK_VALUE
 from kangaroo_jax.attention.tiles import tile_backward_jnp, tile_forward_jnp
-
-TILE_IMPLS = ("auto", "jnp", "pallas")
-
-
-def resolve_tile_impl(impl: str) -> str:
-  """"auto" picks the fused Pallas tile on TPU; GPU and CPU use the XLA (jnp) tile."""
-  if impl not in TILE_IMPLS:
-    raise ValueError(f"unknown attention tile implementation {impl!r}; expected one of {TILE_IMPLS}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "tpu" else "jnp"
-  return impl
-
-
-def tile_functions(impl: str):
-  return (tile_forward_pallas, tile_backward_pallas) if impl == "pallas" else (tile_forward_jnp, tile_backward_jnp)
 
 
 def pick_block(n: int, target: int) -> int:
@@ -84,13 +68,13 @@ def _rotate(axis_name: str, n: int, *xs):
 
 # ---------------------------------------------------------------- forward
 
-def _fwd_shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, acc, *, causal, scale, block_q, block_kv, tile_impl):
+def _fwd_shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, acc, *, causal, scale, block_q, block_kv):
   """Accumulates one K/V shard into the running (o, l, m) of every query chunk.
 
   qg: [b, kvh, g, sq, d]; k, v: [b, sk, kvh, d]; acc = (o [b,kvh,g,sq,d], l, m [b,kvh,g,sq]).
   """
   o, l, m = acc
-  tile_fwd = tile_functions(tile_impl)[0]
+  tile_fwd = tile_forward_jnp
   qc = _chunks(qg, block_q, 3)
   q_pos_c, q_seg_c = _chunks(q_pos, block_q, 1), _chunks(q_seg, block_q, 1)
   kc, vc = _chunks(k, block_kv, 1), _chunks(v, block_kv, 1)
@@ -116,15 +100,13 @@ def _fwd_shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, acc, *, causal, scale, bl
   return _unchunk(o, 3), _unchunk(l, 3), _unchunk(m, 3)
 
 
-def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size, block_q, block_kv,
-                  tile_impl):
+def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size, block_q, block_kv):
   b, sq, h, d = q.shape
   kvh = k.shape[2]
   qg = jnp.moveaxis(q.reshape(b, sq, kvh, h // kvh, d), 1, 3)  # [b, kvh, g, sq, d]
   acc = (jnp.zeros(qg.shape, jnp.float32), jnp.zeros(qg.shape[:-1], jnp.float32),
          jnp.full(qg.shape[:-1], MASK_VALUE, jnp.float32))
-  shard_fn = functools.partial(_fwd_shard, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv,
-                               tile_impl=tile_impl)
+  shard_fn = functools.partial(_fwd_shard, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
 
   def step(carry, _):
     acc, kv = carry
@@ -142,10 +124,9 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_
 
 # ---------------------------------------------------------------- backward
 
-def _bwd_shard(qg, dog, lse, delta, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q, block_kv,
-               tile_impl):
+def _bwd_shard(qg, dog, lse, delta, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q, block_kv):
   """Gradient contributions of one K/V shard: (dq [b,kvh,g,sq,d], dk, dv [b,sk,kvh,d])."""
-  tile_bwd = tile_functions(tile_impl)[1]
+  tile_bwd = tile_backward_jnp
   qc, doc = _chunks(qg, block_q, 3), _chunks(dog, block_q, 3)
   lse_c, delta_c = _chunks(lse, block_q, 3), _chunks(delta, block_q, 3)
   q_pos_c, q_seg_c = _chunks(q_pos, block_q, 1), _chunks(q_seg, block_q, 1)
@@ -178,14 +159,13 @@ def _bwd_shard(qg, dog, lse, delta, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causa
 
 
 def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size,
-                   block_q, block_kv, tile_impl):
+                   block_q, block_kv):
   b, sq, h, d = q.shape
   kvh = k.shape[2]
   to_groups = lambda x: jnp.moveaxis(x.reshape(b, sq, kvh, h // kvh, d), 1, 3)
-  qg, dog = to_groups(q), to_groups(dout).astype(jnp.float32)
-  delta = jnp.sum(dog * to_groups(out).astype(jnp.float32), axis=-1)
-  shard_fn = functools.partial(_bwd_shard, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv,
-                               tile_impl=tile_impl)
+  qg, dog = to_groups(q), to_groups(dout)
+  delta = jnp.sum(dog.astype(jnp.float32) * to_groups(out).astype(jnp.float32), axis=-1)
+  shard_fn = functools.partial(_bwd_shard, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
 
   def step(carry, _):
     dq, k, v, dk, dv, kp, ks = carry
@@ -207,11 +187,10 @@ def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, cau
 # ---------------------------------------------------------------- custom_vjp entry point
 
 @functools.lru_cache(maxsize=None)
-def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int,
-               tile_impl: str):
+def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int):
   """A custom_vjp ring for one static configuration (statics closed over, not nondiff_argnums)."""
   kw = dict(causal=causal, scale=scale, axis_name=axis_name, axis_size=axis_size, block_q=block_q,
-            block_kv=block_kv, tile_impl=tile_impl)
+            block_kv=block_kv)
 
   @jax.custom_vjp
   def ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -232,18 +211,17 @@ def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block
 
 def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                          axis_name: str, axis_size: int, scale: float | None = None, block_q: int = 512,
-                         block_kv: int = 512, tile_impl: str = "auto"):
+                         block_kv: int = 512):
   """Per-device ring attention; call inside shard_map with the sequence sharded over `axis_name`.
 
   Args:
     q: [batch, q_shard, heads, head_dim]; k, v: [batch, kv_shard, kv_heads, head_dim].
     q_positions, q_segment_ids: [batch, q_shard]; kv_positions, kv_segment_ids: [batch, kv_shard].
-    tile_impl: "jnp", "pallas" (interpret mode on CPU) or "auto" (Pallas on TPU, jnp elsewhere).
   Returns: [batch, q_shard, heads, head_dim].
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   bq, bk = pick_block(q.shape[1], block_q), pick_block(k.shape[1], block_kv)
-  ring = _make_ring(bool(causal), float(scale), axis_name, int(axis_size), bq, bk, resolve_tile_impl(tile_impl))
+  ring = _make_ring(bool(causal), float(scale), axis_name, int(axis_size), bq, bk)
   # Under a differentiated layer scan, positions and segment ids are loop constants; without this
   # barrier JAX hoists every tile's mask out of the loop and materialises O(seq^2 / devices) of it.
   # Tying them to q makes them loop-variant, so masks are built tile by tile.

@@ -1,20 +1,19 @@
-"""One (query chunk x key chunk) tile of blockwise attention: the unit a fused kernel replaces.
+"""One (query chunk x key chunk) tile of blockwise attention in XLA (jnp), with flash numerics.
 
-Contract shared by every implementation (`jnp` here, Pallas in `pallas_tiles.py`):
+The ring's generic path (CPU, GPU, and any layout the TPU splash path does not cover) runs this.
   forward:  (q, k, v, positions/segments, o, l, m) -> updated (o, l, m)   online softmax in float32
   backward: (q, k, v, do, lse, delta, positions/segments) -> (dq, dk, dv) contributions of the tile
-Shapes: q, do, o [b, kvh, g, tq, d]; l, m, lse, delta [b, kvh, g, tq]; k, v [b, tk, kvh, d];
-q_pos / q_seg [b, tq]; kv_pos / kv_seg [b, tk]. dk, dv come back [b, tk, kvh, d] in float32.
+Shapes: q, do [b, kvh, g, tq, d] (compute dtype); o [b, kvh, g, tq, d] and l, m, lse, delta
+[b, kvh, g, tq] float32; k, v [b, tk, kvh, d]; q_pos / q_seg [b, tq]; kv_pos / kv_seg [b, tk].
+dq, dk, dv come back float32 (dk, dv as [b, tk, kvh, d]).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from kangaroo_jax.attention.numerics import attention_einsum
 from kangaroo_jax.attention.reference import MASK_VALUE
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def tile_mask(causal, q_pos, kv_pos, q_seg, kv_seg):
@@ -26,7 +25,7 @@ def tile_mask(causal, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale):
-  s = jnp.einsum("bkgqd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32, precision=_HI) * scale
+  s = attention_einsum("bkgqd,btkd->bkgqt", q, k.astype(q.dtype)) * scale
   return jnp.where(tile_mask(causal, q_pos, kv_pos, q_seg, kv_seg), s, MASK_VALUE)
 
 
@@ -35,15 +34,17 @@ def tile_forward_jnp(q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, l, m, *, causal, 
   m_new = jnp.maximum(m, jnp.max(s, axis=-1))
   p = jnp.exp(s - m_new[..., None])
   corr = jnp.exp(m - m_new)
-  pv = jnp.einsum("bkgqt,btkd->bkgqd", p, v.astype(jnp.float32), precision=_HI)
+  pv = attention_einsum("bkgqt,btkd->bkgqd", p.astype(v.dtype), v)
   return o * corr[..., None] + pv, l * corr + jnp.sum(p, axis=-1), m_new
 
 
 def tile_backward_jnp(q, k, v, do, lse, delta, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
+  dt = q.dtype
   p = jnp.exp(_scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale) - lse[..., None])
-  dv = jnp.einsum("bkgqt,bkgqd->btkd", p, do, precision=_HI)
-  dp = jnp.einsum("bkgqd,btkd->bkgqt", do, v.astype(jnp.float32), precision=_HI)
+  do = do.astype(dt)
+  dv = attention_einsum("bkgqt,bkgqd->btkd", p.astype(dt), do)
+  dp = attention_einsum("bkgqd,btkd->bkgqt", do, v.astype(dt))
   ds = p * (dp - delta[..., None]) * scale
-  dq = jnp.einsum("bkgqt,btkd->bkgqd", ds, k.astype(jnp.float32), precision=_HI)
-  dk = jnp.einsum("bkgqt,bkgqd->btkd", ds, q.astype(jnp.float32), precision=_HI)
+  dq = attention_einsum("bkgqt,btkd->bkgqd", ds.astype(dt), k.astype(dt))
+  dk = attention_einsum("bkgqt,bkgqd->btkd", ds.astype(dt), q)
   return dq, dk, dv

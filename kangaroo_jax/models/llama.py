@@ -25,7 +25,7 @@ BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embe
 
 class LlamaAttention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
-               attention_block: int | None = None):
+               attention_block: int | None = None, attention_kernel: str = "auto"):
     d, hd = cfg.hidden_size, cfg.head_dim
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
@@ -35,9 +35,17 @@ class LlamaAttention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
     self.attention_impl = attention_impl
     self.attention_block = attention_block
+    self.attention_kernel = attention_kernel
 
-  def __call__(self, x, positions, segment_ids, inv_freq):
-    """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed]."""
+  def _attention(self):
+    return get_attention(self.attention_impl, self.attention_block, self.attention_kernel)
+
+  def __call__(self, x, positions, segment_ids, inv_freq, layout: str = "natural"):
+    """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed].
+
+    layout: "natural" (positions increase with the index in each segment) or "zigzag" (the
+    model's load-balanced order); fused TPU kernels mask by index and need to know which.
+    """
     b, s, _ = x.shape
     q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -45,9 +53,9 @@ class LlamaAttention(nnx.Module):
     q = shard(apply_llama_rope(q, positions, inv_freq), (BATCH, LENGTH, "activation_heads", None))
     k = shard(apply_llama_rope(k, positions, inv_freq), (BATCH, LENGTH, "activation_kv_heads", None))
     v = shard(v, (BATCH, LENGTH, "activation_kv_heads", None))
-    out = get_attention(self.attention_impl, self.attention_block)(
+    out = self._attention()(
         q, k, v, causal=True, q_positions=positions, kv_positions=positions,
-        q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, layout=layout)
     return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
   def cached(self, x, positions, inv_freq, k_all, v_all, layer, start, cache_valid):
@@ -78,9 +86,12 @@ class LlamaAttention(nnx.Module):
                              cache_valid=cache_valid)
     else:
       # Invalid slots (padding, stale tokens of a shorter row) get segment 0 and are never attended.
-      out = get_attention(self.attention_impl, self.attention_block)(
+      # Cache slots are not in the layout of the new tokens: layout=None keeps this on the
+      # position-masked (XLA / cuDNN) paths.
+      out = self._attention()(
           q, k_cache, v_cache, causal=True, q_positions=positions, kv_positions=cache_positions,
-          q_segment_ids=jnp.ones((b, c), jnp.int32), kv_segment_ids=cache_valid.astype(jnp.int32))
+          q_segment_ids=jnp.ones((b, c), jnp.int32), kv_segment_ids=cache_valid.astype(jnp.int32),
+          layout=None)
     return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_all, v_all
 
 
@@ -113,16 +124,16 @@ class LlamaMLP(nnx.Module):
 
 class LlamaDecoderLayer(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
-               attention_block: int | None = None):
+               attention_block: int | None = None, attention_kernel: str = "auto"):
     norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
     self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    attention_block=attention_block, rngs=rngs)
+                                    attention_block=attention_block, attention_kernel=attention_kernel, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
     self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids, inv_freq):
-    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq)
+  def __call__(self, x, positions, segment_ids, inv_freq, layout: str = "natural"):
+    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq, layout)
     x = x + self.mlp(self.post_attention_layernorm(x))
     return shard(x, (BATCH, LENGTH, EMBED))
 
@@ -139,7 +150,8 @@ class LlamaModel(nnx.Module):
   """Embeddings, decoder stack and final norm (transformers' `LlamaModel`)."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, remat_policy: str,
-               rngs: nnx.Rngs, load_balance: bool = True, attention_block: int | None = None):
+               rngs: nnx.Rngs, load_balance: bool = True, attention_block: int | None = None,
+               attention_kernel: str = "auto"):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
@@ -149,7 +161,7 @@ class LlamaModel(nnx.Module):
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
     self.layers = create_stack(
         lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    attention_block=attention_block, rngs=r),
+                                    attention_block=attention_block, attention_kernel=attention_kernel, rngs=r),
         cfg.num_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -177,7 +189,9 @@ class LlamaModel(nnx.Module):
       segment_ids = None if segment_ids is None else segment_ids[:, order]
     x = shard(x, (BATCH, LENGTH, EMBED))
     inv_freq = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
-    x = run_stack(self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq), self.remat_policy)
+    layout = "zigzag" if zigzag else "natural"
+    x = run_stack(self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq, layout),
+                  self.remat_policy)
     x = self.norm(x)
     if zigzag:
       x = shard(x[:, inverse_order(order)], (BATCH, LENGTH, EMBED))
@@ -220,10 +234,10 @@ class LlamaForCausalLM(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True,
-               load_balance: bool = True, attention_block: int | None = None):
+               load_balance: bool = True, attention_block: int | None = None, attention_kernel: str = "auto"):
     self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                             remat_policy=remat_policy, load_balance=load_balance, attention_block=attention_block,
-                            rngs=rngs)
+                            attention_kernel=attention_kernel, rngs=rngs)
     self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.logits_fp32 = logits_fp32

@@ -8,6 +8,12 @@
 The packer enforces max_skip_rate too while it cannot emit a row (every sample skipped), since the
 TrainIterator only learns of skips from emitted rows; SkipRateExceeded then comes out of `next`.
 
+Shards are checked when the dataset is built: a shard that does not open as an ArrayRecord file (0 bytes,
+truncated: its record index at the end is gone, or not ArrayRecord at all) is left out with one warning
+naming it, and counted (`TrainIterator.bad_shards`; not a metric, since every host checks every shard and
+the trainer sums metrics over hosts); ShardError, naming them, when no shard can be read. A folder from tools.build_dataset is read as its summary.json lists it, so
+shard files it does not list (left by older builds) are left out too, with a warning.
+
 Everything up to mp_prefetch runs inside the worker processes, so the transforms are module-level
 classes that hold only picklable config (the tokenizer is reloaded from its file in each worker).
 """
@@ -15,14 +21,16 @@ classes that hold only picklable config (the tokenizer is reloaded from its file
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from typing import Any
 
 import grain
 import numpy as np
 
 from kangaroo_jax.config import KangarooConfig
-from kangaroo_jax.data.config import SKIP_REASONS, DataConfig, SkipRateExceeded
+from kangaroo_jax.data.config import SKIP_REASONS, DataConfig, DataConfigError, SkipRateExceeded
 from kangaroo_jax.data.packing import PackIterDataset
 from kangaroo_jax.data.prompt import PromptError, encode_conversation
 from kangaroo_jax.data.records import RecordError, decode_frames, unpack_record
@@ -30,6 +38,72 @@ from kangaroo_jax.data.video import VideoError, load_video, preprocess_frames
 
 log = logging.getLogger("kangaroo_jax.data")
 _REASON = {r: i for i, r in enumerate(SKIP_REASONS)}
+
+
+class ShardError(DataConfigError):
+  """No shard of the dataset can be read; the message names each one and what is wrong with it."""
+
+
+def _shard_problem(path: str) -> str | None:
+  """What keeps `path` from being read as an ArrayRecord shard, in a few words, or None."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  try:
+    size = os.path.getsize(path)
+  except OSError as e:
+    return f"cannot be read ({e.strerror or e})"
+  if size == 0:
+    return "empty file (0 bytes)"
+  try:
+    reader = ArrayRecordReader(path)
+  except Exception as e:  # noqa: BLE001  the binding raises bare RuntimeErrors with absl status text
+    return f"not an ArrayRecord file ({size} bytes; {type(e).__name__}: {e})"
+  ok, detail = reader.ok(), ""
+  try:
+    reader.close()  # raises the reader's status when it is not ok
+  except Exception as e:  # noqa: BLE001
+    ok, detail = False, str(e)
+  if not ok:
+    detail = f": {detail}" if detail else ", its record index is unreadable"
+    return f"not a complete ArrayRecord file ({size} bytes; truncated or corrupt{detail})"
+  return None
+
+
+def _listed_in_summary(data: str, files: list[str]) -> list[str]:
+  """`files` less the shards a tools.build_dataset summary.json in the `data` folder does not list."""
+  try:
+    with open(os.path.join(data, "summary.json"), encoding="utf-8") as f:
+      listed = json.load(f).get("shards")
+  except (OSError, ValueError, AttributeError, RecursionError):
+    return files
+  if not isinstance(listed, list) or not listed:
+    return files
+  names = {n for n in listed if isinstance(n, str)}
+  unlisted = [p for p in files if os.path.basename(p) not in names]
+  if unlisted:
+    log.warning("data: ignoring %d shard file(s) in %s that its summary.json does not list (left by an earlier "
+                "build?): %s", len(unlisted), data, ", ".join(os.path.basename(p) for p in unlisted[:5]))
+  return [p for p in files if os.path.basename(p) in names]
+
+
+def readable_shards(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
+  """(shard files to read, "path: problem" for each one left out). ShardError when none is readable."""
+  files = data_cfg.shard_files()
+  if os.path.isdir(data_cfg.data):
+    files = _listed_in_summary(data_cfg.data, files)
+  good, bad = [], []
+  for path in files:
+    problem = _shard_problem(path)
+    if problem is None:
+      good.append(path)
+    else:
+      bad.append(f"{path}: {problem}")
+      log.warning("data: skipping shard %s: %s", path, problem)
+  if not good:
+    shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise ShardError(f"DataConfig.data={data_cfg.data!r}: none of its {len(bad)} shard file(s) can be read: {shown}")
+  if bad:
+    log.warning("data: %d of %d shard files skipped as unreadable", len(bad), len(files))
+  return good, bad
 
 
 def fit_frames(frames: np.ndarray, hw: tuple[int, int], keep_aspect: bool) -> np.ndarray:
@@ -136,14 +210,16 @@ class _PrepareMap(grain.transforms.MapWithIndex):
 
 
 def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.IterDataset:
-  """The Grain dataset yielding host batches (numpy dicts incl. `_skips` [B, R] and `_seen` [B])."""
+                  shard_count: int = 1, shard_files: list[str] | None = None) -> grain.IterDataset:
+  """The Grain dataset yielding host batches (numpy dicts incl. `_skips` [B, R] and `_seen` [B]).
+
+  `shard_files`: the files to read, as `readable_shards` returned them (checked here when not given)."""
   c = data_cfg
   if c.global_batch_size % shard_count:
     raise ValueError(f"global_batch_size {c.global_batch_size} is not divisible by the {shard_count} data shards")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  source = grain.sources.ArrayRecordDataSource(c.shard_files())
+  source = grain.sources.ArrayRecordDataSource(readable_shards(c)[0] if shard_files is None else shard_files)
   ds = grain.MapDataset.source(source)
   if c.shuffle:
     ds = ds.shuffle(seed=c.seed)
@@ -172,10 +248,12 @@ class TrainIterator:
   """Host batches (contract section 3) with skip accounting; `get_state` / `set_state` for checkpoints.
 
   The state is a JSON-serialisable dict: {"grain": Grain iterator state, "skipped": {reason: n}, "seen": n}.
+  `bad_shards`: "path: problem" of each shard file left out as unreadable (see `readable_shards`).
   """
 
-  def __init__(self, ds: grain.IterDataset, data_cfg: DataConfig):
+  def __init__(self, ds: grain.IterDataset, data_cfg: DataConfig, bad_shards: tuple[str, ...] | list[str] = ()):
     self._ds, self._cfg = ds, data_cfg
+    self.bad_shards = list(bad_shards)
     self._it = iter(ds)
     self._skipped = np.zeros(len(SKIP_REASONS), np.int64)
     self._seen = 0
@@ -231,5 +309,6 @@ def make_train_iterator(data_cfg: DataConfig, model_cfg: KangarooConfig, tokeniz
   """The trainer's entry point. `process_index` / `process_count` select the data shard this host reads:
   pass `data_shard_for_process(mesh, global_batch_size)` when `context` spans hosts (hosts holding the same
   batch rows must read the same shard), else `jax.process_index()`, `jax.process_count()`."""
+  files, bad = readable_shards(data_cfg)
   return TrainIterator(build_dataset(data_cfg, model_cfg, tokenizer, shard_index=process_index,
-                                     shard_count=process_count), data_cfg)
+                                     shard_count=process_count, shard_files=files), data_cfg, bad)

@@ -67,9 +67,13 @@ def decode_frames(m: dict, where: str = "record") -> np.ndarray:
   for i, b in enumerate(data):
     try:
       with Image.open(io.BytesIO(b)) as im:
+        if im.size != (w, h):  # checked before decoding: a forged header may claim any size
+          raise RecordError(f"{where}: frame {i} is {im.size[1]}x{im.size[0]}, expected {h}x{w}")
         arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, TypeError) as e:
-      raise RecordError(f"{where}: frame {i} is not a readable JPEG ({e})") from None
+    except RecordError:
+      raise
+    except Exception as e:  # noqa: BLE001  Pillow raises OSError, DecompressionBombError, SyntaxError, ... on bad bytes
+      raise RecordError(f"{where}: frame {i} is not a readable JPEG ({type(e).__name__}: {e})") from None
     if arr.shape != (h, w, 3):
       raise RecordError(f"{where}: frame {i} is {arr.shape}, expected {(h, w, 3)}")
     out[i] = arr
@@ -77,7 +81,12 @@ def decode_frames(m: dict, where: str = "record") -> np.ndarray:
 
 
 def pack_record(sample: dict) -> bytes:
-  return msgpack.packb({"v": FORMAT_VERSION, **sample}, use_bin_type=True)
+  """The record bytes; RecordError (naming the sample id) when a field cannot be stored, e.g. a string
+  holding a lone surrogate, which is not valid UTF-8."""
+  try:
+    return msgpack.packb({"v": FORMAT_VERSION, **sample}, use_bin_type=True)
+  except (TypeError, ValueError, OverflowError) as e:  # UnicodeEncodeError is a ValueError
+    raise RecordError(f"record {sample.get('id')!r}: cannot be stored ({type(e).__name__}: {e})") from None
 
 
 def unpack_record(raw: bytes, where: str = "record") -> dict:

@@ -10,8 +10,14 @@ Sampling (frame indices are 0-based in the whole video; `start`/`end` seconds re
     thinned when exceeded);
   * neither: every frame of the clip (up to `max_frames`).
 Timestamps are `index / fps` in seconds (spec section 12). Frame counts are made even by repeating the
-last frame, so patchify groups of 2 never straddle samples. An image file is a 1-frame video (padded to 2).
-A folder of images is a video at `frames_fps` frames per second (frame files sorted by name).
+last frame, so patchify groups of 2 never straddle samples. A clip `start` at or past the end of the video
+is an error (ClipRangeError), not a clip of repeated last frames; an `end` past it is clamped. An image
+file is a 1-frame video (padded to 2). A folder of images is a video at `frames_fps` frames per second
+(frame files sorted by name).
+
+Frames come out upright: a video's display matrix (the rotation phones and ffmpeg record as side data,
+read back by PyAV as `VideoFrame.rotation`, counter-clockwise degrees) and an image's EXIF orientation are
+applied on decode. Mirroring in a display matrix is not applied (PyAV exposes only its rotation).
 
 The released transform (Kangaroo data_utils): PIL `Resize((448, 448), BICUBIC)` on each frame, i.e.
 squash to a square with PIL's antialiased bicubic (a = -0.5, support scaled with the reduction), then
@@ -37,6 +43,10 @@ class VideoError(ValueError):
   """A video / image that cannot be read or sampled; the message names the path and the problem."""
 
 
+class ClipRangeError(VideoError):
+  """The clip `start` lies at or past the video's end (raised by sample_indices, re-raised naming the path)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodedVideo:
   """frames uint8 [f, h, w, 3] (f even), timestamps float32 [f] seconds, indices int64 [f], source fps."""
@@ -58,10 +68,18 @@ def sample_indices(total: int, fps: float, *, num_frames: int | None = None, sam
       raise ValueError(f"{name} must be positive, got {v}")
   if sample_fps is not None and not sample_fps > 0:
     raise ValueError(f"fps must be positive, got {sample_fps}")
-  first = 0 if start is None else min(max(int(math.floor(start * fps + 1e-6)), 0), total - 1)
-  stop = total if end is None else min(max(int(math.ceil(end * fps - 1e-6)), first + 1), total)
   if start is not None and end is not None and end <= start:
     raise ValueError(f"clip end {end}s is not after start {start}s")
+  for name, t in (("start", start), ("end", end)):
+    if t is not None and not (math.isfinite(t) and t >= 0):
+      raise ValueError(f"clip {name} must be a finite, non-negative number of seconds, got {t}")
+  # Compared in seconds before any `t * fps`: a huge start (1e308) would overflow the frame arithmetic.
+  if start is not None and (start >= total / fps + 1 or math.floor(start * fps + 1e-6) >= total):
+    raise ClipRangeError(f"clip start {start:g}s is at or past the end of the video "
+                         f"({total} frames at {fps:g} fps = {total / fps:g}s)")
+  first = 0 if start is None else max(int(math.floor(start * fps + 1e-6)), 0)
+  end = None if end is None else min(end, total / fps)
+  stop = total if end is None else min(max(int(math.ceil(end * fps - 1e-6)), first + 1), total)
   n = stop - first
   if sample_fps is not None:
     count = max(1, int(math.floor(n / fps * sample_fps + 1e-6)))
@@ -74,6 +92,16 @@ def sample_indices(total: int, fps: float, *, num_frames: int | None = None, sam
   if max_frames is not None:
     count = min(count, max_frames)
   return first + _uniform(n, count)
+
+
+def _sample(path: str, total: int, fps: float, sampling: dict) -> np.ndarray:
+  """sample_indices with its errors re-raised as VideoError / ClipRangeError naming `path`."""
+  try:
+    return sample_indices(total, fps, **sampling)
+  except ClipRangeError as e:
+    raise ClipRangeError(f"{path}: {e}") from None
+  except ValueError as e:
+    raise VideoError(f"{path}: {e}") from None
 
 
 def _uniform(n: int, count: int) -> np.ndarray:
@@ -90,22 +118,29 @@ def _pad_even(frames: np.ndarray, timestamps: np.ndarray, indices: np.ndarray):
 
 
 def _read_image(path: str) -> np.ndarray:
-  from PIL import Image
+  """An image file -> uint8 [h, w, 3], turned upright by its EXIF orientation."""
+  from PIL import Image, ImageOps
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, ValueError) as e:
-    raise VideoError(f"{path}: cannot read image: {e}") from None
+      return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+  except Image.DecompressionBombError as e:  # a header claiming a huge size; not an OSError
+    raise VideoError(f"{path}: image too large to decode: {e}") from None
+  except Exception as e:  # noqa: BLE001  Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+    raise VideoError(f"{path}: cannot read image: {type(e).__name__}: {e}") from None
+
+
+def _upright(frame, rgb: np.ndarray) -> np.ndarray:
+  """A decoded frame's pixels rotated as its display matrix says (`rotation` counter-clockwise degrees,
+  rounded to a quarter turn); np.rot90 turns an image counter-clockwise as it is displayed."""
+  quarter_turns = int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4
+  return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
 
 def _load_frame_dir(path, frames_fps, **sampling) -> DecodedVideo:
   names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
   if not names:
     raise VideoError(f"{path}: frames folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-  try:
-    idx = sample_indices(len(names), frames_fps, **sampling)
-  except ValueError as e:
-    raise VideoError(f"{path}: {e}") from None
+  idx = _sample(path, len(names), frames_fps, sampling)
   frames = [_read_image(os.path.join(path, names[i])) for i in idx]
   shapes = {f.shape for f in frames}
   if len(shapes) > 1:
@@ -150,7 +185,7 @@ def _decode_indices(path: str, container, stream, targets: np.ndarray, fps: floa
         continue
       cur = int(round((frame.pts - t0) * tb * fps))
       if cur >= target:
-        out[target] = frame.to_ndarray(format="rgb24")
+        out[target] = _upright(frame, frame.to_ndarray(format="rgb24"))
         break
   return out
 
@@ -197,10 +232,7 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
       total = int(round(seconds * vfps))
     if total <= 0:
       raise VideoError(f"{path}: the video has no frames (zero length)")
-    try:
-      idx = sample_indices(total, vfps, **sampling)
-    except ValueError as e:
-      raise VideoError(f"{path}: {e}") from None
+    idx = _sample(path, total, vfps, sampling)
     got = _decode_indices(path, container, stream, idx, vfps, known)
   frames = np.stack([got[int(i)] for i in idx])
   return _finish(frames, idx, vfps)

@@ -3,8 +3,16 @@
 Each usable row becomes one record (kangaroo_jax.data.records): its video is decoded with the configured
 sampling, resized with the released transform and stored as JPEG (or raw uint8) frames, or, with
 `--reference`, only the path is stored and decoding happens in the training pipeline. Bad rows (malformed
-JSON/fields, missing / corrupt / truncated / empty videos) are skipped, counted by reason and listed in
-OUT_DIR/summary.json; the build fails only when the skip fraction exceeds --max-skip-rate.
+JSON / fields / text, clip times out of range, missing / corrupt / truncated / empty / oversized videos and
+images) are skipped, counted by reason and listed in summary.json.
+
+The build stops, keeping any previous dataset in OUT_DIR intact, once the skipped fraction exceeds
+--max-skip-rate: as soon as that is certain (more rows skipped than the rate allows for the whole
+manifest) or clear (after --skip-check-min-rows rows, a skipped fraction more than 3 standard errors
+above the rate). Shards are written to a folder beside OUT_DIR and swapped in only when complete (see
+staging.py); every stop (complete, skip rate, error, interrupt) writes a summary.json with its reason.
+Exit status: 0 complete, 1 stopped (skip rate or an error while writing), 2 bad arguments, manifest or
+OUT_DIR, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,15 +22,27 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
 
 from kangaroo_jax.data.manifest import ManifestError, ManifestRow, parse_row
 from kangaroo_jax.data.records import FRAME_FORMATS, encode_frames, pack_record
-from kangaroo_jax.data.video import VideoError, load_video, preprocess_frames
+from kangaroo_jax.data.video import ClipRangeError, VideoError, load_video, preprocess_frames
+from tools.build_dataset import staging
+from tools.build_dataset.staging import OutputError
 
 log = logging.getLogger("build_dataset")
+_MAX_EXAMPLES = 20  # skipped rows listed per reason in summary.json
+
+
+class BuildInputError(ValueError):
+  """A bad argument or an unreadable manifest; the message names it (CLI exit 2)."""
+
+
+class SkipRateExceeded(RuntimeError):
+  """Too many rows were skipped; the message gives the counts and the summary.json to read (CLI exit 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,76 +64,190 @@ def shard_paths(out_dir: str, num_shards: int) -> list[str]:
 
 
 def _convert(args) -> tuple[str, bytes | None, str]:
-  """(line_no, line, manifest, options) -> (reason, record bytes or None, detail). Never raises."""
+  """(line_no, line bytes, manifest, options) -> (reason, record bytes or None, detail). Never raises: any
+  failure of one row is that row's skip reason, so no row can end the build."""
   line_no, line, manifest, opt = args
   try:
     row: ManifestRow = parse_row(line, line_no=line_no, manifest_path=manifest)
   except ManifestError as e:
     return "malformed_row", None, str(e)
+  except Exception as e:  # noqa: BLE001
+    return "malformed_row", None, f"{manifest}:{line_no}: {type(e).__name__}: {e}"
+  try:
+    return "ok", _record(row, opt), ""
+  except ClipRangeError as e:
+    return "start_past_end", None, f"{row.id}: {e}"
+  except VideoError as e:
+    return ("missing_video" if "no such file" in str(e) else "bad_video"), None, f"{row.id}: {e}"
+  except Exception as e:  # noqa: BLE001  e.g. a decoder failing in a way nobody anticipated
+    return "error", None, f"{row.id}: {row.path}: {type(e).__name__}: {e}"
+
+
+def _record(row: ManifestRow, opt: BuildOptions) -> bytes:
   sample = {"id": row.id, "messages": row.messages}
   if opt.reference:
     if not os.path.exists(row.path):
-      return "missing_video", None, f"{row.id}: {row.path}: no such file or folder"
+      raise VideoError(f"{row.path}: no such file or folder")
     sample["video"] = {"path": row.path, "start": row.start, "end": row.end}
-    return "ok", pack_record(sample), ""
-  try:
-    v = load_video(row.path, num_frames=opt.num_frames, fps=opt.fps, max_frames=opt.max_frames, start=row.start,
-                   end=row.end, frames_fps=opt.frames_fps)
-  except VideoError as e:
-    reason = "missing_video" if "no such file" in str(e) else "bad_video"
-    return reason, None, f"{row.id}: {e}"
+    return pack_record(sample)
+  v = load_video(row.path, num_frames=opt.num_frames, fps=opt.fps, max_frames=opt.max_frames, start=row.start,
+                 end=row.end, frames_fps=opt.frames_fps)
   frames = preprocess_frames(v.frames, opt.size, keep_aspect=opt.keep_aspect, patch_size=opt.patch_size)
   sample["frames"] = encode_frames(frames, opt.frame_format, opt.quality)
   sample["timestamps"] = [float(t) for t in v.timestamps]
-  return "ok", pack_record(sample), ""
+  return pack_record(sample)
 
 
-def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, num_shards: int = 1,
-          workers: int = 0, max_skip_rate: float = 1.0, progress: bool = True) -> dict:
-  """Writes the shards and OUT_DIR/summary.json; returns the summary dict."""
+def skip_rate_verdict(skipped: int, processed: int, total: int, max_skip_rate: float, min_rows: int) -> str | None:
+  """Why the build must stop now, or None. Certain: more rows skipped than `max_skip_rate` allows of all
+  `total`. Clear: after `min_rows`, a skipped fraction over the rate by more than 3 binomial standard errors
+  (at a 5% rate: 11.6% after 100 rows, 7.1% after 1,000), so chance alone almost never stops a good build."""
+  if skipped > max_skip_rate * total:
+    done = "" if processed >= total else f" after {processed}"
+    return (f"{skipped} of the manifest's {total} rows skipped{done} ({skipped / total:.1%} of all rows > "
+            f"--max-skip-rate {max_skip_rate:.1%})")
+  if processed >= min_rows and max_skip_rate < 1:
+    margin = 3 * math.sqrt(max_skip_rate * (1 - max_skip_rate) / processed)
+    if skipped / processed > max_skip_rate + margin:
+      return (f"{skipped} of the first {processed} rows skipped ({skipped / processed:.1%}, clearly above "
+              f"--max-skip-rate {max_skip_rate:.1%}: by more than 3 standard errors)")
+  return None
+
+
+def _read_manifest(manifest: str) -> list[tuple[int, bytes]]:
+  """(line number, line) of every non-blank line; bytes, so one line of bad UTF-8 is one bad row."""
+  try:
+    with open(manifest, "rb") as f:
+      lines = [(i + 1, ln) for i, ln in enumerate(f) if ln.strip()]
+  except OSError as e:
+    raise BuildInputError(f"{manifest}: cannot read the manifest ({e.strerror or e})") from None
+  if not lines:
+    raise BuildInputError(f"{manifest}: the manifest holds no rows")
+  return lines
+
+
+def _check_args(opt: BuildOptions, num_shards, workers, max_skip_rate, skip_check_min_rows) -> None:
+  if opt.frame_format not in FRAME_FORMATS:
+    raise BuildInputError(f"--frame-format must be one of {FRAME_FORMATS}, got {opt.frame_format!r}")
+  checks = [("--shards", num_shards, 1, 99999), ("--workers", workers, 0, 1024), ("--size", opt.size, 1, 1 << 15),
+            ("--skip-check-min-rows", skip_check_min_rows, 1, None), ("--quality", opt.quality, 1, 100)]
+  for flag, value, low, high in checks:
+    if not isinstance(value, int) or value < low or (high is not None and value > high):
+      raise BuildInputError(f"{flag} must be an integer in [{low}, {high if high is not None else 'inf'}], "
+                            f"got {value!r}")
+  if not (isinstance(max_skip_rate, (int, float)) and 0.0 <= max_skip_rate <= 1.0):
+    raise BuildInputError(f"--max-skip-rate must be a fraction in [0, 1], got {max_skip_rate!r}")
+
+
+@dataclasses.dataclass
+class _Tally:
+  written: int = 0
+  processed: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+  def skip(self, reason: str, detail: str) -> None:
+    self.skipped[reason] += 1
+    if len(self.examples[reason]) < _MAX_EXAMPLES:
+      self.examples[reason].append(detail)
+    log.warning("skipped (%s): %s", reason, detail)
+
+
+def _write_shards(lines, manifest, opt, paths, workers, verdict, progress, tally: _Tally) -> str | None:
+  """Converts every row into the shards at `paths` (round robin, which keeps them balanced), counting in
+  `tally`, until `verdict(tally)` gives a reason to stop; returns that reason (None: all rows done)."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
-  if opt.frame_format not in FRAME_FORMATS:
-    raise ValueError(f"--frame-format must be one of {FRAME_FORMATS}, got {opt.frame_format!r}")
-  with open(manifest) as f:
-    lines = [(i + 1, ln) for i, ln in enumerate(f) if ln.strip()]
-  os.makedirs(out_dir, exist_ok=True)
-  paths = shard_paths(out_dir, num_shards)
-  writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
-  skipped: collections.Counter = collections.Counter()
-  examples: dict[str, list[str]] = collections.defaultdict(list)
-  written = 0
-  jobs = ((n, ln, manifest, opt) for n, ln in lines)
+  stop = None
+  writers = []
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+  finished = False
   try:
+    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    jobs = ((n, ln, manifest, opt) for n, ln in lines)
     results = pool.imap(_convert, jobs, chunksize=4) if pool else map(_convert, jobs)
-    for reason, rec, detail in tqdm(results, total=len(lines), desc="build_dataset", disable=not progress,
-                                    file=sys.stderr):
-      if rec is None:
-        skipped[reason] += 1
-        if len(examples[reason]) < 20:
-          examples[reason].append(detail)
-        log.warning("skipped (%s): %s", reason, detail)
-        continue
-      writers[written % num_shards].write(rec)  # round robin keeps shards balanced
-      written += 1
+    with tqdm(total=len(lines), desc="build_dataset", disable=not progress, file=sys.stderr) as bar:
+      for reason, rec, detail in results:
+        bar.update()
+        tally.processed += 1
+        if rec is None:
+          tally.skip(reason, detail)
+          stop = verdict(tally)
+          if stop:
+            break
+          continue
+        writers[tally.written % len(writers)].write(rec)
+        tally.written += 1
+    finished = stop is None
   finally:
     if pool:
-      pool.close()
+      if finished:
+        pool.close()
+      else:
+        pool.terminate()  # close() + join() would first convert every row still queued
       pool.join()
     for w in writers:
       w.close()
-  total = len(lines)
-  summary = {"manifest": os.path.abspath(manifest), "rows": total, "written": written,
-             "skipped": dict(skipped), "skip_examples": dict(examples), "shards": [os.path.basename(p) for p in paths],
-             "options": dataclasses.asdict(opt)}
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  rate = sum(skipped.values()) / max(total, 1)
-  if rate > max_skip_rate:
-    raise RuntimeError(f"{sum(skipped.values())} of {total} manifest rows were skipped ({rate:.1%} > "
-                       f"--max-skip-rate {max_skip_rate:.1%}); reasons: {dict(skipped)}; see {out_dir}/summary.json")
-  return summary
+  return stop
+
+
+def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, num_shards: int = 1,
+          workers: int = 0, max_skip_rate: float = 0.05, progress: bool = True, overwrite: bool = False,
+          skip_check_min_rows: int = 100) -> dict:
+  """Writes the shards and summary.json into OUT_DIR (swapped in when complete); returns the summary dict.
+
+  Raises BuildInputError / OutputError (bad arguments, manifest or OUT_DIR; nothing written),
+  SkipRateExceeded (stopped; OUT_DIR untouched, the summary names the temporary folder it was left in),
+  OSError / RuntimeError (writing failed; OUT_DIR untouched).
+  """
+  _check_args(opt, num_shards, workers, max_skip_rate, skip_check_min_rows)
+  lines = _read_manifest(manifest)
+  names = [os.path.basename(p) for p in shard_paths("", num_shards)]
+  out_dir, temp, notes = staging.prepare(out_dir, names, overwrite=overwrite)
+  for note in notes:
+    log.warning("%s", note)
+  summary = {"manifest": os.path.abspath(manifest), "out_dir": out_dir, "rows": len(lines), "shards": names,
+             "options": dataclasses.asdict(opt), "max_skip_rate": max_skip_rate}
+
+  def verdict(t: _Tally) -> str | None:
+    return skip_rate_verdict(sum(t.skipped.values()), t.processed, len(lines), max_skip_rate, skip_check_min_rows)
+
+  tally = _Tally()
+  try:
+    stop = _write_shards(lines, manifest, opt, [os.path.join(temp, n) for n in names], workers, verdict, progress,
+                         tally)
+  except BaseException as e:
+    status = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+    where = _abandon(temp, {**summary, **_counts(tally), "status": status, "reason": f"{type(e).__name__}: {e}"})
+    if isinstance(e, Exception):
+      raise RuntimeError(f"stopped by {type(e).__name__}: {e}; {out_dir} is unchanged; see {where}") from e
+    raise
+  final = {**summary, **_counts(tally)}
+  if stop is None:
+    stop = verdict(tally)  # the certain rule, once every row is in
+  if stop is not None:
+    where = _abandon(temp, {**final, "status": "skip_rate_exceeded", "reason": stop})
+    raise SkipRateExceeded(f"stopped: {stop}; reasons: {dict(tally.skipped)}; {out_dir} is unchanged; "
+                           f"see {where}")
+  final.update(status="complete", reason=f"all {len(lines)} rows processed")
+  staging.write_summary(temp, final)
+  for note in staging.commit(temp, out_dir):
+    log.warning("%s", note)
+  return {"tool": staging.TOOL, **final}
+
+
+def _counts(t: _Tally) -> dict:
+  return {"processed": t.processed, "written": t.written, "skipped": dict(t.skipped),
+          "skip_examples": dict(t.examples)}
+
+
+def _abandon(temp: str, summary: dict) -> str:
+  """staging.abandon, never masking the error that stopped the build (e.g. a full disk fails this too)."""
+  try:
+    return staging.abandon(temp, summary)
+  except OSError as e:
+    log.error("could not write the summary of the stopped build in %s: %s", temp, e)
+    return temp
 
 
 def main(argv=None) -> int:
@@ -133,16 +267,28 @@ def main(argv=None) -> int:
   p.add_argument("--reference", action="store_true", help="store video paths; decode in the training pipeline")
   p.add_argument("--shards", type=int, default=1)
   p.add_argument("--workers", type=int, default=0)
-  p.add_argument("--max-skip-rate", type=float, default=1.0)
+  p.add_argument("--max-skip-rate", type=float, default=0.05,
+                 help="stop when more than this fraction of rows is skipped (default 0.05, as the trainer)")
+  p.add_argument("--skip-check-min-rows", type=int, default=100,
+                 help="rows read before a clearly exceeded skip rate stops the build early (default 100)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a previous build in OUT_DIR (never a folder holding files this tool did not write)")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   num_frames = a.num_frames if a.num_frames is not None or a.fps is not None else 16
   opt = BuildOptions(a.size, a.keep_aspect, a.patch_size, num_frames, a.fps, a.max_frames, a.frames_fps,
                      a.frame_format, a.quality, a.reference)
   try:
-    s = build(a.manifest, a.out_dir, opt, num_shards=a.shards, workers=a.workers, max_skip_rate=a.max_skip_rate)
-  except (OSError, RuntimeError, ValueError) as e:
+    s = build(a.manifest, a.out_dir, opt, num_shards=a.shards, workers=a.workers, max_skip_rate=a.max_skip_rate,
+              overwrite=a.overwrite, skip_check_min_rows=a.skip_check_min_rows)
+  except (BuildInputError, OutputError) as e:
+    print(f"build_dataset: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"build_dataset: interrupted; {a.out_dir} is unchanged", file=sys.stderr)
+    return 130
+  except (SkipRateExceeded, OSError, RuntimeError) as e:
     print(f"build_dataset: error: {e}", file=sys.stderr)
     return 1
-  print(json.dumps({"rows": s["rows"], "written": s["written"], "skipped": s["skipped"], "out_dir": a.out_dir}))
+  print(json.dumps({"rows": s["rows"], "written": s["written"], "skipped": s["skipped"], "out_dir": s["out_dir"]}))
   return 0

@@ -7,6 +7,12 @@ JSON line per item appended to OUTPUT/predictions.jsonl as soon as it is known. 
 output folder skips the items already there, so an interrupted run continues where it stopped.
 At the end OUTPUT/results.json holds overall and per-task accuracy, also printed as a table and as
 one JSON line.
+
+An item whose video is missing or cannot be decoded, or whose prompt is past --max-positions, is recorded
+as failed (its line has "error": the reason) and the run goes on. Failed items count as wrong in
+"accuracy" (over all items); "accuracy_answered" leaves them out. A rerun keeps them as failed, so a
+broken video never makes every rerun stop or retry; `--retry-failed` runs them once more (e.g. after
+fixing the videos). Ctrl-C stops after writing results.json for the items so far (exit status 130).
 """
 
 from __future__ import annotations
@@ -18,40 +24,91 @@ import os
 import sys
 from typing import Callable
 
-from kangaroo_jax.inference.loading import add_loading_args, load_from_args
-from kangaroo_jax.inference.mcq import LETTERS, MCItem, extract_choice, format_prompt, load_benchmark, resolve_video
+from kangaroo_jax.data.video import VideoError
+from kangaroo_jax.inference.chat import PromptTooLong
+from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
+                                            check_generation_args, load_from_args, report_input_error)
+from kangaroo_jax.inference.mcq import (LETTERS, BenchmarkError, MCItem, extract_choice, format_prompt,
+                                        load_benchmark, resolve_video)
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
+RECORD_KEYS = ("id", "choice", "correct")
+
+
+class OutputError(ValueError):
+  """An output folder whose predictions.jsonl this tool cannot resume from (names the file and line)."""
+
+
+def _item_errors() -> tuple[type[BaseException], ...]:
+  """What makes one item fail without ending the run: its video (missing, unreadable) or its length."""
+  errors: tuple[type[BaseException], ...] = (VideoError, OSError, PromptTooLong)
+  try:
+    import av
+    errors += (av.error.FFmpegError,)  # a decoder error the video reader did not turn into a VideoError
+  except ImportError:
+    pass
+  return errors
 
 
 def read_predictions(path: str) -> dict[str, dict]:
-  """Predictions already written (a line cut short by an interruption is ignored and rewritten)."""
+  """Predictions already written, by id. A last line cut short by an interruption is ignored (and
+  rewritten); any other line that is not a record of this tool raises OutputError, so a file that is not
+  ours is never rewritten."""
   done: dict[str, dict] = {}
   if not os.path.exists(path):
     return done
+  if not os.path.isfile(path):
+    raise OutputError(f"{path}: is not a file; use another --output folder")
   with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
+    lines = f.read().split("\n")
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      if i == last:
         continue
-      if isinstance(rec, dict) and "id" in rec:
-        done[str(rec["id"])] = rec
+      rec = None
+    if not (isinstance(rec, dict) and all(k in rec for k in RECORD_KEYS)):
+      raise OutputError(f"{path}: line {i + 1} is not a prediction record of this tool (expected a JSON object "
+                        f"with {', '.join(RECORD_KEYS)}); use another --output folder")
+    done[str(rec["id"])] = rec
   return done
 
 
-def _rewrite_clean(path: str, done: dict[str, dict]) -> None:
-  # Drop a truncated last line so appended records start on a line of their own.
+def prior_predictions(items: list[MCItem], pred_path: str) -> dict[str, dict]:
+  """`read_predictions`, refusing a file that holds ids of another benchmark."""
+  done = read_predictions(pred_path)
+  stale = sorted(set(done) - {it.id for it in items})
+  if stale:
+    raise OutputError(f"{pred_path} holds predictions for ids not in this benchmark ({stale[:5]}"
+                      f"{'...' if len(stale) > 5 else ''}); use another --output folder")
+  return done
+
+
+def _write_atomic(path: str, text: str) -> None:
+  # Readers (and a crash) see the old file or the new one, never half of one.
   with open(path + ".tmp", "w") as f:
-    for rec in done.values():
-      f.write(json.dumps(rec) + "\n")
+    f.write(text)
   os.replace(path + ".tmp", path)
 
 
+def _rewrite_clean(path: str, done: dict[str, dict]) -> None:
+  # Drops a truncated last line (and records being retried) so appended records start on a line of their own.
+  _write_atomic(path, "".join(json.dumps(rec) + "\n" for rec in done.values()))
+
+
 def summarize(items: list[MCItem], done: dict[str, dict]) -> dict:
-  """Accuracy over the items that have predictions, overall and per task (sorted by task name)."""
+  """Accuracy over the items that have predictions, overall and per task (sorted by task name).
+
+  overall.accuracy counts failed items (video missing / undecodable, prompt too long) as wrong;
+  overall.accuracy_answered is over the `answered` items only. `unanswered`: answers naming no option.
+  """
   per = collections.defaultdict(lambda: [0, 0])
+  failed_per_task: dict[str, int] = collections.Counter()
   unanswered = 0
   for it in items:
     rec = done.get(it.id)
@@ -59,11 +116,17 @@ def summarize(items: list[MCItem], done: dict[str, dict]) -> dict:
       continue
     per[it.task][0] += int(bool(rec["correct"]))
     per[it.task][1] += 1
-    unanswered += int(rec["choice"] is None)
+    if rec.get("error") is not None:
+      failed_per_task[it.task] += 1
+    else:
+      unanswered += int(rec["choice"] is None)
   correct, total = sum(c for c, _ in per.values()), sum(t for _, t in per.values())
+  failed = sum(failed_per_task.values())
   acc = lambda c, t: round(100.0 * c / t, 2) if t else None  # noqa: E731
-  return {"overall": {"accuracy": acc(correct, total), "correct": correct, "total": total},
+  return {"overall": {"accuracy": acc(correct, total), "correct": correct, "total": total, "failed": failed,
+                      "answered": total - failed, "accuracy_answered": acc(correct, total - failed)},
           "per_task": {k: {"accuracy": acc(c, t), "correct": c, "total": t} for k, (c, t) in sorted(per.items())},
+          "failed_per_task": dict(sorted(failed_per_task.items())),
           "unanswered": unanswered, "items": len(items), "complete": total == len(items)}
 
 
@@ -74,47 +137,66 @@ def table(summary: dict) -> str:
   for k, v in rows:
     a = "-" if v["accuracy"] is None else f"{v['accuracy']:.2f}"
     lines.append(f"{k:<{w}}  {a:>7}  {v['correct']:>7}  {v['total']:>5}")
+  o = summary["overall"]
+  if o["failed"]:
+    a = "-" if o["accuracy_answered"] is None else f"{o['accuracy_answered']:.2f}%"
+    lines.append(f"{o['failed']} failed items (counted as wrong; reasons in {PREDICTIONS}); "
+                 f"accuracy over the {o['answered']} answered: {a}")
   return "\n".join(lines)
 
 
 def evaluate(answer_fn: Callable[[MCItem, str, str], str], items: list[MCItem], video_root: str, output_dir: str,
-             *, max_items: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+             *, max_items: int | None = None, retry_failed: bool = False,
+             log: Callable[[str], None] = lambda s: None) -> dict:
   """Runs `answer_fn(item, video_path, prompt) -> text` on every item without a stored prediction.
 
+  An item whose video cannot be found or read, or whose prompt is too long, is stored as failed with the
+  reason and the run goes on. Stored failures are kept on a rerun unless `retry_failed`.
   max_items: stop after this many new predictions (the rest is left for a later run).
-  Returns the summary over everything predicted so far.
+  Returns the summary over everything predicted so far; results.json is written also when interrupted.
   """
   os.makedirs(output_dir, exist_ok=True)
   pred_path = os.path.join(output_dir, PREDICTIONS)
-  done = read_predictions(pred_path)
-  known = {it.id for it in items}
-  stale = sorted(set(done) - known)
-  if stale:
-    raise ValueError(f"{pred_path} holds predictions for ids not in this benchmark ({stale[:5]}...); "
-                     "use another --output folder")
-  if done:
+  done = prior_predictions(items, pred_path)
+  retry = [k for k, rec in done.items() if rec.get("error") is not None] if retry_failed else []
+  for k in retry:
+    del done[k]
+  if done or retry or os.path.exists(pred_path):
     _rewrite_clean(pred_path, done)
-    log(f"resuming: {len(done)} of {len(items)} items already predicted")
+  if done:
+    failed = sum(rec.get("error") is not None for rec in done.values())
+    log(f"resuming: {len(done)} of {len(items)} items already predicted"
+        + (f" ({failed} recorded as failed; --retry-failed runs them again)" if failed else ""))
+  if retry:
+    log(f"retrying {len(retry)} failed items")
+  item_errors = _item_errors()
   new = 0
-  with open(pred_path, "a") as out:
-    for it in items:
-      if it.id in done:
-        continue
-      if max_items is not None and new >= max_items:
-        break
-      text = answer_fn(it, resolve_video(video_root, it.video), format_prompt(it))
-      choice = extract_choice(text, it.options)
-      rec = {"id": it.id, "task": it.task, "video": it.video, "prediction": text,
-             "choice": None if choice is None else LETTERS[choice], "answer": LETTERS[it.answer],
-             "correct": choice == it.answer}
-      out.write(json.dumps(rec) + "\n")
-      out.flush()
-      done[it.id] = rec
-      new += 1
-      log(f"[{len(done)}/{len(items)}] {it.id}: {rec['choice']} (answer {rec['answer']})")
-  summary = summarize(items, done)
-  with open(os.path.join(output_dir, RESULTS), "w") as f:
-    json.dump(summary, f, indent=2)
+  try:
+    with open(pred_path, "a") as out:
+      for it in items:
+        if it.id in done:
+          continue
+        if max_items is not None and new >= max_items:
+          break
+        rec = {"id": it.id, "task": it.task, "video": it.video, "answer": LETTERS[it.answer]}
+        try:
+          text = answer_fn(it, resolve_video(video_root, it.video), format_prompt(it))
+        except item_errors as e:
+          reason = " ".join(str(e).split()) or type(e).__name__
+          rec.update(prediction=None, choice=None, correct=False, error=reason)
+          outcome = f"failed: {reason}"
+        else:
+          choice = extract_choice(text, it.options)
+          rec.update(prediction=text, choice=None if choice is None else LETTERS[choice], correct=choice == it.answer)
+          outcome = f"{rec['choice']} (answer {rec['answer']})"
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+        done[it.id] = rec
+        new += 1
+        log(f"[{len(done)}/{len(items)}] {it.id}: {outcome}")  # after the write: a logged item is saved
+  finally:
+    summary = summarize(items, done)
+    _write_atomic(os.path.join(output_dir, RESULTS), json.dumps(summary, indent=2))
   return summary
 
 
@@ -129,7 +211,7 @@ def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int) -> Callable[[
   return answer
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m kangaroo_jax.evaluate", description=__doc__.split("\n\n")[0])
   p.add_argument("ckpt_dir", help="from_pretrained folder")
   p.add_argument("--benchmark", required=True, help="benchmark JSON (MVBench / Video-MME shapes)")
@@ -139,22 +221,42 @@ def main(argv=None) -> int:
   p.add_argument("--num-frames", type=int, default=64)
   p.add_argument("--max-new-tokens", type=int, default=16)
   p.add_argument("--max-items", type=int, help="stop after this many new items (resume later)")
+  p.add_argument("--retry-failed", action="store_true",
+                 help="run the items a previous run recorded as failed again (default: keep them as failed)")
   add_loading_args(p)
-  args = p.parse_args(argv)
+  return p
 
-  from kangaroo_jax.inference.chat import Chat
 
-  items = load_benchmark(args.benchmark)
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
   output = args.output or os.path.splitext(args.benchmark)[0] + "_predictions"
-  loaded = load_from_args(args)
-  if loaded is None:
-    return 2
-  model, tokenizer, scope = loaded
-  with scope:
-    chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk)
-    summary = evaluate(model_answer_fn(chat, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens), items,
-                       args.video_root, output, max_items=args.max_items,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+  pred_path = os.path.join(output, PREDICTIONS)
+  try:
+    check_generation_args(args)
+    if args.max_items is not None and args.max_items < 0:
+      raise UsageError(f"--max-items must be >= 0, got {args.max_items}")
+    if not os.path.isdir(args.video_root):
+      raise UsageError(f"--video-root {args.video_root}: no such folder")
+    if os.path.exists(output) and not os.path.isdir(output):
+      raise UsageError(f"--output {output}: is a file; expected a folder")
+    items = load_benchmark(args.benchmark)
+    prior_predictions(items, pred_path)  # a foreign or mismatched file fails now, not after loading the model
+    model, tokenizer, scope = load_from_args(args)
+    from kangaroo_jax.inference.chat import Chat
+
+    with scope:
+      chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, max_positions=args.max_positions,
+                  warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True))
+      summary = evaluate(model_answer_fn(chat, num_frames=args.num_frames, max_new_tokens=args.max_new_tokens),
+                         items, args.video_root, output, max_items=args.max_items, retry_failed=args.retry_failed,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+  except INPUT_ERRORS + (BenchmarkError, OutputError) as e:
+    return report_input_error(e)
+  except KeyboardInterrupt:
+    saved = len(read_predictions(pred_path)) if os.path.isfile(pred_path) else 0
+    print(f"\ninterrupted: {saved} items are saved in {pred_path}; run the same command again to resume",
+          file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
   print(table(summary))
   print(json.dumps(summary))
   return 0

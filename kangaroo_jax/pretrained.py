@@ -25,16 +25,65 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from kangaroo_jax.config import KangarooConfig
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.sharding import param_shardings
-from kangaroo_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, load_tokenizer
 
 CONFIG_FILE = "kangaroo_config.json"
 STATE_DIR = "state"
 REPORT_FILE = "conversion_report.json"
+_EXPECTED = (f"a from_pretrained folder ({CONFIG_FILE}, {STATE_DIR}/, tokenizer files): a converted release or "
+             "WORKDIR/export")
+
+
+class CheckpointError(ValueError):
+  """A path that is not a readable `from_pretrained` folder; the message names the path and what was expected."""
+
+
+def _use_export(workdir: str) -> str:
+  export = os.path.join(workdir, "export")
+  if os.path.isfile(os.path.join(export, CONFIG_FILE)):
+    return f"pass the run's export {export}"
+  return (f"pass the run's export {export} once it exists (the trainer writes it when the run ends), or a "
+          "release converted with `python -m tools.convert_weights import`")
+
+
+def _not_a_checkpoint(path: str) -> CheckpointError:
+  """Why `path` (without kangaroo_config.json) is not a from_pretrained folder, and what to pass instead."""
+  if not os.path.exists(path):
+    return CheckpointError(f"{path}: no such folder; expected {_EXPECTED}")
+  if not os.path.isdir(path):
+    return CheckpointError(f"{path}: is a file; expected {_EXPECTED}")
+  entries = set(os.listdir(path))
+  here = os.path.abspath(path)
+  parent = os.path.dirname(here)
+  if {"state", "iter"} <= entries or (os.path.basename(parent) == "checkpoints" and os.path.basename(here).isdigit()):
+    return CheckpointError(f"{path}: is a training checkpoint (WORKDIR/checkpoints/N), not a from_pretrained folder; "
+                           + _use_export(os.path.dirname(parent)))
+  if os.path.basename(here) == "checkpoints" and any(e.isdigit() for e in entries):
+    return CheckpointError(f"{path}: is the trainer's checkpoints folder; " + _use_export(parent))
+  if "checkpoints" in entries:
+    return CheckpointError(f"{path}: is a training run folder; " + _use_export(here))
+  if "config.json" in entries and any(e.endswith((".safetensors", ".bin")) for e in entries):
+    return CheckpointError(f"{path}: is a released Hugging Face checkpoint; convert it first with "
+                           f"`python -m tools.convert_weights import {path} DST_DIR` and pass DST_DIR")
+  return CheckpointError(f"{path}: no {CONFIG_FILE}; expected {_EXPECTED}")
 
 
 def load_config(path: str) -> KangarooConfig:
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    return KangarooConfig.from_dict(json.load(f))
+  """The KangarooConfig of a from_pretrained folder; CheckpointError (one line, naming the file) otherwise."""
+  file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(file):
+    raise _not_a_checkpoint(path)
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{file}: not a readable JSON file ({e})") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+  try:
+    return KangarooConfig.from_dict(data)
+  except (ValueError, TypeError, KeyError) as e:
+    raise CheckpointError(f"{file}: {e}") from None
 
 
 def nested(flat: dict[tuple[str, ...], object]) -> dict:
@@ -64,10 +113,19 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
     config: use this config instead of `kangaroo_config.json` (e.g. other execution options); its
       parameter shapes must match the stored ones.
   Returns: (model, tokenizer or None when the folder holds no tokenizer files).
+  Raises CheckpointError for a path that is not such a folder (or whose weights cannot be restored) and
+  TokenizerError for unreadable tokenizer files or a tokenizer with ids beyond the model's vocabulary;
+  both are checked before any weight is read.
   """
   import orbax.checkpoint as ocp
 
   cfg = config or load_config(path)
+  state_dir = os.path.abspath(os.path.join(path, STATE_DIR))
+  if not os.path.isdir(state_dir):
+    raise CheckpointError(f"{state_dir}: missing; expected the Orbax weights of {_EXPECTED}")
+  tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
+  if tokenizer is not None:
+    check_fits_vocab(tokenizer, cfg.llm.vocab_size, f"llm.vocab_size in {os.path.join(path, CONFIG_FILE)}")
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=param_dtype)
   mesh = mesh if mesh is not None else _current_mesh()
@@ -84,8 +142,13 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
     one = SingleDeviceSharding(jax.devices()[0])
     sharding_of = lambda p: one  # noqa: E731
   targets = {tuple(map(str, p)): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(p)) for p, v in flat}
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.abspath(os.path.join(path, STATE_DIR)), nested(targets))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(state_dir, nested(targets))
+  except Exception as e:  # Orbax / tensorstore raise many types for a damaged or mismatched checkpoint
+    lines = str(e).strip().splitlines()
+    raise CheckpointError(f"{state_dir}: cannot restore the weights ({type(e).__name__}: "
+                          f"{lines[0][:300] if lines else ''})") from e
 
   def leaf(p):
     node = restored
@@ -95,7 +158,6 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
 
   state = nnx.from_flat_state([(p, v.replace(leaf(p))) for p, v in flat])
   model = nnx.merge(graphdef, state)
-  tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
   if tokenizer is not None:
     from kangaroo_jax.inference.chat import register_tokenizer
     register_tokenizer(model, tokenizer)  # so model.chat(...) works without tokenizer=

@@ -38,10 +38,22 @@ def _token_text(v) -> str | None:
 
 
 def _read_json(path: str) -> dict:
+  """A JSON object file ({} when absent); TokenizerError naming the file when it is not one."""
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise TokenizerError(f"{path}: not a readable JSON file ({e})") from None
+  if not isinstance(data, dict):
+    raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:300] if text else type(e).__name__
 
 
 def _ids(v) -> list[int]:
@@ -128,14 +140,21 @@ class HFTokenizer(Tokenizer):
   def __init__(self, path: str, *, extra_stop_ids: Iterable[int] = ()):
     from tokenizers import Tokenizer as _Tok
     self.path = path
-    self._tok = _Tok.from_file(path)
+    spec = _read_json(path)  # corrupt files fail here, naming the file, before the library sees them
+    try:
+      self._tok = _Tok.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for any malformed spec
+      raise TokenizerError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
     folder = os.path.dirname(os.path.abspath(path))
     cfg = {**_read_json(os.path.join(folder, "special_tokens_map.json")),
            **_read_json(os.path.join(folder, "tokenizer_config.json"))}
     gen = _read_json(os.path.join(folder, "generation_config.json"))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    with open(path) as f:
-      added = json.load(f).get("added_tokens", [])
+    added = spec.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                              and isinstance(t.get("id"), int) for t in added):
+      raise TokenizerError(f"{path}: 'added_tokens' must be a list of objects with a string 'content' and an "
+                           "int 'id'")
     self.special_tokens = {t["content"]: int(t["id"]) for t in added if t.get("special")}
     self.bos_id = self.eos_id = None
     pad = _token_text(cfg.get("pad_token"))
@@ -164,7 +183,10 @@ class SentencePieceTokenizer(Tokenizer):
   def __init__(self, path: str, *, extra_stop_ids: Iterable[int] = ()):
     import sentencepiece as spm
     self.path = path
-    self._sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+      raise TokenizerError(f"{path}: not a valid sentencepiece model ({_first_line(e)})") from None
     sp = self._sp
     self.vocab_size = sp.get_piece_size()
     self.special_tokens = {sp.id_to_piece(i): i for i in range(self.vocab_size)
@@ -222,6 +244,26 @@ def load_tokenizer(path: str, *, extra_stop_ids: Iterable[int] = ()) -> Tokenize
   if path.endswith(".model"):
     return SentencePieceTokenizer(path, extra_stop_ids=extra_stop_ids)
   raise TokenizerError(f"{path}: expected a tokenizer.json, a sentencepiece .model, or a folder with one")
+
+
+def id_limit(tokenizer: Tokenizer) -> int:
+  """One more than the largest id the tokenizer can produce (its vocabulary may have holes)."""
+  ids = [tokenizer.vocab_size - 1, *tokenizer.special_tokens.values()]
+  if isinstance(tokenizer, HFTokenizer):
+    ids += tokenizer._tok.get_vocab(with_added_tokens=True).values()
+  return max(ids) + 1
+
+
+def check_fits_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None:
+  """Raises TokenizerError when the tokenizer can produce ids that the model's embedding has no row for.
+
+  `where` names the model's field (e.g. "llm.vocab_size of CKPT/kangaroo_config.json").
+  """
+  limit = id_limit(tokenizer)
+  if limit > model_vocab_size:
+    raise TokenizerError(f"{getattr(tokenizer, 'path', 'tokenizer')}: the tokenizer has ids up to {limit - 1} "
+                         f"({limit} ids) but the model's vocabulary ({where}) has only {model_vocab_size} rows; "
+                         "use the tokenizer the model was trained with")
 
 
 def has_tokenizer(folder: str) -> bool:

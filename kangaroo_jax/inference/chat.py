@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import weakref
 from typing import Callable
 
@@ -27,6 +28,10 @@ from kangaroo_jax.inference.sampling import SamplingConfig
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CHATTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class PromptTooLong(ValueError):
+  """A conversation whose prompt has more tokens than the allowed positions; the message gives both counts."""
 
 
 def register_tokenizer(model, tokenizer) -> None:
@@ -84,16 +89,27 @@ def _common_prefix(a, b) -> int:
 
 
 class Chat:
-  """One model + tokenizer with its compiled engine and the last decoded video."""
+  """One model + tokenizer with its compiled engine and the last decoded video.
+
+  max_positions: a hard limit on positions; a longer prompt raises PromptTooLong and answers stop where
+    they would pass it. None: the released Kangaroo runs past its `llm.max_position_embeddings` (8192,
+    trained on ~22k-token sequences), so crossing that field only warns, once per Chat, through `warn`.
+  """
 
   def __init__(self, model, tokenizer, *, prefill_chunk: int = 512, system: str | None = None,
-               markers: VideoMarkers = VideoMarkers()):
+               markers: VideoMarkers = VideoMarkers(), max_positions: int | None = None,
+               warn: Callable[[str], None] | None = None):
     if tokenizer is None:
       raise ValueError("chat needs a tokenizer: pass tokenizer=, or load the model with from_pretrained from a "
                        "folder that holds tokenizer files")
+    if max_positions is not None and max_positions < 2:
+      raise ValueError(f"max_positions must be >= 2, got {max_positions}")
     self.model, self.tokenizer = model, tokenizer
     self.engine = Engine(model, prefill_chunk=prefill_chunk)
     self.system, self.markers = system, markers
+    self.max_positions = max_positions
+    self._warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    self._warned_positions = False
     # The last video: (key, frames [1, f, S, S, 3] float32, timestamps [1, f], visual tokens or None).
     self._video: list | None = None
     self.video_loads = 0  # decoded videos (tests check that follow-ups decode nothing)
@@ -125,13 +141,33 @@ class Chat:
       self._video[3] = self.engine.encode_frames(frames, timestamps)
     return key, self._video[3], frames.shape[1:4]
 
+  def check_length(self, ids: np.ndarray, max_new_tokens: int) -> int:
+    """The number of new tokens the positions allow for prompt `ids` [n]; PromptTooLong when none do."""
+    n = len(ids)
+    n_visual = int((ids == self.model.cfg.visual_token_id).sum())
+    parts = f"{n} tokens ({n_visual} visual)"
+    if self.max_positions is not None:
+      if n > self.max_positions:
+        raise PromptTooLong(f"the prompt is {parts}, more than the {self.max_positions} positions allowed "
+                            "(max_positions, --max-positions); use fewer frames (--num-frames) or a shorter "
+                            "conversation")
+      # The answer's i-th token (from 1) is fed back at position n + i - 1; the last one is never fed back.
+      return min(max_new_tokens, self.max_positions - n + 1)
+    field = self.model.cfg.llm.max_position_embeddings
+    if n + max_new_tokens - 1 > field and not self._warned_positions:
+      self._warned_positions = True
+      self._warn(f"the prompt is {parts}; with up to {max_new_tokens} new tokens it passes "
+                 f"llm.max_position_embeddings = {field} of the model (set a hard limit with --max-positions)")
+    return max_new_tokens
+
   def chat(self, video_path: str | None = None, query: str | None = None, history=None, *, num_frames: int = 64,
            max_new_tokens: int = 512, do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.9,
            top_k: int = 0, seed: int = 0, stream: Callable[[str], None] | None = None, start: float | None = None,
            end: float | None = None):
     """Answers `query` about the video / image at `video_path` (or text only without one).
 
-    Returns (answer text, ChatHistory). Sampling defaults are the released README's.
+    Returns (answer text, ChatHistory). Sampling defaults are the released README's. Raises VideoError
+    for a video that cannot be read and PromptTooLong past `max_positions` (see the class doc).
     """
     if not isinstance(query, str) or not query.strip():
       raise ValueError("query must be a non-empty string")
@@ -151,6 +187,7 @@ class Chat:
     ids = encode_conversation(self.tokenizer, messages, num_groups=num_groups, tokens_per_group=tokens_per_group,
                               visual_token_id=self.model.cfg.visual_token_id, markers=self.markers,
                               system=self.system, add_generation_prompt=True).input_ids
+    max_new_tokens = self.check_length(ids, max_new_tokens)  # before the history gives up its cache
 
     session = history.take_session() if isinstance(history, ChatHistory) else None
     cache, keep = None, 0

@@ -108,11 +108,14 @@ def _parse_answer(ans, options, where) -> int:
     if m and LETTERS.index(m.group(1)) < n:
       return LETTERS.index(m.group(1))
     m = _PREFIX.match(s)
-    if m and LETTERS.index(m.group(1)) < n and _strip_letter(s, LETTERS.index(m.group(1))) == options[LETTERS.index(m.group(1))]:
-      return LETTERS.index(m.group(1))
+    if m:
+      k = LETTERS.index(m.group(1))
+      if k < n and _strip_letter(s, k) == options[k]:
+        return k
     if s in options:
       return options.index(s)
-  raise BenchmarkError(f"{where}: answer {ans!r} is neither a letter A-{LETTERS[n - 1]}, an index, nor an option's text")
+  raise BenchmarkError(f"{where}: answer {ans!r} is neither a letter A-{LETTERS[n - 1]}, an index, "
+                       "nor an option's text")
 
 
 def load_benchmark(path: str) -> list[MCItem]:
@@ -122,8 +125,10 @@ def load_benchmark(path: str) -> list[MCItem]:
       data = json.load(f)
   except FileNotFoundError:
     raise BenchmarkError(f"{path}: no such benchmark file") from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+  except OSError as e:
+    raise BenchmarkError(f"{path}: cannot read the benchmark file ({e.strerror or e})") from None
   groups = data.items() if isinstance(data, dict) else [(None, data)]
   items: list[MCItem] = []
   for task, entries in groups:

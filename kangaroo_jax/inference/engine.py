@@ -72,8 +72,10 @@ class Engine:
     """Re-reads the model's weights (after training or loading into the same module)."""
     self.graphdef, state = nnx.split(self.model)
     # Host (numpy) leaves, e.g. weights loaded in place from a torch state dict, would be copied to the
-    # device on every jitted call; place them once.
-    self.state = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), state)
+    # device on every jitted call; place them once. Abstract leaves (ShapeDtypeStruct, for ahead-of-time
+    # compilation with `kangaroo_jax.aot`) stay abstract.
+    keep = (jax.Array, jax.ShapeDtypeStruct)
+    self.state = jax.tree.map(lambda x: x if isinstance(x, keep) else jnp.asarray(x), state)
 
   def _llm(self, state):
     m = nnx.merge(self.graphdef, state)

@@ -253,7 +253,10 @@ def main(argv=None) -> int:
   except INPUT_ERRORS + (BenchmarkError, OutputError) as e:
     return report_input_error(e)
   except KeyboardInterrupt:
-    saved = len(read_predictions(pred_path)) if os.path.isfile(pred_path) else 0
+    try:
+      saved = len(read_predictions(pred_path))
+    except OutputError:  # the run was stopped before it checked this file
+      saved = 0
     print(f"\ninterrupted: {saved} items are saved in {pred_path}; run the same command again to resume",
           file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED

@@ -139,6 +139,8 @@ def test_tokenizer_with_ids_beyond_the_vocab_is_refused_before_the_weights(asset
     from_pretrained(ckpt)
   assert chat_cli.main([ckpt, "--query", "hi"]) == 2
   assert "128010 ids" in _one_error_line(capsys)
+  with pytest.raises(TokenizerError, match="llm.vocab_size of the model"):  # a tokenizer passed by hand
+    Chat(assets["model"], load_tokenizer(ckpt))
 
 
 def test_corrupt_tokenizer_json_is_reported_before_the_weights(assets, capsys, tmp_path):
@@ -234,6 +236,19 @@ def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
   bad_json = tmp_path / "bad_cfg"
   bad_json.mkdir()
   (bad_json / CONFIG_FILE).write_text('{"llm": ')
+  bad_key = tmp_path / "bad_key"
+  bad_key.mkdir()
+  (bad_key / CONFIG_FILE).write_text('{"llm": {"vocab_sise": 10}}')
+  no_state = tmp_path / "no_state"
+  no_state.mkdir()
+  (no_state / CONFIG_FILE).write_text(assets["model"].cfg.to_json())
+  for name in os.listdir(assets["tok_dir"]):
+    (no_state / name).write_bytes(open(os.path.join(assets["tok_dir"], name), "rb").read())
+  empty_state = tmp_path / "empty_state"
+  empty_state.mkdir()
+  for name in os.listdir(no_state):
+    (empty_state / name).write_bytes((no_state / name).read_bytes())
+  (empty_state / "state").mkdir()
   cases = {
       step_dir: f"{step_dir}: is a training checkpoint (WORKDIR/checkpoints/N), not a from_pretrained folder; "
                 f"pass the run's export {workdir}/export once it exists",
@@ -244,6 +259,9 @@ def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
       str(hf): f"is a released Hugging Face checkpoint; convert it first with `python -m tools.convert_weights "
                f"import {hf} DST_DIR`",
       str(bad_json): f"{CONFIG_FILE}: not a readable JSON file",
+      str(bad_key): f"{CONFIG_FILE}: unknown config key(s) ['llm.vocab_sise']",
+      str(no_state): f"{no_state}/state: missing; expected the Orbax weights",
+      str(empty_state): f"{empty_state}/state: cannot restore the weights",
   }
   for path, want in cases.items():
     assert chat_cli.main([path, "--query", "hi"]) == 2, path

@@ -25,6 +25,7 @@ from kangaroo_jax.data.video import VideoError, load_video, normalize_frames, pr
 from kangaroo_jax.inference.cache import KVCache, with_lengths
 from kangaroo_jax.inference.engine import Engine
 from kangaroo_jax.inference.sampling import SamplingConfig
+from kangaroo_jax.tokenizer import check_fits_vocab
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CHATTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -104,6 +105,7 @@ class Chat:
                        "folder that holds tokenizer files")
     if max_positions is not None and max_positions < 2:
       raise ValueError(f"max_positions must be >= 2, got {max_positions}")
+    check_fits_vocab(tokenizer, model.cfg.llm.vocab_size, "llm.vocab_size of the model")
     self.model, self.tokenizer = model, tokenizer
     self.engine = Engine(model, prefill_chunk=prefill_chunk)
     self.system, self.markers = system, markers

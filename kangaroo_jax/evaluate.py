@@ -25,7 +25,7 @@ import sys
 from typing import Callable
 
 from kangaroo_jax.data.video import VideoError
-from kangaroo_jax.inference.chat import PromptTooLong
+from kangaroo_jax.inference.chat import Chat, PromptTooLong
 from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
                                             check_generation_args, load_from_args, report_input_error)
 from kangaroo_jax.inference.mcq import (LETTERS, BenchmarkError, MCItem, extract_choice, format_prompt,
@@ -242,8 +242,6 @@ def main(argv=None) -> int:
     items = load_benchmark(args.benchmark)
     prior_predictions(items, pred_path)  # a foreign or mismatched file fails now, not after loading the model
     model, tokenizer, scope = load_from_args(args)
-    from kangaroo_jax.inference.chat import Chat
-
     with scope:
       chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, max_positions=args.max_positions,
                   warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True))

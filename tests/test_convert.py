@@ -419,11 +419,16 @@ def test_existing_output_needs_overwrite(released, imported_f32, tmp_path):
     import_checkpoint(released["dir"], imported_f32, preset="tiny", progress=False)
   src = _variant(released, tmp_path)
   dst = tmp_path / "out"
-  os.makedirs(dst)
-  (dst / "stale.txt").write_text("old")
+  import_checkpoint(src, str(dst), preset="tiny", progress=False)
+  before = os.stat(dst / "state").st_ino
   import_checkpoint(src, str(dst), preset="tiny", overwrite=True, progress=False)
-  assert not (dst / "stale.txt").exists() and (dst / "state").is_dir()
+  assert (dst / "state").is_dir() and os.stat(dst / "state").st_ino != before
   assert os.stat(dst).st_mode & 0o077  # not left with mkdtemp's 0700
+  # A folder this tool did not write is never replaced, even with --overwrite (tests/test_convert_safety.py).
+  (dst / "stale.txt").write_text("mine")
+  with pytest.raises(ConversionError, match=r"out: not replaced: it holds stale.txt, which this tool does not write"):
+    import_checkpoint(src, str(dst), preset="tiny", overwrite=True, progress=False)
+  assert (dst / "stale.txt").read_text() == "mine"
 
 
 def test_released_8b_layout_plans_cleanly(tmp_path):

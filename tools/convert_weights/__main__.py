@@ -4,7 +4,9 @@
   inspect SRC [--json] [--format ...]            keys, shapes, dtypes, sizes from headers only
   export CKPT OUT [--dtype as-stored]            model.safetensors + config.json in the released naming
 
-Exit status 2 with a message on a checkpoint problem (mismatch, truncation, ...), 0 on success.
+Exit status 2 with a one-line message on a checkpoint problem (mismatch, truncation, bad config field,
+unusable output folder, full disk, ...), 130 when interrupted (the output folder is then as it was), 0
+on success. NaN/Inf in the weights are warnings on stderr (and in conversion_report.json), not errors.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import logging
 import os
+import signal
 import sys
 
 
@@ -30,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                         "only covers the LLM); checked against the tensor shapes")
   imp.add_argument("--config-json", help="a full KangarooConfig JSON to use instead of --preset + config.json")
   imp.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
-  imp.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after success)")
+  imp.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is an earlier output of this tool (only after success)")
   imp.add_argument("--quiet", action="store_true", help="no progress bar")
   imp.add_argument("--no-sync", action="store_true",
                    help="skip the fsync of the result before the final rename (faster on slow disks; a crash "
@@ -45,13 +50,23 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("ckpt", help="a folder written by `import`")
   exp.add_argument("out")
   exp.add_argument("--dtype", default=None, help="tensor dtype in the file (default: as stored)")
-  exp.add_argument("--overwrite", action="store_true")
+  exp.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an earlier output of this tool (only after success)")
   exp.add_argument("--quiet", action="store_true")
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except KeyboardInterrupt:
+    print("interrupted: the output folder is as it was before, or complete if the interrupt came after the "
+          "final rename", file=sys.stderr)
+    return 130
+
+
+def _run(args) -> int:
   # Heavy imports after argument parsing, so --help is instant.
   from kangaroo_jax.config import ConfigError
   from tools.convert_weights.assemble import ConversionError
@@ -69,16 +84,31 @@ def main(argv=None) -> int:
         print(f"  ignored {key}: {reason}")
       for key, what in sorted(r.defaulted.items()):
         print(f"  defaulted {key}: {what}")
+      _warn_nonfinite(r.nonfinite)
     elif args.command == "inspect":
       result = inspect_checkpoint(args.src, args.format)
       print(json.dumps(result, indent=1) if args.json else format_inspect(result))
     else:
       r = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
       print(f"wrote {r['out']}: {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB")
+      _warn_nonfinite(r["nonfinite"])
   except (ConversionError, SourceError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # anything the converter did not name itself: still one line, naming the path
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+    return 2
   return 0
+
+
+def _warn_nonfinite(nonfinite: dict[str, str]) -> None:
+  for key, what in sorted(nonfinite.items()):
+    print(f"warning: {key}: {what}", file=sys.stderr)
+
+
+def _terminate(signum, frame):
+  raise KeyboardInterrupt  # the output folder's cleanup (and a swap's restore) runs as for Ctrl-C
 
 
 def _process_setup() -> None:
@@ -86,6 +116,12 @@ def _process_setup() -> None:
   # A source file truncated while one of its tensors is being copied out of the memory map kills the
   # process with SIGBUS (the output is never renamed into place): show where, not only "Bus error".
   faulthandler.enable()
+  # Orbax logs a failed write (e.g. a full disk) with a traceback per thread before the error reaches
+  # `main`, which reports it in one line: keep its log to what is fatal.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  for signum in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(signum) == signal.SIG_DFL:  # e.g. not under nohup, which ignores SIGHUP
+      signal.signal(signum, _terminate)
   # Nothing here multiplies matrices; an idle OpenBLAS thread still spun on one of the copy threads'
   # cores (~2 % of the conversion's CPU samples, perf, 2-core VM).
   if "numpy" not in sys.modules:

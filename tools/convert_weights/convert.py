@@ -5,8 +5,10 @@ import:  headers only -> config resolved and checked against shapes -> every key
          kernel reads ahead), transform (transpose / conv layout / reshape), cast, write chunk by
          chunk into the Orbax checkpoint, the stages overlapping with bounded memory (orbax_io) ->
          config, report and tokenizer files -> every file fsynced (most already in the background)
-         -> the temp folder is renamed to DST.
-         Any failure removes the temp folder: DST either is complete or does not exist.
+         -> the temp folder is renamed to DST (output_dir: what DST may be, how it is replaced).
+         Any failure removes the temp folder: DST is either the complete result or as it was.
+         Every written block is tested for NaN/Inf (finite.py); the report names each tensor that has
+         them (in the source, or float32 values overflowing the stored dtype). A warning, not an error.
 export:  the converted checkpoint -> model.safetensors + config.json in the released naming,
          again one (layer) slice at a time.
 """
@@ -20,9 +22,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
-from typing import Iterator
 
 import numpy as np
 
@@ -31,11 +31,13 @@ from kangaroo_jax.pretrained import CONFIG_FILE, REPORT_FILE, STATE_DIR, load_co
 from kangaroo_jax.tokenizer import TOKENIZER_FILES
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
+from tools.convert_weights.finite import all_finite, describe
 from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve_config
 from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
                                            released_shape, to_ours, to_released, write_order)
 from tools.convert_weights.orbax_io import (DEFAULT_CHUNK_BYTES, BackgroundSync, LazyParam, StoredParams,
                                            return_large_frees_to_os, save_streaming)
+from tools.convert_weights.output_dir import atomic_output_dir, check_destination
 from tools.convert_weights.progress import Progress
 from tools.convert_weights.sources import Source, open_source
 
@@ -54,43 +56,6 @@ def dtype_name(name: str) -> str:
 def _np_dtype(name: str) -> np.dtype:
   import ml_dtypes
   return np.dtype({"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}[name])
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a fresh temp folder beside `dst`; renamed to `dst` on success, removed on any failure."""
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst) and not overwrite:
-    raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the result
-  try:
-    yield tmp
-    if os.path.exists(dst):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-      os.rename(dst, os.path.join(old, "x"))
-      os.rename(tmp, dst)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, dst)
-  except BaseException:
-    _remove(tmp)
-    raise
-
-
-def _remove(folder: str, attempts: int = 20) -> None:
-  """rmtree that also wins against a writer thread still finishing (Orbax's background commit)."""
-  for _ in range(attempts):
-    shutil.rmtree(folder, ignore_errors=True)
-    if not os.path.exists(folder):
-      time.sleep(0.05)
-      if not os.path.exists(folder):
-        return
-    time.sleep(0.05)
 
 
 def _copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
@@ -114,6 +79,7 @@ class ImportResult:
   bytes_read: int
   seconds: float
   tokenizer_files: list[str]
+  nonfinite: dict[str, str] = dataclasses.field(default_factory=dict)  # released key -> what is not finite
 
 
 @contextlib.contextmanager
@@ -179,8 +145,7 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
   """
   t0 = time.perf_counter()
   dtype = dtype_name(dtype)
-  if os.path.exists(dst) and not overwrite:
-    raise ConversionError(f"{os.path.abspath(dst)} already exists (pass --overwrite to replace it)")
+  dst = check_destination(dst, overwrite, protect=(src,))
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   with open_source(src, fmt) as source:
     stamps = _stamps(source.files)
@@ -194,6 +159,13 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
 
     rule_of = {rule.path: rule for rule in asm.rules}
     defaults = asm.defaults()
+    flagged: set[str] = set()  # released keys with a written block that is not all finite (any thread)
+
+    def scan(keys: dict[int | None, str]):
+      def test(layer: int | None, block: np.ndarray) -> None:
+        if not all_finite(block):
+          flagged.add(keys[layer])
+      return test
     bar = Progress(asm.report.mapped + len(defaults), asm.report.bytes_read, "import", enabled=progress)
 
     def lazy(path: Path) -> LazyParam:
@@ -214,15 +186,18 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
 
       return LazyParam(shape, target_dtype, slices, stacked=rule.stacked, on_written=lambda n: bar.update(1, n),
                        slice_bytes=max(source.infos[k].nbytes for k in keys.values()),
-                       reads=tuple(keys[slot] for slot in slots))
+                       reads=tuple(keys[slot] for slot in slots), scan=scan(keys))
 
     tree = nested({path: lazy(path) for path in asm.targets})
     return_large_frees_to_os()  # keeps the peak RSS at what is in flight (see the function)
-    with (atomic_output_dir(dst, overwrite) as tmp,
+    with (atomic_output_dir(dst, overwrite, protect=(src,)) as tmp,
           BackgroundSync(tmp) if sync else contextlib.nullcontext() as syncer,
           _gc_paused()):
       save_streaming(os.path.join(tmp, STATE_DIR), tree, chunk_bytes, on_order=source.prefetch)
       bar.close()
+      # Only the flagged tensors are read again, to say what is wrong with them.
+      nonfinite = {key: describe(source.read(key), _np_dtype(dtype)) or "not finite after conversion"
+                   for key in sorted(flagged)}
       with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         f.write(cfg.to_json() + "\n")
       copied = _copy_tokenizer_files(src_dir, tmp)
@@ -230,14 +205,15 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
           "source": source.describe(), "config": cfg_note, "dtype": dtype,
           "mapped": asm.report.mapped, "bytes_read": asm.report.bytes_read,
           "ignored": asm.report.ignored, "defaulted": asm.report.defaulted, "tokenizer_files": copied,
+          "nonfinite": nonfinite,
       }
       with open(os.path.join(tmp, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
       _check_unchanged(stamps)
       if sync:
         syncer.finish()
-  return ImportResult(os.path.abspath(dst), cfg, cfg_note, asm.report.mapped, asm.report.ignored,
-                      asm.report.defaulted, asm.report.bytes_read, time.perf_counter() - t0, copied)
+  return ImportResult(dst, cfg, cfg_note, asm.report.mapped, asm.report.ignored, asm.report.defaulted,
+                      asm.report.bytes_read, time.perf_counter() - t0, copied, nonfinite)
 
 
 def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
@@ -245,18 +221,39 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
   """Writes `out/model.safetensors` + `out/config.json` (released naming) from a converted checkpoint.
 
   `dtype`: the stored dtype by default, so import -> export -> import is bit-identical.
+  Returns {"out", "tensors", "bytes", "tokenizer_files", "nonfinite": {released key: what is not finite}}.
   """
   if not os.path.isfile(os.path.join(ckpt, CONFIG_FILE)) or not os.path.isdir(os.path.join(ckpt, STATE_DIR)):
     raise ConversionError(f"{ckpt}: not a converted checkpoint (expected {CONFIG_FILE} and {STATE_DIR}/ written by "
                           "`python -m tools.convert_weights import`)")
-  cfg = load_config(ckpt)
-  stored = StoredParams(os.path.join(ckpt, STATE_DIR))
+  out = check_destination(out, overwrite, protect=(ckpt,))
+  try:
+    cfg = load_config(ckpt)
+  except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or fields of the wrong type / unknown
+    file = os.path.join(ckpt, CONFIG_FILE)
+    raise ConversionError(str(e) if file in str(e) else f"{file}: not a valid KangarooConfig ({e})") from None
+  try:
+    stored = StoredParams(os.path.join(ckpt, STATE_DIR))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConversionError(f"{os.path.join(ckpt, STATE_DIR)}: not a checkpoint written by `import` ({e})") from None
   have = set(stored.paths)
+
+  def read(path, layer=None):
+    try:
+      return stored.read(path, layer)
+    except ValueError as e:  # TensorStore: a damaged or incomplete state/
+      raise ConversionError(f"{os.path.join(ckpt, STATE_DIR)}: cannot read {'.'.join(path)}: "
+                            f"{_short(e)}") from None
+
   plan = []
   for rule in RULES:
     if rule.path not in have:
       continue
-    shape, stored_dtype = stored.shape_dtype(rule.path)
+    try:
+      shape, stored_dtype = stored.shape_dtype(rule.path)
+    except ValueError as e:
+      raise ConversionError(f"{os.path.join(ckpt, STATE_DIR)}: cannot open {'.'.join(rule.path)}: "
+                            f"{_short(e)}") from None
     out_dtype = _np_dtype(dtype_name(dtype)) if dtype else stored_dtype
     if rule.stacked:
       for i in range(shape[0]):
@@ -271,17 +268,21 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
   entries = [(key, shape, dt) for key, _, _, shape, dt in plan]
   total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in entries)
   bar = Progress(len(entries), total, "export", enabled=progress)
+  nonfinite: dict[str, str] = {}
 
   def tensors():
     for key, rule, layer, _, out_dtype in plan:
-      value = np.ascontiguousarray(to_released(stored.read(rule.path, layer), rule.transform).astype(out_dtype,
-                                                                                                   copy=False))
+      stored_value = read(rule.path, layer)
+      with np.errstate(over="ignore", invalid="ignore"):  # reported below, by tensor
+        value = np.ascontiguousarray(to_released(stored_value, rule.transform).astype(out_dtype, copy=False))
+      if not all_finite(value):
+        nonfinite[key] = describe(stored_value, out_dtype) or "not finite after conversion"
       bar.update(1, value.nbytes)
       yield key, value
 
   names = sorted({np.dtype(d).name for _, _, d in entries})
   torch_dtype = names[0] if len(names) == 1 else "float32"
-  with atomic_output_dir(out, overwrite) as tmp:
+  with atomic_output_dir(out, overwrite, protect=(ckpt,)) as tmp:
     written = safetensors_io.write_file(os.path.join(tmp, "model.safetensors"), entries, tensors(),
                                         metadata={"format": "pt"})
     bar.close()
@@ -290,7 +291,13 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(cfg.to_json() + "\n")
     copied = _copy_tokenizer_files(ckpt, tmp)
-  return {"out": os.path.abspath(out), "tensors": len(entries), "bytes": written, "tokenizer_files": copied}
+  return {"out": out, "tensors": len(entries), "bytes": written, "tokenizer_files": copied, "nonfinite": nonfinite}
+
+
+def _short(e: Exception) -> str:
+  """A TensorStore error without its spec dump (the spec JSON alone is often 1,000+ characters)."""
+  text = str(e).split(" [tensorstore_spec=")[0].strip()
+  return text if len(text) <= 300 else text[:297] + "..."
 
 
 def inspect_checkpoint(src: str, fmt: str = "auto") -> dict:

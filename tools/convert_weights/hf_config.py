@@ -19,65 +19,116 @@ from tools.convert_weights.assemble import ConversionError
 from tools.convert_weights.safetensors_io import TensorInfo
 
 
-def _as_list(v) -> list[int]:
-  if v is None:
-    return []
-  return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+_MISSING = object()
+_JSON_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+               dict: "an object"}
+
+
+def _field(obj: Mapping, name: str, kinds: tuple[type, ...], expected: str, where: str, default=_MISSING):
+  """obj[name] checked against `kinds` (JSON null or absent: `default`, or an error when required).
+
+  Raises ConversionError naming the file (`where`), the field and what was expected: a string where
+  a number belongs ("hidden_size": "4096") is refused, not converted.
+  """
+  value = obj.get(name)
+  if value is None:
+    if default is _MISSING:
+      raise ConversionError(f"{where}: required field {name!r} is missing")
+    return default
+  if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise ConversionError(f"{where}: field {name!r} is {shown} ({_JSON_TYPES.get(type(value), type(value).__name__)})"
+                          f"; expected {expected}")
+  return value
+
+
+def _int(obj, name, where, default=_MISSING) -> int:
+  return _field(obj, name, (int,), "an integer", where, default)
+
+
+def _float(obj, name, where, default=_MISSING) -> float | None:
+  value = _field(obj, name, (int, float), "a number", where, default)
+  return None if value is None else float(value)
+
+
+def _ids(obj, name, where) -> list[int]:
+  """A token id or a list of them (`eos_token_id` is either)."""
+  value = _field(obj, name, (int, list), "a token id or a list of token ids", where, [])
+  ids = value if isinstance(value, list) else [value]
+  for v in ids:
+    if not isinstance(v, int) or isinstance(v, bool):
+      raise ConversionError(f"{where}: field {name!r} holds {json.dumps(v)}; expected integer token ids")
+  return ids
 
 
 def _dedupe(ids) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids))
 
 
-def llama_from_hf(hf: Mapping, base: LlamaConfig, generation: Mapping | None = None) -> LlamaConfig:
+_LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling(scaling: Mapping, where: str) -> RopeScaling:
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind != "llama3":
+    raise ConversionError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3' or none)")
+  absent = [f for f in _LLAMA3_SCALING if scaling.get(f) is None]
+  if absent:
+    raise ConversionError(f"{where}: rope_scaling lacks {', '.join(map(repr, absent))}; a llama3 rope_scaling needs "
+                          f"{', '.join(_LLAMA3_SCALING)}")
+  at = f"{where} rope_scaling"
+  return RopeScaling(factor=_float(scaling, "factor", at), low_freq_factor=_float(scaling, "low_freq_factor", at),
+                     high_freq_factor=_float(scaling, "high_freq_factor", at),
+                     original_max_position_embeddings=_int(scaling, "original_max_position_embeddings", at))
+
+
+def llama_from_hf(hf: Mapping, base: LlamaConfig, generation: Mapping | None = None, *,
+                  where: str = "config.json", generation_where: str = "generation_config.json") -> LlamaConfig:
   """LlamaConfig from a transformers Llama config.json (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`).
 
   Stop ids: config `eos_token_id` + generation_config `eos_token_id` + the preset's stop ids when the
   vocab matches the preset's (Llama-3's `<|eot_id|>` 128009 is in neither released file; spec section 12).
+  Every field is type-checked; `where` / `generation_where` name the files in the errors.
   """
-  def get(name, default=None):
-    return hf.get(name, default)
-
   for flag in ("attention_bias", "mlp_bias"):
-    if get(flag):
-      raise ConversionError(f"config.json: {flag}=true is not supported by LlamaConfig (Kangaroo has no biases)")
-  act = get("hidden_act", "silu")
+    if _field(hf, flag, (bool,), "true or false", where, False):
+      raise ConversionError(f"{where}: {flag}=true is not supported by LlamaConfig (Kangaroo has no biases)")
+  act = _field(hf, "hidden_act", (str,), "a string", where, "silu")
   if act != "silu":
-    raise ConversionError(f"config.json: hidden_act={act!r}; only 'silu' is implemented")
-  if get("pretraining_tp", 1) not in (1, None):
-    raise ConversionError(f"config.json: pretraining_tp={get('pretraining_tp')} (sliced matmuls) is not supported")
-  rope = dict(get("rope_parameters") or {})
-  theta = rope.get("rope_theta", get("rope_theta", base.rope_theta))
-  scaling = get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-  rope_scaling = None
-  if scaling:
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind != "llama3":
-      raise ConversionError(f"config.json: rope scaling type {kind!r} is not supported (only 'llama3' or none)")
-    rope_scaling = RopeScaling(factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
-                               high_freq_factor=float(scaling["high_freq_factor"]),
-                               original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    raise ConversionError(f"{where}: hidden_act={act!r}; only 'silu' is implemented")
+  tp = _int(hf, "pretraining_tp", where, 1)
+  if tp != 1:
+    raise ConversionError(f"{where}: pretraining_tp={tp} (sliced matmuls) is not supported")
+  rope = _field(hf, "rope_parameters", (dict,), "an object", where, {})
+  theta = _float(rope, "rope_theta", f"{where} rope_parameters", None)
+  theta = _float(hf, "rope_theta", where, base.rope_theta) if theta is None else theta
+  scaling = _field(hf, "rope_scaling", (dict,), "an object or null", where, None)
+  scaling = scaling or (rope if rope.get("rope_type", "default") != "default" else None)
+  rope_scaling = _rope_scaling(scaling, where) if scaling else None
+  generation = generation or {}
+  hidden, heads = _int(hf, "hidden_size", where), _int(hf, "num_attention_heads", where)
+  vocab = _int(hf, "vocab_size", where)
+  eos = _ids(hf, "eos_token_id", where) + _ids(generation, "eos_token_id", generation_where)
+  if vocab == base.vocab_size:
+    eos += list(base.eos_token_ids)
+  bos = _int(hf, "bos_token_id", where, None)
+  bos = _int(generation, "bos_token_id", generation_where, base.bos_token_id) if bos is None else bos
+  if heads <= 0:
+    raise ConversionError(f"{where}: field 'num_attention_heads' is {heads}; expected a positive integer")
   try:
-    hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    vocab = int(hf["vocab_size"])
-    eos = _as_list(get("eos_token_id")) + _as_list((generation or {}).get("eos_token_id"))
-    if vocab == base.vocab_size:
-      eos += list(base.eos_token_ids)
-    bos = get("bos_token_id", (generation or {}).get("bos_token_id", base.bos_token_id))
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
-        num_kv_heads=int(get("num_key_value_heads") or heads), head_dim=int(get("head_dim") or hidden // heads),
-        rms_norm_eps=float(get("rms_norm_eps", base.rms_norm_eps)), rope_theta=float(theta),
-        rope_scaling=rope_scaling, max_position_embeddings=int(get("max_position_embeddings",
-                                                                   base.max_position_embeddings)),
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        bos_token_id=int(bos if bos is not None else base.bos_token_id),
-        eos_token_ids=_dedupe(eos) or base.eos_token_ids)
-  except KeyError as e:
-    raise ConversionError(f"config.json: required field {e.args[0]!r} is missing") from None
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=_int(hf, "intermediate_size", where),
+        num_layers=_int(hf, "num_hidden_layers", where), num_heads=heads,
+        num_kv_heads=_int(hf, "num_key_value_heads", where, heads),
+        head_dim=_int(hf, "head_dim", where, hidden // heads),
+        rms_norm_eps=_float(hf, "rms_norm_eps", where, base.rms_norm_eps), rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=_int(hf, "max_position_embeddings", where, base.max_position_embeddings),
+        tie_word_embeddings=_field(hf, "tie_word_embeddings", (bool,), "true or false", where, False),
+        bos_token_id=bos, eos_token_ids=_dedupe(eos) or base.eos_token_ids)
   except ConfigError as e:
-    raise ConversionError(f"config.json describes an LLM we cannot build: {e}") from None
+    raise ConversionError(f"{where} describes an LLM we cannot build: {e}") from None
 
 
 def hf_from_llama(llm: LlamaConfig, torch_dtype: str) -> dict:
@@ -127,12 +178,18 @@ def transformers_llama_config(llm: LlamaConfig, **overrides):
 def _read_json(path: str) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
+      obj = json.load(f)
   except ValueError as e:
     raise ConversionError(f"{path}: not valid JSON ({e})") from None
+  except OSError as e:
+    raise ConversionError(f"{path}: cannot be read ({e.strerror})") from None
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{path}: expected a JSON object, found {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
+  return obj
 
 
-def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | None = None) -> tuple[KangarooConfig, str]:
+def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig,
+                   config_json: str | None = None) -> tuple[KangarooConfig, str]:
   """The KangarooConfig to import into, and a one-line note of where it came from.
 
   Priority: `config_json` (a full KangarooConfig) > `<src>/kangaroo_config.json` (written by `export`)
@@ -147,7 +204,7 @@ def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig, config_json:
     except (ConfigError, TypeError) as e:
       raise ConversionError(f"{ours}: not a valid KangarooConfig: {e}") from None
     if hf is not None:
-      from_hf = llama_from_hf(hf, cfg.llm)
+      from_hf = llama_from_hf(hf, cfg.llm, where=hf_path)
       shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                       "head_dim")
       diff = [f"{f}: {getattr(cfg.llm, f)} vs {getattr(from_hf, f)}" for f in shape_fields
@@ -162,7 +219,7 @@ def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig, config_json:
                           "pass --config-json with a KangarooConfig")
   gen_path = os.path.join(src_dir, "generation_config.json")
   generation = _read_json(gen_path) if os.path.exists(gen_path) else None
-  llm = llama_from_hf(hf, preset_cfg.llm, generation)
+  llm = llama_from_hf(hf, preset_cfg.llm, generation, where=hf_path, generation_where=gen_path)
   return preset_cfg.replace(llm=llm), "LLM from config.json, vision/projector from the preset"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import itertools
 import json
 import math
@@ -49,11 +50,13 @@ class LazyParam:
     on_written: called with the source bytes of each slice after it is written (progress).
     slice_bytes: an upper bound on the bytes of one yielded array (bounds the memory in flight).
     reads: the source keys `slices` will read, in order (passed on to the handler's `on_order`).
+    scan: called with (layer index or None, block) for every block as written (stored dtype, C order),
+      on a copy thread right after its copy (e.g. the NaN/Inf test of `finite.all_finite`).
   """
 
   def __init__(self, shape, dtype, slices: Callable[[], Iterator[tuple[int | None, np.ndarray]]], *,
                stacked: bool, slice_bytes: int, on_written: Callable[[int], None] | None = None,
-               reads: tuple[str, ...] = ()):
+               reads: tuple[str, ...] = (), scan: Callable[[int | None, np.ndarray], None] | None = None):
     self.shape = tuple(int(d) for d in shape)
     self.dtype = np.dtype(dtype)
     self.slices = slices
@@ -61,6 +64,7 @@ class LazyParam:
     self.on_written = on_written
     self.slice_bytes = int(slice_bytes)
     self.reads = tuple(reads)
+    self.scan = scan
 
   @property
   def size(self) -> int:
@@ -311,6 +315,9 @@ def return_large_frees_to_os(threshold: int = 1 << 20) -> None:
 
 
 _TASKS_PER_CHUNK = 8
+# A block written without a copy is scanned on the event-loop thread when smaller than this (a hop to a
+# copy thread costs more), else on a copy thread (a 32 MB scan would hold up the next blocks' issue).
+_INLINE_SCAN_BYTES = 1 << 20
 
 
 def _unsharded(spec: dict) -> dict:
@@ -388,18 +395,25 @@ class StreamingHandler(np_handlers.NumpyHandler):
     max_tasks = self.max_pending * _TASKS_PER_CHUNK
     pending: collections.deque[asyncio.Task] = collections.deque()
 
-    async def put(store, index, view, dtype, nbytes, progress):
+    async def put(store, index, view, dtype, nbytes, progress, scan):
       buf = None
       try:
         if view.flags.c_contiguous and view.dtype == dtype:
           data = view  # written as is: TensorStore reads the source until the write is done
+          if scan is not None:
+            if pool is None or data.nbytes < _INLINE_SCAN_BYTES:
+              scan(data)
+            else:
+              await loop.run_in_executor(pool, scan, data)
         else:
           if pool is None:
             data = contiguous(view, dtype)
+            if scan is not None:
+              scan(data)
           else:
             if _transposes(view, dtype):
               buf = buffers.take(view.nbytes)
-            data = await loop.run_in_executor(pool, copy_in_worker, view, dtype, buf)
+            data = await loop.run_in_executor(pool, copy_in_worker, view, dtype, buf, scan)
           view = None
           progress.source_done()
         # The block is never modified afterwards, so TensorStore may keep a reference instead of a copy.
@@ -446,12 +460,17 @@ class StreamingHandler(np_handlers.NumpyHandler):
     # One scratch buffer per copy thread for the grouped transpose's column blocks.
     scratch = threading.local()
 
-    def copy_in_worker(view, dtype, buf):
+    def copy_in_worker(view, dtype, buf, scan):
       if buf is None:  # not a plain transpose (see `_transposes`): no intermediate either
-        return contiguous(view, dtype)
-      if getattr(scratch, "buf", None) is None:
-        scratch.buf = np.empty(SCRATCH_BYTES, np.uint8)
-      return contiguous(view, dtype, buf, scratch.buf)
+        with np.errstate(over="ignore", invalid="ignore"):  # a cast to Inf is `scan`'s to report, by tensor
+          data = contiguous(view, dtype)
+      else:
+        if getattr(scratch, "buf", None) is None:
+          scratch.buf = np.empty(SCRATCH_BYTES, np.uint8)
+        data = contiguous(view, dtype, buf, scratch.buf)
+      if scan is not None:  # the block is still in this core's cache
+        scan(data)
+      return data
 
     pool = None
     if self.workers:
@@ -481,13 +500,14 @@ class StreamingHandler(np_handlers.NumpyHandler):
             continue
           held[0] += arr.nbytes
           progress = SliceProgress(arr.nbytes, len(blocks), value.on_written)
+          scan = None if value.scan is None else functools.partial(value.scan, layer)
           for block in blocks:
             nbytes = math.prod(s.stop - s.start for s in block) * value.dtype.itemsize
             while pending and (len(pending) >= max_tasks or in_flight[0] + nbytes > max_bytes):
               await pending.popleft()
             in_flight[0] += nbytes
             pending.append(asyncio.ensure_future(put(store, lead + block, arr[block], value.dtype, nbytes,
-                                                     BlockProgress(progress))))
+                                                     BlockProgress(progress), scan)))
           del arr, item
       while pending:
         await pending.popleft()

@@ -63,6 +63,22 @@ class TensorInfo:
     return math.prod(self.shape) * self.dtype.itemsize
 
 
+class DuplicateKeyError(ValueError):
+  """A JSON object repeats a key (raised by `unique_object_pairs`; args[0] is the key)."""
+
+
+def unique_object_pairs(pairs: list[tuple[str, object]]) -> dict:
+  """json object_pairs_hook that refuses a repeated key. json.loads keeps the last one silently, and so
+  does the safetensors library (its offset checks catch only some such headers: two entries for one
+  tensor name, the first covering bytes the second leaves unread, load as the second)."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise DuplicateKeyError(key)
+    out[key] = value
+  return out
+
+
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
   """Parses and validates a safetensors header: ({key: TensorInfo}, __metadata__).
 
@@ -80,12 +96,20 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                              "(truncated or not a safetensors file)")
     raw = f.read(n)
   try:
-    header = json.loads(raw.decode("utf-8"))
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_object_pairs)
+  except DuplicateKeyError as e:
+    raise SafetensorsError(f"{name}: the header lists {e.args[0]!r} twice; the file is corrupt (which entry "
+                           "is meant cannot be told)") from None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise SafetensorsError(f"{name}: header is not valid JSON ({e}); the file is corrupt") from None
   if not isinstance(header, dict):
     raise SafetensorsError(f"{name}: header is not a JSON object; the file is corrupt")
-  metadata = header.pop("__metadata__", None) or {}
+  metadata = header.pop("__metadata__", None)
+  if metadata is None:
+    metadata = {}
+  elif not isinstance(metadata, dict):
+    raise SafetensorsError(f"{name}: '__metadata__' is {type(metadata).__name__} {json.dumps(metadata)[:60]}; "
+                           "expected an object of strings; the header is corrupt")
   data_start, data_size = 8 + n, size - 8 - n
   infos: dict[str, TensorInfo] = {}
   spans = []

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from tools.convert_weights.safetensors_io import SafetensorsError, TensorInfo, map_tensor, read_header
+from tools.convert_weights.safetensors_io import (DuplicateKeyError, SafetensorsError, TensorInfo, map_tensor,
+                                                  read_header, unique_object_pairs)
 from tools.convert_weights.torch_zip import StoredTensor, TorchZipError, read_index
 
 
@@ -60,7 +61,9 @@ class Source:
 def _load_index(path: str) -> dict[str, str]:
   try:
     with open(path) as f:
-      weight_map = json.load(f)["weight_map"]
+      weight_map = json.load(f, object_pairs_hook=unique_object_pairs)["weight_map"]
+  except DuplicateKeyError as e:
+    raise SourceError(f"{os.path.basename(path)}: lists {e.args[0]!r} twice; the index is corrupt") from None
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise SourceError(f"{os.path.basename(path)}: not a valid index file with a 'weight_map' ({e})") from None
   if not isinstance(weight_map, dict):

@@ -80,7 +80,7 @@ def _convert(args) -> tuple[str, bytes | None, str]:
   except VideoError as e:
     return ("missing_video" if "no such file" in str(e) else "bad_video"), None, f"{row.id}: {e}"
   except Exception as e:  # noqa: BLE001  e.g. a decoder failing in a way nobody anticipated
-    return "error", None, f"{row.id}: {row.path}: {type(e).__name__}: {e}"
+    return "unexpected_error", None, f"{row.id}: {row.path}: {type(e).__name__}: {e}"
 
 
 def _record(row: ManifestRow, opt: BuildOptions) -> bytes:
@@ -101,7 +101,7 @@ def _record(row: ManifestRow, opt: BuildOptions) -> bytes:
 def skip_rate_verdict(skipped: int, processed: int, total: int, max_skip_rate: float, min_rows: int) -> str | None:
   """Why the build must stop now, or None. Certain: more rows skipped than `max_skip_rate` allows of all
   `total`. Clear: after `min_rows`, a skipped fraction over the rate by more than 3 binomial standard errors
-  (at a 5% rate: 11.6% after 100 rows, 7.1% after 1,000), so chance alone almost never stops a good build."""
+  (at a 5% rate: 11.5% after 100 rows, 7.1% after 1,000), so chance alone almost never stops a good build."""
   if skipped > max_skip_rate * total:
     done = "" if processed >= total else f" after {processed}"
     return (f"{skipped} of the manifest's {total} rows skipped{done} ({skipped / total:.1%} of all rows > "

@@ -55,7 +55,7 @@ def _read_all(paths):
 
 def test_build_skips_and_counts_every_bad_kind(manifest, tmp_path):
   opt = BuildOptions(size=56, num_frames=4, frame_format="raw")
-  s = build(str(manifest / "m.jsonl"), str(tmp_path / "out"), opt, num_shards=2, progress=False)
+  s = build(str(manifest / "m.jsonl"), str(tmp_path / "out"), opt, num_shards=2, progress=False, max_skip_rate=1.0)
   assert s["rows"] == 10 and s["written"] == 2
   assert s["skipped"] == {"missing_video": 1, "bad_video": 3, "malformed_row": 4}
   assert json.load(open(tmp_path / "out" / "summary.json"))["skipped"] == s["skipped"]
@@ -72,7 +72,7 @@ def test_build_skips_and_counts_every_bad_kind(manifest, tmp_path):
 def test_cli_jpeg_progress_and_max_skip_rate(manifest, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "tools.build_dataset", str(manifest / "m.jsonl"), str(tmp_path / "o"), "--size", "56",
-         "--fps", "4", "--max-frames", "6", "--shards", "1"]
+         "--fps", "4", "--max-frames", "6", "--shards", "1", "--max-skip-rate", "1"]
   r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["written"] == 2
@@ -80,6 +80,6 @@ def test_cli_jpeg_progress_and_max_skip_rate(manifest, tmp_path):
   recs = _read_all([str(tmp_path / "o" / "data-00000-of-00001.array_record")])
   frames = decode_frames(recs[0]["frames"])
   assert recs[0]["frames"]["format"] == "jpeg" and frames.shape == (6, 56, 56, 3)
-  r = subprocess.run(cmd[:-2] + ["--max-skip-rate", "0.5"], capture_output=True, text=True, env=env, cwd=REPO,
+  r = subprocess.run(cmd[:-1] + ["0.5", "--overwrite"], capture_output=True, text=True, env=env, cwd=REPO,
                      timeout=120)
   assert r.returncode == 1 and "max-skip-rate" in r.stderr and "summary.json" in r.stderr

@@ -17,6 +17,7 @@ Config file sections (see configs/common.py for the defaults):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping
 
@@ -64,6 +65,8 @@ def _float(obj, field: str, lo: float | None = None, hi: float | None = None, wh
   name = f"{where}.{field}" if where else field
   if not isinstance(v, (int, float)) or isinstance(v, bool):
     raise _err(name, f"expected a number, got {v!r}")
+  if not math.isfinite(v):  # nan passes every comparison below and would train to a NaN "success"
+    raise _err(name, f"expected a finite number, got {v!r}")
   if lo is not None and (v <= lo if open_lo else v < lo):
     raise _err(name, f"expected {'>' if open_lo else '>='} {lo}, got {v}")
   if hi is not None and v > hi:
@@ -148,8 +151,9 @@ class OptimConfig:
     if not self.trainable:
       raise _err(f"{w}.trainable", "empty: nothing would train")
     for i, item in enumerate(self.lr_scales):
-      if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)) and item[1] >= 0):
-        raise _err(f"{w}.lr_scales[{i}]", f"expected (regex, factor >= 0), got {item!r}")
+      if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float))
+              and not isinstance(item[1], bool) and math.isfinite(item[1]) and item[1] >= 0):
+        raise _err(f"{w}.lr_scales[{i}]", f"expected (regex, finite factor >= 0), got {item!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,10 +214,23 @@ def model_config(section: dict) -> KangarooConfig:
       else:
         dst[k] = list(v) if isinstance(v, tuple) else v
   merge(base, section.get("overrides", {}) or {}, "")
+  _reject_nonfinite(base, "model.overrides")
   try:
     return KangarooConfig.from_dict(base)
   except (ConfigError, TypeError) as e:
     raise _err("model.overrides", str(e)) from None
+
+
+def _reject_nonfinite(tree: Any, where: str) -> None:
+  """Raises naming the first nan / inf float anywhere in a nested dict / sequence."""
+  if isinstance(tree, float) and not math.isfinite(tree):
+    raise _err(where, f"expected a finite number, got {tree!r}")
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      _reject_nonfinite(v, f"{where}.{k}")
+  elif isinstance(tree, (list, tuple)):
+    for i, v in enumerate(tree):
+      _reject_nonfinite(v, f"{where}[{i}]")
 
 
 def from_configdict(config: ml_collections.ConfigDict) -> TrainConfig:

@@ -15,12 +15,13 @@ agreement that needs no collective at all.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
+import threading
 
-import jax
-import numpy as np
+import numpy as np  # jax is imported where used: `python -m train` installs STOP before that slow import
 
 # How long a process waits at a barrier for the others (startup skew, compilation on the slowest
 # host) before it fails with BarrierTimeoutError.
@@ -37,6 +38,84 @@ class PreemptionProtocolError(RuntimeError):
   """The processes could not agree on the step to stop at (should not happen; see Preemption)."""
 
 
+class Interrupted(BaseException):
+  """SIGTERM arrived in a phase that can end at once without losing anything (startup, the export).
+
+  `phase` is "startup" or "export"; the message says what state the workdir is in. A BaseException,
+  like KeyboardInterrupt, so that no `except Exception` on the way (a restore that tries the next
+  checkpoint when one fails to read) mistakes it for a failure of what it interrupted.
+  """
+
+  def __init__(self, phase: str, message: str = ""):
+    super().__init__(message or f"SIGTERM during {phase}")
+    self.phase = phase
+
+
+class StopSignal:
+  """The process's SIGTERM state, shared by every phase of a run.
+
+  The handler only sets `received`, except inside `stoppable(phase)`, where it raises Interrupted
+  (once) so that a long startup (restore, init) or export ends within the grace period instead of
+  running to completion. The training loop never raises: it stops at a step boundary with a save
+  (see Preemption). `python -m train` installs the handler before its slow imports (`install`);
+  `train()` called from Python installs it for the duration of the call (`handling`).
+  """
+
+  def __init__(self):
+    self.received = False
+    self._phase: str | None = None
+    self._installed_by: str | None = None  # "process" (permanent) | "call" (restored at the end) | None
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    self.received = True
+    if self._phase is not None:
+      phase, self._phase = self._phase, None  # raise once: cleanup after it must not be interrupted again
+      raise Interrupted(phase)
+
+  def install(self) -> None:
+    """Keeps the handler for the rest of the process (the CLI: the process ends with the run)."""
+    previous = signal.signal(signal.SIGTERM, self._handle)
+    if self._installed_by is None:
+      self._previous = previous
+    self._installed_by = "process"
+
+  @contextlib.contextmanager
+  def handling(self):
+    """The handler for one train() call, unless the process already installed it; restores the previous
+    handler (and forgets the signal) afterwards, so a library caller's process stays killable."""
+    if threading.current_thread() is not threading.main_thread():
+      yield self  # signals only reach the main thread; a train() in another thread cannot catch them
+      return
+    if self._installed_by is not None:
+      # Armed again: jax.distributed.initialize (after `install`) puts its own preemption notifier
+      # on SIGTERM, and then this handler would never run.
+      signal.signal(signal.SIGTERM, self._handle)
+      yield self
+      return
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._installed_by = "call"
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed_by, self._previous, self.received = None, None, False
+
+  @contextlib.contextmanager
+  def stoppable(self, phase: str):
+    """Inside, SIGTERM raises Interrupted(phase); on entry too, if it already arrived."""
+    if self.received:
+      raise Interrupted(phase)
+    outer, self._phase = self._phase, phase
+    try:
+      yield
+    finally:
+      self._phase = outer
+
+
+STOP = StopSignal()
+
+
 def _client():
   from jax._src import distributed
   return distributed.global_state.client
@@ -47,11 +126,28 @@ class Coordinator:
   the same order."""
 
   def __init__(self):
-    self.multi = jax.process_count() > 1
+    import jax
+    self.count = jax.process_count()
+    self.multi = self.count > 1
     self.client = _client() if self.multi else None
     self.process = jax.process_index()
     self.prefix = f"kangaroo_train/{next(_invocations)}" if self.multi else ""
     self._seq = itertools.count()
+
+  def gather(self, name: str, value: str) -> list[str]:
+    """Every process's `value` (index = process), after all of them published theirs."""
+    if not self.multi:
+      return [value]
+    if self.client is None:  # no coordination service: bytes over a device collective
+      from jax.experimental import multihost_utils
+      codes = np.frombuffer(value.encode()[:256].ljust(256), np.uint8)
+      rows = np.asarray(multihost_utils.process_allgather(codes))
+      return [bytes(r).decode(errors="replace").rstrip() for r in rows]
+    key_dir = f"{self.prefix}/gather/{next(self._seq)}/{name}/"
+    self.client.key_value_set(f"{key_dir}{self.process}", value)
+    self.barrier(f"gather/{name}")
+    entries = dict(self.client.key_value_dir_get(key_dir))
+    return [entries[f"{key_dir}{i}"] for i in range(self.count)]
 
   def barrier(self, name: str, timeout_s: float | None = None) -> None:
     """Blocks until every process reached the barrier `name`; BarrierTimeoutError after `timeout_s`."""
@@ -67,13 +163,17 @@ class Coordinator:
       self.client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
     except Exception as e:  # jax.errors.JaxRuntimeError (DEADLINE_EXCEEDED, or a peer failed)
       raise BarrierTimeoutError(
-          f"process {self.process}/{jax.process_count()}: not all processes reached '{name}' within "
+          f"process {self.process}/{self.count}: not all processes reached '{name}' within "
           f"{timeout_s:.0f}s (another process failed or is stuck; see its log). Set "
           f"KANGAROO_BARRIER_TIMEOUT_S to wait longer. Cause: {e}") from e
 
 
 class Preemption:
   """SIGTERM (TPU preemption / scheduler stop) sets a flag; the loop saves and exits at a step boundary.
+
+  The flag is STOP.received, so a signal that arrived during startup in a multi-process run (where
+  startup is not interruptible: the peers would wait for this process at a barrier) stops the
+  first steps here.
 
   One process: the step at which the flag is seen. Several processes (all must save the same step,
   and only some may get the signal): a process that got it publishes `<prefix>/preempt/<process>`
@@ -88,23 +188,25 @@ class Preemption:
   <= k-2; with M the smallest value ever published, no process stops before M+2 and all stop at it.
   """
 
-  def __init__(self, coord: Coordinator):
+  def __init__(self, coord: Coordinator, stop: StopSignal = STOP):
     self.coord = coord
-    self.flag = False
+    self.stop = stop
     self._published = False
-    self._old = None
+    self._handling = None
+
+  @property
+  def flag(self) -> bool:
+    return self.stop.received
 
   def __enter__(self):
     # With jax.distributed this replaces the distributed runtime's own SIGTERM notifier (only
     # used by multihost_utils.reached_preemption_sync_point, which this loop does not use).
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._handling = self.stop.handling()
+    self._handling.__enter__()
     return self
 
-  def _handle(self, signum, frame):
-    self.flag = True
-
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
+    self._handling.__exit__(*exc)
 
   @property
   def _key_dir(self) -> str:

@@ -2,11 +2,20 @@
 
 Resume precedence: a checkpoint in WORKDIR (exact resume: model, optimizer, step, iterator) >
 `init_from` (the previous curriculum stage's export: parameters only, fresh optimizer) > random init.
+The newest checkpoint that restores in full wins; unreadable newer ones are moved aside (see
+train.checkpoint), and one written by another stage or model shape is refused.
+
+SIGTERM: during startup (one process) the run stops before training, changing nothing; during the
+loop it saves at a step boundary (all processes the same step, see train.coordination.Preemption);
+during the final export (one process) the export is abandoned in its temporary folder, the finished
+checkpoint stays, and the next run writes the export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -21,9 +30,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.mesh import init_sharded, make_mesh
 from train import metrics as metrics_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer, silence_abandoned_reads
 from train.config import TrainConfig, validate_for_mesh
-from train.coordination import Coordinator, Preemption
+from train.coordination import STOP, Coordinator, Interrupted, Preemption
 from train.optim import check_selection, is_trainable, make_optimizer
 from train.params import ModelDef, combine, flatten, partition
 from train.step import init_state, make_train_step, state_shardings
@@ -31,6 +40,10 @@ from train.step import init_state, make_train_step, state_shardings
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row."""
+
+
+class WorkdirError(RuntimeError):
+  """WORKDIR cannot be written (read-only, full, no permission); the message names the path and the cause."""
 
 
 @dataclasses.dataclass
@@ -73,62 +86,146 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     iterator: per-host batches; default from cfg.data.
     stop_after: end this invocation after that many steps (with a checkpoint), like a job time limit.
     place_batch: host batch -> global arrays; default kangaroo_jax.data.global_batch.make_global_batch.
+
+  Raises (each with a one-line message; WORKDIR is left resumable in every case):
+    WorkdirError: WORKDIR cannot be written (read-only, full, no permission).
+    CheckpointError: no checkpoint in WORKDIR can be restored (CheckpointMismatchError: the newest was
+      written by another stage / model shape / process count).
+    NonFiniteError: optim.max_nonfinite non-finite steps in a row.
+    Interrupted: SIGTERM during startup or the final export (one process; several processes stop
+      together at a step boundary instead, with a checkpoint).
   """
-  os.makedirs(workdir, exist_ok=True)
+  with STOP.handling():
+    try:
+      return _train(cfg, workdir, iterator, stop_after, place_batch)
+    except (NonFiniteError, CheckpointError, WorkdirError):
+      raise
+    except Exception as e:
+      cause = _write_failure(e, os.path.abspath(workdir))
+      if cause is None:
+        raise
+      raise WorkdirError(f"workdir {workdir}: a write failed ({cause}); checkpoints saved before it are intact. "
+                         "Free space or make it writable, then run the same command to resume") from e
+
+
+# Errors that only a write can cause: reported as WorkdirError wherever they surface (Orbax's save
+# thread, TensorBoard, summary.json, the export). Permission errors count only under WORKDIR.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+_WRITE_MESSAGES = ("No space left on device", "Read-only file system", "Disk quota exceeded")
+
+
+def _write_failure(e: BaseException | None, workdir: str) -> str | None:
+  """The cause, if `e` or an exception it wraps is a failed write to `workdir`; else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError):
+      name = str(e.filename or "")
+      if e.errno in _WRITE_ERRNOS or (e.errno in (errno.EACCES, errno.EPERM) and name.startswith(workdir)):
+        return f"{e.strerror or e}" + (f": {name}" if name else "")
+    for message in _WRITE_MESSAGES:  # tensorstore reports the OS error inside its own exception text
+      if message in str(e):
+        return message
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _check_workdir(workdir: str) -> None:
+  """Creates WORKDIR and proves it takes a small durable write, before anything else is done."""
+  probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"0")
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    where = f": {e.filename}" if e.filename else ""
+    raise WorkdirError(f"workdir {workdir}: cannot write there ({e.strerror or e}{where}); choose a writable "
+                       "--workdir") from None
+
+
+def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop_after: int | None,
+           place_batch: Callable | None) -> TrainResult:
   primary = jax.process_index() == 0
-  mesh = make_mesh(cfg.mesh)
-  validate_for_mesh(cfg, dict(mesh.shape), jax.process_count())
-  model_def = ModelDef(cfg.model)
-  shapes = model_def.shapes()
-  paths = list(flatten(shapes))
-  check_selection(cfg.optim, paths)
-  trainable = functools.partial(is_trainable, cfg.optim)
-  tx, lr_schedule = make_optimizer(cfg.optim, cfg.total_steps, [p for p in paths if trainable(p)])
+  single = jax.process_count() == 1
+  # One process stops at once when SIGTERM comes during startup or the export (nothing is half done
+  # that matters). Several processes must not: the others would wait for it at the next barrier, so
+  # the loop's Preemption protocol stops them all together after the first steps.
+  stoppable = STOP.stoppable if single else (lambda phase: contextlib.nullcontext())
+  ckpt = writer = None
+  owned_iterator = None
+  ok = False
+  try:
+    with stoppable("startup"):
+      _check_workdir(workdir)
+      mesh = make_mesh(cfg.mesh)
+      validate_for_mesh(cfg, dict(mesh.shape), jax.process_count())
+      model_def = ModelDef(cfg.model)
+      shapes = model_def.shapes()
+      paths = list(flatten(shapes))
+      check_selection(cfg.optim, paths)
+      trainable = functools.partial(is_trainable, cfg.optim)
+      tx, lr_schedule = make_optimizer(cfg.optim, cfg.total_steps, [p for p in paths if trainable(p)])
 
-  replicated = NamedSharding(mesh, PartitionSpec())
-  train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
-  abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
-  state_sh = state_shardings(abstract, train_sh, frozen_sh, replicated)
+      replicated = NamedSharding(mesh, PartitionSpec())
+      train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
+      abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
+      state_sh = state_shardings(abstract, train_sh, frozen_sh, replicated)
 
-  from kangaroo_jax.data.global_batch import data_shard_for_process
-  data_shard = data_shard_for_process(mesh, cfg.data.batch_size)[0]
-  if place_batch is None:
-    from kangaroo_jax.data.global_batch import make_global_batch
-    place_batch = functools.partial(make_global_batch, mesh=mesh)
-  iterator = iterator if iterator is not None else make_iterator(cfg, mesh)
-  # Multi-process: the first cross-process collectives (Orbax's barriers, then the train step)
-  # each set up a gloo group on CPU, which fails if the processes arrive more than 30 s apart.
-  # Start both from a coordination-service barrier; no-op for one process.
-  coord = Coordinator()
-  coord.barrier("checkpointer")
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.ckpt)
-  config_record = dict(cfg.raw, model_config=cfg.model.to_dict())
+      from kangaroo_jax.data.global_batch import data_shard_for_process
+      data_shard = data_shard_for_process(mesh, cfg.data.batch_size)[0]
+      if place_batch is None:
+        from kangaroo_jax.data.global_batch import make_global_batch
+        place_batch = functools.partial(make_global_batch, mesh=mesh)
+      if iterator is None:
+        iterator = owned_iterator = make_iterator(cfg, mesh)
+      # Multi-process: the first cross-process collectives (Orbax's barriers, then the train step)
+      # each set up a gloo group on CPU, which fails if the processes arrive more than 30 s apart.
+      # Start both from a coordination-service barrier; no-op for one process.
+      coord = Coordinator()
+      coord.barrier("checkpointer")
+      ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.ckpt)
+      config_record = dict(cfg.raw, model_config=cfg.model.to_dict())
 
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
-    state = ckpt.restore(latest, target, iterator)
-    resumed = f"resumed from {ckpt.directory}/{latest}"
-  else:
-    params = initial_params(cfg, model_def, mesh)
-    with jax.set_mesh(mesh):
-      state = jax.jit(lambda p: init_state(*partition(p, trainable), tx), out_shardings=state_sh,
-                      donate_argnums=0)(params)
-    resumed = f"initialised from {cfg.init_from}" if cfg.init_from else "random init"
-  start = int(jax.device_get(state["step"]))
+      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
+      who = f"[{cfg.stage}]" + ("" if single else f" process {jax.process_index()}:")
+      restored = ckpt.restore_latest(target, iterator, config_record, coord,
+                                     log=lambda line: print(f"{who} {line}", flush=True))
+      if restored is not None:
+        state = restored.state
+        resumed = f"resumed from {ckpt.directory}/{restored.step}"
+        if restored.skipped:
+          resumed += " (unreadable, moved aside: " + ", ".join(f"{s} -> {m}" for s, _, m in restored.skipped) + ")"
+      else:
+        params = initial_params(cfg, model_def, mesh)
+        with jax.set_mesh(mesh):
+          state = jax.jit(lambda p: init_state(*partition(p, trainable), tx), out_shardings=state_sh,
+                          donate_argnums=0)(params)
+        resumed = f"initialised from {cfg.init_from}" if cfg.init_from else "random init"
+      start = int(jax.device_get(state["step"]))
 
-  from kangaroo_jax.data.video import normalize_frames
-  step_fn = jax.jit(make_train_step(model_def, tx, lr_schedule, normalize_frames, cfg.optim.grad_accum),
-                    donate_argnums=0, out_shardings=(state_sh, None))
+      from kangaroo_jax.data.video import normalize_frames
+      step_fn = jax.jit(make_train_step(model_def, tx, lr_schedule, normalize_frames, cfg.optim.grad_accum),
+                        donate_argnums=0, out_shardings=(state_sh, None))
 
-  flops = metrics_lib.FlopModel.build(cfg.model, {p: s.shape for p, s in flatten(shapes).items()},
-                                      {p for p in paths if trainable(p)}, cfg.data.frame_size)
-  peak = metrics_lib.peak_flops(jax.devices()[0], cfg.peak_flops_per_device)
-  writer = metrics_lib.Writer(workdir, cfg.total_steps, start, primary)
-  n_train = model_def.num_params(trainable)
-  writer.text(f"[{cfg.stage}] {resumed}; step {start}/{cfg.total_steps}; mesh {dict(mesh.shape)}; "
-              f"{model_def.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable; "
-              f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+      flops = metrics_lib.FlopModel.build(cfg.model, {p: s.shape for p, s in flatten(shapes).items()},
+                                          {p for p in paths if trainable(p)}, cfg.data.frame_size)
+      peak = metrics_lib.peak_flops(jax.devices()[0], cfg.peak_flops_per_device)
+      writer = metrics_lib.Writer(workdir, cfg.total_steps, start, primary)
+      n_train = model_def.num_params(trainable)
+      writer.text(f"[{cfg.stage}] {resumed}; step {start}/{cfg.total_steps}; mesh {dict(mesh.shape)}; "
+                  f"{model_def.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable; "
+                  f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+  except Interrupted:
+    silence_abandoned_reads()  # it may have stopped a restore part way
+    _close(ckpt, writer, owned_iterator, quiet=True)
+    raise Interrupted("startup", f"SIGTERM during startup: stopped before training; nothing in {workdir} was "
+                      "changed (the checkpoints are as they were). Run the same command to resume") from None
+  except BaseException:
+    _close(ckpt, writer, owned_iterator, quiet=True)
+    raise
 
   def data_snapshot() -> dict:
     # This host's counters right after it read a batch, so they line up with that batch's step.
@@ -158,9 +255,11 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     if m["finite"]:
       window["losses"].append(m["loss"])
     if m["nonfinite_streak"] >= cfg.optim.max_nonfinite:
+      saved = ckpt.latest_step()
+      last_good = (f"the last good state is checkpoint {saved} in {ckpt.directory}" if saved is not None else
+                   f"no checkpoint was saved yet (this run started from {resumed})")
       raise NonFiniteError(f"step {s}: {int(m['nonfinite_streak'])} non-finite steps in a row "
-                           f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); the last good state is in "
-                           f"{ckpt.directory}")
+                           f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); {last_good}")
     return m
 
   def log(m: dict) -> None:
@@ -235,18 +334,22 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
                        metrics_lib.data_totals(final_data, data_shard) if final_data else None)
     writer.text(f"[{cfg.stage}] {status} at step {step}; data: " + (
         metrics_lib.describe_skips(summary["data"]) if summary["data"] else "no skip accounting (synthetic)"))
-    if primary:
+    if primary and (history or not _has_summary(workdir, step)):
+      # A run that trained nothing (rerun only to write the export) keeps the summary of the run that did.
       _write_json(os.path.join(workdir, "summary.json"), summary)
     if status == "done" and cfg.export:
       from train.export import write_export
-      out = write_export(os.path.join(workdir, "export"), cfg, model_def, combine(state["params"], state["frozen"]),
-                         step)
+      try:
+        out = write_export(os.path.join(workdir, "export"), cfg, model_def,
+                           combine(state["params"], state["frozen"]), step, stoppable=lambda: stoppable("export"))
+      except Interrupted:
+        raise Interrupted("export", f"SIGTERM during the export: training is done and checkpoint {step} is saved in "
+                          f"{ckpt.directory}; {workdir}/export was not replaced (a partial one may be left in "
+                          f"export.tmp-{step}). Run the same command to write the export") from None
       writer.text(f"[{cfg.stage}] exported to {out}")
+    ok = True
   finally:
-    ckpt.close()
-    writer.close()
-    if hasattr(iterator, "close"):
-      iterator.close()
+    _close(ckpt, writer, iterator, quiet=not ok)
   # Every process has finished its checkpoint writes (ckpt.close waits for them): leave together, so
   # none tears down its coordination client or gloo peers while another still needs them. Then the
   # process exit runs jax.distributed.shutdown (its own barrier, jax's shutdown_timeout_seconds).
@@ -254,11 +357,34 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
   return TrainResult(state=state, history=history, status=status, step=step, summary=summary)
 
 
+def _close(ckpt: Checkpointer | None, writer, iterator, quiet: bool) -> None:
+  """Closes what a run opened. `quiet` (an error is already on its way out): a second error from a
+  close is dropped, so the first one is the one reported."""
+  first = None
+  for close in (getattr(ckpt, "close", None), getattr(writer, "close", None), getattr(iterator, "close", None)):
+    if close is None:
+      continue
+    try:
+      close()
+    except Exception as e:
+      first = first or e
+  if first is not None and not quiet:
+    raise first
+
+
 def _summary(cfg: TrainConfig, status: str, step: int, history: list[dict], data: dict | None) -> dict:
   last = history[-1] if history else {}
   return dict(stage=cfg.stage, status=status, step=step, total_steps=cfg.total_steps,
               steps_this_run=len(history), last_loss=last.get("loss"),
               nonfinite_steps_skipped=int(last.get("skipped", 0)), data=data)
+
+
+def _has_summary(workdir: str, step: int) -> bool:
+  try:
+    with open(os.path.join(workdir, "summary.json")) as f:
+      return json.load(f).get("step") == step
+  except (OSError, ValueError):
+    return False
 
 
 def _write_json(path: str, obj: dict) -> None:

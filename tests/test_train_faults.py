@@ -300,14 +300,27 @@ def test_sigterm_during_restore_changes_nothing(run, monkeypatch):
   assert _listing(run) == before  # the checkpoint it was reading is not taken for a damaged one
 
 
+# A restore that takes a while (as an 8B one does), so that the signal surely lands inside it.
+_SLOW_RESTORE = """
+import time
+from train.checkpoint import Checkpointer
+real = Checkpointer._verified
+def slow(self, *args):
+  print("READING", flush=True)
+  time.sleep(60)
+  return real(self, *args)
+Checkpointer._verified = slow
+""" + _RUN_TRAIN
+
+
 def test_sigterm_while_restoring_exits_0_from_the_command_line(run):
   before = _listing(os.path.join(run, "checkpoints"))
-  proc = subprocess.Popen([sys.executable, "-m", "train", "--config", CONFIG, "--workdir", run], cwd=ROOT, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_RESTORE, "--config", CONFIG, "--workdir", run], cwd=ROOT,
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   seen = []
   for line in proc.stdout:
     seen.append(line)
-    if "restoring the newest readable of 3 checkpoint(s)" in line:
+    if line.startswith("READING"):
       proc.send_signal(signal.SIGTERM)
       break
   out = "".join(seen) + proc.communicate(timeout=120)[0]

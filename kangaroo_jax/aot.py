@@ -112,13 +112,25 @@ def attention_kernels_in(hlo_text: str) -> list[str]:
   return names
 
 
-def highest_precision_f32_dots(hlo_text: str) -> list[str]:
-  """HLO lines of float32 dots/convolutions requested at HIGHEST precision."""
+# The einsums of the XLA attention paths (kangaroo_jax/attention), as they appear in HLO op names.
+ATTENTION_EINSUMS = ("bkgd,btkd->bkgt", "bkgt,btkd->bkgd", "bqkgd,btkd->bkgqt", "bkgqt,btkd->bqkgd",
+                     "bkgqd,btkd->bkgqt", "bkgqt,btkd->bkgqd", "bkgqt,bkgqd->btkd")
+
+
+def highest_precision_f32_dots(hlo_text: str, attention_only: bool = True) -> list[str]:
+  """HLO lines of float32 dots/convolutions requested at HIGHEST precision (by default: in attention only).
+
+  Small f32 HIGHEST matmuls elsewhere are deliberate (e.g. resampling position embeddings); in
+  attention they would multiply the cost of the largest matmuls at long context.
+  """
   out = []
   for line in hlo_text.splitlines():
-    if (" dot(" in line or " convolution(" in line) and "f32[" in line.split("=", 1)[-1].split("(")[0] \
-        and "highest" in line.lower():
-      out.append(line.strip())
+    result_type = line.split("=", 1)[-1].split("(")[0]
+    if not ((" dot(" in line or " convolution(" in line) and "f32[" in result_type and "highest" in line.lower()):
+      continue
+    if attention_only and not any(spec in line for spec in ATTENTION_EINSUMS):
+      continue
+    out.append(line.strip())
   return out
 
 

@@ -171,6 +171,9 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
   placed = nnx.from_flat_state([
       (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh_flat[p].get_value())))
       for p, v in nnx.to_flat_state(state)])
+  # Abstract, and made outside the TPU mesh (concrete arrays cannot be placed on described devices).
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  step = jax.ShapeDtypeStruct((), jnp.int32)
   with jax.set_mesh(mesh):
     engine = Engine(nnx.merge(graphdef, placed))
     n = dict(mesh.shape).get("context", 1)
@@ -191,7 +194,7 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
                        i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_),
                        jax.ShapeDtypeStruct((batch, llm.vocab_size), jnp.float32)),
         _timed_compile("decode_step", engine._decode_step, engine.state, cache, i32(batch),  # noqa: SLF001
-                       jax.random.key(0), jnp.int32(0), sampling=SamplingConfig()),
+                       key, step, sampling=SamplingConfig()),
     ]
   facts = dict(mesh=dict(mesh.shape), frames=frames, prompt_tokens=prompt, cache_len=max_len, batch=batch,
                prefill_chunk=chunk)

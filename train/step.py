@@ -22,9 +22,12 @@ import optax
 
 from kangaroo_jax.data.global_batch import BATCH_AXES
 from kangaroo_jax.parallel.rules import shard
+from train.loss import chunked_cross_entropy
 from train.params import ModelDef, combine, flatten
 
 State = dict[str, Any]
+# Llama-3's 128,256-entry vocabulary in 8 chunks of 16,032 logits per token.
+LOSS_VOCAB_CHUNKS = 8
 Batch = dict[str, jax.Array]
 
 
@@ -36,14 +39,17 @@ def init_state(params: dict, frozen: dict, tx: optax.GradientTransformation) -> 
 
 def loss_sums(model_def: ModelDef, normalize: Callable, params: dict, frozen: dict,
               batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token cross-entropies, number of loss tokens), both float32 []."""
+  """(sum of masked token cross-entropies, number of loss tokens), both float32 [].
+
+  The LM head runs inside the loss, a vocabulary chunk at a time (train/loss.py): the full
+  [tokens, vocab] logits never exist.
+  """
   model = model_def.merge(combine(params, frozen))
   frames = normalize(batch["frames"])  # uint8 on the wire, normalised on device
-  logits = model(batch["input_ids"], frames, batch["timestamps"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(ce * mask), jnp.sum(mask)
+  hidden = model.hidden_states(batch["input_ids"], frames, batch["timestamps"], positions=batch["positions"],
+                               segment_ids=batch["segment_ids"])
+  return chunked_cross_entropy(hidden, model.llm.lm_head.kernel[...], batch["targets"], batch["loss_mask"],
+                               dtype=model_def.cfg.dtype, num_chunks=LOSS_VOCAB_CHUNKS)
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:

@@ -104,6 +104,12 @@ class Kangaroo(nnx.Module):
     visual = self.encode_frames(frames, timestamps)
     return merge_visual_tokens(embeds, visual, is_visual)
 
+  def hidden_states(self, input_ids: jax.Array, frames: jax.Array | None = None, timestamps: jax.Array | None = None,
+                    *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Like __call__ but stops before the LM head: final (normed) hidden states [b, l, embed]."""
+    embeds = self.embed_inputs(input_ids, frames, timestamps)
+    return self.llm.model(embeds, positions, segment_ids)
+
   def __call__(self, input_ids: jax.Array, frames: jax.Array | None = None, timestamps: jax.Array | None = None,
                *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """input_ids [b, l], frames [b, f, h, w, c], timestamps [b, f] -> logits [b, l, vocab]."""

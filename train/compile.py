@@ -20,7 +20,6 @@ Any config field can be overridden as in `python -m train`: --config.data.batch_
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -85,32 +84,20 @@ def _timed_compile(name, jitted, *args, **kwargs) -> Program:
 
 
 def compile_train_step(cfg, devices) -> tuple[list[Program], dict]:
-  """Lowers and compiles `train.step.make_train_step` exactly as `train.loop.train` jits it."""
+  """Lowers and compiles the train step `train.loop.train` runs (both build it with `train.program`)."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec
+  from jax.sharding import NamedSharding
 
   from kangaroo_jax.data.global_batch import BATCH_AXES
-  from kangaroo_jax.data.video import normalize_frames
   from kangaroo_jax.parallel.mesh import make_mesh
   from kangaroo_jax.parallel.rules import logical_to_spec
   from train.config import validate_for_mesh
-  from train.optim import check_selection, is_trainable, make_optimizer
-  from train.params import ModelDef, flatten, partition
-  from train.step import init_state, make_train_step, state_shardings
+  from train.program import build_program
 
   mesh = make_mesh(cfg.mesh, devices=devices)
   validate_for_mesh(cfg, dict(mesh.shape), 1)
-  model_def = ModelDef(cfg.model)
-  shapes = model_def.shapes()
-  paths = list(flatten(shapes))
-  check_selection(cfg.optim, paths)
-  trainable = functools.partial(is_trainable, cfg.optim)
-  tx, lr_schedule = make_optimizer(cfg.optim, cfg.total_steps, [p for p in paths if trainable(p)])
-  replicated = NamedSharding(mesh, PartitionSpec())
-  train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
-  abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
-  state_sh = state_shardings(abstract, train_sh, frozen_sh, replicated)
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
+  program = build_program(cfg, mesh)
+  state = program.abstract_state()
 
   d = cfg.data
   b, seq, f, px = d.batch_size, d.seq_len, d.max_frames, d.frame_size
@@ -121,13 +108,11 @@ def compile_train_step(cfg, devices) -> tuple[list[Program], dict]:
   batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(
       mesh, logical_to_spec(BATCH_AXES[k], mesh_shape, shape))) for k, (shape, dt) in batch_shapes.items()}
 
-  step_fn = jax.jit(make_train_step(model_def, tx, lr_schedule, normalize_frames, cfg.optim.grad_accum),
-                    donate_argnums=0, out_shardings=(state_sh, None))
   with jax.set_mesh(mesh):
-    program = _timed_compile("train_step", step_fn, state, batch)
-  facts = dict(mesh=mesh_shape, params=model_def.num_params(),
-               trainable_params=model_def.num_params(trainable), tokens_per_step=b * seq)
-  return [program], facts
+    compiled = _timed_compile("train_step", program.jit_step(cfg.optim.grad_accum), state, batch)
+  facts = dict(mesh=mesh_shape, params=program.model_def.num_params(),
+               trainable_params=program.model_def.num_params(program.trainable), tokens_per_step=b * seq)
+  return [compiled], facts
 
 
 def _parse_mesh(text: str):

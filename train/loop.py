@@ -25,7 +25,6 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.mesh import init_sharded, make_mesh
@@ -33,9 +32,9 @@ from train import metrics as metrics_lib
 from train.checkpoint import CheckpointError, Checkpointer, silence_abandoned_reads
 from train.config import TrainConfig, validate_for_mesh
 from train.coordination import STOP, Coordinator, Interrupted, Preemption
-from train.optim import check_selection, is_trainable, make_optimizer
 from train.params import ModelDef, combine, flatten, partition
-from train.step import init_state, make_train_step, state_shardings
+from train.program import build_program
+from train.step import init_state
 
 
 class NonFiniteError(RuntimeError):
@@ -162,17 +161,9 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
       _check_workdir(workdir)
       mesh = make_mesh(cfg.mesh)
       validate_for_mesh(cfg, dict(mesh.shape), jax.process_count())
-      model_def = ModelDef(cfg.model)
-      shapes = model_def.shapes()
-      paths = list(flatten(shapes))
-      check_selection(cfg.optim, paths)
-      trainable = functools.partial(is_trainable, cfg.optim)
-      tx, lr_schedule = make_optimizer(cfg.optim, cfg.total_steps, [p for p in paths if trainable(p)])
-
-      replicated = NamedSharding(mesh, PartitionSpec())
-      train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
-      abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
-      state_sh = state_shardings(abstract, train_sh, frozen_sh, replicated)
+      program = build_program(cfg, mesh)
+      model_def, paths, trainable, tx = program.model_def, program.paths, program.trainable, program.tx
+      shapes, state_sh = model_def.shapes(), program.state_shardings
 
       from kangaroo_jax.data.global_batch import data_shard_for_process
       data_shard = data_shard_for_process(mesh, cfg.data.batch_size)[0]
@@ -189,7 +180,7 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
       ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.ckpt)
       config_record = dict(cfg.raw, model_config=cfg.model.to_dict())
 
-      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
+      target = program.abstract_state()
       who = f"[{cfg.stage}]" + ("" if single else f" process {jax.process_index()}:")
       restored = ckpt.restore_latest(target, iterator, config_record, coord,
                                      log=lambda line: print(f"{who} {line}", flush=True))
@@ -206,9 +197,7 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
         resumed = f"initialised from {cfg.init_from}" if cfg.init_from else "random init"
       start = int(jax.device_get(state["step"]))
 
-      from kangaroo_jax.data.video import normalize_frames
-      step_fn = jax.jit(make_train_step(model_def, tx, lr_schedule, normalize_frames, cfg.optim.grad_accum),
-                        donate_argnums=0, out_shardings=(state_sh, None))
+      step_fn = program.jit_step(cfg.optim.grad_accum)
 
       flops = metrics_lib.FlopModel.build(cfg.model, {p: s.shape for p, s in flatten(shapes).items()},
                                           {p for p in paths if trainable(p)}, cfg.data.frame_size)

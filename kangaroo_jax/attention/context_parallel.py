@@ -7,7 +7,6 @@ mesh before tracing the collective code, so a bad combination fails with a sente
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,6 @@ from flax import nnx
 
 from kangaroo_jax.config import ProjectorConfig
 from kangaroo_jax.layers.linear import dense, param
-from kangaroo_jax.parallel import shard
 
 
 def sinusoidal_time_embedding(timestamps: jax.Array, dim: int, base: float = 10000.0) -> jax.Array:

@@ -2,8 +2,8 @@
 
 Every field is checked once in `__post_init__`, before anything is traced, so a bad
 config fails with a message naming the field instead of an XLA shape error later.
-The `kangaroo-8b` preset carries the released shapes (../shared/kangaroo_spec.md);
-choices the spec marks ASSUMED are fields here, not constants in the model code.
+The `kangaroo-8b` preset carries the released shapes (docs/model.md); the design choices
+docs/model.md marks ASSUMED are fields here, not constants in the model code.
 """
 
 from __future__ import annotations

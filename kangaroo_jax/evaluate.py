@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Callable
 
+from kangaroo_jax import compile_cache
+from kangaroo_jax.chat import HelpFormatter
 from kangaroo_jax.data.video import VideoError
 from kangaroo_jax.inference.chat import Chat, PromptTooLong
 from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
@@ -212,15 +214,19 @@ def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int) -> Callable[[
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m kangaroo_jax.evaluate", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m kangaroo_jax.evaluate", description=__doc__.split("\n\n")[0],
+                              epilog="compiled programs are cached between runs as for python -m kangaroo_jax.chat\n"
+                              f"(see its --help; {compile_cache.DIR_ENV}= turns the cache off)",
+                              formatter_class=HelpFormatter)
   p.add_argument("ckpt_dir", help="from_pretrained folder")
   p.add_argument("--benchmark", required=True, help="benchmark JSON (MVBench / Video-MME shapes)")
   p.add_argument("--video-root", required=True, help="folder the items' video paths are relative to")
   p.add_argument("--output", help="folder for predictions.jsonl and results.json (default: next to the "
                  "benchmark, <name>_predictions/)")
-  p.add_argument("--num-frames", type=int, default=64)
-  p.add_argument("--max-new-tokens", type=int, default=16)
-  p.add_argument("--max-items", type=int, help="stop after this many new items (resume later)")
+  p.add_argument("--num-frames", type=int, default=64, help="an even number of frames sampled uniformly "
+                 "from each video")
+  p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens (greedy decoding)")
+  p.add_argument("--max-items", type=int, help="stop after this many new items and resume later (default: no limit)")
   p.add_argument("--retry-failed", action="store_true",
                  help="run the items a previous run recorded as failed again (default: keep them as failed)")
   add_loading_args(p)
@@ -241,6 +247,7 @@ def main(argv=None) -> int:
       raise UsageError(f"--output {output}: is a file; expected a folder")
     items = load_benchmark(args.benchmark)
     prior_predictions(items, pred_path)  # a foreign or mismatched file fails now, not after loading the model
+    compile_cache.enable()  # before the first compile, which opens the cache
     model, tokenizer, scope = load_from_args(args)
     with scope:
       chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, max_positions=args.max_positions,

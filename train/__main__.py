@@ -147,6 +147,8 @@ def _run() -> int:
   except Interrupted:
     raise Interrupted("startup", "SIGTERM during startup: stopped before training; nothing was changed. Run the "
                       "same command to start") from None
+  from kangaroo_jax import compile_cache
+  compile_cache.enable()  # before anything compiles: a rerun or resume loads the step instead of compiling it
   _maybe_initialize_distributed()
   from train.loop import train
   result = train(cfg, _WORKDIR.value, stop_after=_STOP_AFTER.value)

@@ -204,3 +204,29 @@ def test_help_shows_every_default(cli):
     for name, _ in chat_cli.COMMANDS:
       assert f"  {name} " in text.split("interactive commands:", 1)[1]
   assert compile_cache.DIR_ENV in text
+
+
+def test_train_turns_the_cache_on_before_it_starts(tmp_path):
+  """`python -m train` sets the cache up after validating its config, before any device work: here the
+  workdir is a file, so the run stops with exit 2 right after that, and the cache folder is already there."""
+  (tmp_path / "not_a_folder").write_text("x")
+  cache = tmp_path / "cache"
+  config = os.path.join(ROOT, "configs/stage2_video_pretrain.py") + ":mode=cpu,steps=1"
+  workdir = str(tmp_path / "not_a_folder")
+  proc = subprocess.run([sys.executable, "-m", "train", "--config", config, "--workdir", workdir], cwd=ROOT,
+                        env=_env(str(cache)), capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 2 and "not_a_folder" in proc.stderr, proc.stderr[-2000:]
+  assert cache.is_dir()
+
+
+def test_evaluate_turns_the_cache_on_before_loading(tmp_path):
+  """The cache is set up after the options and the benchmark are checked, before the checkpoint is read (here
+  a folder that is not a checkpoint, so the run stops right after)."""
+  bench = tmp_path / "bench.json"
+  bench.write_text('[{"question_id": "q", "video": "v.mp4", "question": "?", "options": ["a", "b"], "answer": "A"}]')
+  cache = tmp_path / "cache"
+  proc = subprocess.run([sys.executable, "-m", "kangaroo_jax.evaluate", str(tmp_path), "--benchmark", str(bench),
+                         "--video-root", str(tmp_path), "--output", str(tmp_path / "out")],
+                        cwd=ROOT, env=_env(str(cache)), capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path}"), proc.stderr[-2000:]
+  assert cache.is_dir()

@@ -75,8 +75,9 @@ def load_for_inference(ckpt_dir: str, *, param_dtype: str | None = None, context
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:
   """The options of `load_from_args` and of the Chat both CLIs build."""
-  p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), help="cast weights while loading")
-  p.add_argument("--prefill-chunk", type=int, default=512)
+  p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
+                 help="cast weights while loading (default: as stored)")
+  p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens run per prefill step")
   p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                  help="split the KV cache and prefill over N devices (context axis)")
   p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",

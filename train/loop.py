@@ -201,7 +201,7 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
 
       flops = metrics_lib.FlopModel.build(cfg.model, {p: s.shape for p, s in flatten(shapes).items()},
                                           {p for p in paths if trainable(p)}, cfg.data.frame_size)
-      peak = metrics_lib.peak_flops(jax.devices()[0], cfg.peak_flops_per_device)
+      peak = metrics_lib.peak_flops(mesh.devices.flat[0], cfg.peak_flops_per_device)
       writer = metrics_lib.Writer(workdir, cfg.total_steps, start, primary)
       n_train = model_def.num_params(trainable)
       writer.text(f"[{cfg.stage}] {resumed}; step {start}/{cfg.total_steps}; mesh {dict(mesh.shape)}; "
@@ -261,7 +261,7 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
         vals["data"] = metrics_lib.describe_skips(totals)
     if window["steps"]:
       t = window["time"]
-      per_dev = window["flops"] / t / jax.device_count()
+      per_dev = window["flops"] / t / mesh.size
       vals.update(tokens_per_s=window["tokens"] / t, frames_per_s=window["frames"] / t,
                   step_time_s=t / window["steps"], tflops_per_device=per_dev / 1e12,
                   mfu=per_dev / peak if peak else None)

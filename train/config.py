@@ -94,7 +94,10 @@ class DataConfig:
   frame_size: int = 56          # square frames, pixels
   max_frames: int = 8           # frame slots per row
   num_frames: int = 8           # frames sampled per video (grain); even
-  dataset: str = ""             # ArrayRecord shards from tools.build_dataset (grain): folder, file or glob
+  dataset: str = ""             # grain: ArrayRecord shards of tools.build_dataset (folder, file or glob), or a TFDS
+                                # split "tfds:NAME[/CONFIG][:VERSION][:SPLIT]" (kangaroo_jax.data.tfds_source)
+  tfds_data_dir: str = ""       # tfds: where the prepared dataset lies ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  tfds_mapping: str = ""        # tfds: a mapping shape for a dataset tfds_mappings.DATASET_SHAPES does not name
   tokenizer: str = ""           # folder with tokenizer files (grain; copied into the export)
   worker_count: int = 0         # Grain worker processes
   shuffle_seed: int = 0
@@ -118,6 +121,27 @@ class DataConfig:
       for f in ("dataset", "tokenizer"):
         if not getattr(self, f):
           raise _err(f"{w}.{f}", "required when data.source='grain'")
+    self._validate_tfds()
+
+  def _validate_tfds(self) -> None:
+    from kangaroo_jax.data.config import DataConfigError, is_tfds, parse_tfds
+    w = "data"
+    for f in ("dataset", "tfds_data_dir", "tfds_mapping"):
+      if not isinstance(getattr(self, f), str):
+        raise _err(f"{w}.{f}", f"expected a string, got {getattr(self, f)!r}")
+    if is_tfds(self.dataset):
+      try:
+        parse_tfds(self.dataset, f"{w}.dataset")
+      except DataConfigError as e:
+        raise ConfigError(str(e)) from None
+    elif self.tfds_data_dir or self.tfds_mapping:
+      f = "tfds_data_dir" if self.tfds_data_dir else "tfds_mapping"
+      raise _err(f"{w}.{f}", f"only for a TFDS dataset (data.dataset='tfds:NAME[:SPLIT]'), got "
+                 f"dataset={self.dataset!r}")
+    if self.tfds_mapping:
+      from kangaroo_jax.data.tfds_mappings import MAPPINGS
+      if self.tfds_mapping not in MAPPINGS:
+        raise _err(f"{w}.tfds_mapping", f"got {self.tfds_mapping!r}, expected one of {sorted(MAPPINGS)}")
 
 
 @dataclasses.dataclass(frozen=True)

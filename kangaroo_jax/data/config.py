@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 
 from kangaroo_jax.data.prompt import VideoMarkers
 
@@ -23,11 +24,52 @@ class SkipRateExceeded(RuntimeError):
   """
 
 
+TFDS_PREFIX = "tfds:"
+_TFDS_SPEC = re.compile(r"(?P<name>[A-Za-z0-9_]+(?:/[A-Za-z0-9_.\-]+)?"  # name[/config]
+                        r"(?::\d+\.(?:\d+|\*)\.(?:\d+|\*))?)"  # [:version]; the split may hold ":" ("train[:10]")
+                        r"(?::(?P<split>.+))?")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")  # a split expression starts with the split's name: "train[:10%]"
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+  """`data="tfds:NAME[/CONFIG][:VERSION][:SPLIT]"` parsed (kangaroo_jax.data.tfds_source reads it)."""
+  name: str             # as TFDS names it: "coco_captions/2014:1.1.0"
+  split: str = "train"  # a TFDS split expression: "train", "validation[:10%]"
+
+  @property
+  def dataset(self) -> str:
+    """The name without config and version: the key of tfds_mappings.DATASET_SHAPES."""
+    return self.name.split(":")[0].split("/")[0]
+
+  def __str__(self) -> str:
+    return f"{TFDS_PREFIX}{self.name}:{self.split}"
+
+
+def is_tfds(data) -> bool:
+  return isinstance(data, str) and data.startswith(TFDS_PREFIX)
+
+
+def parse_tfds(data: str, field: str = "DataConfig.data") -> TfdsSpec:
+  """"tfds:NAME[/CONFIG][:VERSION][:SPLIT]" -> TfdsSpec; DataConfigError naming `field` when it does not parse."""
+  m = _TFDS_SPEC.fullmatch(data[len(TFDS_PREFIX):]) if is_tfds(data) else None
+  if m is None:
+    raise DataConfigError(f"{field}={data!r}: expected tfds:NAME[/CONFIG][:VERSION][:SPLIT], e.g. "
+                          "tfds:coco_captions/2014:train or tfds:kangaroo_video_qa:1.0.0:validation[:10%]")
+  split = m.group("split") or "train"
+  if not SPLIT_NAME.match(split):
+    raise DataConfigError(f"{field}={data!r}: split {split!r} does not start with a split name")
+  return TfdsSpec(m.group("name"), split)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Validated options of `make_train_iterator`.
 
-  data: a folder of `*.array_record` shards (tools.build_dataset output), one shard file, or a glob.
+  data: a folder of `*.array_record` shards (tools.build_dataset output), one shard file, or a glob; or a TFDS
+    dataset split, "tfds:NAME[/CONFIG][:VERSION][:SPLIT]" (kangaroo_jax.data.tfds_source), read from
+    `tfds_data_dir` (default: TFDS's own, $TFDS_DATA_DIR or ~/tensorflow_datasets) through the mapping its
+    name declares (tfds_mappings.DATASET_SHAPES), or the shape `tfds_mapping` names.
   seq_len: L, tokens per packed row. global_batch_size: rows per step over all hosts.
   frame_size: (H, W) of every frame slot; records stored at another size are resized (squash, or
     letterboxed into H x W when `keep_aspect`). max_frames_per_row: F, frame slots per row.
@@ -56,6 +98,8 @@ class DataConfig:
   skip_check_min_samples: int = 100
   system_prompt: str | None = None
   markers: VideoMarkers = VideoMarkers()
+  tfds_data_dir: str | None = None
+  tfds_mapping: str | None = None
 
   def __post_init__(self):
     if isinstance(self.frame_size, int):
@@ -82,13 +126,41 @@ class DataConfig:
           f"DataConfig.skip_check_min_samples must be a positive int, got {self.skip_check_min_samples!r}")
     if self.num_epochs is not None and self.num_epochs <= 0:
       raise DataConfigError(f"DataConfig.num_epochs must be positive or None, got {self.num_epochs}")
+    if is_tfds(self.data):
+      parse_tfds(self.data)
+    elif self.tfds_data_dir or self.tfds_mapping:
+      raise DataConfigError(f"DataConfig.tfds_data_dir / tfds_mapping are for tfds: data, got data={self.data!r}")
+    if self.tfds_mapping:
+      from kangaroo_jax.data.tfds_mappings import MAPPINGS
+      if self.tfds_mapping not in MAPPINGS:
+        raise DataConfigError(f"DataConfig.tfds_mapping={self.tfds_mapping!r}: expected one of {sorted(MAPPINGS)}")
+
+  @property
+  def tfds(self) -> TfdsSpec | None:
+    """The TFDS split to read, or None when `data` names ArrayRecord shards."""
+    return parse_tfds(self.data) if is_tfds(self.data) else None
 
   def shard_files(self) -> list[str]:
     """The ArrayRecord files, sorted; DataConfigError when there are none."""
+    if self.tfds is not None:
+      raise DataConfigError(f"DataConfig.data={self.data!r} is a TFDS dataset, not shard files")
     if os.path.isdir(self.data):
       files = sorted(glob.glob(os.path.join(self.data, "*.array_record")))
     else:
       files = sorted(glob.glob(self.data))
     if not files:
-      raise DataConfigError(f"DataConfig.data={self.data!r}: no *.array_record files found")
+      hint = _tfds_hint(self.data) if os.path.isdir(self.data) else ""
+      raise DataConfigError(f"DataConfig.data={self.data!r}: no *.array_record files found{hint}")
     return files
+
+
+def _tfds_hint(folder: str) -> str:
+  """How to read `folder` when it holds a TFDS build of tools.build_dataset (its summary.json says so)."""
+  import json
+  try:
+    with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+      tfds_info = json.load(f).get("tfds")
+    name = tfds_info["name"]
+  except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+    return ""
+  return f"; it holds the TFDS dataset {name!r}: read it as data='tfds:{name}' with tfds_data_dir={folder!r}"

@@ -11,8 +11,13 @@ TrainIterator only learns of skips from emitted rows; SkipRateExceeded then come
 Shards are checked when the dataset is built: a shard that does not open as an ArrayRecord file (0 bytes,
 truncated: its record index at the end is gone, or not ArrayRecord at all) is left out with one warning
 naming it, and counted (`TrainIterator.bad_shards`; not a metric, since every host checks every shard and
-the trainer sums metrics over hosts); ShardError, naming them, when no shard can be read. A folder from tools.build_dataset is read as its summary.json lists it, so
-shard files it does not list (left by older builds) are left out too, with a warning.
+the trainer sums metrics over hosts); ShardError, naming them, when no shard can be read. A folder from
+tools.build_dataset is read as its summary.json lists it, so shard files it does not list (left by older
+builds) are left out too, with a warning.
+
+A TFDS split (`data="tfds:NAME[:SPLIT]"`, kangaroo_jax.data.tfds_source) replaces the ArrayRecordDataSource:
+its examples go through the dataset's declared mapping (PrepareTfdsSample) and then the same steps; an
+example that cannot be read, or does not fit the mapping, is skipped and counted like a bad record.
 
 Everything up to mp_prefetch runs inside the worker processes, so the transforms are module-level
 classes that hold only picklable config (the tokenizer is reloaded from its file in each worker).
@@ -183,6 +188,11 @@ class PrepareSample:
       return self._skip("missing_video" if "no such file" in str(e) else "bad_video", where, e)
     except (RecordError, KeyError, TypeError, ValueError) as e:
       return self._skip("bad_record", where, e)
+    return self.finish(where, rec["messages"], frames, ts)
+
+  def finish(self, where: str, messages, frames: np.ndarray, ts: np.ndarray) -> dict:
+    """A loaded sample (frames uint8 [f, h, w, 3], timestamps float32 [f]) -> packed-sample dict or skip marker."""
+    c = self.data_cfg
     if len(frames) % 2 and len(frames):
       frames, ts = np.concatenate([frames, frames[-1:]]), np.concatenate([ts, ts[-1:]])
     if len(frames) > c.max_frames_per_row:
@@ -191,7 +201,7 @@ class PrepareSample:
     try:
       if len(frames):
         frames = fit_frames(frames, c.frame_size, c.keep_aspect)
-      enc = encode_conversation(self.tokenizer, rec["messages"], num_groups=len(frames) // self.frames_per_group,
+      enc = encode_conversation(self.tokenizer, messages, num_groups=len(frames) // self.frames_per_group,
                                 tokens_per_group=self.tokens_per_group, visual_token_id=self.visual_token_id,
                                 markers=c.markers, system=c.system_prompt)
     except (PromptError, KeyError, TypeError, ValueError) as e:
@@ -201,31 +211,85 @@ class PrepareSample:
     return {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask, "frames": frames, "timestamps": ts}
 
 
+class PrepareTfdsSample(PrepareSample):
+  """(read index, TFDS example dict) -> packed-sample dict or skip marker, through the dataset's bound mapping
+  (kangaroo_jax.data.tfds_mappings); the steps after the mapping are PrepareSample's."""
+
+  def __init__(self, data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, mapping):
+    super().__init__(data_cfg, model_cfg, tokenizer)
+    self.mapping = mapping
+
+  def __call__(self, index: int, example: dict) -> dict:
+    from kangaroo_jax.data.tfds_source import ERROR_KEY, INDEX_KEY
+    if ERROR_KEY in example:
+      return self._skip("bad_record", f"{self.mapping.where} read {index}", example[ERROR_KEY])
+    where = f"{self.mapping.where} record {example.get(INDEX_KEY, '?')}"
+    try:
+      sample = self.mapping(example, index, example.get(INDEX_KEY, -1))
+    except VideoError as e:
+      return self._skip("missing_video" if "no such file" in str(e) else "bad_video", where, e)
+    except (RecordError, KeyError, TypeError, ValueError, StopIteration) as e:
+      return self._skip("bad_record", where, e)
+    return self.finish(f"{where} ({sample.id})" if sample.id != where else where, sample.messages, sample.frames,
+                       sample.timestamps)
+
+
 class _PrepareMap(grain.transforms.MapWithIndex):
   def __init__(self, prepare: PrepareSample):
     self.prepare = prepare
 
-  def map_with_index(self, index: int, element: bytes) -> dict:
+  def map_with_index(self, index: int, element) -> dict:
     return self.prepare(index, element)
 
 
+@dataclasses.dataclass
+class Source:
+  """What the pipeline reads: Grain random-access records and the transform that prepares one of them."""
+  records: Any                  # ArrayRecordDataSource (bytes) or tfds_source.TfdsRecords (example dicts)
+  prepare: type                 # PrepareSample or PrepareTfdsSample
+  mapping: Any = None           # the TFDS bound mapping (PrepareTfdsSample's extra argument)
+  bad_shards: list = dataclasses.field(default_factory=list)
+
+
+def open_source(data_cfg: DataConfig) -> Source:
+  """The records `data_cfg.data` names: ArrayRecord shards (checked, see `readable_shards`) or a TFDS split
+  (tfds_source.open_tfds: features checked against its mapping). DataConfigError / ShardError when unusable."""
+  spec = data_cfg.tfds
+  if spec is None:
+    files, bad = readable_shards(data_cfg)
+    return Source(grain.sources.ArrayRecordDataSource(files), PrepareSample, None, bad)
+  from kangaroo_jax.data.tfds_mappings import Sampling
+  from kangaroo_jax.data.tfds_source import open_tfds
+  c = data_cfg
+  sampling = Sampling(c.num_frames, c.fps, c.max_frames, c.markers.video)
+  opened = open_tfds(spec, data_dir=c.tfds_data_dir, mapping=c.tfds_mapping, sampling=sampling,
+                     shard_problem=_shard_problem)
+  return Source(opened.records, PrepareTfdsSample, opened.mapping, opened.bad_shards)
+
+
 def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, shard_index: int = 0,
-                  shard_count: int = 1, shard_files: list[str] | None = None) -> grain.IterDataset:
+                  shard_count: int = 1, shard_files: list[str] | None = None,
+                  source: Source | None = None) -> grain.IterDataset:
   """The Grain dataset yielding host batches (numpy dicts incl. `_skips` [B, R] and `_seen` [B]).
 
-  `shard_files`: the files to read, as `readable_shards` returned them (checked here when not given)."""
+  `shard_files`: the files to read, as `readable_shards` returned them (checked here when not given);
+  `source`: what `open_source` returned (TFDS data), instead of them."""
   c = data_cfg
   if c.global_batch_size % shard_count:
     raise ValueError(f"global_batch_size {c.global_batch_size} is not divisible by the {shard_count} data shards")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  source = grain.sources.ArrayRecordDataSource(readable_shards(c)[0] if shard_files is None else shard_files)
-  ds = grain.MapDataset.source(source)
+  if source is None:
+    source = (Source(grain.sources.ArrayRecordDataSource(shard_files), PrepareSample) if shard_files is not None
+              else open_source(c))
+  prepare = (source.prepare(c, model_cfg, tokenizer) if source.mapping is None
+             else source.prepare(c, model_cfg, tokenizer, source.mapping))
+  ds = grain.MapDataset.source(source.records)
   if c.shuffle:
     ds = ds.shuffle(seed=c.seed)
   ds = ds.repeat(c.num_epochs)
   ds = ds[shard_index::shard_count]
-  ds = ds.map_with_index(_PrepareMap(PrepareSample(c, model_cfg, tokenizer)))
+  ds = ds.map_with_index(_PrepareMap(prepare))
   it = ds.to_iter_dataset()
   it = PackIterDataset(it, seq_len=c.seq_len, max_frames=c.max_frames_per_row, frame_hw=c.frame_size,
                        bins=c.packing_bins, max_skip_rate=c.max_skip_rate, min_samples=c.skip_check_min_samples)
@@ -309,6 +373,6 @@ def make_train_iterator(data_cfg: DataConfig, model_cfg: KangarooConfig, tokeniz
   """The trainer's entry point. `process_index` / `process_count` select the data shard this host reads:
   pass `data_shard_for_process(mesh, global_batch_size)` when `context` spans hosts (hosts holding the same
   batch rows must read the same shard), else `jax.process_index()`, `jax.process_count()`."""
-  files, bad = readable_shards(data_cfg)
+  source = open_source(data_cfg)
   return TrainIterator(build_dataset(data_cfg, model_cfg, tokenizer, shard_index=process_index,
-                                     shard_count=process_count, shard_files=files), data_cfg, bad)
+                                     shard_count=process_count, source=source), data_cfg, source.bad_shards)

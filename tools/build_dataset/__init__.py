@@ -13,6 +13,10 @@ above the rate). Shards are written to a folder beside OUT_DIR and swapped in on
 staging.py); every stop (complete, skip rate, error, interrupt) writes a summary.json with its reason.
 Exit status: 0 complete, 1 stopped (skip rate or an error while writing), 2 bad arguments, manifest or
 OUT_DIR, 130 interrupted.
+
+With --tfds the same records are written as the TFDS dataset `kangaroo_video_qa` instead (tfds_output.py:
+declared features, dataset_info.json, ArrayRecord shards, one split per manifest: the positional one is
+--split, default train; add more with --add-split NAME=MANIFEST), with the same skip accounting and swap.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import sys
 
 from kangaroo_jax.data.manifest import ManifestError, ManifestRow, parse_row
@@ -35,6 +40,7 @@ from tools.build_dataset.staging import OutputError
 
 log = logging.getLogger("build_dataset")
 _MAX_EXAMPLES = 20  # skipped rows listed per reason in summary.json
+_SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 class BuildInputError(ValueError):
@@ -145,6 +151,7 @@ class _Tally:
   processed: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+  split_written: dict = dataclasses.field(default_factory=dict)  # --tfds: rows written per split
 
   def skip(self, reason: str, detail: str) -> None:
     self.skipped[reason] += 1
@@ -153,69 +160,98 @@ class _Tally:
     log.warning("skipped (%s): %s", reason, detail)
 
 
-def _write_shards(lines, manifest, opt, paths, workers, verdict, progress, tally: _Tally) -> str | None:
+class _Converter:
+  """`convert(lines, manifest, opt)` -> iterator of `_convert` results in line order (a process pool when
+  workers > 0). Used as a context manager; the pool is terminated, not drained, unless `finished` was set
+  (close() + join() would first convert every row still queued)."""
+
+  def __init__(self, workers: int):
+    self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+    self.finished = False
+
+  def __call__(self, lines, manifest, opt):
+    jobs = ((n, ln, manifest, opt) for n, ln in lines)
+    return self.pool.imap(_convert, jobs, chunksize=4) if self.pool else map(_convert, jobs)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.pool:
+      if self.finished:
+        self.pool.close()
+      else:
+        self.pool.terminate()
+      self.pool.join()
+
+
+def _write_shards(lines, manifest, opt, paths, convert, verdict, bar, tally: _Tally) -> str | None:
   """Converts every row into the shards at `paths` (round robin, which keeps them balanced), counting in
   `tally`, until `verdict(tally)` gives a reason to stop; returns that reason (None: all rows done)."""
   from array_record.python.array_record_module import ArrayRecordWriter
-  from tqdm import tqdm
-  stop = None
   writers = []
-  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
-  finished = False
   try:
     writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
-    jobs = ((n, ln, manifest, opt) for n, ln in lines)
-    results = pool.imap(_convert, jobs, chunksize=4) if pool else map(_convert, jobs)
-    with tqdm(total=len(lines), desc="build_dataset", disable=not progress, file=sys.stderr) as bar:
-      for reason, rec, detail in results:
-        bar.update()
-        tally.processed += 1
-        if rec is None:
-          tally.skip(reason, detail)
-          stop = verdict(tally)
-          if stop:
-            break
-          continue
-        writers[tally.written % len(writers)].write(rec)
-        tally.written += 1
-    finished = stop is None
+    for reason, rec, detail in convert(lines, manifest, opt):
+      bar.update()
+      tally.processed += 1
+      if rec is None:
+        tally.skip(reason, detail)
+        stop = verdict(tally)
+        if stop:
+          return stop
+        continue
+      writers[tally.written % len(writers)].write(rec)
+      tally.written += 1
   finally:
-    if pool:
-      if finished:
-        pool.close()
-      else:
-        pool.terminate()  # close() + join() would first convert every row still queued
-      pool.join()
     for w in writers:
       w.close()
-  return stop
+  return None
 
 
 def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, num_shards: int = 1,
           workers: int = 0, max_skip_rate: float = 0.05, progress: bool = True, overwrite: bool = False,
-          skip_check_min_rows: int = 100) -> dict:
+          skip_check_min_rows: int = 100, tfds: bool = False, split: str = "train",
+          more_splits: dict[str, str] | None = None) -> dict:
   """Writes the shards and summary.json into OUT_DIR (swapped in when complete); returns the summary dict.
 
+  `tfds`: write the TFDS dataset `kangaroo_video_qa` instead, `manifest` as split `split` and each of
+  `more_splits` (split name -> manifest) as another split; TFDS sizes the shards (`num_shards` must stay 1).
   Raises BuildInputError / OutputError (bad arguments, manifest or OUT_DIR; nothing written),
   SkipRateExceeded (stopped; OUT_DIR untouched, the summary names the temporary folder it was left in),
   OSError / RuntimeError (writing failed; OUT_DIR untouched).
   """
   _check_args(opt, num_shards, workers, max_skip_rate, skip_check_min_rows)
-  lines = _read_manifest(manifest)
-  names = [os.path.basename(p) for p in shard_paths("", num_shards)]
-  out_dir, temp, notes = staging.prepare(out_dir, names, overwrite=overwrite)
+  manifests = _check_splits(manifest, tfds, split, more_splits or {}, num_shards)
+  split_lines = {name: _read_manifest(path) for name, path in manifests.items()}
+  total = sum(len(lines) for lines in split_lines.values())
+  if tfds:
+    from tools.build_dataset import tfds_output
+    names = []
+    out_dir, temp, notes = staging.prepare(out_dir, names, overwrite=overwrite, scratch=tfds_output.SCRATCH)
+  else:
+    names = [os.path.basename(p) for p in shard_paths("", num_shards)]
+    out_dir, temp, notes = staging.prepare(out_dir, names, overwrite=overwrite)
   for note in notes:
     log.warning("%s", note)
-  summary = {"manifest": os.path.abspath(manifest), "out_dir": out_dir, "rows": len(lines), "shards": names,
+  summary = {"manifest": os.path.abspath(manifest), "out_dir": out_dir, "rows": total, "shards": names,
              "options": dataclasses.asdict(opt), "max_skip_rate": max_skip_rate}
 
   def verdict(t: _Tally) -> str | None:
-    return skip_rate_verdict(sum(t.skipped.values()), t.processed, len(lines), max_skip_rate, skip_check_min_rows)
+    return skip_rate_verdict(sum(t.skipped.values()), t.processed, total, max_skip_rate, skip_check_min_rows)
 
   tally = _Tally()
   try:
-    stop = _write_shards(lines, manifest, opt, [os.path.join(temp, n) for n in names], workers, verdict, progress,
-                         tally)
+    from tqdm import tqdm
+    with _Converter(workers) as convert, tqdm(total=total, desc="build_dataset", disable=not progress,
+                                              file=sys.stderr) as bar:
+      if tfds:
+        stop = tfds_output.write(temp, {n: (manifests[n], split_lines[n]) for n in manifests}, opt, convert,
+                                 verdict, tally, bar)
+      else:
+        stop = _write_shards(split_lines[split], manifest, opt, [os.path.join(temp, n) for n in names], convert,
+                             verdict, bar, tally)
+      convert.finished = stop is None
   except BaseException as e:
     status = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
     where = _abandon(temp, {**summary, **_counts(tally), "status": status, "reason": f"{type(e).__name__}: {e}"})
@@ -229,11 +265,37 @@ def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, nu
     where = _abandon(temp, {**final, "status": "skip_rate_exceeded", "reason": stop})
     raise SkipRateExceeded(f"stopped: {stop}; reasons: {dict(tally.skipped)}; {out_dir} is unchanged; "
                            f"see {where}")
-  final.update(status="complete", reason=f"all {len(lines)} rows processed")
+  if tfds:
+    from kangaroo_jax.data.tfds_builder import NAME, VERSION_STR
+    final["shards"] = staging.adopt(temp, NAME)
+    final["tfds"] = {"name": NAME, "version": VERSION_STR, "data_dir": out_dir, "splits": {
+        n: {"manifest": os.path.abspath(manifests[n]), "rows": len(split_lines[n]),
+            "written": tally.split_written.get(n, 0)} for n in manifests}}
+  final.update(status="complete", reason=f"all {total} rows processed")
   staging.write_summary(temp, final)
   for note in staging.commit(temp, out_dir):
     log.warning("%s", note)
   return {"tool": staging.TOOL, **final}
+
+
+def _check_splits(manifest: str, tfds: bool, split: str, more: dict[str, str], num_shards: int) -> dict[str, str]:
+  """split name -> manifest; BuildInputError for split options without --tfds, bad or repeated names."""
+  if not tfds:
+    if split != "train" or more:
+      raise BuildInputError("--split / --add-split name TFDS splits; they need --tfds")
+    return {split: manifest}
+  if num_shards != 1:
+    raise BuildInputError(f"--shards {num_shards}: with --tfds, TFDS sizes the shards itself; leave --shards out")
+  manifests = {split: manifest}
+  for name, path in more.items():
+    if name in manifests:
+      raise BuildInputError(f"--add-split {name}={path}: split {name!r} is given twice")
+    manifests[name] = path
+  for name in manifests:
+    if not (isinstance(name, str) and _SPLIT_NAME.fullmatch(name)):
+      raise BuildInputError(f"split name {name!r}: expected letters, digits and underscores, starting with a "
+                            "letter (TFDS split names, e.g. train, validation)")
+  return manifests
 
 
 def _counts(t: _Tally) -> dict:
@@ -265,12 +327,17 @@ def main(argv=None) -> int:
   p.add_argument("--frame-format", choices=FRAME_FORMATS, default="jpeg")
   p.add_argument("--quality", type=int, default=95)
   p.add_argument("--reference", action="store_true", help="store video paths; decode in the training pipeline")
-  p.add_argument("--shards", type=int, default=1)
+  p.add_argument("--shards", type=int, default=None, help="shard files (default 1; not with --tfds)")
   p.add_argument("--workers", type=int, default=0)
   p.add_argument("--max-skip-rate", type=float, default=0.05,
                  help="stop when more than this fraction of rows is skipped (default 0.05, as the trainer)")
   p.add_argument("--skip-check-min-rows", type=int, default=100,
                  help="rows read before a clearly exceeded skip rate stops the build early (default 100)")
+  p.add_argument("--tfds", action="store_true",
+                 help="write the TFDS dataset kangaroo_video_qa (read with tfds.data_source, data_dir=OUT_DIR)")
+  p.add_argument("--split", default="train", help="with --tfds: the split the manifest becomes (default train)")
+  p.add_argument("--add-split", action="append", default=[], metavar="NAME=MANIFEST",
+                 help="with --tfds: another split from another manifest (repeatable)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace a previous build in OUT_DIR (never a folder holding files this tool did not write)")
   a = p.parse_args(argv)
@@ -279,8 +346,10 @@ def main(argv=None) -> int:
   opt = BuildOptions(a.size, a.keep_aspect, a.patch_size, num_frames, a.fps, a.max_frames, a.frames_fps,
                      a.frame_format, a.quality, a.reference)
   try:
-    s = build(a.manifest, a.out_dir, opt, num_shards=a.shards, workers=a.workers, max_skip_rate=a.max_skip_rate,
-              overwrite=a.overwrite, skip_check_min_rows=a.skip_check_min_rows)
+    more = _parse_add_split(a.add_split)
+    s = build(a.manifest, a.out_dir, opt, num_shards=1 if a.shards is None else a.shards, workers=a.workers,
+              max_skip_rate=a.max_skip_rate, overwrite=a.overwrite, skip_check_min_rows=a.skip_check_min_rows,
+              tfds=a.tfds, split=a.split, more_splits=more)
   except (BuildInputError, OutputError) as e:
     print(f"build_dataset: error: {e}", file=sys.stderr)
     return 2
@@ -290,5 +359,20 @@ def main(argv=None) -> int:
   except (SkipRateExceeded, OSError, RuntimeError) as e:
     print(f"build_dataset: error: {e}", file=sys.stderr)
     return 1
-  print(json.dumps({"rows": s["rows"], "written": s["written"], "skipped": s["skipped"], "out_dir": s["out_dir"]}))
+  result = {"rows": s["rows"], "written": s["written"], "skipped": s["skipped"], "out_dir": s["out_dir"]}
+  if "tfds" in s:
+    result["tfds"] = {"name": s["tfds"]["name"], "splits": {n: v["written"] for n, v in s["tfds"]["splits"].items()}}
+  print(json.dumps(result))
   return 0
+
+
+def _parse_add_split(values: list[str]) -> dict[str, str]:
+  out = {}
+  for v in values:
+    name, sep, path = v.partition("=")
+    if not sep or not name or not path:
+      raise BuildInputError(f"--add-split {v!r}: expected NAME=MANIFEST")
+    if name in out:
+      raise BuildInputError(f"--add-split {v!r}: split {name!r} is given twice")
+    out[name] = path
+  return out

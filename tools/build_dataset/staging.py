@@ -5,10 +5,12 @@
     parent/.OUT.replaced-PID/   the previous build, moved aside for the instant of the swap
 
 OUT_DIR itself is only ever absent, empty, or a complete build. A folder counts as a previous build when
-its summary.json was written by this tool; only the files such a build writes (summary.json and its shards)
-are ever deleted, and a previous build is replaced only with `overwrite`. Leftovers of a crashed or failed
-build are cleaned up by the next build into the same OUT_DIR (or reported, when they hold other files or
-may belong to a build still running).
+its summary.json was written by this tool; only the files such a build writes (summary.json and the files its
+"shards" list names, paths relative to the folder: the TFDS layout nests them in `NAME/VERSION/`) are ever
+deleted, with the folders that held only them, and a previous build is replaced only with `overwrite`. A
+building folder may also hold a scratch folder (its summary names it) where TFDS writes; that folder is this
+tool's own and is deleted whole. Leftovers of a crashed or failed build are cleaned up by the next build
+into the same OUT_DIR (or reported, when they hold other files or may belong to a build still running).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import time
 
@@ -43,12 +46,57 @@ def read_summary(folder: str) -> dict | None:
 
 
 def _own_files(folder: str, summary: dict) -> set[str]:
-  """Names in `folder` this tool wrote. Summaries with "tool" list their shards; older builds wrote
+  """Paths (relative to `folder`) this tool wrote. Summaries with "tool" list their shards; older builds wrote
   shards in place, so every shard-named file beside an old summary is one of theirs (stale ones too)."""
   own = {SUMMARY, SUMMARY + ".tmp"}
   if summary.get("tool") == TOOL:
-    return own | {s for s in summary.get("shards") or () if isinstance(s, str)}
+    return own | {_norm(s) for s in summary.get("shards") or () if isinstance(s, str) and _safe(s)}
   return own | {n for n in os.listdir(folder) if SHARD_NAME.fullmatch(n)}
+
+
+def _norm(path: str) -> str:
+  return os.path.normpath(path).replace(os.sep, "/")
+
+
+def _safe(path: str) -> bool:
+  """A relative path that stays inside its folder (a summary is read back from disk: never trust it further)."""
+  norm = _norm(path)
+  return bool(path) and not os.path.isabs(path) and norm != "." and not norm.startswith("../") and norm != ".."
+
+
+def _parents(paths) -> set[str]:
+  """Every folder on the way to each of `paths`, as "a/", "a/b/" (relative)."""
+  out = set()
+  for p in paths:
+    parts = p.split("/")[:-1]
+    out |= {"/".join(parts[:i + 1]) + "/" for i in range(len(parts))}
+  return out
+
+
+def tree(folder: str) -> set[str]:
+  """Everything in `folder`, relative: files (and links) as "a/b", folders as "a/" (links are not followed)."""
+  out = set()
+  for root, dirs, files in os.walk(folder):
+    rel = os.path.relpath(root, folder).replace(os.sep, "/")
+    prefix = "" if rel == "." else rel + "/"
+    for d in list(dirs):
+      if os.path.islink(os.path.join(root, d)):
+        dirs.remove(d)
+        out.add(prefix + d)
+      else:
+        out.add(prefix + d + "/")
+    out |= {prefix + f for f in files}
+  return out
+
+
+def _foreign(folder: str, summary: dict) -> list[str]:
+  """What in `folder` this tool did not write, sorted (a folder counts as ours when it leads to our files)."""
+  own = _own_files(folder, summary)
+  scratch = summary.get("scratch")
+  found = tree(folder)
+  if isinstance(scratch, str) and _safe(scratch) and "/" not in _norm(scratch):
+    found = {p for p in found if p != scratch + "/" and not p.startswith(scratch + "/")}
+  return sorted(found - own - _parents(own))
 
 
 def write_summary(folder: str, summary: dict) -> None:
@@ -61,12 +109,35 @@ def write_summary(folder: str, summary: dict) -> None:
   os.replace(tmp, os.path.join(folder, SUMMARY))
 
 
+def _delete(folder: str, names) -> None:
+  """Deletes the files `names` (relative) that exist, then each folder on their way that this emptied."""
+  names = {n for n in names if _safe(n)}
+  for name in sorted(names):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path) or os.path.islink(path):
+      os.remove(path)
+  for sub in sorted(_parents(names), key=lambda d: -d.count("/")):
+    path = os.path.join(folder, sub)
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+      os.rmdir(path)
+
+
+def remove_scratch(folder: str, summary: dict) -> None:
+  """Deletes the scratch folder a building summary names (created by `prepare`, only this tool writes in it)."""
+  scratch = summary.get("scratch")
+  if isinstance(scratch, str) and _safe(scratch) and "/" not in _norm(scratch):
+    path = os.path.join(folder, scratch)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+
+
 def _remove_build(folder: str) -> list[str]:
   """Deletes this tool's files in `folder`, then the folder if that emptied it; returns the names kept."""
   summary = read_summary(folder) or {}
   own = _own_files(folder, summary) if summary else {SUMMARY + ".tmp"}
-  for name in sorted(set(os.listdir(folder)) & own):
-    os.remove(os.path.join(folder, name))
+  if summary:
+    remove_scratch(folder, summary)
+  _delete(folder, own)
   kept = sorted(os.listdir(folder))
   if not kept:
     os.rmdir(folder)
@@ -120,9 +191,12 @@ def _leftovers(out_dir: str) -> list[str]:
   return notes
 
 
-def prepare(out_dir: str, shards: list[str], *, overwrite: bool) -> tuple[str, str, list[str]]:
+def prepare(out_dir: str, shards: list[str], *, overwrite: bool, scratch: str | None = None
+            ) -> tuple[str, str, list[str]]:
   """Checks OUT_DIR and creates the temporary folder beside it, whose summary already lists the `shards`
   (file names) the build will write, so a crash leaves a folder whose every file is accounted for.
+  `scratch`: a subfolder created in it for a writer whose file names are only known at the end (TFDS);
+  move its result in with `adopt`.
 
   Returns (out_dir resolved, temp folder, notes about leftovers cleaned up); OutputError when OUT_DIR is
   a file, holds files this tool did not write, or is a previous build and `overwrite` is not set.
@@ -141,7 +215,7 @@ def prepare(out_dir: str, shards: list[str], *, overwrite: bool) -> tuple[str, s
     if summary is None:
       raise OutputError(f"{out_dir}: folder is not empty and is not a dataset written by {TOOL} (no {SUMMARY} of "
                         "its own); refusing to write there, even with --overwrite; give a new or empty folder")
-    foreign = sorted(set(os.listdir(out_dir)) - _own_files(out_dir, summary))
+    foreign = _foreign(out_dir, {k: v for k, v in summary.items() if k != "scratch"})
     if foreign:
       raise OutputError(f"{out_dir}: holds a previous build and also files {TOOL} did not write "
                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them out of the "
@@ -154,19 +228,44 @@ def prepare(out_dir: str, shards: list[str], *, overwrite: bool) -> tuple[str, s
     os.mkdir(temp)
   except OSError as e:
     raise OutputError(f"{out_dir}: cannot create the temporary folder beside it ({e})") from None
-  write_summary(temp, {"status": "building", "pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "out_dir": out_dir, "shards": shards})
+  building = {"status": "building", "pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "out_dir": out_dir, "shards": shards}
+  if scratch:
+    building["scratch"] = scratch
+  write_summary(temp, building)
+  if scratch:
+    os.mkdir(os.path.join(temp, scratch))
   return out_dir, temp, notes
+
+
+def adopt(temp: str, subfolder: str) -> list[str]:
+  """Moves `scratch/subfolder` (a writer's complete output) up into the building folder `temp` and deletes
+  the scratch folder. The summary lists the files before they move, so a crash never leaves unlisted ones.
+  Returns the files' paths relative to `temp`, sorted."""
+  started = read_summary(temp) or {}
+  scratch = started["scratch"]
+  src = os.path.join(temp, scratch, subfolder)
+  files = sorted(subfolder + "/" + p for p in tree(src) if not p.endswith("/"))
+  write_summary(temp, {**{k: v for k, v in started.items() if k != "tool"}, "shards": files})
+  os.rename(src, os.path.join(temp, subfolder))
+  remove_scratch(temp, started)
+  final = {k: v for k, v in (read_summary(temp) or started).items() if k not in ("tool", "scratch")}
+  write_summary(temp, final)
+  return files
 
 
 def _fsync_tree(folder: str) -> None:
   """Shards reach the disk before the rename publishes them, so a power cut cannot leave empty shards."""
-  for name in os.listdir(folder):
-    fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+  for root, dirs, files in os.walk(folder, topdown=False):
+    for name in files + dirs:
+      path = os.path.join(root, name)
+      if os.path.islink(path):
+        continue
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
   fd = os.open(folder, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -201,9 +300,8 @@ def abandon(temp: str, summary: dict) -> str:
   """A build that stopped: its shards are deleted and its summary (with the reason) is kept in `temp`
   for the user to read; the next build cleans the folder up. Returns the summary's path."""
   started = read_summary(temp) or {}
-  for name in started.get("shards", ()):
-    if os.path.exists(os.path.join(temp, name)):
-      os.remove(os.path.join(temp, name))
+  remove_scratch(temp, started)
+  _delete(temp, [n for n in started.get("shards") or () if isinstance(n, str)])
   write_summary(temp, {**{k: started[k] for k in ("pid", "host", "started") if k in started}, **summary,
                        "shards": []})
   return os.path.join(temp, SUMMARY)

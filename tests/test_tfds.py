@@ -188,7 +188,7 @@ def _leftovers(out) -> list[str]:
   return sorted(n for n in os.listdir(out.parent) if n.startswith(f".{out.name}."))
 
 
-def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_up(built, tmp_path, caplog):
+def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_up(built, env, tmp_path, caplog):
   from tools.build_dataset import BuildOptions, SkipRateExceeded, build
   video = str(built[0].parent / "videos" / "v0.mp4")
   rows = lambda n, path=video: "\n".join(_row(i, path) for i in range(n))  # noqa: E731
@@ -224,8 +224,21 @@ def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_u
           more_splits={"validation": str(tmp_path / "gone.jsonl")})
   [left] = _leftovers(out)
   assert os.listdir(tmp_path / left) == ["summary.json"] and train_len() == 20
+  doomed = shutil.copy(video, tmp_path / "doomed.mp4")
+  (tmp_path / "m5.jsonl").write_text(rows(4) + "\n" + _row(4, str(doomed)))
   build(str(tmp_path / "m5.jsonl"), str(out), ref, progress=False, tfds=True, overwrite=True)
   assert _leftovers(out) == [] and train_len() == 5
+
+  # --reference records are decoded when read; a video gone since the build is skipped and counted.
+  os.remove(doomed)
+  from kangaroo_jax.config import tiny
+  from kangaroo_jax.tokenizer import load_tokenizer
+  it = make_train_iterator(DataConfig(data="tfds:kangaroo_video_qa", tfds_data_dir=str(out), seq_len=160,
+                                      global_batch_size=1, frame_size=56, max_frames_per_row=4, num_frames=4,
+                                      num_epochs=2, max_skip_rate=1.0), tiny(), load_tokenizer(env[1]))
+  batches = list(it)
+  assert it.skipped == {"missing_video": 2} and it.metrics()["data/seen"] == 10 and len(batches) == 8
+  assert all((b["num_frames"] == 4).all() for b in batches)
 
 
 def _grain_config(env, dataset, data_dir, **changes):

@@ -43,7 +43,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
                                           dcn_context=1, dcn_tensor=1))
   c.data = ml_collections.ConfigDict(dict(
       source="grain", batch_size=256, seq_len=4096, frame_size=224, max_frames=16, num_frames=16,
-      dataset="", tokenizer="", worker_count=8, shuffle_seed=0, max_skip_rate=0.05))
+      dataset="", tokenizer="", worker_count=8, shuffle_seed=0, max_skip_rate=0.05, tfds_data_dir="", tfds_mapping=""))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
       grad_accum=1, trainable=(".*",), frozen=(), lr_scales=(), max_nonfinite=5))

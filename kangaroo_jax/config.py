@@ -206,6 +206,9 @@ class KangarooConfig:
   # Zigzag reorder of the sequence for causal ring attention (only acts when context > 1).
   load_balance: bool = True
   remat_policy: RematPolicy = "none"
+  # Frames the vision tower encodes per step of a rematerialised scan (all devices together; 0 = all at
+  # once). Bounds the tower's activation memory for thousands of frames; must divide batch x frames.
+  vision_chunk_frames: int = 0
   scan_layers: bool = True
   logits_fp32: bool = True
 
@@ -219,6 +222,8 @@ class KangarooConfig:
     _check_choice(self.attention_kernel, _ATTENTION_KERNELS, c, "attention_kernel")
     _check_choice(self.remat_policy, _REMAT_POLICIES, c, "remat_policy")
     _check(self.attention_block > 0, c, "attention_block", f"must be a positive token count, got {self.attention_block}")
+    _check(isinstance(self.vision_chunk_frames, int) and self.vision_chunk_frames >= 0, c, "vision_chunk_frames",
+           f"must be a frame count >= 0 (0 = no chunking), got {self.vision_chunk_frames!r}")
     if self.projector.patchify != "none":
       g = self.vision.trained_grid
       _check(g % self.projector.spatial_patch == 0, c, "projector.spatial_patch",

@@ -81,10 +81,38 @@ class Kangaroo(nnx.Module):
     """frames [b, f, h, w, c] (normalised), timestamps [b, f] seconds -> visual tokens [b, n_vis, d]."""
     b, f, h, w, c = frames.shape
     gh, gw = self.cfg.vision.grid_for(h, w)
-    feats = self.vision_tower(frames.reshape(b * f, h, w, c))  # [b*f, gh*gw, dv]
+    feats = self._vision_features(frames.reshape(b * f, h, w, c))  # [b*f, gh*gw, dv]
     groups = self.patchify(feats.reshape(b, f, gh, gw, -1), timestamps)  # [b, g, t, dv]
     tokens = self.mm_projector(groups.reshape(b, -1, groups.shape[-1]))
     return shard(tokens, ("activation_batch", "activation_length", "activation_embed"))
+
+  def _vision_features(self, frames: jax.Array) -> jax.Array:
+    """frames [n, h, w, c] -> features [n, patches, dv], `vision_chunk_frames` frames at a time.
+
+    Each chunk takes every (n / chunk)-th frame, so with frames sharded in contiguous blocks over all
+    devices every device encodes its share of every chunk (no data moves). A rematerialised scan over
+    the chunks keeps one chunk's activations alive, so the tower's memory is bounded by the chunk,
+    not by thousands of frames x patches.
+    """
+    n = frames.shape[0]
+    chunk = self.cfg.vision_chunk_frames
+    if not chunk or chunk >= n:
+      return self.vision_tower(frames)
+    if n % chunk:
+      raise ValueError(f"vision_chunk_frames={chunk} must divide the frames per batch ({n})")
+    steps = n // chunk
+    graphdef, state = nnx.split(self.vision_tower)
+    by_step = frames.reshape(chunk, steps, *frames.shape[1:]).swapaxes(0, 1)  # [steps, chunk, h, w, c]
+    by_step = shard(by_step, (None, "activation_frames", None, None, None))
+
+    # The tower's weights ride in the carry (unchanged): merged inside the body they belong to the
+    # scan's trace, which the tower's own layer scan needs; their gradient accumulates there too.
+    @jax.checkpoint
+    def encode(weights, x):
+      return weights, nnx.merge(graphdef, weights)(x)
+
+    _, feats = jax.lax.scan(encode, state, by_step)  # [steps, chunk, patches, dv]
+    return feats.swapaxes(0, 1).reshape(n, *feats.shape[2:])
 
   def embed_inputs(self, input_ids: jax.Array, frames: jax.Array | None = None,
                    timestamps: jax.Array | None = None) -> jax.Array:

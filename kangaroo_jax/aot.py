@@ -78,8 +78,10 @@ def tpu_devices(slice_: Slice) -> list:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology)
   except Exception as e:  # noqa: BLE001 - the libtpu errors are many and opaque
-    raise TopologyError(f"cannot describe TPU topology {slice_.topology} ({slice_.name}): {e}. "
-                        "Is libtpu installed? pip install -e '.[tpu]'") from None
+    hint = ("another process has libtpu loaded; set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it"
+            if "lockfile" in str(e) else "is libtpu installed? pip install -e '.[tpu]'")
+    raise TopologyError(f"cannot describe TPU topology {slice_.topology} ({slice_.name}): "
+                        f"{str(e).splitlines()[0]}; {hint}") from None
   return list(topo.devices)
 
 

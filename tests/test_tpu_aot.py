@@ -79,3 +79,20 @@ def test_highest_f32_attention_dots_are_detected(devices):
   fn = jax.jit(lambda q, k: reference_attention(q, k, k, causal=True))
   hlo = fn.lower(spec(1, 256, 4, 64), spec(1, 256, 2, 64)).compile().as_text()
   assert highest_precision_f32_dots(hlo)
+
+
+def test_a_program_the_compiler_refuses_for_hbm_is_reported_as_not_fitting(devices):
+  """The TPU compiler itself refuses programs whose temporaries exceed HBM: that is `fits: false`, not a crash."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from train.compile import _timed_compile
+  mesh = Mesh(np.array(devices[:1]), ("x",))
+  x = jax.ShapeDtypeStruct((2**30,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+  four_copies = jax.jit(lambda x: jnp.cumsum(jnp.stack([x * 1.5, x * 2.5, x * 3.5, x * 4.5]), axis=1))  # 16 GiB+
+  program = _timed_compile("too_big", four_copies, x)
+  assert program.compiled is None and "RESOURCE_EXHAUSTED" in program.out_of_memory
+  result = report(parse_slice(SLICE), [program], {}, "test")
+  assert not result["fits"] and result["per_chip_bytes"] > result["hbm_bytes"]
+  assert result["compiler_refused"] == {"too_big": program.out_of_memory}

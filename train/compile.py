@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -57,12 +58,14 @@ class CompileError(RuntimeError):
 @dataclasses.dataclass
 class Program:
   name: str
-  compiled: object
+  compiled: object | None   # None: the TPU compiler refused it for lack of HBM (see out_of_memory)
   compile_s: float
+  out_of_memory: str = ""   # the compiler's RESOURCE_EXHAUSTED message
+  required_bytes: int = 0   # the HLO temporaries it asked for, from that message
 
   @property
   def hlo(self) -> str:
-    return self.compiled.as_text()
+    return "" if self.compiled is None else self.compiled.as_text()
 
 
 def _with_depth(cfg, llm_layers, vision_layers):
@@ -77,9 +80,22 @@ def _with_depth(cfg, llm_layers, vision_layers):
   return cfg.replace(llm=llm, vision=vision)
 
 
+_OOM = re.compile(r"total memory required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
 def _timed_compile(name, jitted, *args, **kwargs) -> Program:
+  """Compiles; a program the TPU compiler refuses for lack of HBM comes back as a did-not-fit Program."""
   t = time.perf_counter()
-  compiled = jitted.lower(*args, **kwargs).compile()
+  lowered = jitted.lower(*args, **kwargs)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError is the only kind expected; others re-raise below
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    m = _OOM.search(message)
+    required = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else 0
+    return Program(name, None, time.perf_counter() - t, message.splitlines()[0][:400], required)
   return Program(name, compiled, time.perf_counter() - t)
 
 
@@ -188,20 +204,27 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
 
 def report(slice_, programs: list[Program], facts: dict, what: str) -> dict:
   from kangaroo_jax.aot import MemoryPlan, attention_kernels_in, gib, highest_precision_f32_dots
-  plans = {p.name: MemoryPlan.of(p.compiled) for p in programs}
+  plans = {p.name: MemoryPlan.of(p.compiled) if p.compiled is not None else MemoryPlan(0, 0, 0, p.required_bytes, 0)
+           for p in programs}
+  refused = {p.name: p.out_of_memory for p in programs if p.compiled is None}
   worst = max(plans, key=lambda k: plans[k].total)
   kernels = sorted({k for p in programs for k in attention_kernels_in(p.hlo)})
   hbm = slice_.hbm_bytes
   for p in programs:
     m = plans[p.name]
+    if p.compiled is None:
+      print(f"{p.name}: does not fit: the TPU compiler needs {gib(m.temp)} of temporaries per chip of {gib(hbm)} HBM "
+            f"({slice_.chip.name}); {p.compile_s:.1f} s", file=sys.stderr)
+      continue
     print(f"{p.name}: argument {gib(m.argument)}, output {gib(m.output)}, alias {gib(m.alias)}, temp {gib(m.temp)}, "
           f"total {gib(m.total)} per chip of {gib(hbm)} HBM ({slice_.chip.name}); compiled in {p.compile_s:.1f} s",
           file=sys.stderr)
   result = dict(
       what=what, topology=slice_.name, topology_string=slice_.topology, chips=slice_.chips,
-      fits=plans[worst].total <= hbm, per_chip_bytes=plans[worst].total, hbm_bytes=hbm,
+      fits=not refused and plans[worst].total <= hbm, per_chip_bytes=plans[worst].total, hbm_bytes=hbm,
+      compiler_refused=refused,
       largest_program=worst, compile_s=round(sum(p.compile_s for p in programs), 2),
-      attention_kernel=", ".join(kernels) if kernels else "xla",
+      attention_kernel=", ".join(kernels) if kernels else "unknown (not compiled)" if refused else "xla",
       highest_f32_dots=sum(len(highest_precision_f32_dots(p.hlo)) for p in programs),
       programs={k: dataclasses.asdict(v) | {"total": v.total} for k, v in plans.items()},
       memory_kind="compiler plan (memory_analysis), not a measured peak", **facts)

@@ -39,10 +39,13 @@ def render(results: list[dict]) -> str:
       what += f", {r['frames']} frames, {r['prompt_tokens']}-token prompt"
     if "full-logits" in r["file"]:
       what += " (before the chunked loss)"
+    if "no-vit-chunks" in r["file"]:
+      what += " (before ViT frame chunks)"
     kernel = "splash" if "splash" in r["attention_kernel"] else r["attention_kernel"]
     lines.append(f"| {what} | {r['topology']} ({r['chips']}) | {_depth(r)} | {mesh} | {kernel} | "
                  f"{r['per_chip_bytes'] / 2**30:.1f} GiB | {r['hbm_bytes'] / 2**30:.0f} GiB | "
-                 f"{'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} s |")
+                 f"{'yes' if r['fits'] else '**no**'}{' (compiler refused)' if r.get('compiler_refused') else ''} | "
+                 f"{r['compile_s']:.0f} s |")
   return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from kangaroo_jax.data.pipeline import make_train_iterator
 from kangaroo_jax.data.tfds_builder import SourceFileCodePath
 from kangaroo_jax.data.tfds_mappings import MappingError, label_words
 from tests.data_helpers import CHAT_TEXTS, index_frame, write_video
-from tests.train_helpers import tiny_config
+from tests.train_helpers import BatchRecorder, tiny_config
 from train.config import from_configdict
 from train.loop import train
 
@@ -248,25 +248,9 @@ def _grain_config(env, dataset, data_dir, **changes):
                         "data.num_frames": 4, "data.max_skip_rate": 1.0, "total_steps": 3, "ckpt.every": 2, **changes})
 
 
-class _Recorder:
-  def __init__(self, inner):
-    self.inner, self.batches = inner, []
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    b = next(self.inner)
-    self.batches.append({k: v.copy() for k, v in b.items()})
-    return b
-
-  def __getattr__(self, name):  # get_state, set_state, metrics, close
-    return getattr(self.inner, name)
-
-
 def _grain(cfg):
   from train.data import grain_iterator
-  return _Recorder(grain_iterator(cfg, 0, 1))
+  return BatchRecorder(grain_iterator(cfg, 0, 1))
 
 
 def test_training_from_our_tfds_build_counts_skips_and_resumes_exactly(built, env, tmp_path):

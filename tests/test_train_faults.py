@@ -5,7 +5,6 @@ workdirs exit 2 with one `error:` line, SIGTERM during startup or the export exi
 resumable. Faults that cannot be made for real here (a read-only or full disk) are injected.
 """
 
-import copy
 import json
 import os
 import shutil
@@ -14,17 +13,16 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from configs.stage2_video_pretrain import get_config
 from kangaroo_jax.config import ConfigError
 from train.checkpoint import Checkpointer, CheckpointMismatchError
-from train.config import from_configdict
 from train.coordination import Interrupted
 from train.loop import NonFiniteError, WorkdirError, train
 from train.synthetic import SyntheticIterator
+from tests.train_helpers import with_changes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/stage2_video_pretrain.py") + ":mode=cpu,steps=4"
@@ -63,13 +61,7 @@ def _stage2(**changes):
   c = get_config("mode=cpu,steps=4")
   c.ckpt.every = 1
   c.export = False
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return from_configdict(ml_collections.ConfigDict(copy.deepcopy(c.to_dict())))
+  return with_changes(c, changes)
 
 
 @pytest.fixture(scope="module")

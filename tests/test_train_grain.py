@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.data_helpers import CHAT_TEXTS, write_video
-from tests.train_helpers import tiny_config
+from tests.train_helpers import BatchRecorder, tiny_config
 from train.loop import train
 
 SKIPPED = {"missing_video": 1, "bad_video": 1, "too_long": 1}  # records per epoch, by reason
@@ -57,36 +57,9 @@ def _config(dataset, **changes):
                         "data.max_skip_rate": 1.0, "total_steps": 3, "ckpt.every": 2, **changes})
 
 
-class _Recorder:
-  """Forwards to the trainer's Grain iterator and keeps every batch it handed out."""
-
-  def __init__(self, inner):
-    self.inner, self.batches = inner, []
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    b = next(self.inner)
-    self.batches.append({k: v.copy() for k, v in b.items()})
-    return b
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
-
-  def metrics(self):
-    return self.inner.metrics()
-
-  def close(self):
-    self.inner.close()
-
-
 def _grain(cfg):
   from train.data import grain_iterator
-  return _Recorder(grain_iterator(cfg, 0, 1))
+  return BatchRecorder(grain_iterator(cfg, 0, 1))
 
 
 def _tb_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:

@@ -26,13 +26,7 @@ def tiny_config(**changes) -> "train.config.TrainConfig":  # noqa: F821
   c.optim.update(lr=3e-3, warmup_steps=1)
   c.ckpt.update(every=3, keep=5)
   c.export = False
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return from_configdict(ml_collections.ConfigDict(copy.deepcopy(c.to_dict())))
+  return with_changes(c, changes)
 
 
 def losses(result) -> list[float]:
@@ -42,3 +36,32 @@ def losses(result) -> list[float]:
 def host_params(state) -> dict:
   from train.params import combine, flatten
   return {k: np.asarray(jax.device_get(v)) for k, v in flatten(combine(state["params"], state["frozen"])).items()}
+
+
+def with_changes(c: ml_collections.ConfigDict, changes: dict) -> "train.config.TrainConfig":  # noqa: F821
+  """Applies dotted-key changes ("optim.lr" -> value) to a config dict and validates it."""
+  for key, value in changes.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return from_configdict(ml_collections.ConfigDict(copy.deepcopy(c.to_dict())))
+
+
+class BatchRecorder:
+  """Forwards to a batch iterator and keeps a copy of every batch it handed out."""
+
+  def __init__(self, inner):
+    self.inner, self.batches = inner, []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    b = next(self.inner)
+    self.batches.append({k: v.copy() for k, v in b.items()})
+    return b
+
+  def __getattr__(self, name):  # get_state, set_state, metrics, close
+    return getattr(self.inner, name)

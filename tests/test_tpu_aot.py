@@ -31,6 +31,15 @@ def _small_8b_width(attention: str, context: int):
   return from_configdict(c)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_cache():
+  """TPU executables compiled here cannot be loaded back on a CPU host: keep them out of the suite's cache."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", before)
+
+
 @pytest.fixture(scope="module")
 def devices():
   return tpu_devices(parse_slice(SLICE))

@@ -108,7 +108,7 @@ class MemoryPlan:
 
 def attention_kernels_in(hlo_text: str) -> list[str]:
   """Fused attention kernels named in optimized HLO (Mosaic custom calls), e.g. ["splash_mha_fwd_residuals"]."""
-  names = sorted(set(re.findall(r"splash_mh?q?a_[a-z_]+", hlo_text)))
+  names = sorted(set(re.findall(r"splash_m[hq]a_[a-z_]+", hlo_text)))
   if not names and "tpu_custom_call" in hlo_text:
     names = ["tpu_custom_call"]
   return names

@@ -92,12 +92,12 @@ def check_args(args: argparse.Namespace) -> None:
     raise UsageError("--query is empty; give a question, or leave --query out for an interactive chat")
   if args.video is not None and not os.path.exists(args.video):
     raise UsageError(f"--video {args.video}: no such file or folder")
-  if args.temperature < 0:
-    raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-  if not 0.0 < args.top_p <= 1.0:
-    raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-  if args.top_k < 0:
-    raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+  from kangaroo_jax.inference.sampling import SamplingConfig
+  try:  # SamplingConfig holds the rules; its messages start with the field, here spelt as the option
+    SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  except ValueError as e:
+    field, _, rest = str(e).partition(" ")
+    raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
 def _phase_printer():

@@ -23,6 +23,9 @@ DIR_ENV = "KANGAROO_JAX_CACHE_DIR"
 JAX_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
 MIN_SECS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 DEFAULT_MIN_COMPILE_SECS = 0.5
+# --help epilog of the CLIs other than chat (whose --help documents the cache in full).
+HELP_EPILOG = ("compiled programs are cached between runs as for python -m kangaroo_jax.chat\n"
+               f"(see its --help; {DIR_ENV}= turns the cache off)")
 
 
 def default_dir(environ: Mapping[str, str] = os.environ) -> str:

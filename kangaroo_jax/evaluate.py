@@ -215,8 +215,7 @@ def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int) -> Callable[[
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m kangaroo_jax.evaluate", description=__doc__.split("\n\n")[0],
-                              epilog="compiled programs are cached between runs as for python -m kangaroo_jax.chat\n"
-                              f"(see its --help; {compile_cache.DIR_ENV}= turns the cache off)",
+                              epilog=compile_cache.HELP_EPILOG,
                               formatter_class=HelpFormatter)
   p.add_argument("ckpt_dir", help="from_pretrained folder")
   p.add_argument("--benchmark", required=True, help="benchmark JSON (MVBench / Video-MME shapes)")

@@ -458,8 +458,7 @@ def parse_depths(text: str) -> list[float]:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n\n")[0],
-                              epilog="compiled programs are cached between runs as for python -m kangaroo_jax.chat\n"
-                              f"(see its --help; {compile_cache.DIR_ENV}= turns the cache off)",
+                              epilog=compile_cache.HELP_EPILOG,
                               formatter_class=HelpFormatter)
   p.add_argument("ckpt_dir", help="from_pretrained folder")
   p.add_argument("--haystack", required=True, help="video (or folder of frames) the needle is hidden in")

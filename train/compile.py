@@ -147,16 +147,11 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
   """Compiles the KV-cache engine's vision encoder, one prefill chunk and one decode step."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-  from jax.sharding import Mesh
-
   from kangaroo_jax.inference.cache import KVCache, bucket_length, cache_sharding
   from kangaroo_jax.inference.engine import Engine
   from kangaroo_jax.inference.sampling import SamplingConfig
-  from kangaroo_jax.models import Kangaroo
   from kangaroo_jax.parallel.mesh import make_mesh
-  from kangaroo_jax.parallel.sharding import param_shardings
+  from train.params import ModelDef
 
   if frames < 2 or frames % 2:
     raise CompileError(f"--frames must be an even number >= 2, got {frames}")
@@ -164,19 +159,14 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
   grid = cfg.vision.trained_grid
   visual_tokens = frames // cfg.projector.frames_per_group * cfg.projector.tokens_per_group(grid, grid)
   prompt = prompt_tokens or visual_tokens + 128
-  with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-    abstract = nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
-  shardings = param_shardings(abstract, mesh)
-  graphdef, state = nnx.split(abstract)
-  sh_flat = dict(nnx.to_flat_state(shardings))
-  placed = nnx.from_flat_state([
-      (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh_flat[p].get_value())))
-      for p, v in nnx.to_flat_state(state)])
+  model_def = ModelDef(cfg)
+  weights = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model_def.shapes(),
+                         model_def.shardings(mesh))
   # Abstract, and made outside the TPU mesh (concrete arrays cannot be placed on described devices).
   key = jax.eval_shape(lambda: jax.random.key(0))
   step = jax.ShapeDtypeStruct((), jnp.int32)
   with jax.set_mesh(mesh):
-    engine = Engine(nnx.merge(graphdef, placed))
+    engine = Engine(model_def.merge(weights))
     n = dict(mesh.shape).get("context", 1)
     max_len = bucket_length(prompt + new_tokens, 2 * n)
     llm = cfg.llm

@@ -7,7 +7,6 @@ mesh before tracing the collective code, so a bad combination fails with a sente
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -197,16 +196,14 @@ def dense_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=Non
   when `layout` is "natural" (positions increase with the index inside each segment).
   """
   mesh = _mesh()
-  q_len = q.shape[1] // (context_size() if mesh is not None else 1)
-  use = resolve_kernel(kernel, dtype=q.dtype, q_len=q_len if mesh is not None else q.shape[1], kv_len=k.shape[1],
-                       layout=layout)
+  use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // context_size(), kv_len=k.shape[1], layout=layout)
   kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids, scale=scale)
   if use == "xla":
     return reference_attention(q, k, v, **kw)
   if use == "cudnn":
     return cudnn_attention(q, k, v, **kw)
-  qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  _, _, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   if mesh is None:
     kernel_fn = splash.make_kernel("causal" if causal else "full", q.shape[1], k.shape[1], q.shape[2],
                                    interpret=platform() != "tpu")

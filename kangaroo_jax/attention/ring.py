@@ -61,7 +61,8 @@ def _unchunk(x, axis):
   return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _rotate(axis_name: str, n: int, *xs):
+def rotate(axis_name: str, n: int, *xs):
+  """Sends each array one device on around the ring of `axis_name` (device i -> i + 1)."""
   perm = [(i, (i + 1) % n) for i in range(n)]
   return tuple(jax.lax.ppermute(x, axis_name, perm) for x in xs)
 
@@ -111,7 +112,7 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_
   def step(carry, _):
     acc, kv = carry
     acc = shard_fn(qg, *kv[:2], q_pos, kv[2], q_seg, kv[3], acc)
-    return (acc, _rotate(axis_name, axis_size, *kv)), None
+    return (acc, rotate(axis_name, axis_size, *kv)), None
 
   kv = (k, v, kv_pos, kv_seg)
   if axis_size > 1:
@@ -171,7 +172,7 @@ def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, cau
     dq, k, v, dk, dv, kp, ks = carry
     dq_s, dk_s, dv_s = shard_fn(qg, dog, lse, delta, k, v, q_pos, kp, q_seg, ks)
     # dK/dV travel with their K/V: after a full turn they are home with every device's share.
-    k, v, dk, dv, kp, ks = _rotate(axis_name, axis_size, k, v, dk + dk_s, dv + dv_s, kp, ks)
+    k, v, dk, dv, kp, ks = rotate(axis_name, axis_size, k, v, dk + dk_s, dv + dv_s, kp, ks)
     return (dq + dq_s, k, v, dk, dv, kp, ks), None
 
   zeros_kv = jnp.zeros(k.shape, jnp.float32)

@@ -23,17 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from kangaroo_jax.attention import splash
+from kangaroo_jax.attention.ring import rotate
+from kangaroo_jax.attention.splash import heads_major
 
 LAYOUTS = ("zigzag", "contiguous")
-
-
-def _rotate(axis_name: str, n: int, *xs):
-  perm = [(i, (i + 1) % n) for i in range(n)]
-  return tuple(jax.lax.ppermute(x, axis_name, perm) for x in xs)
-
-
-def _heads_major(x):
-  return x.transpose(0, 2, 1, 3)
 
 
 def _neg_inf(shape):
@@ -96,20 +89,20 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
   fwd_cases, bwd_cases = _forward_cases(layout, interpret), _backward_cases(layout, interpret)
 
   def forward(q, k, v, qs, ks):
-    qh, kh, vh = _heads_major(q * jnp.asarray(scale, q.dtype)), _heads_major(k), _heads_major(v)
+    qh, kh, vh = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
     o, lse = splash.step_forward("causal", qh, kh, vh, qs, ks, interpret=interpret)
     o = o.astype(jnp.float32)
 
     def step(carry, t):
       o, lse, kh, vh, ks = carry
-      kh, vh, ks = _rotate(axis_name, n, kh, vh, ks)
+      kh, vh, ks = rotate(axis_name, n, kh, vh, ks)
       o_t, lse_t = jax.lax.switch(_case(axis_name, n, t), fwd_cases, qh, kh, vh, qs, ks)
       lse_new = jnp.logaddexp(lse, lse_t)
       o = o * jnp.exp(lse - lse_new)[..., None] + o_t * jnp.exp(lse_t - lse_new)[..., None]
       return (o, lse_new, kh, vh, ks), None
 
     (o, lse, _, _, _), _ = jax.lax.scan(step, (o, lse, kh, vh, ks), jnp.arange(1, n))
-    return _heads_major(o).astype(q.dtype), lse
+    return heads_major(o).astype(q.dtype), lse
 
   @jax.custom_vjp
   def ring(q, k, v, qs, ks):
@@ -121,23 +114,23 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
 
   def ring_bwd(res, dout):
     q, k, v, qs, ks, out, lse = res
-    qh, kh, vh = _heads_major(q * jnp.asarray(scale, q.dtype)), _heads_major(k), _heads_major(v)
-    doh = _heads_major(dout.astype(q.dtype))
-    di = jnp.sum(_heads_major(out).astype(jnp.float32) * doh.astype(jnp.float32), axis=-1)
+    qh, kh, vh = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
+    doh = heads_major(dout.astype(q.dtype))
+    di = jnp.sum(heads_major(out).astype(jnp.float32) * doh.astype(jnp.float32), axis=-1)
     dq, dk, dv = (x.astype(jnp.float32) for x in
                   splash.step_backward("causal", qh, kh, vh, qs, ks, doh, lse, di, interpret=interpret))
 
     def step(carry, t):
       dq, kh, vh, ks, dk, dv = carry
       # dK/dV accumulators travel with the K/V they belong to.
-      kh, vh, ks, dk, dv = _rotate(axis_name, n, kh, vh, ks, dk, dv)
+      kh, vh, ks, dk, dv = rotate(axis_name, n, kh, vh, ks, dk, dv)
       dq_t, dk_t, dv_t = jax.lax.switch(_case(axis_name, n, t), bwd_cases, qh, kh, vh, qs, ks, doh, lse, di)
       return (dq + dq_t, kh, vh, ks, dk + dk_t, dv + dv_t), None
 
     (dq, _, _, _, dk, dv), _ = jax.lax.scan(step, (dq, kh, vh, ks, dk, dv), jnp.arange(1, n))
-    dk, dv = _rotate(axis_name, n, dk, dv)  # one more hop brings every shard's gradient home
-    return (_heads_major(dq * scale).astype(q.dtype), _heads_major(dk).astype(k.dtype),
-            _heads_major(dv).astype(v.dtype), None, None)
+    dk, dv = rotate(axis_name, n, dk, dv)  # one more hop brings every shard's gradient home
+    return (heads_major(dq * scale).astype(q.dtype), heads_major(dk).astype(k.dtype),
+            heads_major(dv).astype(v.dtype), None, None)
 
   ring.defvjp(ring_fwd, ring_bwd)
   return ring

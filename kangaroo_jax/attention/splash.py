@@ -63,7 +63,7 @@ def make_kernel(kind: str, q_len: int, kv_len: int, heads: int, *, q_seq_shards:
                             interpret=interpret)
 
 
-def _heads_major(x):
+def heads_major(x):
   """[b, s, h, d] -> [b, h, s, d]."""
   return x.transpose(0, 2, 1, 3)
 
@@ -74,9 +74,9 @@ def dense(kernel: sk.SplashAttentionKernel, q, k, v, q_seg, kv_seg, *, scale: fl
   q: [b, sq, h, d]; k, v: [b, sk, kvh, d]; q_seg / kv_seg: [b, sq] / [b, sk] int32.
   Returns [b, sq, h, d] in q's dtype.
   """
-  qh, kh, vh = _heads_major(q * jnp.asarray(scale, q.dtype)), _heads_major(k), _heads_major(v)
+  qh, kh, vh = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
   run = lambda q1, k1, v1, qs1, ks1: kernel(q1, k1, v1, sk.SegmentIds(qs1, ks1))  # noqa: E731
-  return _heads_major(jax.vmap(run)(qh, kh, vh, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)))
+  return heads_major(jax.vmap(run)(qh, kh, vh, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)))
 
 
 # ---------------------------------------------------------------- ring steps (heads-major, pre-scaled q)

@@ -1,7 +1,7 @@
 """Stage 1, image pre-training: align the projector to the frozen EVA02 + Llama-3 on image-text pairs.
 
 Images are 1-frame videos (padded to 2) at low resolution; only the projector trains, so the
-optimizer state is that of ~21M parameters. (Per-stage recipe of the paper is UNCONFIRMED, spec section 7.)
+optimizer state is that of ~21M parameters. (Per-stage recipe of the paper is not released: docs/model.md section 3.)
 """
 
 from configs.common import PROJECTOR, stage

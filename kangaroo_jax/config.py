@@ -100,7 +100,7 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """EVA02-CLIP ViT. Defaults are EVA02-CLIP-L/14 at 448 px (spec section 2)."""
+  """EVA02-CLIP ViT. Defaults are EVA02-CLIP-L/14 at 448 px (docs/model.md section 1)."""
 
   image_size: int = 448  # the size pos_embed was trained at; other frame sizes interpolate
   patch_size: int = 14
@@ -112,7 +112,7 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6
   pt_hw_seq_len: int = 16  # grid the RoPE frequencies were pre-trained at (224 / 14)
   rope_theta: float = 10000.0
-  # Which activations feed the projector (spec section 12): output of the last block before the final
+  # Which activations feed the projector (docs/model.md section 3): output of the last block before the final
   # norm ("last_prenorm"), after it ("last_postnorm"), or of the second-to-last block ("penultimate").
   feature_tap: Literal["last_prenorm", "last_postnorm", "penultimate"] = "last_prenorm"
   # How pos_embed is resized when frames are not `image_size` (torch F.interpolate semantics).
@@ -153,7 +153,10 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
-  """Temporal position embedding, spatial-temporal patchify and the mlp2x_gelu projector (spec section 3, 12)."""
+  """Temporal position embedding, spatial-temporal patchify and the mlp2x_gelu projector.
+
+  Design and the assumed choices: docs/model.md sections 1 and 3.
+  """
 
   # "sinusoidal": fixed embedding of each frame's timestamp (seconds), no parameters (our default, ASSUMED);
   # "learned": a table indexed by the rounded timestamp in seconds; "none".

@@ -9,7 +9,7 @@ ids are always read from the files, never hard-coded:
   * `eos_id`: the `eos_token` from the same files, else `<|end_of_text|>` (sentencepiece: eos piece);
   * `stop_ids`: `eos_id` plus `<|eot_id|>` when the vocabulary has it, plus generation_config.json's
     `eos_token_id`s. For the released Llama-3 files this is (128001, 128009), exactly the
-    `terminators` list of Kangaroo's chat() (spec sections 5.1 and 12).
+    `terminators` list of Kangaroo's chat() (docs/model.md section 1, generation).
 """
 
 from __future__ import annotations

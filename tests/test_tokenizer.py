@@ -93,7 +93,7 @@ def test_special_ids_come_from_the_file_not_constants(tmp_path):
   ids = tok.encode(text)
   assert all(i >= len(SPECIALS) for i in ids)  # no special token added implicitly
   assert tok.decode(ids) == text
-  # Marker strings of the prompt are ordinary text (spec section 12), never single special ids.
+  # Marker strings of the prompt are ordinary text (docs/model.md section 1), never single special ids.
   assert len(tok.encode("<vi_start>")) > 1
 
 

@@ -1,4 +1,6 @@
-"""Llama-3 Instruct prompt layout with Kangaroo's video markers (spec sections 5 and 12, contract section 1).
+"""Llama-3 Instruct prompt layout with Kangaroo's video markers.
+
+Design: docs/model.md sections 1 and 3; the contract with the data pipeline: docs/pipeline_contracts.md section 1.
 
     <|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>]
     <|start_header_id|>user<|end_header_id|>\n\n{user content, <video> expanded}<|eot_id|>

@@ -1,4 +1,4 @@
-"""EVA02-CLIP vision tower in Flax NNX (spec section 2).
+"""EVA02-CLIP vision tower in Flax NNX (docs/model.md section 1).
 
 Per block (pre-norm, no layer scale):
   x = x + proj(inner_attn_ln(attn(rope(q), rope(k), v)))   q, v with bias; k without

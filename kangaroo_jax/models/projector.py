@@ -1,4 +1,4 @@
-"""From per-frame ViT features to LLM-width visual tokens (spec sections 3 and 12).
+"""From per-frame ViT features to LLM-width visual tokens (docs/model.md sections 1 and 3).
 
   features [b, f, gh, gw, dv]
     -> + temporal position embedding of each frame's timestamp

@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-AttentionImpl = Literal["reference", "ring", "all_gather"]
+AttentionImpl = Literal["reference", "ring", "all_gather", "usp"]
 AttentionKernel = Literal["auto", "xla", "splash", "cudnn"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ATTENTION_IMPLS = ("reference", "ring", "all_gather")
+_ATTENTION_IMPLS = ("reference", "ring", "all_gather", "usp")
 _ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -206,7 +206,10 @@ class KangarooConfig:
   # Ring attention tile length (tokens per query/key block). Larger tiles mean fewer loop
   # iterations and bigger score buffers; fused kernels on TPU/GPU pick their own inner blocks.
   attention_block: int = 512
-  # Zigzag reorder of the sequence for causal ring attention (only acts when context > 1).
+  # USP (attention_impl "usp"): devices per all-to-all (Ulysses) group on the context axis; the rest form
+  # the ring. 0 = the largest divisor of both the context axis and the kv heads per device.
+  ulysses_degree: int = 0
+  # Zigzag reorder of the sequence for causal ring / USP attention (only acts when context > 1).
   load_balance: bool = True
   remat_policy: RematPolicy = "none"
   # Frames the vision tower encodes per step of a rematerialised scan (all devices together; 0 = all at
@@ -225,6 +228,8 @@ class KangarooConfig:
     _check_choice(self.attention_kernel, _ATTENTION_KERNELS, c, "attention_kernel")
     _check_choice(self.remat_policy, _REMAT_POLICIES, c, "remat_policy")
     _check(self.attention_block > 0, c, "attention_block", f"must be a positive token count, got {self.attention_block}")
+    _check(isinstance(self.ulysses_degree, int) and self.ulysses_degree >= 0, c, "ulysses_degree",
+           f"must be a device count >= 0 (0 = automatic), got {self.ulysses_degree!r}")
     _check(isinstance(self.vision_chunk_frames, int) and self.vision_chunk_frames >= 0, c, "vision_chunk_frames",
            f"must be a frame count >= 0 (0 = no chunking), got {self.vision_chunk_frames!r}")
     if self.projector.patchify != "none":

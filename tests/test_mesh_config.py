@@ -49,7 +49,7 @@ def test_model_mesh_validation_lists_every_problem():
                "sequence length 36 must be divisible by 8 (2*context for zigzag",
                "frames per row 3 must be a multiple of ProjectorConfig.temporal_patch"):
     assert part in msg, (part, msg)
-  with pytest.raises(MeshError, match="needs attention_impl 'ring' or 'all_gather'"):
+  with pytest.raises(MeshError, match="needs attention_impl 'ring', 'all_gather' or 'usp'"):
     validate_mesh_for_model(preset("tiny"), {"context": 2}, batch=2, seq_len=32)
 
 

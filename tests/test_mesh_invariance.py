@@ -83,3 +83,16 @@ def test_ring_with_small_tiles_is_invariant(single_device):
   flat0 = dict(nnx.to_flat_state(grads0))
   for path, g in nnx.to_flat_state(grads):
     assert max_rel_error(g.get_value(), flat0[path].get_value()) <= TOL, path
+
+
+@pytest.mark.parametrize("ulysses,mesh_cfg", [(2, MeshConfig(fsdp=1, context=8)), (0, MeshConfig(fsdp=2, context=4))],
+                         ids=["usp_2x4_ctx8", "usp_auto_fsdp2_ctx4"])
+def test_usp_model_is_invariant(single_device, ulysses, mesh_cfg):
+  # The whole model with USP attention (zigzag over the context axis, all-to-all groups of `ulysses`).
+  loss0, logits0, grads0 = single_device
+  loss, logits, grads = _run(preset("tiny").replace(attention_impl="usp", ulysses_degree=ulysses), mesh_cfg)
+  assert max_rel_error(logits, logits0) <= TOL
+  assert abs(float(loss) - float(loss0)) <= TOL * abs(float(loss0))
+  flat0 = dict(nnx.to_flat_state(grads0))
+  for path, g in nnx.to_flat_state(grads):
+    assert max_rel_error(g.get_value(), flat0[path].get_value()) <= TOL, path

@@ -10,18 +10,20 @@ import functools
 from typing import Callable
 
 from kangaroo_jax.attention.context_parallel import (KERNELS, all_gather_attention, decode_attention, dense_attention,
-                                                     resolve_kernel, ring_attention)
+                                                     resolve_kernel, ring_attention, usp_attention)
 from kangaroo_jax.attention.reference import attention_mask, reference_attention
 
 # Context-parallel impls fall back to dense attention when no mesh is set or the context axis is 1.
-_IMPLS: dict[str, Callable] = {"reference": dense_attention, "ring": ring_attention, "all_gather": all_gather_attention}
+_IMPLS: dict[str, Callable] = {"reference": dense_attention, "ring": ring_attention, "all_gather": all_gather_attention,
+                               "usp": usp_attention}
 
 
-def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto") -> Callable:
+def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto", ulysses: int = 0) -> Callable:
   """Returns the attention function for `impl` (same signature as `reference_attention`, plus `layout`).
 
-  `block_size` sets the XLA ring's query and key tile length (tokens); other impls have no tiles.
-  `kernel` is the per-device kernel choice (one of `KERNELS`).
+  `block_size` sets the XLA ring's query and key tile length (tokens, also USP's ring); other impls have no
+  tiles. `kernel` is the per-device kernel choice (one of `KERNELS`); `ulysses` is USP's all-to-all group
+  size (0 = automatic, see `context_parallel.ulysses_degree`).
   """
   try:
     fn = _IMPLS[impl]
@@ -30,7 +32,9 @@ def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto"
   if kernel not in KERNELS:
     raise ValueError(f"unknown attention kernel {kernel!r}; available: {KERNELS}")
   fn = functools.partial(fn, kernel=kernel)
-  if impl == "ring" and block_size is not None:
+  if impl == "usp":
+    fn = functools.partial(fn, ulysses=ulysses)
+  if impl in ("ring", "usp") and block_size is not None:
     if block_size < 1:
       raise ValueError(f"attention block_size must be positive, got {block_size}")
     return functools.partial(fn, block_q=block_size, block_kv=block_size)
@@ -38,4 +42,4 @@ def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto"
 
 
 __all__ = ["KERNELS", "all_gather_attention", "attention_mask", "decode_attention", "dense_attention",
-           "get_attention", "reference_attention", "resolve_kernel", "ring_attention"]
+           "get_attention", "reference_attention", "resolve_kernel", "ring_attention", "usp_attention"]

@@ -154,6 +154,63 @@ def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None
                        check_vma=False)(q, k, v, qp, kp, qs, ks)
 
 
+def ulysses_degree(requested: int, context: int, kv_heads_local: int) -> int:
+  """The Ulysses group size of USP: `requested`, or for 0 the largest divisor of both the context axis and the
+  kv heads per device (all-to-all is cheaper than ring steps, so the ring only takes what heads cannot)."""
+  if requested == 0:
+    return max(u for u in range(1, context + 1) if context % u == 0 and kv_heads_local % u == 0)
+  if requested < 0 or context % requested:
+    raise ContextParallelError(f"USP: the Ulysses degree {requested} must divide the context axis ({context})")
+  if kv_heads_local % requested:
+    raise ContextParallelError(f"USP: {kv_heads_local} kv heads per device (after tensor parallelism) cannot be split "
+                               f"{requested} ways; use a Ulysses degree that divides them")
+  return requested
+
+
+def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
+                  kv_segment_ids=None, scale: float | None = None, block_q: int = 512, block_kv: int = 512,
+                  kernel: str = "auto", layout: str | None = None, ulysses: int = 0):
+  """USP (Ulysses all-to-all over heads x ring over sequence) on `context`; same contract as `ring_attention`.
+
+  `ulysses` is the all-to-all group size (0: `ulysses_degree`'s choice); context / ulysses devices form
+  each ring. Falls back to dense attention without a mesh or with context 1.
+  """
+  from kangaroo_jax.attention.usp import usp_attention_shard  # imports this module's neighbours only
+
+  mesh = _mesh()
+  if mesh is None or context_size() == 1:
+    return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
+                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel,
+                           layout=layout)
+  ring_layout = {"natural": "contiguous"}.get(layout, layout)
+  qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "USP attention")
+  n = mesh.shape[CONTEXT]
+  t = mesh.shape.get("tensor", 1) if head_spec[2] else 1
+  u = ulysses_degree(ulysses, n, k.shape[2] // t)
+  r = n // u
+  if q.shape[1] != k.shape[1]:
+    raise ContextParallelError(f"USP attention needs equal query and key lengths, got {q.shape[1]} and {k.shape[1]}")
+  local = q.shape[1] // n * u  # tokens per device after the all-to-all
+  if r == 1:
+    index_layout = "natural" if ring_layout in ("zigzag", "contiguous") else None
+    use = resolve_kernel(kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=index_layout if causal else None)
+  else:
+    use = resolve_kernel(kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=ring_layout if causal else None,
+                         ring=True)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  interpret = platform() != "tpu"
+  shard_layout = ring_layout if ring_layout in ("zigzag", "contiguous") else "contiguous"
+
+  def per_device(q, k, v, qp, kp, qs, ks):
+    return usp_attention_shard(q, k, v, qp, kp, qs, ks, axis_name=CONTEXT, context=n, ulysses=u, causal=causal,
+                               layout=shard_layout, kernel=use, scale=scale, block_q=block_q, block_kv=block_kv,
+                               interpret=interpret)
+
+  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
+                       check_vma=False)(q, k, v, qp, kp, qs, ks)
+
+
 def cudnn_attention(q, k, v, *, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale,
                     implementation: str = "cudnn"):
   """Dense attention on one device through `jax.nn.dot_product_attention` (cuDNN flash on GPU).

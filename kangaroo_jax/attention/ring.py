@@ -61,9 +61,24 @@ def _unchunk(x, axis):
   return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def rotate(axis_name: str, n: int, *xs):
-  """Sends each array one device on around the ring of `axis_name` (device i -> i + 1)."""
-  perm = [(i, (i + 1) % n) for i in range(n)]
+def ring_permutation(n: int, stride: int = 1) -> list[tuple[int, int]]:
+  """ppermute pairs of a ring of `n` over an axis of n * stride devices: device i -> i + stride (mod n * stride).
+
+  stride > 1 runs `stride` independent rings side by side (USP: the devices of one ring hold the same
+  head group, and ring member j is devices j * stride .. j * stride + stride - 1).
+  """
+  size = n * stride
+  return [(i, (i + stride) % size) for i in range(size)]
+
+
+def ring_index(axis_name: str, stride: int = 1):
+  """This device's place in its ring (see `ring_permutation`)."""
+  return jax.lax.axis_index(axis_name) // stride
+
+
+def rotate(axis_name: str, n: int, *xs, stride: int = 1):
+  """Sends each array one place on around the ring of `axis_name` (ring member j -> j + 1)."""
+  perm = ring_permutation(n, stride)
   return tuple(jax.lax.ppermute(x, axis_name, perm) for x in xs)
 
 
@@ -101,7 +116,8 @@ def _fwd_shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, acc, *, causal, scale, bl
   return _unchunk(o, 3), _unchunk(l, 3), _unchunk(m, 3)
 
 
-def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size, block_q, block_kv):
+def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size, block_q, block_kv,
+                  stride):
   b, sq, h, d = q.shape
   kvh = k.shape[2]
   qg = jnp.moveaxis(q.reshape(b, sq, kvh, h // kvh, d), 1, 3)  # [b, kvh, g, sq, d]
@@ -112,7 +128,7 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_
   def step(carry, _):
     acc, kv = carry
     acc = shard_fn(qg, *kv[:2], q_pos, kv[2], q_seg, kv[3], acc)
-    return (acc, rotate(axis_name, axis_size, *kv)), None
+    return (acc, rotate(axis_name, axis_size, *kv, stride=stride)), None
 
   kv = (k, v, kv_pos, kv_seg)
   if axis_size > 1:
@@ -160,7 +176,7 @@ def _bwd_shard(qg, dog, lse, delta, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causa
 
 
 def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size,
-                   block_q, block_kv):
+                   block_q, block_kv, stride):
   b, sq, h, d = q.shape
   kvh = k.shape[2]
   to_groups = lambda x: jnp.moveaxis(x.reshape(b, sq, kvh, h // kvh, d), 1, 3)
@@ -172,7 +188,7 @@ def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, cau
     dq, k, v, dk, dv, kp, ks = carry
     dq_s, dk_s, dv_s = shard_fn(qg, dog, lse, delta, k, v, q_pos, kp, q_seg, ks)
     # dK/dV travel with their K/V: after a full turn they are home with every device's share.
-    k, v, dk, dv, kp, ks = rotate(axis_name, axis_size, k, v, dk + dk_s, dv + dv_s, kp, ks)
+    k, v, dk, dv, kp, ks = rotate(axis_name, axis_size, k, v, dk + dk_s, dv + dv_s, kp, ks, stride=stride)
     return (dq + dq_s, k, v, dk, dv, kp, ks), None
 
   zeros_kv = jnp.zeros(k.shape, jnp.float32)
@@ -188,10 +204,11 @@ def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, cau
 # ---------------------------------------------------------------- custom_vjp entry point
 
 @functools.lru_cache(maxsize=None)
-def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int):
+def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int,
+               stride: int):
   """A custom_vjp ring for one static configuration (statics closed over, not nondiff_argnums)."""
   kw = dict(causal=causal, scale=scale, axis_name=axis_name, axis_size=axis_size, block_q=block_q,
-            block_kv=block_kv)
+            block_kv=block_kv, stride=stride)
 
   @jax.custom_vjp
   def ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -212,8 +229,10 @@ def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block
 
 def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                          axis_name: str, axis_size: int, scale: float | None = None, block_q: int = 512,
-                         block_kv: int = 512):
+                         block_kv: int = 512, stride: int = 1):
   """Per-device ring attention; call inside shard_map with the sequence sharded over `axis_name`.
+
+  The ring has `axis_size` members; `stride` > 1 runs that many rings side by side (`ring_permutation`).
 
   Args:
     q: [batch, q_shard, heads, head_dim]; k, v: [batch, kv_shard, kv_heads, head_dim].
@@ -222,7 +241,7 @@ def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   bq, bk = pick_block(q.shape[1], block_q), pick_block(k.shape[1], block_kv)
-  ring = _make_ring(bool(causal), float(scale), axis_name, int(axis_size), bq, bk)
+  ring = _make_ring(bool(causal), float(scale), axis_name, int(axis_size), bq, bk, int(stride))
   # Under a differentiated layer scan, positions and segment ids are loop constants; without this
   # barrier JAX hoists every tile's mask out of the loop and materialises O(seq^2 / devices) of it.
   # Tying them to q makes them loop-variant, so masks are built tile by tile.

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kangaroo_jax.attention import splash
-from kangaroo_jax.attention.ring import rotate
+from kangaroo_jax.attention.ring import ring_index, rotate
 from kangaroo_jax.attention.splash import heads_major
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -77,15 +77,15 @@ def _backward_cases(layout: str, interpret: bool):
   return (kv_first_half, q_second_half) if layout == "zigzag" else (full, nothing)
 
 
-def _case(axis_name: str, n: int, t):
-  """Branch index for ring step t >= 1: 0 when the K/V held now come from an earlier device, else 1."""
-  i = jax.lax.axis_index(axis_name)
+def _case(axis_name: str, n: int, t, stride: int):
+  """Branch index for ring step t >= 1: 0 when the K/V held now come from an earlier ring member, else 1."""
+  i = ring_index(axis_name, stride)
   source = (i - t) % n
   return jnp.where(source < i, 0, 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: bool):
+def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: bool, stride: int):
   fwd_cases, bwd_cases = _forward_cases(layout, interpret), _backward_cases(layout, interpret)
 
   def forward(q, k, v, qs, ks):
@@ -95,8 +95,8 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
 
     def step(carry, t):
       o, lse, kh, vh, ks = carry
-      kh, vh, ks = rotate(axis_name, n, kh, vh, ks)
-      o_t, lse_t = jax.lax.switch(_case(axis_name, n, t), fwd_cases, qh, kh, vh, qs, ks)
+      kh, vh, ks = rotate(axis_name, n, kh, vh, ks, stride=stride)
+      o_t, lse_t = jax.lax.switch(_case(axis_name, n, t, stride), fwd_cases, qh, kh, vh, qs, ks)
       lse_new = jnp.logaddexp(lse, lse_t)
       o = o * jnp.exp(lse - lse_new)[..., None] + o_t * jnp.exp(lse_t - lse_new)[..., None]
       return (o, lse_new, kh, vh, ks), None
@@ -123,12 +123,12 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
     def step(carry, t):
       dq, kh, vh, ks, dk, dv = carry
       # dK/dV accumulators travel with the K/V they belong to.
-      kh, vh, ks, dk, dv = rotate(axis_name, n, kh, vh, ks, dk, dv)
-      dq_t, dk_t, dv_t = jax.lax.switch(_case(axis_name, n, t), bwd_cases, qh, kh, vh, qs, ks, doh, lse, di)
+      kh, vh, ks, dk, dv = rotate(axis_name, n, kh, vh, ks, dk, dv, stride=stride)
+      dq_t, dk_t, dv_t = jax.lax.switch(_case(axis_name, n, t, stride), bwd_cases, qh, kh, vh, qs, ks, doh, lse, di)
       return (dq + dq_t, kh, vh, ks, dk + dk_t, dv + dv_t), None
 
     (dq, _, _, _, dk, dv), _ = jax.lax.scan(step, (dq, kh, vh, ks, dk, dv), jnp.arange(1, n))
-    dk, dv = rotate(axis_name, n, dk, dv)  # one more hop brings every shard's gradient home
+    dk, dv = rotate(axis_name, n, dk, dv, stride=stride)  # one more hop brings every shard's gradient home
     return (heads_major(dq * scale).astype(q.dtype), heads_major(dk).astype(k.dtype),
             heads_major(dv).astype(v.dtype), None, None)
 
@@ -137,13 +137,14 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
 
 
 def ring_attention_splash_shard(q, k, v, q_segment_ids, kv_segment_ids, *, axis_name: str, axis_size: int,
-                                layout: str, scale: float | None = None, interpret: bool = False):
+                                layout: str, scale: float | None = None, interpret: bool = False, stride: int = 1):
   """Per-device causal ring attention with splash kernels.
 
   Args:
     q: [batch, shard, heads, head_dim]; k, v: [batch, shard, kv_heads, head_dim] (compute dtype).
     q_segment_ids / kv_segment_ids: [batch, shard] int32 (packed rows; padding is its own segment).
-    layout: "zigzag" or "contiguous" (how the global sequence was split over `axis_name`).
+    layout: "zigzag" or "contiguous" (how the global sequence was split over the ring's members).
+    stride: > 1 runs that many rings side by side over `axis_name` (`ring.ring_permutation`).
   Returns: [batch, shard, heads, head_dim].
   """
   if layout not in LAYOUTS:
@@ -151,5 +152,5 @@ def ring_attention_splash_shard(q, k, v, q_segment_ids, kv_segment_ids, *, axis_
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"splash ring needs equal query and key shards, got {q.shape[1]} and {k.shape[1]}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  ring = _make_ring(float(scale), axis_name, int(axis_size), layout, bool(interpret))
+  ring = _make_ring(float(scale), axis_name, int(axis_size), layout, bool(interpret), int(stride))
   return ring(q, k, v, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))

@@ -67,8 +67,8 @@ class Kangaroo(nnx.Module):
     self.mm_projector = MultimodalProjector(cfg.vision.width, cfg.llm.hidden_size, rngs=rngs, **opts)
     self.llm = LlamaForCausalLM(cfg.llm, attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
                                 logits_fp32=cfg.logits_fp32, load_balance=cfg.load_balance,
-                                attention_block=cfg.attention_block, attention_kernel=cfg.attention_kernel, rngs=rngs,
-                                **opts)
+                                attention_block=cfg.attention_block, attention_kernel=cfg.attention_kernel,
+                                ulysses=cfg.ulysses_degree, rngs=rngs, **opts)
 
   def visual_tokens_per_frame_group(self, height: int, width: int) -> int:
     gh, gw = self.cfg.vision.grid_for(height, width)

@@ -25,7 +25,7 @@ BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embe
 
 class LlamaAttention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
-               attention_block: int | None = None, attention_kernel: str = "auto"):
+               attention_block: int | None = None, attention_kernel: str = "auto", ulysses: int = 0):
     d, hd = cfg.hidden_size, cfg.head_dim
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
@@ -36,9 +36,10 @@ class LlamaAttention(nnx.Module):
     self.attention_impl = attention_impl
     self.attention_block = attention_block
     self.attention_kernel = attention_kernel
+    self.ulysses = ulysses
 
   def _attention(self):
-    return get_attention(self.attention_impl, self.attention_block, self.attention_kernel)
+    return get_attention(self.attention_impl, self.attention_block, self.attention_kernel, self.ulysses)
 
   def __call__(self, x, positions, segment_ids, inv_freq, layout: str = "natural"):
     """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed].
@@ -124,11 +125,12 @@ class LlamaMLP(nnx.Module):
 
 class LlamaDecoderLayer(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
-               attention_block: int | None = None, attention_kernel: str = "auto"):
+               attention_block: int | None = None, attention_kernel: str = "auto", ulysses: int = 0):
     norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
     self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    attention_block=attention_block, attention_kernel=attention_kernel, rngs=rngs)
+                                    attention_block=attention_block, attention_kernel=attention_kernel, ulysses=ulysses,
+                                    rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
     self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -151,17 +153,18 @@ class LlamaModel(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, remat_policy: str,
                rngs: nnx.Rngs, load_balance: bool = True, attention_block: int | None = None,
-               attention_kernel: str = "auto"):
+               attention_kernel: str = "auto", ulysses: int = 0):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
-    self.zigzag = load_balance and attention_impl == "ring"
+    self.zigzag = load_balance and attention_impl in ("ring", "usp")
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
     self.layers = create_stack(
         lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    attention_block=attention_block, attention_kernel=attention_kernel, rngs=r),
+                                    attention_block=attention_block, attention_kernel=attention_kernel,
+                                    ulysses=ulysses, rngs=r),
         cfg.num_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -234,10 +237,11 @@ class LlamaForCausalLM(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True,
-               load_balance: bool = True, attention_block: int | None = None, attention_kernel: str = "auto"):
+               load_balance: bool = True, attention_block: int | None = None, attention_kernel: str = "auto",
+               ulysses: int = 0):
     self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                             remat_policy=remat_policy, load_balance=load_balance, attention_block=attention_block,
-                            attention_kernel=attention_kernel, rngs=rngs)
+                            attention_kernel=attention_kernel, ulysses=ulysses, rngs=rngs)
     self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.logits_fp32 = logits_fp32

@@ -39,8 +39,15 @@ def validate_mesh_for_model(cfg: KangarooConfig, mesh_shape: Mapping[str, int], 
     need(vision.num_heads % tensor == 0, f"vision heads {vision.num_heads} must be divisible by tensor={tensor}")
   if context > 1:
     if cfg.attention_impl == "reference":
-      problems.append(f"context={context} needs attention_impl 'ring' or 'all_gather', not 'reference'")
-    multiple = 2 * context if (cfg.attention_impl == "ring" and cfg.load_balance) else context
+      problems.append(f"context={context} needs attention_impl 'ring', 'all_gather' or 'usp', not 'reference'")
+    if cfg.attention_impl == "usp":
+      u = cfg.ulysses_degree
+      kv_local = llm.num_kv_heads // tensor if llm.num_kv_heads % tensor == 0 else 0
+      if u:
+        need(context % u == 0, f"ulysses_degree {u} must divide context={context}")
+        need(kv_local % u == 0, f"llm.num_kv_heads {llm.num_kv_heads} / tensor={tensor} must be divisible by "
+             f"ulysses_degree {u} (each all-to-all group member takes whole kv heads)")
+    multiple = 2 * context if (cfg.attention_impl in ("ring", "usp") and cfg.load_balance) else context
     need(seq_len % multiple == 0, f"sequence length {seq_len} must be divisible by {multiple} "
          f"({'2*context for zigzag load balancing' if multiple != context else 'context'}); pad the packed rows")
   if frames_per_row:

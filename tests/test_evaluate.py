@@ -13,6 +13,7 @@ from kangaroo_jax import evaluate as ev
 from kangaroo_jax.data.prompt import encode_conversation
 from kangaroo_jax.inference.chat import Chat
 from kangaroo_jax.inference.mcq import BenchmarkError, extract_choice, load_benchmark
+from kangaroo_jax.inference.recipes import get_recipe
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.pretrained import save_pretrained
 from kangaroo_jax.tokenizer import load_tokenizer
@@ -172,3 +173,157 @@ def test_cli_needs_a_tokenizer(setup, capsys):
                 "--output", str(setup["dir"] / "run_no_tok")])
   assert rc == 2
   assert f"{ckpt} holds no tokenizer.json or tokenizer.model" in capsys.readouterr().err
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _content_sha256(folder):
+  """The checkpoint hash computed independently: sha256 over (relative path, size, bytes) of the config,
+  state/ and tokenizer files, sorted by path."""
+  import hashlib
+  rels = ["kangaroo_config.json"] + [n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                                "tokenizer.model", "generation_config.json")
+                                     if os.path.isfile(os.path.join(folder, n))]
+  for here, _, names in os.walk(os.path.join(folder, "state")):
+    rels += [os.path.relpath(os.path.join(here, n), folder).replace(os.sep, "/") for n in names]
+  h = hashlib.sha256()
+  for rel in sorted(rels):
+    data = open(os.path.join(folder, rel), "rb").read()
+    h.update(f"{rel}\0{len(data)}\0".encode() + data)
+  return h.hexdigest()
+
+
+def _git_head():
+  import subprocess
+  try:
+    r = subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(ev.__file__)), "rev-parse", "HEAD"],
+                       capture_output=True, text=True, timeout=20)
+  except OSError:
+    return None
+  return r.stdout.strip() if r.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def ckpt_b(setup):
+  return save_pretrained(answering(setup["tok"], "B"), setup["tok_dir"], str(setup["dir"] / "ckpt_b"))
+
+
+def test_cli_recipe_records_recipe_commit_and_checkpoint_hash(setup, ckpt_b, capsys):
+  out = str(setup["dir"] / "run_recipe")
+  rc = ev.main([ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--output", out,
+                "--recipe", "videomme", "--num-frames", str(NUM_FRAMES), "--max-new-tokens", "4"])
+  assert rc == 0
+  cap = capsys.readouterr()
+  assert "recipe videomme: num_frames 64 overridden to 4" in cap.err
+  summary = json.loads(cap.out.strip().splitlines()[-1])
+  with open(os.path.join(out, ev.RESULTS)) as f:
+    results = json.load(f)
+  assert results == summary and results["overall"]["correct"] == 1 and results["short_videos"] == 0
+  run = results["run"]
+  assert run["recipe"] == get_recipe("videomme").to_dict()  # the recipe as named, every setting
+  assert run["settings"] == get_recipe("videomme").replace(num_frames=NUM_FRAMES, max_new_tokens=4).to_dict()
+  assert run["overrides"] == {"num_frames": {"recipe": 64, "used": NUM_FRAMES},
+                              "max_new_tokens": {"recipe": 16, "used": 4}}
+  assert run["checkpoint"]["sha256"] == _content_sha256(ckpt_b)
+  assert run["code"]["commit"] == _git_head() and run["code"]["version"]
+  with open(os.path.join(out, ev.RUN)) as f:
+    assert json.load(f) == {k: v for k, v in run.items() if k != "commits_in_predictions"}
+  lines = _lines(os.path.join(out, ev.PREDICTIONS))
+  assert len(lines) == 3 and all(
+      (p["recipe"], p["num_frames"], p["max_new_tokens"], p["checkpoint_sha256"], p["commit"])
+      == ("videomme", NUM_FRAMES, 4, run["checkpoint"]["sha256"], run["code"]["commit"]) for p in lines)
+
+
+def test_recipe_prompt_reaches_the_model(setup):
+  items = load_benchmark(setup["videomme"])
+  seen = []
+  recipe = get_recipe("videomme")
+  ev.evaluate(lambda it, video, prompt: seen.append(prompt) or "B", items, str(setup["dir"]),
+              str(setup["dir"] / "run_prompt"), prompt_fn=lambda it: recipe.format_prompt(it.question, it.options))
+  assert seen[0] == recipe.format_prompt("How many cars?", ["one", "two", "three", "four"])
+  assert seen[0].endswith("D. four\nThe best answer is:")
+
+
+def test_resume_refuses_other_recipe_or_checkpoint(setup, ckpt_b, capsys):
+  out = str(setup["dir"] / "run_refuse")
+  common = [ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--output", out,
+            "--num-frames", str(NUM_FRAMES), "--max-new-tokens", "4"]
+  assert ev.main(common + ["--recipe", "mvbench", "--max-items", "1"]) == 0
+  pred = os.path.join(out, ev.PREDICTIONS)
+  before = open(pred).read()
+  capsys.readouterr()
+  assert ev.main(common + ["--recipe", "videomme"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "recipe mvbench" in err and "recipe videomme" in err
+  assert "--force-new-output" in err and open(pred).read() == before  # nothing rewritten
+  assert ev.main(common) == 2  # no recipe is another recipe too
+  capsys.readouterr()
+  ckpt_c = save_pretrained(answering(setup["tok"], "C"), setup["tok_dir"], str(setup["dir"] / "ckpt_c2"))
+  assert ev.main([ckpt_c] + common[1:] + ["--recipe", "mvbench"]) == 2
+  assert "checkpoint sha256" in capsys.readouterr().err and open(pred).read() == before
+  assert ev.main(common + ["--recipe", "mvbench"]) == 0  # same settings and checkpoint: resumes
+  assert len(_lines(pred)) == 3 and _lines(pred)[0] == json.loads(before)
+  assert ev.main(common + ["--recipe", "videomme", "--force-new-output"]) == 0
+  aside = sorted(n for n in os.listdir(out) if n.startswith("predictions.") and n != ev.PREDICTIONS)
+  assert len(aside) == 1 and len(_lines(os.path.join(out, aside[0]))) == 3  # the old run kept, renamed
+  assert {p["recipe"] for p in _lines(pred)} == {"videomme"}
+
+
+def test_checkpoint_hash_cache_and_changes(setup, ckpt_b, tmp_path):
+  import shutil
+  ckpt = str(tmp_path / "ck")
+  shutil.copytree(ckpt_b, ckpt)
+  first = ev.checkpoint_hash(ckpt)
+  assert first["sha256"] == _content_sha256(ckpt) and first["files"] >= 3
+  assert ev.checkpoint_hash(ckpt, cached={**first, "sha256": "cached"})["sha256"] == "cached"  # stats unchanged
+  cfg = os.path.join(ckpt, "kangaroo_config.json")
+  with open(cfg, "a") as f:
+    f.write(" ")
+  changed = ev.checkpoint_hash(ckpt, cached={**first, "sha256": "cached"})
+  assert changed["sha256"] == _content_sha256(ckpt) != first["sha256"]
+
+
+def test_code_version_without_git(monkeypatch):
+  import subprocess
+
+  def no_git(*a, **k):
+    raise FileNotFoundError("git")
+
+  monkeypatch.setattr(subprocess, "run", no_git)
+  from kangaroo_jax import __version__
+  assert ev.code_version() == {"commit": None, "dirty": None, "version": __version__}
+
+
+def test_short_video_recorded_and_counted(setup, capsys):
+  """A 5-frame video asked for 16 frames: answered, its line says 5 distinct of 16, results count it."""
+  write_video(str(setup["dir"] / "short.mp4"), frames=5)
+  write_video(str(setup["dir"] / "long.mp4"), frames=40, fps=8)
+  bench = str(setup["dir"] / "short.json")
+  with open(bench, "w") as f:
+    json.dump([{"id": "s", "video": "short.mp4", "question": "q?", "options": ["x", "y"], "answer": "B"},
+               {"id": "l", "video": "long.mp4", "question": "q?", "options": ["x", "y"], "answer": "A"}], f)
+  ckpt = save_pretrained(answering(setup["tok"], "B"), setup["tok_dir"], str(setup["dir"] / "ckpt_short"))
+  out = str(setup["dir"] / "run_short")
+  rc = ev.main([ckpt, "--benchmark", bench, "--video-root", str(setup["dir"]), "--output", out,
+                "--recipe", "egoschema", "--num-frames", "16", "--max-new-tokens", "3"])
+  assert rc == 0
+  err = capsys.readouterr().err
+  lines = {p["id"]: p for p in _lines(os.path.join(out, ev.PREDICTIONS))}
+  assert (lines["s"]["frames_unique"], lines["s"]["frames_requested"], lines["s"]["correct"]) == (5, 16, True)
+  assert "frames_unique" not in lines["l"]  # 40 frames give 16 distinct ones
+  with open(os.path.join(out, ev.RESULTS)) as f:
+    assert json.load(f)["short_videos"] == 1
+  warning = [line for line in err.splitlines() if "fewer distinct frames" in line]
+  assert warning == [f"warning: 1 of 2 items had fewer distinct frames than the 16 requested (frames repeated by "
+                     f"uniform sampling); see frames_unique in {ev.PREDICTIONS}"]
+
+
+def test_unknown_recipe_is_one_line(setup, ckpt_b, capsys):
+  rc = ev.main([ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--recipe", "nextqa",
+                "--output", str(setup["dir"] / "run_bad_recipe")])
+  assert rc == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: unknown recipe 'nextqa'; valid names: mvbench,") and "\n" not in err

@@ -136,6 +136,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+# What evaluate uses without --recipe: the MVBench-style template of kangaroo_jax.inference.mcq.format_prompt
+# (the same text) with evaluate's historical defaults. Not a benchmark recipe, so not in RECIPES.
+DEFAULT = Recipe(
+    name="default", benchmark="any (no --recipe)", num_frames=64, max_new_tokens=16,
+    question_prefix="Question: ", options_header="Options:", option_style="paren", post_prompt=LETTER_INSTRUCTION,
+    why_frames="release setting")
+
+
 def get_recipe(name: str) -> Recipe:
   """The recipe called `name` (case-insensitive, '-' and '_' ignored); RecipeError listing the valid names."""
   key = name.strip().lower().replace("-", "").replace("_", "") if isinstance(name, str) else name

@@ -1,6 +1,10 @@
-"""Loading a converted checkpoint: `model, tokenizer = kangaroo_jax.from_pretrained(path)`.
+"""Loading a checkpoint: `model, tokenizer = kangaroo_jax.from_pretrained(path)`.
 
-Layout written by `python -m tools.convert_weights import SRC DST`:
+Two layouts are read. The released Hugging Face folder (config.json, model.safetensors[.index.json] or
+pytorch_model.bin, tokenizer files, the vision tower's EVA02-CLIP-L-14-448.json when present) is loaded
+directly, tensor by tensor, with the converter's key accounting (kangaroo_jax/hf_direct.py). The
+converted folder, faster to load again and again, is the layout written by
+`python -m tools.convert_weights import SRC DST`:
   DST/kangaroo_config.json       KangarooConfig.to_json() (param_dtype = the stored dtype)
   DST/state/                     Orbax PyTree checkpoint (OCDBT): nested dict of parameter arrays,
                                  keys = the NNX parameter path (llm/model/layers/self_attn/q_proj/kernel)
@@ -62,9 +66,10 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
     return CheckpointError(f"{path}: is the trainer's checkpoints folder; " + _use_export(parent))
   if "checkpoints" in entries:
     return CheckpointError(f"{path}: is a training run folder; " + _use_export(here))
-  if "config.json" in entries and any(e.endswith((".safetensors", ".bin")) for e in entries):
-    return CheckpointError(f"{path}: is a released Hugging Face checkpoint; convert it first with "
-                           f"`python -m tools.convert_weights import {path} DST_DIR` and pass DST_DIR")
+  if "config.json" in entries:
+    return CheckpointError(f"{path}: has a config.json but no weights; expected {RELEASED_WEIGHTS[0]}, "
+                           f"{RELEASED_WEIGHTS[1]} or {' / '.join(RELEASED_WEIGHTS[2:])} next to it, or "
+                           f"{_EXPECTED}")
   return CheckpointError(f"{path}: no {CONFIG_FILE}; expected {_EXPECTED}")
 
 
@@ -102,21 +107,75 @@ def _current_mesh() -> Mesh | None:
   return None if mesh is None or mesh.empty else mesh
 
 
+# Weight files of a released Hugging Face folder (tools.convert_weights.sources.open_source reads them all).
+RELEASED_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                    "pytorch_model.bin")
+
+
+def is_released_folder(path: str) -> bool:
+  """A Hugging Face folder to load directly: config.json and weight files, no converted `state/`."""
+  return (os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, STATE_DIR))
+          and any(os.path.exists(os.path.join(path, name)) for name in RELEASED_WEIGHTS))
+
+
+def abstract_model(cfg: KangarooConfig) -> Kangaroo:
+  """The model's shapes and logical axis names, nothing allocated."""
+  # Built outside any ambient mesh: under `jax.set_mesh` flax would try to turn the logical axis names
+  # into mesh shardings itself; param_shardings does that through the rules table.
+  with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
+    return nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
+
+
+def target_shardings(abstract: Kangaroo, mesh: Mesh | None):
+  """Where each parameter goes: path -> NamedSharding on `mesh` (the rules table), else one device."""
+  if mesh is None:
+    one = SingleDeviceSharding(jax.devices()[0])
+    return lambda p: one
+  shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
+  return lambda p: shardings[p].get_value()
+
+
+def assemble_model(abstract: Kangaroo, value_of, tokenizer: Tokenizer | None) -> Kangaroo:
+  """`abstract` with every parameter replaced by `value_of(path)` (a jax.Array), the tokenizer registered."""
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = list(nnx.to_flat_state(abstract_state))
+  model = nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(value_of(p))) for p, v in flat]))
+  if tokenizer is not None:
+    from kangaroo_jax.inference.chat import register_tokenizer
+    register_tokenizer(model, tokenizer)  # so model.chat(...) works without tokenizer=
+  return model
+
+
 def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | None = None,
-                    config: KangarooConfig | None = None) -> tuple[Kangaroo, Tokenizer | None]:
-  """Restores a converted checkpoint.
+                    config: KangarooConfig | None = None, preset: str = "kangaroo-8b",
+                    warn=None) -> tuple[Kangaroo, Tokenizer | None]:
+  """Loads a released Hugging Face folder or a converted checkpoint onto `mesh`.
 
   Args:
-    path: the converter's output folder.
+    path: a released folder (config.json + safetensors shards or pytorch_model.bin, tokenizer files),
+      loaded directly (kangaroo_jax.hf_direct), or the converter's output folder (Orbax).
     mesh: where to put the parameters; default: the mesh set with `jax.set_mesh`, else one device.
-    param_dtype: cast while restoring (e.g. "float32"); default: the stored dtype.
-    config: use this config instead of `kangaroo_config.json` (e.g. other execution options); its
-      parameter shapes must match the stored ones.
+    param_dtype: cast while loading (e.g. "float32"); default: the stored dtype (converted folder), the
+      dtype config.json names as `torch_dtype` (released folder), else bfloat16.
+    config: use this config instead of the folder's (e.g. other execution options); its parameter
+      shapes must match the stored ones.
+    preset: released folder only: the preset for what the folder does not say (projector, TPE, vision
+      settings absent from its vision config), as `tools.convert_weights import --preset`.
+    warn: released folder only: called with each one-line warning (non-finite tensors, settings no tensor
+      shape checks); default: `warnings.warn`.
   Returns: (model, tokenizer or None when the folder holds no tokenizer files).
-  Raises CheckpointError for a path that is not such a folder (or whose weights cannot be restored) and
-  TokenizerError for unreadable tokenizer files or a tokenizer with ids beyond the model's vocabulary;
-  both are checked before any weight is read.
+  Raises CheckpointError for a path that is not such a folder (or whose weights cannot be restored, or
+  whose keys do not match the config: every unmapped, missing or mis-shaped key listed, as the converter
+  lists them) and TokenizerError for unreadable tokenizer files or a tokenizer with ids beyond the model's
+  vocabulary; both are checked before any weight is read.
   """
+  mesh = mesh if mesh is not None else _current_mesh()
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)) or not os.path.isdir(os.path.join(path, STATE_DIR)):
+    if os.path.isdir(path) and is_released_folder(path):
+      from kangaroo_jax.hf_direct import load_released
+      model, tokenizer, _ = load_released(path, mesh, param_dtype=param_dtype, config=config, preset=preset,
+                                          warn=warn)
+      return model, tokenizer
   import orbax.checkpoint as ocp
 
   cfg = config or load_config(path)
@@ -128,19 +187,9 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
     check_fits_vocab(tokenizer, cfg.llm.vocab_size, f"llm.vocab_size in {os.path.join(path, CONFIG_FILE)}")
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=param_dtype)
-  mesh = mesh if mesh is not None else _current_mesh()
-  # Shapes only, built outside any ambient mesh: under `jax.set_mesh` flax would try to turn the logical
-  # axis names into mesh shardings itself; param_shardings does that through the rules table below.
-  with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-    abstract = nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract)
-  flat = list(nnx.to_flat_state(abstract_state))
-  if mesh is not None:
-    shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
-    sharding_of = lambda p: shardings[p].get_value()  # noqa: E731
-  else:
-    one = SingleDeviceSharding(jax.devices()[0])
-    sharding_of = lambda p: one  # noqa: E731
+  abstract = abstract_model(cfg)
+  sharding_of = target_shardings(abstract, mesh)
+  flat = nnx.to_flat_state(nnx.state(abstract))
   targets = {tuple(map(str, p)): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(p)) for p, v in flat}
   try:
     with ocp.StandardCheckpointer() as ckptr:
@@ -156,12 +205,7 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
       node = node[k]
     return node
 
-  state = nnx.from_flat_state([(p, v.replace(leaf(p))) for p, v in flat])
-  model = nnx.merge(graphdef, state)
-  if tokenizer is not None:
-    from kangaroo_jax.inference.chat import register_tokenizer
-    register_tokenizer(model, tokenizer)  # so model.chat(...) works without tokenizer=
-  return model, tokenizer
+  return assemble_model(abstract, leaf, tokenizer), tokenizer
 
 
 def save_pretrained(model: Kangaroo, tokenizer_dir: str | None, out_dir: str) -> str:

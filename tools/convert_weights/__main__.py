@@ -84,6 +84,8 @@ def _run(args) -> int:
         print(f"  ignored {key}: {reason}")
       for key, what in sorted(r.defaulted.items()):
         print(f"  defaulted {key}: {what}")
+      for line in r.unverified:
+        print(f"warning: {line}", file=sys.stderr)
       _warn_nonfinite(r.nonfinite)
     elif args.command == "inspect":
       result = inspect_checkpoint(args.src, args.format)

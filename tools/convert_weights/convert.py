@@ -32,7 +32,7 @@ from kangaroo_jax.tokenizer import TOKENIZER_FILES
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
 from tools.convert_weights.finite import all_finite, describe
-from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve_config
+from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve, unverified_settings, vision_to_hf
 from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
                                            released_shape, to_ours, to_released, write_order)
 from tools.convert_weights.orbax_io import (DEFAULT_CHUNK_BYTES, BackgroundSync, LazyParam, StoredParams,
@@ -80,6 +80,7 @@ class ImportResult:
   seconds: float
   tokenizer_files: list[str]
   nonfinite: dict[str, str] = dataclasses.field(default_factory=dict)  # released key -> what is not finite
+  unverified: list[str] = dataclasses.field(default_factory=list)  # settings no tensor shape checks, one line each
 
 
 @contextlib.contextmanager
@@ -96,7 +97,7 @@ def _gc_paused():
       gc.enable()
 
 
-def _stamps(files: list[str]) -> dict[str, tuple[int, int, int]]:
+def file_stamps(files: list[str]) -> dict[str, tuple[int, int, int]]:
   out = {}
   for path in files:
     st = os.stat(path)
@@ -104,12 +105,12 @@ def _stamps(files: list[str]) -> dict[str, tuple[int, int, int]]:
   return out
 
 
-def _check_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
+def check_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
   """Raises if a source file was replaced, resized or rewritten since `before` (its data may then be
   a mix of two versions; the caller discards the output)."""
   for path, stamp in before.items():
     try:
-      now = _stamps([path])[path]
+      now = file_stamps([path])[path]
     except OSError as e:
       raise ConversionError(f"{path}: disappeared during the conversion ({e}); the output was discarded") from None
     if now != stamp:
@@ -118,12 +119,14 @@ def _check_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
                             "mtime ns)); the output was discarded: convert again from a file nothing writes to")
 
 
-def plan_import(source: Source, cfg: KangarooConfig) -> Assembler:
-  """Classifies every key and checks every shape from the headers; raises ConversionError on any problem."""
-  from flax import nnx
-  from kangaroo_jax.models import Kangaroo
+def plan_import(source: Source, cfg: KangarooConfig, abstract=None) -> Assembler:
+  """Classifies every key and checks every shape from the headers; raises ConversionError on any problem.
 
-  targets = param_targets(nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0))))
+  `abstract`: the model's shapes (`kangaroo_jax.pretrained.abstract_model(cfg)`), traced here when not given.
+  """
+  from kangaroo_jax.pretrained import abstract_model
+
+  targets = param_targets(abstract if abstract is not None else abstract_model(cfg))
   optional = OPTIONAL_WHEN_UNUSED if cfg.vision.feature_tap != "last_postnorm" else {}
   asm = Assembler(targets, optional=optional)
   for key in sorted(source.infos):
@@ -148,13 +151,14 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
   dst = check_destination(dst, overwrite, protect=(src,))
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   with open_source(src, fmt) as source:
-    stamps = _stamps(source.files)
+    stamps = file_stamps(source.files)
     # Tracing the model's shapes for the plan takes ~0.3 s: let the disk start on the first tensors
     # meanwhile (the writer replaces this hint with its exact order).
     source.prefetch(write_order(source.infos))
-    cfg, cfg_note = resolve_config(src_dir, get_preset(preset), config_json)
-    cfg = cfg.replace(param_dtype=dtype)
+    resolved = resolve(src_dir, get_preset(preset), config_json, preset_name=preset)
+    cfg, cfg_note = resolved.cfg.replace(param_dtype=dtype), resolved.note
     check_against_header(cfg, source.infos, cfg_note)
+    unverified = unverified_settings(cfg, source.infos, resolved)
     asm = plan_import(source, cfg)
 
     rule_of = {rule.path: rule for rule in asm.rules}
@@ -205,15 +209,15 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
           "source": source.describe(), "config": cfg_note, "dtype": dtype,
           "mapped": asm.report.mapped, "bytes_read": asm.report.bytes_read,
           "ignored": asm.report.ignored, "defaulted": asm.report.defaulted, "tokenizer_files": copied,
-          "nonfinite": nonfinite,
+          "nonfinite": nonfinite, "unverified": unverified,
       }
       with open(os.path.join(tmp, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
-      _check_unchanged(stamps)
+      check_unchanged(stamps)
       if sync:
         syncer.finish()
   return ImportResult(dst, cfg, cfg_note, asm.report.mapped, asm.report.ignored, asm.report.defaulted,
-                      asm.report.bytes_read, time.perf_counter() - t0, copied, nonfinite)
+                      asm.report.bytes_read, time.perf_counter() - t0, copied, nonfinite, unverified)
 
 
 def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
@@ -287,7 +291,8 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
                                         metadata={"format": "pt"})
     bar.close()
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_from_llama(cfg.llm, _TORCH_DTYPE_NAMES.get(torch_dtype, torch_dtype)), f, indent=2)
+      released = hf_from_llama(cfg.llm, _TORCH_DTYPE_NAMES.get(torch_dtype, torch_dtype))
+      json.dump({**released, "vision_config": vision_to_hf(cfg.vision)}, f, indent=2)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(cfg.to_json() + "\n")
     copied = _copy_tokenizer_files(ckpt, tmp)

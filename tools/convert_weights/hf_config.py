@@ -1,8 +1,10 @@
 """The released config.json (Hugging Face Llama fields) <-> our KangarooConfig, and header-based checks.
 
-The released config.json only describes the LLM. The vision tower and projector come from a preset
-(or a full KangarooConfig JSON) and are verified against the tensor shapes in the checkpoint header,
-so a wrong preset fails with a message naming the field, before any weight is read.
+The released config.json describes the LLM. The vision tower's settings come from the folder when it
+has them (a `vision_config` block in config.json, else the release's EVA02-CLIP-L-14-448.json
+`vision_cfg`), the rest from a preset (or a full KangarooConfig JSON); the sizes are verified against the
+tensor shapes in the checkpoint header, so a wrong preset fails with a message naming the field, before
+any weight is read. Settings no shape depends on (`unverified_settings`) are named in one warning each.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import dataclasses
 import re
 from typing import Mapping
 
-from kangaroo_jax.config import ConfigError, KangarooConfig, LlamaConfig, RopeScaling
+from kangaroo_jax.config import ConfigError, KangarooConfig, LlamaConfig, RopeScaling, VisionConfig
 from kangaroo_jax.pretrained import CONFIG_FILE as KANGAROO_CONFIG
 from tools.convert_weights.assemble import ConversionError
 from tools.convert_weights.safetensors_io import TensorInfo
@@ -188,12 +191,134 @@ def _read_json(path: str) -> dict:
   return obj
 
 
+VISION_FILE = "EVA02-CLIP-L-14-448.json"  # the release's EVA-CLIP model config; its `vision_cfg` is the tower
+
+# Vision settings read from `vision_cfg` / `vision_config`: EVA-CLIP's names, ours, and Hugging Face
+# CLIP-style names, each -> a VisionConfig field.
+_VISION_INTS = {
+    "image_size": "image_size", "patch_size": "patch_size", "width": "width", "layers": "num_layers",
+    "head_width": "head_width", "pt_hw_seq_len": "pt_hw_seq_len", "num_layers": "num_layers",
+    "mlp_hidden": "mlp_hidden", "num_channels": "num_channels", "hidden_size": "width",
+    "num_hidden_layers": "num_layers", "intermediate_size": "mlp_hidden",
+}
+_VISION_FLOATS = {"layer_norm_eps": "layer_norm_eps", "rope_theta": "rope_theta"}
+# EVA switches that change the architecture: the value our tower implements (any other is refused).
+_VISION_FLAGS = {"rope": True, "subln": True, "naiveswiglu": True, "intp_freq": True, "qkv_bias": True,
+                 "postnorm": False, "use_rms_norm": False, "ls_init_value": None}
+# EVA settings with no effect on the function: attention / LayerNorm kernels, training-only, names.
+_VISION_RUNTIME = ("xattn", "fusedLN", "drop_path_rate", "patch_dropout", "eva_model_name", "timm_model_name",
+                   "grad_checkpointing")
+
+
+@dataclasses.dataclass
+class ResolvedConfig:
+  """resolve_config's answer with what `unverified_settings` needs: where each setting came from."""
+
+  cfg: KangarooConfig
+  note: str  # one line: where the config came from
+  origins: dict[str, str]  # "vision.head_width" -> "EVA02-CLIP-L-14-448.json vision_cfg.head_width"; else `default`
+  default_origin: str
+  notes: list[str] = dataclasses.field(default_factory=list)  # one-line warnings (e.g. ignored vision keys)
+  # The folder's own kangaroo_config.json, which `export` wrote next to these very weights: nothing to warn.
+  exported: bool = False
+
+  def origin(self, field: str) -> str:
+    return self.origins.get(field, self.default_origin)
+
+
+def _vision_fields(block: Mapping, where: str, width: int, notes: list[str]) -> dict[str, tuple[object, str]]:
+  """{VisionConfig field: (value, "where.key")} from one vision settings block (EVA `vision_cfg` or
+  config.json `vision_config`). Unknown keys are named in `notes` and ignored; a switch our tower does not
+  implement (e.g. "rope": false) is a ConversionError naming the file and key. `width`: the tower width
+  when the block names none (for `mlp_ratio` / `num_attention_heads`)."""
+  out: dict[str, tuple[object, str]] = {}
+  for key in block:
+    at = f"{where}.{key}"
+    if key in _VISION_INTS:
+      value = _int(block, key, where, None)
+      if value is not None:
+        out[_VISION_INTS[key]] = (value, at)
+    elif key in _VISION_FLOATS:
+      value = _float(block, key, where, None)
+      if value is not None:
+        out[_VISION_FLOATS[key]] = (value, at)
+    elif key in _VISION_FLAGS:
+      value, want = block[key], _VISION_FLAGS[key]
+      if value is not None and value != want:
+        raise ConversionError(f"{where}: {key}={json.dumps(value)} is not supported (the EVA tower here has "
+                              f"{key}={json.dumps(want)})")
+    elif key not in ("mlp_ratio", "num_attention_heads") + _VISION_RUNTIME:
+      notes.append(f"{at} = {json.dumps(block[key])[:40]} is not a setting the converter knows: ignored")
+  width = out.get("width", (width, ""))[0]
+  ratio = _float(block, "mlp_ratio", where, None)
+  if ratio is not None and "mlp_hidden" not in out:
+    out["mlp_hidden"] = (int(width * ratio), f"{where}.mlp_ratio")  # EVA: int(dim * mlp_ratio), a floor
+  heads = _int(block, "num_attention_heads", where, None)
+  if heads is not None and "head_width" not in out:
+    if heads <= 0 or width % heads:
+      raise ConversionError(f"{where}: num_attention_heads={heads} does not divide the width {width}")
+    out["head_width"] = (width // heads, f"{where}.num_attention_heads")
+  return out
+
+
+def vision_from_folder(src_dir: str, base: VisionConfig, hf: Mapping | None, hf_path: str,
+                       notes: list[str]) -> tuple[VisionConfig, dict[str, str], list[str]]:
+  """The vision settings of a released folder over `base`: EVA02-CLIP-L-14-448.json `vision_cfg`, then
+  config.json `vision_config` (which wins where both name a setting).
+
+  Returns (VisionConfig, {"vision.<field>": where it was read}, names of the files read).
+  """
+  fields: dict[str, tuple[object, str]] = {}
+  used = []
+  eva_path = os.path.join(src_dir, VISION_FILE)
+  if os.path.exists(eva_path):
+    eva = _read_json(eva_path)
+    block = _field(eva, "vision_cfg", (dict,), "an object", eva_path, None)
+    if block is None:
+      notes.append(f"{eva_path} has no vision_cfg object: not used")
+    else:
+      fields.update(_vision_fields(block, f"{VISION_FILE} vision_cfg", base.width, notes))
+      used.append(VISION_FILE)
+  block = _field(hf, "vision_config", (dict,), "an object", hf_path, None) if hf is not None else None
+  if block is not None:
+    width = fields.get("width", (base.width, ""))[0]
+    fields.update(_vision_fields(block, "config.json vision_config", width, notes))
+    used.append("config.json vision_config")
+  try:
+    vision = dataclasses.replace(base, **{k: v for k, (v, _) in fields.items()})
+  except ConfigError as e:
+    raise ConversionError(f"{src_dir}: the vision settings of {' + '.join(used)} describe a tower we cannot "
+                          f"build: {e}") from None
+  return vision, {f"vision.{k}": at for k, (_, at) in fields.items()}, used
+
+
+def vision_to_hf(v: VisionConfig) -> dict:
+  """config.json's `vision_config` for `v`, in EVA-CLIP `vision_cfg` names (what `vision_from_folder`
+  reads back), plus the settings EVA has no name for."""
+  return {
+      "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.num_layers,
+      "head_width": v.head_width,
+      "mlp_ratio": (v.mlp_hidden + 0.5) / v.width,  # EVA floors width * mlp_ratio: this floors to mlp_hidden
+      "mlp_hidden": v.mlp_hidden, "pt_hw_seq_len": v.pt_hw_seq_len, "num_channels": v.num_channels,
+      "layer_norm_eps": v.layer_norm_eps, "rope_theta": v.rope_theta,
+      "rope": True, "subln": True, "naiveswiglu": True, "intp_freq": True, "qkv_bias": True,
+  }
+
+
 def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig,
                    config_json: str | None = None) -> tuple[KangarooConfig, str]:
-  """The KangarooConfig to import into, and a one-line note of where it came from.
+  """The KangarooConfig to import into, and a one-line note of where it came from (see `resolve`)."""
+  r = resolve(src_dir, preset_cfg, config_json)
+  return r.cfg, r.note
+
+
+def resolve(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | None = None,
+            preset_name: str | None = None) -> ResolvedConfig:
+  """The KangarooConfig to import into, with where each setting came from.
 
   Priority: `config_json` (a full KangarooConfig) > `<src>/kangaroo_config.json` (written by `export`)
-  > preset vision/projector + LLM fields from `<src>/config.json`.
+  > LLM fields from `<src>/config.json`, vision settings from the folder (`vision_from_folder`), the rest
+  from the preset.
   """
   hf_path = os.path.join(src_dir, "config.json") if src_dir else None
   hf = _read_json(hf_path) if hf_path and os.path.exists(hf_path) else None
@@ -211,7 +336,7 @@ def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig,
               if getattr(cfg.llm, f) != getattr(from_hf, f)]
       if diff:
         raise ConversionError(f"{ours} and {hf_path} disagree on the LLM ({'; '.join(diff)})")
-    return cfg, f"config from {ours}"
+    return ResolvedConfig(cfg, f"config from {ours}", {}, f"from {ours}", exported=not config_json)
   if config_json:
     raise ConversionError(f"--config-json {config_json}: no such file")
   if hf is None:
@@ -220,7 +345,39 @@ def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig,
   gen_path = os.path.join(src_dir, "generation_config.json")
   generation = _read_json(gen_path) if os.path.exists(gen_path) else None
   llm = llama_from_hf(hf, preset_cfg.llm, generation, where=hf_path, generation_where=gen_path)
-  return preset_cfg.replace(llm=llm), "LLM from config.json, vision/projector from the preset"
+  notes: list[str] = []
+  vision, origins, used = vision_from_folder(src_dir, preset_cfg.vision, hf, hf_path, notes)
+  try:
+    cfg = preset_cfg.replace(llm=llm, vision=vision)
+  except ConfigError as e:
+    raise ConversionError(f"{src_dir}: {' + '.join(used)} and the preset do not fit together: {e}") from None
+  where_vision = f"vision from {' + '.join(used)}" if used else "vision from the preset"
+  default = f"preset {preset_name!r}" if preset_name else "the preset"
+  return ResolvedConfig(cfg, f"LLM from config.json, {where_vision}, projector from the preset", origins,
+                        default, notes)
+
+
+def unverified_settings(cfg: KangarooConfig, infos: Mapping[str, TensorInfo], resolved: ResolvedConfig) -> list[str]:
+  """One line per setting that changes the outputs but that no tensor shape of the checkpoint checks.
+
+  `vision.head_width` is checked when the checkpoint holds EVA's `rope.freqs_cos` table ([grid^2, head_width]);
+  without it a wrong value loads silently (the q/k/v kernels are [width, width] whatever the split).
+  """
+  if resolved.exported:
+    return list(resolved.notes)
+  v, p = cfg.vision, cfg.projector
+  silent = "a wrong value loads without error and changes the outputs"
+  out = []
+  if "vision_tower.rope.freqs_cos" not in infos:
+    out.append(f"vision.head_width = {v.head_width} ({resolved.origin('vision.head_width')}) is not checked: "
+               f"only the vision_tower.rope.freqs_cos table shows it and this checkpoint has none; {silent}")
+  out.append(f"vision.pt_hw_seq_len = {v.pt_hw_seq_len} ({resolved.origin('vision.pt_hw_seq_len')}) is not checked: "
+             f"it scales the 2-D RoPE frequencies and no tensor shape depends on it; {silent}")
+  if p.tpe != "learned":  # a learned table's rows are checked by shape
+    what = f" (base {p.tpe_base})" if p.tpe == "sinusoidal" else ""
+    out.append(f"projector.tpe = {p.tpe!r}{what} ({resolved.origin('projector.tpe')}) is not checked: the time "
+               f"position embedding has no parameters in the checkpoint; {silent}")
+  return resolved.notes + out
 
 
 _BLOCK = re.compile(r"^vision_tower\.blocks\.(\d+)\.")

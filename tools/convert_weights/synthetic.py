@@ -62,20 +62,45 @@ def random_tensor(key: str, shape: tuple[int, ...], rng: np.random.Generator, dt
 
 
 def write_checkpoint(folder: str, cfg: KangarooConfig, *, dtype=np.float32, seed: int = 0,
-                     extras: bool = True) -> dict:
-  """Writes folder/model.safetensors + folder/config.json; returns {"bytes", "largest_tensor_bytes", "tensors"}."""
+                     extras: bool = True, shards: int = 1, vision_file: bool = False) -> dict:
+  """Writes folder/model.safetensors + folder/config.json; returns {"bytes", "largest_tensor_bytes", "tensors"}.
+
+  `shards` > 1: the release's sharded layout instead, model-0000i-of-0000n.safetensors (keys dealt out
+  in turn) + model.safetensors.index.json. `vision_file`: also the release's EVA02-CLIP-L-14-448.json,
+  holding `cfg.vision` as EVA-CLIP's `vision_cfg`. Sharded, every value is drawn up front (small test
+  checkpoints only).
+  """
+  from tools.convert_weights.hf_config import VISION_FILE, vision_to_hf
+
   os.makedirs(folder, exist_ok=True)
   entries = [(k, s, np.dtype(dtype)) for k, s in sorted(released_entries(cfg, extras=extras))]
   rng = np.random.default_rng(seed)
+  values = {}
 
-  def tensors() -> Iterator[tuple[str, np.ndarray]]:
-    for key, shape, dt in entries:
-      yield key, random_tensor(key, shape, rng, dt)
+  def tensors(part) -> Iterator[tuple[str, np.ndarray]]:
+    for key, shape, dt in part:
+      yield key, values.pop(key) if key in values else random_tensor(key, shape, rng, dt)
 
-  path = os.path.join(folder, "model.safetensors")
-  written = safetensors_io.write_file(path, entries, tensors(), metadata={"format": "pt"})
+  if shards == 1:
+    path = os.path.join(folder, "model.safetensors")
+    written = safetensors_io.write_file(path, entries, tensors(entries), metadata={"format": "pt"})
+  else:
+    # The same values as one file holds (drawn in key order), whatever the shard count.
+    values = {k: random_tensor(k, s, rng, dt) for k, s, dt in entries}
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map, written = {}, 0
+    for i, name in enumerate(names):
+      part = entries[i::shards]
+      written += safetensors_io.write_file(os.path.join(folder, name), part, tensors(part), metadata={"format": "pt"})
+      weight_map.update({k: name for k, _, _ in part})
+    path = os.path.join(folder, "model.safetensors.index.json")
+    with open(path, "w") as f:
+      json.dump({"metadata": {"total_size": written}, "weight_map": weight_map}, f, indent=2)
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf_from_llama(cfg.llm, torch_dtype), f, indent=2)
+  if vision_file:
+    with open(os.path.join(folder, VISION_FILE), "w") as f:
+      json.dump({"embed_dim": CLIP_EMBED_DIM, "vision_cfg": vision_to_hf(cfg.vision)}, f, indent=2)
   largest = max(math.prod(s) * np.dtype(d).itemsize for _, s, d in entries)
   return {"bytes": written, "largest_tensor_bytes": largest, "tensors": len(entries), "path": path}

@@ -14,8 +14,9 @@ as failed (its line has "error": the reason) and the run goes on. Failed items c
 broken video never makes every rerun stop or retry; `--retry-failed` runs them once more (e.g. after
 fixing the videos). Ctrl-C stops after writing results.json for the items so far (exit status 130).
 
---recipe NAME (kangaroo_jax.inference.recipes: mvbench, videomme, egoschema, longvideobench, mlvu) fixes the
-frame count, prompt template and answer length of that benchmark; --num-frames / --max-new-tokens still
+--recipe NAME (kangaroo_jax.inference.recipes: mvbench, videomme, videomme_subtitles, egoschema, longvideobench,
+mlvu) fixes the frame count, prompt template and answer length of that benchmark (videomme_subtitles adds the
+lines of --subtitle-root/<video name>.srt shown at the sampled frames); --num-frames / --max-new-tokens still
 override it, and the override is recorded. Without a recipe the prompt is mcq.format_prompt with 64 frames
 and 16 new tokens. OUTPUT/run.json, results.json ("run") and every prediction line record the settings,
 the project's git commit (or the package version outside a git checkout) and the checkpoint's content hash
@@ -49,8 +50,8 @@ from kangaroo_jax.inference.chat import Chat, PromptTooLong
 from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
                                             check_generation_args, load_from_args, report_input_error)
 from kangaroo_jax.pretrained import load_config
-from kangaroo_jax.inference.mcq import (LETTERS, BenchmarkError, MCItem, extract_choice, format_prompt,
-                                        load_benchmark, resolve_video)
+from kangaroo_jax.inference.mcq import (LETTERS, BenchmarkError, MCItem, SubtitleError, extract_choice, format_prompt,
+                                        load_benchmark, read_srt, resolve_video, subtitles_at)
 from kangaroo_jax.inference.recipes import DEFAULT, RECIPES, Recipe, RecipeError, get_recipe
 
 PREDICTIONS = "predictions.jsonl"
@@ -69,7 +70,7 @@ class OutputError(ValueError):
 
 def _item_errors() -> tuple[type[BaseException], ...]:
   """What makes one item fail without ending the run: its video (missing, unreadable) or its length."""
-  errors: tuple[type[BaseException], ...] = (VideoError, OSError, PromptTooLong)
+  errors: tuple[type[BaseException], ...] = (VideoError, OSError, PromptTooLong, SubtitleError)
   try:
     import av
     errors += (av.error.FFmpegError,)  # a decoder error the video reader did not turn into a VideoError
@@ -436,17 +437,28 @@ def distinct_frames(timestamps) -> int:
   return int(np.unique(np.asarray(timestamps).ravel()).size)
 
 
-def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int) -> Callable[[MCItem, str, str], tuple]:
+def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int,
+                    prompt_for: Callable[[MCItem, np.ndarray], tuple[str, dict]] | None = None
+                    ) -> Callable[[MCItem, str, str], tuple]:
   """Greedy answers from a `kangaroo_jax.inference.chat.Chat`: (text, {"frames_requested", "frames_unique"}
-  when the video gave fewer distinct frames than `num_frames`, else {})."""
+  when the video gave fewer distinct frames than `num_frames`, else {}).
+
+  prompt_for(item, timestamps [f] seconds) -> (prompt, extra line fields): a prompt that depends on the
+  sampled frames (subtitles at their times); it replaces the prompt evaluate passes.
+  """
 
   def answer(item: MCItem, video: str, prompt: str) -> tuple[str, dict]:
     # Decodes the video; chat() below reuses it (Chat keeps the last video), so nothing is decoded twice.
     _, _, timestamps = chat.load_visual(video, num_frames, item.start, item.end)
+    extra = {}
+    if prompt_for is not None:
+      prompt, extra = prompt_for(item, np.asarray(timestamps).ravel())
     text, _ = chat.chat(video, prompt, None, num_frames=num_frames, max_new_tokens=max_new_tokens, do_sample=False,
                         start=item.start, end=item.end)
     unique = distinct_frames(timestamps)
-    return text, ({"frames_requested": num_frames, "frames_unique": unique} if unique < num_frames else {})
+    if unique < num_frames:
+      extra = {**extra, "frames_requested": num_frames, "frames_unique": unique}
+    return text, extra
 
   return answer
 
@@ -462,6 +474,8 @@ def _parser() -> argparse.ArgumentParser:
                  "benchmark, <name>_predictions/)")
   p.add_argument("--recipe", metavar="NAME", help=f"a benchmark recipe ({', '.join(RECIPES)}): its frames, prompt "
                  "template and answer length (default: the mcq prompt, 64 frames, 16 new tokens)")
+  p.add_argument("--subtitle-root", metavar="DIR", help="folder of <video name>.srt subtitle files, for a recipe "
+                 "with subtitles (videomme_subtitles)")
   p.add_argument("--num-frames", type=int, help="an even number of frames sampled uniformly from each video "
                  "(default: the recipe's, else 64; overriding a recipe is recorded)")
   p.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens, greedy decoding (default: the "
@@ -474,6 +488,22 @@ def _parser() -> argparse.ArgumentParser:
                       "checkpoint; the old files are kept, renamed with a UTC time stamp")
   add_loading_args(p)
   return p
+
+
+def subtitle_prompter(recipe: Recipe, subtitle_root: str) -> Callable[[MCItem, np.ndarray], tuple[str, dict]]:
+  """prompt_for (see model_answer_fn) of a subtitles recipe: the lines of SUBTITLE_ROOT/<video name>.srt
+  shown at the sampled frames (Video-MME's layout: subtitle/<videoID>.srt). A video without that file gets
+  the recipe's 'no subtitles' text, as Video-MME's reference code does. Line field: subtitle_lines (None: no
+  file)."""
+
+  def prompt_for(item: MCItem, timestamps: np.ndarray) -> tuple[str, dict]:
+    path = os.path.join(subtitle_root, os.path.splitext(os.path.basename(item.video))[0] + ".srt")
+    lines = subtitles_at(read_srt(path), timestamps) if os.path.isfile(path) else None
+    text = None if lines is None else "\n".join(lines)
+    return (recipe.format_prompt(item.question, item.options, subtitles=text),
+            {"subtitle_lines": None if lines is None else len(lines)})
+
+  return prompt_for
 
 
 def resolve_settings(recipe_name: str | None, num_frames: int | None,
@@ -505,8 +535,16 @@ def main(argv=None) -> int:
     if os.path.exists(output) and not os.path.isdir(output):
       raise UsageError(f"--output {output}: is a file; expected a folder")
     recipe, settings, overrides = resolve_settings(args.recipe, args.num_frames, args.max_new_tokens)
+    if settings.subtitles and args.subtitle_root is None:
+      raise UsageError(f"--recipe {settings.name} needs --subtitle-root (the folder of the <video name>.srt files)")
+    if args.subtitle_root is not None and not settings.subtitles:
+      raise UsageError(f"--subtitle-root is only used by a recipe with subtitles (e.g. videomme_subtitles), "
+                       f"not {settings.name}")
+    if args.subtitle_root is not None and not os.path.isdir(args.subtitle_root):
+      raise UsageError(f"--subtitle-root {args.subtitle_root}: no such folder")
     items = load_benchmark(args.benchmark)
     prior_predictions(items, pred_path)  # a foreign or mismatched file fails now, not after loading the model
+    compile_cache.enable()  # before the first compile, which opens the cache
     if not os.path.isfile(os.path.join(args.ckpt_dir, "config.json")):  # a released (Hugging Face) folder has one
       load_config(args.ckpt_dir)  # a folder that is no checkpoint fails before all its files are hashed
     prior_run = read_run(output) if os.path.isdir(output) and not args.force_new_output else None
@@ -515,18 +553,21 @@ def main(argv=None) -> int:
     except OSError as e:
       raise UsageError(f"{args.ckpt_dir}: cannot read the checkpoint to hash it: {e}") from None
     run = run_record(recipe, settings, overrides, checkpoint)
+    if args.subtitle_root is not None:
+      run["subtitle_root"] = os.path.abspath(args.subtitle_root)
     prepare_output(items, output, run, force_new=args.force_new_output, log=log)  # refuses before the model loads
     for field, change in overrides.items():
       log(f"recipe {recipe.name}: {field} {change['recipe']} overridden to {change['used']} (recorded in {RUN})")
-    compile_cache.enable()  # before the first compile, which opens the cache
     model, tokenizer, scope = load_from_args(args)
     with scope:
       chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, max_positions=args.max_positions,
                   warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True))
       prompt_fn = format_prompt if recipe is None else (lambda it: settings.format_prompt(it.question, it.options))
-      summary = evaluate(model_answer_fn(chat, num_frames=settings.num_frames, max_new_tokens=settings.max_new_tokens),
-                         items, args.video_root, output, max_items=args.max_items, retry_failed=args.retry_failed,
-                         log=log, run=run, prompt_fn=prompt_fn)
+      prompt_for = subtitle_prompter(settings, args.subtitle_root) if settings.subtitles else None
+      answer_fn = model_answer_fn(chat, num_frames=settings.num_frames, max_new_tokens=settings.max_new_tokens,
+                                  prompt_for=prompt_for)
+      summary = evaluate(answer_fn, items, args.video_root, output, max_items=args.max_items,
+                         retry_failed=args.retry_failed, log=log, run=run, prompt_fn=prompt_fn)
   except INPUT_ERRORS + (BenchmarkError, OutputError, RecipeError) as e:
     return report_input_error(e)
   except KeyboardInterrupt:

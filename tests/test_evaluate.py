@@ -12,7 +12,8 @@ from flax import nnx
 from kangaroo_jax import evaluate as ev
 from kangaroo_jax.data.prompt import encode_conversation
 from kangaroo_jax.inference.chat import Chat
-from kangaroo_jax.inference.mcq import BenchmarkError, extract_choice, load_benchmark
+from kangaroo_jax.inference.mcq import (BenchmarkError, SubtitleError, extract_choice, load_benchmark, read_srt,
+                                        subtitles_at)
 from kangaroo_jax.inference.recipes import get_recipe
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.pretrained import save_pretrained
@@ -327,3 +328,39 @@ def test_unknown_recipe_is_one_line(setup, ckpt_b, capsys):
   assert rc == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: unknown recipe 'nextqa'; valid names: mvbench,") and "\n" not in err
+
+
+def test_srt_reading(tmp_path):
+  srt = tmp_path / "v.srt"
+  srt.write_text('\ufeff1\r\n00:00:00,000 --> 00:00:00,500\r\n<font color="white" size=".72c">alpha</font>\r\n\r\n'
+                 "2\n00:00:00,500 --> 00:00:00,900\nbeta\n\n3\n00:00:01,500 --> 00:00:02,000\ngam\nma\n",
+                 encoding="utf-8")
+  cues = read_srt(str(srt))
+  assert cues == [(0.0, 0.5, "alpha"), (0.5, 0.9, "beta"), (1.5, 2.0, "gam ma")]
+  assert subtitles_at(cues, [0.25, 1.0, 1.75, 2.5]) == ["alpha", "gam ma"]  # beta is between the frames
+  srt.write_text("1\n00:00:00 --> soon\nbroken\n")
+  with pytest.raises(SubtitleError, match=r"v.srt: cue 1 has no"):
+    read_srt(str(srt))
+
+
+def test_cli_videomme_with_subtitles(setup, ckpt_b, tmp_path, capsys):
+  """Subtitle lines at the sampled frames' times (4 frames of the 12-frame, 4 fps clip: 0.25, 1, 1.75, 2.5 s)."""
+  subs = tmp_path / "subtitle"
+  subs.mkdir()
+  (subs / "clip.srt").write_text("1\n00:00:00,000 --> 00:00:00,500\nalpha\n\n2\n00:00:00,500 --> 00:00:00,900\n"
+                                 "beta\n\n3\n00:00:01,500 --> 00:00:02,000\ngamma\n")
+  common = [ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--num-frames",
+            str(NUM_FRAMES), "--max-new-tokens", "4", "--recipe", "videomme_subtitles"]
+  assert ev.main(common + ["--output", str(tmp_path / "no_root")]) == 2
+  assert "needs --subtitle-root" in capsys.readouterr().err
+  out = str(tmp_path / "run")
+  assert ev.main(common + ["--output", out, "--subtitle-root", str(subs)]) == 0
+  lines = _lines(os.path.join(out, ev.PREDICTIONS))
+  assert [p["subtitle_lines"] for p in lines] == [2, 2, 2] and all(p["recipe"] == "videomme_subtitles" for p in lines)
+  prompt_for = ev.subtitle_prompter(get_recipe("videomme_subtitles"), str(subs))
+  item = load_benchmark(setup["videomme"])[0]
+  prompt, extra = prompt_for(item, np.array([0.25, 1.0, 1.75, 2.5]))
+  assert prompt.splitlines()[:3] == ["This video's subtitles are listed below:", "alpha", "gamma"]
+  assert extra == {"subtitle_lines": 2}
+  prompt, extra = ev.subtitle_prompter(get_recipe("videomme_subtitles"), str(tmp_path))(item, np.array([0.25]))
+  assert prompt.splitlines()[1] == "No subtitles available" and extra == {"subtitle_lines": None}

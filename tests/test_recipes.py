@@ -12,8 +12,8 @@ BENCHMARKS = ("mvbench", "videomme", "egoschema", "longvideobench", "mlvu")
 
 
 def test_all_five_exist_even_frames_greedy():
-  assert set(RECIPES) == set(BENCHMARKS)
-  for name in BENCHMARKS:
+  assert set(RECIPES) == set(BENCHMARKS) | {"videomme_subtitles"}  # Video-MME's two columns
+  for name in RECIPES:
     r = get_recipe(name)
     assert r.name == name and r.num_frames == 64 and r.num_frames % 2 == 0
     assert r.do_sample is False and r.sampling == "uniform_segment_middle" and r.max_new_tokens >= 1
@@ -29,6 +29,7 @@ def test_names_are_forgiving_and_unknown_lists_valid():
     get_recipe("nextqa")
   msg = str(e.value)
   assert "\n" not in msg and "nextqa" in msg and all(n in msg for n in BENCHMARKS)
+  assert get_recipe("videomme-subtitles") is RECIPES["videomme_subtitles"]
 
 
 def test_prompt_formats():
@@ -46,6 +47,19 @@ def test_prompt_formats():
   # The MVBench recipe is the recipe-less default prompt of evaluate (mcq.format_prompt).
   item = MCItem("x", "t", "v.mp4", "How many cars?", tuple(opts), 1)
   assert get_recipe("mvbench").format_prompt(item.question, item.options) == format_prompt(item)
+
+
+def test_subtitles_prompt():
+  sub = get_recipe("videomme_subtitles")
+  assert sub.subtitles and not get_recipe("videomme").subtitles
+  text = sub.format_prompt("How many cars?", ["one", "two"], subtitles="hello\nworld")
+  assert text == ("This video's subtitles are listed below:\nhello\nworld\nSelect the best answer to the following "
+                  "multiple-choice question based on the video and the subtitles. Respond with only the letter (A, B, "
+                  "C, or D) of the correct option.\nHow many cars?\nA. one\nB. two\nThe best answer is:")
+  assert sub.format_prompt("q?", ["a", "b"]).splitlines()[1] == "No subtitles available"  # no subtitle file
+  assert sub.format_prompt("q?", ["a", "b"], subtitles="").splitlines()[1].startswith("Select")  # none at the frames
+  with pytest.raises(RecipeError, match="takes no subtitles"):
+    get_recipe("videomme").format_prompt("q?", ["a", "b"], subtitles="hello")
 
 
 def test_bad_settings_fail_naming_the_field():

@@ -169,6 +169,43 @@ def resolve_video(root: str, name: str) -> str:
                           f"{', ...' if len(tried) > 4 else ''})")
 
 
+class SubtitleError(ValueError):
+  """A subtitle file that cannot be read (names the file and the cue); fails that item, not the run."""
+
+
+_SRT_TIME = re.compile(r"(\d+):(\d{1,2}):(\d{1,2})[,.](\d{1,3})")
+_TAG = re.compile(r"<[^>]*>")
+
+
+def read_srt(path: str) -> list[tuple[float, float, str]]:
+  """SubRip cues as (start s, end s, text) in file order; markup such as Video-MME's <font ...> is removed."""
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      blocks = re.split(r"\n\s*\n", f.read().replace("\r\n", "\n"))
+  except (OSError, UnicodeDecodeError) as e:
+    raise SubtitleError(f"{path}: cannot read the subtitle file ({e})") from None
+  cues = []
+  for n, block in enumerate(b for b in blocks if b.strip()):
+    lines = block.strip().split("\n")
+    timing = next((i for i, line in enumerate(lines) if "-->" in line), None)
+    times = [_SRT_TIME.search(t) for t in lines[timing].split("-->")] if timing is not None else []
+    if len(times) != 2 or not all(times):
+      raise SubtitleError(f"{path}: cue {n + 1} has no 'HH:MM:SS,mmm --> HH:MM:SS,mmm' line")
+    start, end = (int(h) * 3600 + int(m) * 60 + int(sec) + int(ms.ljust(3, "0")) / 1000
+                  for h, m, sec, ms in (t.groups() for t in times))
+    text = " ".join(_TAG.sub("", line).strip() for line in lines[timing + 1:]).strip()
+    if text:
+      cues.append((start, end, text))
+  return cues
+
+
+def subtitles_at(cues: list[tuple[float, float, str]], times) -> list[str]:
+  """The texts of the cues shown at any of `times` (seconds; start <= t < end), each once, in cue order:
+  what a model that sees only the sampled frames could have heard."""
+  ts = [float(t) for t in times]
+  return [text for start, end, text in cues if any(start <= t < end for t in ts)]
+
+
 def format_prompt(item: MCItem) -> str:
   lines = [f"Question: {item.question}", "Options:"]
   lines += [f"({LETTERS[i]}) {o}" for i, o in enumerate(item.options)]

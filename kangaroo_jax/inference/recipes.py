@@ -10,7 +10,9 @@ comes with the exact settings that produced it (results files store `Recipe.to_d
 The Kangaroo release never published its evaluation prompts. Each template here follows the benchmark's
 own reference prompt where it has one (Video-MME's README), else the prompt lmms-eval uses for it, so
 that scores are comparable with numbers produced by that harness. Options are given as plain texts (any
-"A. " / "(A) " prefix already stripped, as kangaroo_jax.inference.mcq does) and lettered here.
+"A. " / "(A) " prefix already stripped, as kangaroo_jax.inference.mcq does) and lettered here. Video-MME
+has two recipes, one per leaderboard column: videomme (frames only) and videomme_subtitles (the subtitle
+lines shown at the sampled frames go before the question; format_prompt's `subtitles`).
 
 Frame counts: 64 frames is the release's evaluation setting. None of these benchmarks' protocols fixes a
 frame count for the model under test (each leaderboard lists models at their own count), so every recipe
@@ -31,6 +33,7 @@ UNIFORM_SEGMENT_MIDDLE = "uniform_segment_middle"  # kangaroo_jax.data.video.sam
 SAMPLING_RULES = (UNIFORM_SEGMENT_MIDDLE,)
 OPTION_STYLES = {"paren": "({letter}) {option}", "dot": "{letter}. {option}"}
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+NO_SUBTITLES = "No subtitles available"  # Video-MME's text for a video without a subtitle file
 
 
 class RecipeError(ValueError):
@@ -42,6 +45,7 @@ class Recipe:
   """One benchmark's evaluation settings.
 
   The prompt is these lines, joined by newlines, empty ones left out:
+    subtitles_intro, then the subtitle text (only for a recipe with subtitles_intro, e.g. Video-MME w/ subs)
     pre_prompt
     question_prefix + question
     options_header
@@ -60,7 +64,13 @@ class Recipe:
   option_style: str = "dot"
   sampling: str = UNIFORM_SEGMENT_MIDDLE
   do_sample: bool = False
+  subtitles_intro: str = ""
   why_frames: str = ""
+
+  @property
+  def subtitles(self) -> bool:
+    """Whether the prompt carries the video's subtitle lines (at the sampled frames' times)."""
+    return bool(self.subtitles_intro)
 
   def __post_init__(self):
     if not isinstance(self.num_frames, int) or self.num_frames < 2 or self.num_frames % 2:
@@ -76,12 +86,21 @@ class Recipe:
     if self.do_sample:
       raise RecipeError(f"recipe {self.name!r}: benchmark recipes decode greedily (do_sample=False)")
 
-  def format_prompt(self, question: str, options: Sequence[str]) -> str:
-    """The user turn for one item: question, lettered options (texts without letter prefixes), instruction."""
+  def format_prompt(self, question: str, options: Sequence[str], subtitles: str | None = None) -> str:
+    """The user turn for one item: question, lettered options (texts without letter prefixes), instruction.
+
+    subtitles: the subtitle text for a recipe with `subtitles`: None when the video has no subtitle file
+    (NO_SUBTITLES is said instead), "" when no line falls on the sampled frames. A recipe without subtitles
+    refuses text rather than drop it.
+    """
     if len(options) > len(LETTERS):
       raise RecipeError(f"recipe {self.name!r}: {len(options)} options; at most {len(LETTERS)} can be lettered")
+    if subtitles and not self.subtitles:
+      raise RecipeError(f"recipe {self.name!r} takes no subtitles; use a recipe with subtitles (e.g. "
+                        "videomme_subtitles)")
     style = OPTION_STYLES[self.option_style]
-    lines = [self.pre_prompt, self.question_prefix + question.strip(), self.options_header]
+    lines = [self.subtitles_intro, (NO_SUBTITLES if subtitles is None else subtitles) if self.subtitles else ""]
+    lines += [self.pre_prompt, self.question_prefix + question.strip(), self.options_header]
     lines += [style.format(letter=LETTERS[i], option=o) for i, o in enumerate(options)]
     lines.append(self.post_prompt)
     return "\n".join(line for line in lines if line)
@@ -107,13 +126,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                    "clips under 64 frames are counted as short"),
     Recipe(
         name="videomme", benchmark="Video-MME (w/o subtitles)", num_frames=64, max_new_tokens=16,
-        # Video-MME's README gives this prompt for frames-only evaluation (its 'w/o subs' column). The
-        # 'w/ subs' variant puts the subtitle lines at the sampled frames' times before the instruction;
-        # evaluate reads no subtitle files, so only 'w/o subs' scores come from this recipe.
+        # Video-MME's README gives this prompt for frames-only evaluation (its 'w/o subs' column).
         pre_prompt="Select the best answer to the following multiple-choice question based on the video. "
                    "Respond with only the letter (A, B, C, or D) of the correct option.",
         option_style="dot", post_prompt="The best answer is:",
         why_frames="release setting; Video-MME lets each model choose (videos 11 s to 1 h)"),
+    Recipe(
+        name="videomme_subtitles", benchmark="Video-MME (w/ subtitles)", num_frames=64, max_new_tokens=16,
+        # The README's 'w/ subs' prompt. Its reference code keeps the subtitle lines shown at the sampled
+        # frames; evaluate does the same with this recipe's own frames (--subtitle-root: <videoID>.srt files).
+        subtitles_intro="This video's subtitles are listed below:",
+        pre_prompt="Select the best answer to the following multiple-choice question based on the video and the "
+                   "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.",
+        option_style="dot", post_prompt="The best answer is:",
+        why_frames="release setting, as videomme; the subtitle lines follow the sampled frames"),
     Recipe(
         name="egoschema", benchmark="EgoSchema (500-question subset with public answers)", num_frames=64,
         max_new_tokens=16, option_style="dot", post_prompt=LETTER_INSTRUCTION,

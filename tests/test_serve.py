@@ -1,0 +1,308 @@
+"""The OpenAI-compatible server (python -m kangaroo_jax.serve) driven by the official `openai` client on 127.0.0.1:
+plain and streaming answers, video / image / data: URLs / image-sequence frames, multi-turn, the 400 / 413 / 503
+errors, and 16 concurrent clients whose greedy answers equal the single-request answers while the server batches
+them. Tiny random model (tests.test_inference_chat); uvicorn in a background thread on a free port."""
+
+import base64
+import collections
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the [serve] extra (fastapi) is not installed")
+pytest.importorskip("uvicorn", reason="the [serve] extra (uvicorn) is not installed")
+openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
+
+from kangaroo_jax.inference.chat import Chat  # noqa: E402
+from kangaroo_jax.models import Kangaroo  # noqa: E402
+from kangaroo_jax.pretrained import from_pretrained, save_pretrained  # noqa: E402
+from kangaroo_jax.serve import __main__ as serve_cli  # noqa: E402
+from kangaroo_jax.serve.protocol import Defaults  # noqa: E402
+from kangaroo_jax.serve.service import ServeOptions, Service  # noqa: E402
+from kangaroo_jax.tokenizer import load_tokenizer  # noqa: E402
+from tests.test_inference_chat import tiny_config, tiny_tokenizer_dir, write_video  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("serve")  # with test_serve_browser.py: one worker, one compiled engine
+
+NUM_FRAMES = 4
+MAX_POSITIONS = 300
+GREEDY = dict(temperature=0, max_tokens=6)
+_SHARED: dict = {}
+
+
+def shared_assets(tmp_path_factory) -> dict:
+  """Checkpoint, media and a Chat (its engine compiles once per process), built once for both server test files."""
+  if not _SHARED:
+    d = tmp_path_factory.mktemp("serve")
+    tok_dir = tiny_tokenizer_dir(str(d / "tok"))
+    ckpt = save_pretrained(Kangaroo(tiny_config(load_tokenizer(tok_dir)), rngs=nnx.Rngs(0)), tok_dir, str(d / "ckpt"))
+    examples = d / "examples"
+    examples.mkdir()
+    video = write_video(str(examples / "clip.mp4"))
+    image = str(examples / "photo.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 70, 3), dtype=np.uint8)).save(image)
+    frames = d / "frames"
+    frames.mkdir()
+    for i in range(6):
+      Image.fromarray(np.full((32, 32, 3), 30 * i, np.uint8)).save(str(frames / f"{i:03d}.png"))
+    model, tokenizer = from_pretrained(ckpt)
+    chat = Chat(model, tokenizer, max_positions=MAX_POSITIONS)
+    _SHARED.update(dir=d, ckpt=ckpt, video=video, image=image, frames=str(frames), examples=str(examples), chat=chat)
+  return _SHARED
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(assets: dict, **options):
+  """A Service on the shared Chat behind uvicorn in a thread; yields (base URL, service)."""
+  import uvicorn
+
+  from kangaroo_jax.serve.app import create_app
+  opts = dict(model_name="tiny-kangaroo", num_frames=NUM_FRAMES, max_batch=8, max_queue=32, batch_window_s=0.05,
+              examples_dir=assets["examples"], defaults=Defaults(max_tokens=6))
+  service = Service(assets["chat"], ServeOptions(**dict(opts, **options)))
+  port = _free_port()
+  server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started:
+    assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+    time.sleep(0.02)
+  try:
+    yield f"http://127.0.0.1:{port}", service
+  finally:
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  return shared_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+  with running_server(assets) as (url, service):
+    yield dict(url=url, service=service, client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                                              timeout=120))
+
+
+def _video_message(url: str, text: str, kind: str = "video_url") -> dict:
+  return {"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": text}]}
+
+
+def _ask(client, messages, **kw) -> str:
+  return client.chat.completions.create(model="tiny-kangaroo", messages=messages, **dict(GREEDY, **kw)) \
+    .choices[0].message.content
+
+
+def _chat_answer(assets, path, query, history=None) -> str:
+  """The same question through the chat API (greedy), the reference for the server's answers."""
+  answer, _ = assets["chat"].chat(path, query, history, num_frames=NUM_FRAMES, max_new_tokens=6, do_sample=False)
+  return answer
+
+
+def _data_url(path: str, mime: str) -> str:
+  with open(path, "rb") as f:
+    return f"data:{mime};base64," + base64.b64encode(f.read()).decode()
+
+
+def test_models_health_plain_and_streaming_video(assets, server):
+  client = server["client"]
+  assert [m.id for m in client.models.list().data] == ["tiny-kangaroo"]
+  health = httpx.get(server["url"] + "/health").json()
+  assert health["status"] == "ok" and health["model"] == "tiny-kangaroo"
+  messages = [_video_message(assets["video"], "What happens in the video?")]
+  resp = client.chat.completions.create(model="anything", messages=messages, **GREEDY)
+  answer = resp.choices[0].message.content
+  assert answer == _chat_answer(assets, assets["video"], "What happens in the video?")
+  assert resp.model == "anything" and resp.choices[0].finish_reason in ("stop", "length")
+  assert resp.usage.prompt_tokens > 8 and 1 <= resp.usage.completion_tokens <= 6  # 8 visual tokens in the prompt
+  # Streaming: role first, then the same text in pieces, a finish reason, usage on request, [DONE] (the client ends).
+  chunks = list(client.chat.completions.create(model="anything", messages=messages, stream=True,
+                                               stream_options={"include_usage": True}, **GREEDY))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+  assert len(pieces) >= 2 and "".join(pieces) == answer
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == resp.choices[0].finish_reason
+  assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+  # file:// and a base64 data: URL of the same file give the same answer; the data's temporary file is gone.
+  assert _ask(client, [_video_message("file://" + assets["video"], "What happens in the video?")]) == answer
+  assert _ask(client, [_video_message(_data_url(assets["video"], "video/mp4"), "What happens in the video?")]) == answer
+  tmp_root = server["service"].tmp_root
+  assert sorted(os.listdir(tmp_root)) == ["uploads"]
+
+
+def test_images_frames_and_text_only(assets, server):
+  client = server["client"]
+  expected = _chat_answer(assets, assets["image"], "Describe the picture.")
+  assert _ask(client, [_video_message(assets["image"], "Describe the picture.", "image_url")]) == expected
+  assert _ask(client, [_video_message(_data_url(assets["image"], "image/png"), "Describe the picture.",
+                                      "image_url")]) == expected
+  # Several image_url parts = the frames of one video (lmms-eval's openai_compatible): as the frame folder.
+  names = sorted(os.listdir(assets["frames"]))
+  parts = [{"type": "image_url", "image_url": {"url": _data_url(os.path.join(assets["frames"], n), "image/png")}}
+           for n in names]
+  frames_msg = {"role": "user", "content": parts + [{"type": "text", "text": "What changes?"}]}
+  assert _ask(client, [frames_msg]) == _chat_answer(assets, assets["frames"], "What changes?")
+  assert _ask(client, [{"role": "user", "content": "Hello kangaroo"}]) == _chat_answer(assets, None, "Hello kangaroo")
+
+
+def test_multi_turn_equals_chat_history_and_reuses_the_video(assets, server):
+  client, service = server["client"], server["service"]
+  q1, q2 = "What happens in the video?", "What colour is the car?"
+  a1, h1 = assets["chat"].chat(assets["video"], q1, num_frames=NUM_FRAMES, max_new_tokens=6, do_sample=False)
+  expected = _chat_answer(assets, assets["video"], q2, history=list(h1))
+  decoded = service.cache.decodes
+  messages = [_video_message(assets["video"], q1), {"role": "assistant", "content": a1},
+               {"role": "user", "content": q2}]
+  assert _ask(client, messages) == expected
+  assert service.cache.decodes == decoded  # the first turn's decoded video was reused
+  with_system = [{"role": "system", "content": "Answer briefly."}] + messages
+  assert isinstance(_ask(client, with_system), str)
+
+
+def test_uploaded_video_answers_like_the_path(assets, server):
+  with open(assets["video"], "rb") as f:
+    up = httpx.post(server["url"] + "/v1/uploads", files={"file": ("my clip.mp4", f, "video/mp4")}).json()
+  assert up["url"].startswith("file://") and up["url"].endswith(".mp4") and up["filename"] == "my clip.mp4"
+  q = "What happens in the video?"
+  assert _ask(server["client"], [_video_message(up["url"], q)]) == _chat_answer(assets, assets["video"], q)
+  examples = httpx.get(server["url"] + "/v1/examples").json()["data"]
+  assert [e["name"] for e in examples] == ["clip.mp4", "photo.png"]
+
+
+@pytest.mark.parametrize("content, field, words", [
+  ([{"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}], "content[0].video_url.url",
+   "remote URLs"),
+  ([{"type": "video_url", "video_url": {"url": "/no/such/clip.mp4"}}], "video_url.url", "no such file"),
+  ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}], "video_url.url", "video"),
+  ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,%%%"}}], "video_url.url", "base64"),
+  ([{"type": "audio_url", "audio_url": {"url": "x.wav"}}], "content[0]", "content part type"),
+])
+def test_bad_media_is_400_naming_the_field(server, content, field, words):
+  with pytest.raises(openai.BadRequestError) as e:
+    _ask(server["client"], [{"role": "user", "content": content + [{"type": "text", "text": "q"}]}])
+  err = e.value.body
+  assert field in err["param"] and words in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_bad_requests_are_400(assets, server):
+  client = server["client"]
+  user = {"role": "user", "content": "hi"}
+  cases = [(dict(temperature=5), "temperature"), (dict(max_tokens=0), "max_tokens"), (dict(n=2), "n"),
+           (dict(stop=["x"]), "stop")]
+  for extra, param in cases:
+    with pytest.raises(openai.BadRequestError) as e:
+      client.chat.completions.create(model="m", messages=[user], **extra)
+    assert e.value.body["param"] == param, extra
+  for messages, words in (([], "non-empty"), ([{"role": "assistant", "content": "a"}], "last message"),
+                          ([user, {"role": "assistant", "content": [{"type": "image_url", "image_url": {
+                            "url": assets["image"]}}]}, user], "only user messages"),
+                          ([user, {"role": "assistant", "content": "a"}, _video_message(assets["video"], "q")],
+                           "first user message")):
+    with pytest.raises(openai.BadRequestError, match=words):
+      client.chat.completions.create(model="m", messages=messages)
+  resp = httpx.post(server["url"] + "/v1/chat/completions", content=b"{not json")
+  assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+  assert httpx.get(server["url"] + "/v1/nothing").json()["error"]["message"] == "Not Found"
+
+
+def test_prompt_too_long_is_413(assets, server):
+  with pytest.raises(openai.APIStatusError) as e:
+    _ask(server["client"], [_video_message(assets["video"], "kangaroo " * MAX_POSITIONS)])
+  assert e.value.status_code == 413
+  assert e.value.body["code"] == "context_length_exceeded" and "positions allowed" in e.value.body["message"]
+
+
+def test_full_queue_is_503(server, monkeypatch):
+  """The worker is held inside an engine call; with --max-queue 2, a third waiting request gets 503."""
+  service, client = server["service"], server["client"]
+  batcher = service.batcher
+  monkeypatch.setattr(batcher, "max_queue", 2)
+  entered, release = threading.Event(), threading.Event()
+  run_group = batcher.run_group
+
+  def held(group):
+    entered.set()
+    release.wait(60)
+    run_group(group)
+
+  monkeypatch.setattr(batcher, "run_group", held)
+  answers = []
+  ask = lambda q: answers.append(_ask(client, [{"role": "user", "content": q}]))  # noqa: E731
+  threads = [threading.Thread(target=ask, args=("first",))]
+  threads[0].start()
+  assert entered.wait(60)
+  threads += [threading.Thread(target=ask, args=(q,)) for q in ("second", "third")]
+  for t in threads[1:]:
+    t.start()
+  deadline = time.monotonic() + 60
+  while batcher.pending() < 2:
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  try:
+    with pytest.raises(openai.APIStatusError) as e:
+      _ask(client, [{"role": "user", "content": "fourth"}])
+    assert e.value.status_code == 503 and e.value.body["code"] == "overloaded"
+  finally:
+    release.set()
+    for t in threads:
+      t.join(120)
+  assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_sixteen_concurrent_clients_are_batched_and_answer_as_alone(assets, server):
+  client, service = server["client"], server["service"]
+  requests = [[_video_message(assets["video"], f"What happens in part {i} of the video?")] for i in range(8)] + \
+             [[{"role": "user", "content": f"Tell me fact number {i} about kangaroos."}] for i in range(8)]
+  alone = [_ask(client, m) for m in requests]  # one at a time: each is a batch of one
+  before = collections.Counter(service.batcher.stats.batch_sizes)
+  barrier = threading.Barrier(len(requests))
+  together: dict = {}
+
+  def one(i):
+    barrier.wait(30)
+    together[i] = _ask(client, requests[i])
+
+  threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+  start = time.monotonic()
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(180)
+  assert time.monotonic() - start < 180 and len(together) == len(requests)
+  assert [together[i] for i in range(len(requests))] == alone
+  new_calls = collections.Counter(service.batcher.stats.batch_sizes) - before
+  assert max(new_calls) > 1, new_calls  # batching happened
+  assert sum(k * v for k, v in new_calls.items()) == len(requests)
+  stats = httpx.get(server["url"] + "/v1/stats").json()
+  assert stats["max_batch"] > 1 and stats["pending"] == 0
+
+
+def test_cli_errors_are_one_line_exit_2(assets, capsys, monkeypatch, tmp_path):
+  assert serve_cli.main([str(tmp_path / "missing"), "--num-frames", "4"]) == 2
+  assert serve_cli.main([assets["ckpt"], "--num-frames", "3"]) == 2
+  assert serve_cli.main([assets["ckpt"], "--max-batch", "0"]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 3 and all(x.startswith("error: ") for x in lines)
+  assert "--num-frames" in lines[1] and "--max-batch" in lines[2]
+  real = serve_cli.importlib.util.find_spec
+  monkeypatch.setattr(serve_cli.importlib.util, "find_spec", lambda name: None if name == "fastapi" else real(name))
+  assert serve_cli.main([assets["ckpt"]]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: the server needs fastapi: pip install -e '.[serve]'"]

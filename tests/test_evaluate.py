@@ -364,3 +364,19 @@ def test_cli_videomme_with_subtitles(setup, ckpt_b, tmp_path, capsys):
   assert extra == {"subtitle_lines": 2}
   prompt, extra = ev.subtitle_prompter(get_recipe("videomme_subtitles"), str(tmp_path))(item, np.array([0.25]))
   assert prompt.splitlines()[1] == "No subtitles available" and extra == {"subtitle_lines": None}
+
+
+def test_check_resumable_rules(tmp_path):
+  ck = {"path": "/c", "sha256": "a" * 64, "files": 1, "bytes": 1, "stat_sha256": "s"}
+  run = ev.run_record(get_recipe("mlvu"), get_recipe("mlvu"), {}, ck)
+  pred = str(tmp_path / ev.PREDICTIONS)
+  legacy = {"q": {"id": "q", "choice": "A", "correct": True}}  # written before lines carried settings
+  ev.check_resumable(legacy, None, run, pred)
+  same = {"q": {"id": "q", "choice": "A", "correct": True, **ev._line_fields(run)}}
+  ev.check_resumable(same, run, run, pred)
+  edited = {**run, "settings": {**run["settings"], "post_prompt": "Answer."}}  # e.g. a template changed since
+  with pytest.raises(ev.OutputError, match=r"other settings \(post_prompt differ"):
+    ev.check_resumable(same, edited, run, pred)
+  other_ckpt = ev.run_record(get_recipe("mlvu"), get_recipe("mlvu"), {}, {**ck, "sha256": "b" * 64})
+  with pytest.raises(ev.OutputError, match="checkpoint sha256 aaaaaaaaaaaa; this run uses .* bbbbbbbbbbbb"):
+    ev.check_resumable(same, None, other_ckpt, pred)

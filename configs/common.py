@@ -60,14 +60,16 @@ LLM = r"llm/.*"
 def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: int, batch: int, lr: float,
           trainable: tuple[str, ...], lr_scales: tuple = (), steps: int, context: int = 1,
           attention: str = "reference", remat: str = "full", rope_theta: float | None = None,
-          vision_chunk_frames: int = 0) -> ml_collections.ConfigDict:
+          vision_chunk_frames: int = 0, ulysses_degree: int = 0, fsdp: int = -1) -> ml_collections.ConfigDict:
   """One curriculum stage. `mode=cpu` keeps the stage's structure (trainable modules, frame/sequence
   ratios, LR) on the tiny model so the whole curriculum can be run end to end on a CPU.
 
   rope_theta: for stages far past the released context (8192 positions at theta 500,000), a larger
   RoPE base, with max_position_embeddings raised to the stage's sequence length (as LWM raised theta
   stage by stage: 1M at 32k, 10M at 128k-256k, 50M at 1M tokens). The export's config.json carries both.
-  vision_chunk_frames: frames the vision tower encodes per scan step (KangarooConfig.vision_chunk_frames)."""
+  vision_chunk_frames: frames the vision tower encodes per scan step (KangarooConfig.vision_chunk_frames).
+  ulysses_degree: USP's all-to-all group size (attention "usp"; 0 = automatic).
+  context / fsdp: mesh axis sizes; one of them may be -1 (the rest of the slice)."""
   a = parse_arg(arg, mode="full", prev="", steps=0, data="", tokenizer="")
   c = base(name)
   c.total_steps = a.steps or steps
@@ -81,17 +83,17 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
   c.data.tokenizer = a.tokenizer
   if a.mode == "full":
     c.model.overrides = dict(compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention,
-                             vision_chunk_frames=vision_chunk_frames)
+                             vision_chunk_frames=vision_chunk_frames, ulysses_degree=ulysses_degree)
     if rope_theta is not None:
       c.model.overrides["llm"] = dict(rope_theta=rope_theta, max_position_embeddings=seq_len)
-    c.mesh.context = context
+    c.mesh.update(context=context, fsdp=fsdp)
     c.data.update(frame_size=frame_size, max_frames=frames, num_frames=frames, seq_len=seq_len, batch_size=batch)
   elif a.mode == "cpu":
     c.model.preset = "tiny"
     # Frames shrink with the stage's resolution (28 px at 224, 56 px at 448); sequences keep their ratio.
     small = 28 if frame_size < 448 else 56
-    c.model.overrides = dict(attention_impl="ring" if context > 1 else "reference")
-    c.mesh.update(fsdp=-1, context=min(context, 2))
+    c.model.overrides = dict(attention_impl=("usp" if attention == "usp" else "ring") if context != 1 else "reference")
+    c.mesh.update(fsdp=-1, context=2 if context == -1 else min(context, 2))
     c.data.update(source="synthetic", frame_size=small, max_frames=min(frames, 8), num_frames=min(frames, 8),
                   seq_len=128, batch_size=8, worker_count=0)
     c.log_every = 1

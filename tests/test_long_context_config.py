@@ -29,3 +29,20 @@ def test_export_and_import_carry_the_long_context_rope():
   back = llama_from_hf(hf, kangaroo_8b().llm)
   assert back.rope_theta == llm.rope_theta and back.max_position_embeddings == llm.max_position_embeddings
   assert dataclasses.replace(back, eos_token_ids=llm.eos_token_ids) == llm
+
+
+def test_stage7_is_a_million_token_usp_row_over_the_whole_slice():
+  from configs.stage7_million import get_config as stage7
+  from kangaroo_jax.parallel.validate import validate_mesh_for_model
+
+  c = stage7("mode=full")
+  c.data.source = "synthetic"
+  cfg = from_configdict(c)
+  m, d = cfg.model, cfg.data
+  assert d.max_frames == 8192 and d.batch_size == 1 and d.seq_len == 1_052_672 >= 8192 // 2 * 256
+  assert m.attention_impl == "usp" and m.ulysses_degree == 8 and m.load_balance and m.remat_policy == "full"
+  assert m.llm.rope_theta == 5e7 and m.llm.max_position_embeddings == d.seq_len
+  assert (cfg.mesh.context, cfg.mesh.fsdp) == (-1, 1)
+  assert (d.batch_size * d.max_frames) % m.vision_chunk_frames == 0
+  for chips in (64, 128, 256):  # the row splits over any of these slices, zigzag included
+    validate_mesh_for_model(m, {"context": chips}, batch=1, seq_len=d.seq_len, frames_per_row=d.max_frames)

@@ -2,8 +2,8 @@
 
 Interpret mode (tests/test_attention_kernels.py) checks the splash numerics but not Mosaic's lowering
 rules; these tests run the real TPU compiler on a 4-chip v5e slice: the train step of `python -m train`
-at kangaroo-8b width (2 LLM layers, 1 vision layer, bf16 compute, full remat) with every attention impl,
-and the KV-cache engine's prefill and decode programs.
+at kangaroo-8b width (2 LLM layers, 1 vision layer, bf16 compute, full remat) with every attention impl
+(USP as 2 x 2), and the KV-cache engine's prefill and decode programs.
 """
 
 import dataclasses
@@ -25,7 +25,8 @@ SLICE = "v5e-4"
 def _small_8b_width(attention: str, context: int):
   c = get_config("mode=full")
   c.model.overrides = dict(compute_dtype="bfloat16", remat_policy="full", attention_impl=attention,
-                           llm=dict(num_layers=2, vocab_size=32768), vision=dict(num_layers=1))
+                           llm=dict(num_layers=2, vocab_size=32768), vision=dict(num_layers=1),
+                           ulysses_degree=2 if attention == "usp" else 0)
   c.mesh.update(fsdp=-1, context=context)
   c.data.update(source="synthetic", batch_size=4, seq_len=1024, frame_size=112, max_frames=4, num_frames=4)
   return from_configdict(c)
@@ -45,7 +46,7 @@ def devices():
   return tpu_devices(parse_slice(SLICE))
 
 
-@pytest.mark.parametrize("attention,context", [("reference", 1), ("all_gather", 2), ("ring", 2)])
+@pytest.mark.parametrize("attention,context", [("reference", 1), ("all_gather", 2), ("ring", 2), ("usp", 4)])
 def test_train_step_compiles_for_tpu_with_splash(devices, attention, context):
   cfg = _small_8b_width(attention, context)
   assert cfg.model.llm.hidden_size == 4096 and cfg.model.llm.num_heads == 32 and cfg.model.llm.num_kv_heads == 8
@@ -59,6 +60,8 @@ def test_train_step_compiles_for_tpu_with_splash(devices, attention, context):
   result = report(parse_slice(SLICE), programs, facts, "test")
   assert result["fits"] and 0 < result["per_chip_bytes"] <= result["hbm_bytes"]
   assert facts["mesh"]["context"] == context
+  if attention == "usp":  # 2 x 2: all-to-all inside pairs of chips, a ring over the pairs
+    assert "all-to-all" in hlo and "replica_groups={{0,1},{2,3}}" in hlo.replace(" ", "")
 
 
 def test_inference_prefill_and_decode_compile_for_tpu(devices):

@@ -7,7 +7,10 @@ import base64
 import collections
 import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,13 +25,15 @@ pytest.importorskip("uvicorn", reason="the [serve] extra (uvicorn) is not instal
 openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
 
 from kangaroo_jax.inference.chat import Chat  # noqa: E402
+from kangaroo_jax.inference.sampling import SamplingConfig  # noqa: E402
 from kangaroo_jax.models import Kangaroo  # noqa: E402
 from kangaroo_jax.pretrained import from_pretrained, save_pretrained  # noqa: E402
 from kangaroo_jax.serve import __main__ as serve_cli  # noqa: E402
+from kangaroo_jax.serve.prepare import Prepared  # noqa: E402
 from kangaroo_jax.serve.protocol import Defaults  # noqa: E402
 from kangaroo_jax.serve.service import ServeOptions, Service  # noqa: E402
 from kangaroo_jax.tokenizer import load_tokenizer  # noqa: E402
-from tests.test_inference_chat import tiny_config, tiny_tokenizer_dir, write_video  # noqa: E402
+from tests.test_inference_chat import ROOT, tiny_config, tiny_tokenizer_dir, write_video  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("serve")  # with test_serve_browser.py: one worker, one compiled engine
 
@@ -71,7 +76,7 @@ def running_server(assets: dict, **options):
   import uvicorn
 
   from kangaroo_jax.serve.app import create_app
-  opts = dict(model_name="tiny-kangaroo", num_frames=NUM_FRAMES, max_batch=8, max_queue=32, batch_window_s=0.05,
+  opts = dict(model_name="tiny-kangaroo", num_frames=NUM_FRAMES, max_batch=4, max_queue=32, batch_window_s=0.05,
               examples_dir=assets["examples"], defaults=Defaults(max_tokens=6))
   service = Service(assets["chat"], ServeOptions(**dict(opts, **options)))
   port = _free_port()
@@ -157,9 +162,40 @@ def test_images_frames_and_text_only(assets, server):
   names = sorted(os.listdir(assets["frames"]))
   parts = [{"type": "image_url", "image_url": {"url": _data_url(os.path.join(assets["frames"], n), "image/png")}}
            for n in names]
-  frames_msg = {"role": "user", "content": parts + [{"type": "text", "text": "What changes?"}]}
+  frames_msg = {"role": "user", "content": [{"type": "text", "text": "What changes?"}] + parts}  # lmms-eval's order
   assert _ask(client, [frames_msg]) == _chat_answer(assets, assets["frames"], "What changes?")
+  decoded = server["service"].cache.decodes
+  two = {"role": "user", "content": [{"type": "text", "text": "What changes?"}] + parts[:2]}
+  assert isinstance(_ask(client, [two]), str)
+  assert server["service"].cache.decodes == decoded + 1
+  assert [v.grid[0] for v in server["service"].cache._items.values()][-1] == 2  # the 2 frames sent, not 4
   assert _ask(client, [{"role": "user", "content": "Hello kangaroo"}]) == _chat_answer(assets, None, "Hello kangaroo")
+
+
+def test_sampling_seed_reproduces(server):
+  kw = dict(temperature=1.0, top_p=0.95, seed=7, max_tokens=6)
+  first = _ask(server["client"], [{"role": "user", "content": "Say something."}], **kw)
+  assert _ask(server["client"], [{"role": "user", "content": "Say something."}], **kw) == first
+
+
+def test_which_requests_share_an_engine_call(server):
+  """Greedy requests batch whatever their seed; sampled ones with equal settings and no seed batch; a seeded
+  sampled request runs alone; a different prefill chunk size or visual token count never shares a call."""
+  batcher = server["service"].batcher
+  ids = lambda n, vis=0: np.array([batcher.engine.visual_token_id] * vis + [5] * n, np.int32)  # noqa: E731
+  sampled = SamplingConfig(do_sample=True, temperature=0.7, top_p=0.9)
+
+  jobs = []
+
+  def key(prompt, sampling=SamplingConfig(), seed=None):
+    jobs.append(object())  # a distinct live job each time
+    return batcher.group_key(Prepared(prompt, None, 6, sampling, seed), jobs[-1])
+
+  assert key(ids(20)) == key(ids(30))  # one 32-token prefill chunk
+  assert key(ids(20)) != key(ids(40))  # 32 vs 64
+  assert key(ids(20)) != key(ids(12, vis=8))  # visual tokens
+  assert key(ids(20), sampled) == key(ids(25), sampled) != key(ids(20))
+  assert key(ids(20), sampled, seed=1) != key(ids(20), sampled, seed=1)  # alone, so the seed reproduces
 
 
 def test_multi_turn_equals_chat_history_and_reuses_the_video(assets, server):
@@ -306,3 +342,29 @@ def test_cli_errors_are_one_line_exit_2(assets, capsys, monkeypatch, tmp_path):
   assert serve_cli.main([assets["ckpt"]]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["error: the server needs fastapi: pip install -e '.[serve]'"]
+
+
+def test_cli_serves_until_interrupted(assets, tmp_path):
+  """The real command: it listens, answers /health and /v1/models, and ends with status 0 on Ctrl-C."""
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "kangaroo_jax.serve", assets["ckpt"], "--port", str(port),
+                           "--num-frames", "4", "--served-model-name", "cli-model"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while True:
+      assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "no start"
+      try:
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+        break
+      except httpx.HTTPError:
+        time.sleep(0.2)
+    assert health == {"status": "ok", "model": "cli-model", "pending": 0}
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "cli-model"
+    assert "Kangaroo video chat" in httpx.get(f"http://127.0.0.1:{port}/").text
+  finally:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out
+  assert f"serving cli-model on http://127.0.0.1:{port}/" in out

@@ -3,7 +3,8 @@
 URLs: a local path, `file://PATH`, or `data:<mime>;base64,<bytes>` (written to a temporary file that is removed
 after decoding). Remote URLs (http, https, ...) are refused: this server never fetches anything. Several images
 are the frames of one video at `FRAMES_FPS` (lmms-eval sends a video that way); decoding then samples
-`num_frames` of them uniformly, as for a video file. Decoding reuses the chat API's path (load_video,
+`num_frames` of them uniformly, as for a video file, or takes them all when there are fewer (an odd count gets
+its last frame repeated, as every video does). Decoding reuses the chat API's path (load_video,
 preprocess_frames, normalize_frames).
 """
 
@@ -149,6 +150,8 @@ def load_visual(media: MediaRef, *, num_frames: int, image_size: int, patch_size
   """The decoded (or cached) video of a request; ApiError 400 naming the field for anything unreadable."""
   kind = "video_url" if media.kind == "video" else "image_url"
   sources = [_resolve(u, media.param, kind) for u in media.urls]
+  if media.kind == "frames":  # the client sampled these frames: never more than it sent (no repeated frames)
+    num_frames = min(num_frames, len(sources))
   try:
     key = (media.kind, num_frames) + tuple(s.identity() for s in sources)
   except OSError as e:

@@ -2,8 +2,8 @@
 
 Accepted (OpenAI's shape, plus vLLM's `video_url` part and `top_k`):
   messages: [{"role": "system" | "user" | "assistant", "content": str | [part, ...]}], parts being
-    {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"}} and {"type": "video_url", "video_url": {"url"}}
-    (a bare string for the inner object works too). The media go in the FIRST user message: one video_url, or
+    {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"}} and
+    {"type": "video_url", "video_url": {"url"}} (a bare string for the inner object works too). The media go in the FIRST user message: one video_url, or
     one image_url (a still image), or several image_url parts = the frames of one video, in order (what
     lmms-eval's openai_compatible model sends). Later turns carry text only; assistant turns are earlier answers.
   temperature (0 = greedy), top_p, top_k, seed, max_tokens (or max_completion_tokens), stream,
@@ -155,7 +155,7 @@ def parse_chat_request(body: Any, defaults: Defaults = Defaults()) -> ChatReques
       if m["role"] != "user":
         raise bad_request(f"messages[{i}]: only user messages may hold images or videos", f"messages[{i}].content")
       if any(x["role"] == "user" for x in out):
-        raise bad_request(f"messages[{i}]: the video or image must be in the first user message", 
+        raise bad_request(f"messages[{i}]: the video or image must be in the first user message",
                           f"messages[{i}].content")
       media, media_message = _media_ref(parts, i), len(out)
     out.append({"role": m["role"], "content": text})

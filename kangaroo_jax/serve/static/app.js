@@ -60,7 +60,10 @@ $("video-file").addEventListener("change", async (e) => {
   setStatus("uploaded " + file.name);
 });
 
-$("reset").addEventListener("click", () => chooseVideo(state.videoUrl, $("video-name").textContent.replace(/^video: /, "")));
+// A new conversation about the same video.
+$("reset").addEventListener("click", () => {
+  chooseVideo(state.videoUrl, $("video-name").textContent.replace(/^video: /, ""));
+});
 
 function requestMessages(question) {
   const turns = state.messages.concat([{ role: "user", content: question }]);
@@ -122,7 +125,12 @@ $("ask-form").addEventListener("submit", async (e) => {
       const body = await resp.json();
       throw new Error(body.error ? body.error.message : resp.statusText);
     }
-    const finish = await readStream(resp, (piece) => { answer += piece; bubble.textContent = answer; });
+    bubble.dataset.pieces = "0";  // how many streamed pieces built the answer (the browser test reads it)
+    const finish = await readStream(resp, (piece) => {
+      answer += piece;
+      bubble.textContent = answer;
+      bubble.dataset.pieces = String(Number(bubble.dataset.pieces) + 1);
+    });
     state.messages.push({ role: "user", content: question }, { role: "assistant", content: answer });
     setStatus("done (" + (finish || "?") + ")");
   } catch (err) {

@@ -68,7 +68,9 @@ def _default_warn(line: str) -> None:
 
 
 def _checkpoint_error(path: str, e: Exception) -> CheckpointError:
-  return CheckpointError(f"{path}: {e}")
+  """The converter's message, naming the folder unless it already names a file in it."""
+  text = str(e)
+  return CheckpointError(text if text.startswith(path) else f"{path}: {text}")
 
 
 def _param_dtype(path: str, requested: str | None, resolved: ResolvedConfig, hf_torch_dtype) -> str:
@@ -82,13 +84,40 @@ def _param_dtype(path: str, requested: str | None, resolved: ResolvedConfig, hf_
 
 
 def _config(path: str, config: KangarooConfig | None, preset: str) -> tuple[ResolvedConfig, object]:
-  """The resolved config and config.json's torch_dtype (None when absent)."""
+  """The resolved config and config.json's torch_dtype (None when absent).
+
+  A `config` passed in replaces the folder's; the warnings still name the folder's file for each
+  setting where the two agree (the CLIs pass the folder's own config back, from `load_config`).
+  """
   from tools.convert_weights.hf_config import _read_json
 
   torch_dtype = _read_json(os.path.join(path, "config.json")).get("torch_dtype")
-  if config is not None:
-    return ResolvedConfig(config, "config passed to from_pretrained", {}, "the config passed in"), torch_dtype
-  return resolve(path, get_preset(preset), preset_name=preset), torch_dtype
+  resolved = resolve(path, get_preset(preset), preset_name=preset)
+  if config is None:
+    return resolved, torch_dtype
+
+  def value(cfg, field):
+    part, name = field.split(".")
+    return getattr(getattr(cfg, part), name)
+
+  def same(field):
+    return value(config, field) == value(resolved.cfg, field)
+
+  same_model = config.vision == resolved.cfg.vision and config.projector == resolved.cfg.projector
+  origins = {f: o for f, o in resolved.origins.items() if same(f)}
+  origins.update({f: resolved.default_origin for f in ("vision.head_width", "vision.pt_hw_seq_len", "projector.tpe")
+                  if f not in resolved.origins and same(f)})
+  return ResolvedConfig(config, "config passed to from_pretrained", origins, "the config passed in",
+                        resolved.notes, exported=resolved.exported and same_model), torch_dtype
+
+
+def released_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
+  """The config `load_released(path)` loads with (param_dtype included); CheckpointError naming the file."""
+  try:
+    resolved, torch_dtype = _config(path, None, preset)
+  except ConversionError as e:
+    raise _checkpoint_error(path, e) from None
+  return resolved.cfg.replace(param_dtype=_param_dtype(path, None, resolved, torch_dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +220,9 @@ def load_released(path: str, mesh=None, *, param_dtype: str | None = None, confi
       stamps = file_stamps(source.files)
       source.prefetch(write_order(source.infos))  # the disk starts while the shapes are traced
       resolved, torch_dtype = _config(path, config, preset)
-      dtype = _param_dtype(path, param_dtype, resolved, torch_dtype)
+      # As the Orbax path: a config passed in brings its param_dtype.
+      dtype = (_param_dtype(path, param_dtype, resolved, torch_dtype) if config is None or param_dtype is not None
+               else config.param_dtype)
       cfg = resolved.cfg.replace(param_dtype=dtype)
       check_against_header(cfg, source.infos, resolved.note)
       tokenizer = load_tokenizer(path) if has_tokenizer(path) else None

@@ -66,16 +66,23 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
     return CheckpointError(f"{path}: is the trainer's checkpoints folder; " + _use_export(parent))
   if "checkpoints" in entries:
     return CheckpointError(f"{path}: is a training run folder; " + _use_export(here))
-  if "config.json" in entries:
+  if "config.json" in entries and not any(name in entries for name in RELEASED_WEIGHTS):
     return CheckpointError(f"{path}: has a config.json but no weights; expected {RELEASED_WEIGHTS[0]}, "
                            f"{RELEASED_WEIGHTS[1]} or {' / '.join(RELEASED_WEIGHTS[2:])} next to it, or "
                            f"{_EXPECTED}")
   return CheckpointError(f"{path}: no {CONFIG_FILE}; expected {_EXPECTED}")
 
 
-def load_config(path: str) -> KangarooConfig:
-  """The KangarooConfig of a from_pretrained folder; CheckpointError (one line, naming the file) otherwise."""
+def load_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
+  """The KangarooConfig of a from_pretrained folder; CheckpointError (one line, naming the file) otherwise.
+
+  A released Hugging Face folder (no kangaroo_config.json) gets the config `from_pretrained` would load it
+  with: config.json's LLM, the folder's vision settings, `preset` for the rest, config.json's torch_dtype.
+  """
   file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(file) and os.path.isdir(path) and is_released_folder(path):
+    from kangaroo_jax.hf_direct import released_config
+    return released_config(path, preset)
   if not os.path.isfile(file):
     raise _not_a_checkpoint(path)
   try:
@@ -155,8 +162,9 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
     path: a released folder (config.json + safetensors shards or pytorch_model.bin, tokenizer files),
       loaded directly (kangaroo_jax.hf_direct), or the converter's output folder (Orbax).
     mesh: where to put the parameters; default: the mesh set with `jax.set_mesh`, else one device.
-    param_dtype: cast while loading (e.g. "float32"); default: the stored dtype (converted folder), the
-      dtype config.json names as `torch_dtype` (released folder), else bfloat16.
+    param_dtype: cast while loading (e.g. "float32"); default: `config.param_dtype` when a config is
+      given, else the stored dtype (converted folder), the dtype config.json names as `torch_dtype`
+      (released folder; bfloat16 when it names none).
     config: use this config instead of the folder's (e.g. other execution options); its parameter
       shapes must match the stored ones.
     preset: released folder only: the preset for what the folder does not say (projector, TPE, vision

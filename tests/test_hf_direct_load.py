@@ -24,7 +24,7 @@ from flax import nnx
 import kangaroo_jax
 from kangaroo_jax import hf_direct
 from kangaroo_jax.config import preset
-from kangaroo_jax.pretrained import CheckpointError
+from kangaroo_jax.pretrained import CheckpointError, load_config
 from tests.test_tokenizer import build_bpe_tokenizer
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import ConversionError
@@ -214,3 +214,23 @@ def test_a_converted_folder_still_loads_from_orbax(converted, monkeypatch):
   monkeypatch.setattr(hf_direct, "load_released", lambda *a, **k: pytest.fail("direct load of a converted folder"))
   model, tokenizer = kangaroo_jax.from_pretrained(converted["float32"])
   assert model.cfg.param_dtype == "float32" and tokenizer is not None
+
+
+def test_load_config_of_a_released_folder_is_what_from_pretrained_loads(released, converted):
+  """The CLIs check the folder with `load_config` and pass its config back (kangaroo_jax/inference/loading.py):
+  a released folder gets the config the direct load uses, the warnings still name where each setting came
+  from, and the ambient mesh of `jax.set_mesh` is used as for a converted folder."""
+  cfg = load_config(released, preset="tiny")
+  assert cfg == kangaroo_jax.from_pretrained(converted["float32"])[0].cfg
+  said = []
+  mesh = _mesh(2, 4)
+  with jax.set_mesh(mesh):
+    model, _ = kangaroo_jax.from_pretrained(released, config=cfg, preset="tiny", warn=said.append)
+  assert model.cfg == cfg
+  assert said[0].startswith("vision.pt_hw_seq_len = 2 (EVA02-CLIP-L-14-448.json vision_cfg.pt_hw_seq_len)")
+  emb = model.llm.model.embed_tokens.embedding[...]
+  assert emb.sharding.mesh.shape == mesh.shape and not emb.sharding.is_fully_replicated
+  broken = _copy(released, released + "_broken")
+  json.dump({}, open(os.path.join(broken, "config.json"), "w"))
+  with pytest.raises(CheckpointError, match=r"config.json: required field 'hidden_size' is missing"):
+    load_config(broken)

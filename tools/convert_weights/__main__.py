@@ -2,11 +2,12 @@
 
   import SRC DST [--dtype bfloat16] [--preset kangaroo-8b | --config-json CFG] [--format auto|safetensors|bin]
   inspect SRC [--json] [--format ...]            keys, shapes, dtypes, sizes from headers only
-  export CKPT OUT [--dtype as-stored]            model.safetensors + config.json in the released naming
+  export CKPT OUT [--dtype as-stored]            model.safetensors + config.json (with vision_config), released naming
 
 Exit status 2 with a one-line message on a checkpoint problem (mismatch, truncation, bad config field,
 unusable output folder, full disk, ...), 130 when interrupted (the output folder is then as it was), 0
-on success. NaN/Inf in the weights are warnings on stderr (and in conversion_report.json), not errors.
+on success. NaN/Inf in the weights, and the settings no tensor shape checks (vision head_width without the
+RoPE table, pt_hw_seq_len, the TPE), are warnings on stderr (and in conversion_report.json), not errors.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
   imp.add_argument("dst", help="output folder (must not exist unless --overwrite)")
   imp.add_argument("--dtype", default="bfloat16", help="stored parameter dtype: bfloat16 (default), float32, float16")
   imp.add_argument("--preset", default="kangaroo-8b",
-                   help="KangarooConfig preset for the vision tower / projector (the released config.json "
-                        "only covers the LLM); checked against the tensor shapes")
+                   help="KangarooConfig preset for the projector and for the vision settings the folder does not "
+                        "give (config.json vision_config, then EVA02-CLIP-L-14-448.json vision_cfg, win); checked "
+                        "against the tensor shapes where a shape shows them, warned about where none does")
   imp.add_argument("--config-json", help="a full KangarooConfig JSON to use instead of --preset + config.json")
   imp.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
   imp.add_argument("--overwrite", action="store_true",

@@ -9,8 +9,10 @@ import:  headers only -> config resolved and checked against shapes -> every key
          Any failure removes the temp folder: DST is either the complete result or as it was.
          Every written block is tested for NaN/Inf (finite.py); the report names each tensor that has
          them (in the source, or float32 values overflowing the stored dtype). A warning, not an error.
-export:  the converted checkpoint -> model.safetensors + config.json in the released naming,
-         again one (layer) slice at a time.
+export:  the converted checkpoint -> model.safetensors + config.json in the released naming (with the
+         vision settings as `vision_config`, which import reads back), again one (layer) slice at a time.
+The released folder can also be loaded without this step: kangaroo_jax/hf_direct.py runs the same plan
+and checks and puts each tensor straight onto the devices.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from kangaroo_jax.tokenizer import TOKENIZER_FILES
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
 from tools.convert_weights.finite import all_finite, describe
-from tools.convert_weights.hf_config import check_against_header, hf_from_llama, resolve, unverified_settings, vision_to_hf
+from tools.convert_weights.hf_config import (check_against_header, hf_from_llama, resolve, unverified_settings,
+                                             vision_to_hf)
 from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
                                            released_shape, to_ours, to_released, write_order)
 from tools.convert_weights.orbax_io import (DEFAULT_CHUNK_BYTES, BackgroundSync, LazyParam, StoredParams,

@@ -160,8 +160,9 @@ def _put(view: np.ndarray, shape: tuple[int, ...], sharding: Sharding, dtype: np
     if np.may_share_memory(block, view):  # never hand the devices a view of the memory-mapped file
       block = block.copy()
     scan(block)
-    arrays += [jax.device_put(block, device) for device, _ in placements]
-    jax.block_until_ready(arrays[-1])  # the host block is dropped before the next one is made
+    copies = [jax.device_put(block, device) for device, _ in placements]
+    jax.block_until_ready(copies)  # the host block is dropped before the next one is made
+    arrays += copies
     del block
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 

@@ -256,8 +256,8 @@ def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
       str(workdir / "checkpoints"): "is the trainer's checkpoints folder",
       str(tmp_path / "nowhere"): "nowhere: no such folder; expected a from_pretrained folder",
       str(a_file): "notes.txt: is a file",
-      str(hf): f"is a released Hugging Face checkpoint; convert it first with `python -m tools.convert_weights "
-               f"import {hf} DST_DIR`",
+      # A released folder loads directly; this one's config.json is empty.
+      str(hf): f"{hf}/config.json: required field 'hidden_size' is missing",
       str(bad_json): f"{CONFIG_FILE}: not a readable JSON file",
       str(bad_key): f"{CONFIG_FILE}: unknown config key(s) ['llm.vocab_sise']",
       str(no_state): f"{no_state}/state: missing; expected the Orbax weights",

@@ -198,6 +198,27 @@ def test_which_requests_share_an_engine_call(server):
   assert key(ids(20), sampled, seed=1) != key(ids(20), sampled, seed=1)  # alone, so the seed reproduces
 
 
+def test_padding_leaves_a_rows_logits_as_alone(assets):
+  """Why batched greedy answers equal single ones: a row's first-token logits in a right-padded batch of other
+  lengths equal its logits alone up to float rounding (a padding or masking leak would be of order 1)."""
+  engine = assets["chat"].engine
+  rows = [list(np.random.RandomState(n).randint(5, 300, size=n)) for n in (17, 23, 32, 5, 20)]
+
+  def first_logits(prompts):
+    n = max(map(len, prompts))
+    ids = np.zeros((len(prompts), n), np.int32)
+    for r, p in enumerate(prompts):
+      ids[r, :len(p)] = p
+    cache = engine.new_cache(len(prompts), 64)
+    return np.asarray(engine.prefill(cache, engine.embed(ids, length=32), [len(p) for p in prompts])[1])
+
+  batched = first_logits(rows)
+  for r, p in enumerate(rows):
+    alone = first_logits([p])[0]
+    np.testing.assert_allclose(batched[r], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+    assert batched[r].argmax() == alone.argmax()
+
+
 def test_multi_turn_equals_chat_history_and_reuses_the_video(assets, server):
   client, service = server["client"], server["service"]
   q1, q2 = "What happens in the video?", "What colour is the car?"
@@ -258,6 +279,23 @@ def test_bad_requests_are_400(assets, server):
   assert httpx.get(server["url"] + "/v1/nothing").json()["error"]["message"] == "Not Found"
 
 
+def test_a_client_that_goes_away_stops_its_decoding(server):
+  batcher = server["service"].batcher
+  cut, calls = batcher.stats.cut_short, batcher.stats.generate_calls
+  body = {"model": "m", "messages": [{"role": "user", "content": "Talk for a long time."}], "stream": True,
+          "temperature": 0, "max_tokens": 100}
+  with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60) as resp:
+    for line in resp.iter_lines():
+      if '"content": "' in line and '"content": ""' not in line:
+        break  # the first piece of text: the engine call is running
+  deadline = time.monotonic() + 60
+  while batcher.stats.cut_short == cut:
+    assert time.monotonic() < deadline, "the call ran on for a client that had gone"
+    time.sleep(0.05)
+  assert batcher.stats.generate_calls == calls + 1
+  assert _ask(server["client"], [{"role": "user", "content": "Still there?"}])  # the server goes on serving
+
+
 def test_prompt_too_long_is_413(assets, server):
   with pytest.raises(openai.APIStatusError) as e:
     _ask(server["client"], [_video_message(assets["video"], "kangaroo " * MAX_POSITIONS)])
@@ -304,8 +342,12 @@ def test_full_queue_is_503(server, monkeypatch):
 
 def test_sixteen_concurrent_clients_are_batched_and_answer_as_alone(assets, server):
   client, service = server["client"], server["service"]
-  requests = [[_video_message(assets["video"], f"What happens in part {i} of the video?")] for i in range(8)] + \
-             [[{"role": "user", "content": f"Tell me fact number {i} about kangaroos."}] for i in range(8)]
+  # Prompts of different lengths (rows of a batch are right-padded), with and without the video.
+  requests = [[_video_message(assets["video"], "What happens" + " in the end" * (i % 4) + "?")] for i in range(8)] + \
+             [[{"role": "user", "content": "Tell me" + " more" * i + " about kangaroos."}] for i in range(8)]
+  lengths = {len(service.chat.tokenizer.encode(m[0]["content"] if i >= 8 else m[0]["content"][1]["text"]))
+             for i, m in enumerate(requests)}
+  assert len(lengths) >= 8
   alone = [_ask(client, m) for m in requests]  # one at a time: each is a batch of one
   before = collections.Counter(service.batcher.stats.batch_sizes)
   barrier = threading.Barrier(len(requests))

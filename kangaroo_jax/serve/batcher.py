@@ -5,14 +5,18 @@ job COMPATIBLE with it (up to `max_batch`) in one `Engine.generate` call. Compat
   * the same sampling: all greedy requests together; sampled requests with the same temperature / top_p / top_k
     and no seed together (one random seed per batch); a sampled request WITH a seed runs alone, because a row's
     random draws depend on the batch it is in, and a seed should reproduce the answer;
-  * the same prefill chunk size (the engine picks it from the longest prompt of a call): rows of one chunk size
-    compute bit-identical logits alone or in any batch (the KV-cache masks the padding, and neither the batch
-    size nor the cache length changes a row's arithmetic on CPU), so a greedy answer never depends on batching;
+  * the same prefill chunk size (the engine picks it from the longest prompt of a call and prefills every row
+    over the padded length): a 20-token question never pays for a 2,000-token neighbour;
   * the same number of visual tokens (0 for text only): the engine merges one [batch, n_vis, embed] block.
+Batching does not change what a row attends to: the engine right-pads rows and masks every slot past a row's
+length, so a row's logits equal its single-request logits up to float rounding (XLA picks matmul kernels by
+matrix size, so the bits may differ: ~1e-7 in float32 on CPU). Greedy answers are therefore the same unless two
+tokens tie within that rounding.
 Each video is encoded on its own (batch of one) and kept in the VisualCache, so follow-up turns that re-send it
 skip decoding and encoding. Calls are padded to a power-of-two batch (repeating a row) so a server compiles
 one program per power of two, not per batch size. Rows stop streaming at their own max_tokens while the call
-runs on for longer rows.
+runs on for longer rows; a call ends at once when its other rows are answered and the rest were abandoned.
+A row that ends with the stop token is answered when its call ends (the engine does not report stops early).
 """
 
 from __future__ import annotations
@@ -70,11 +74,17 @@ class Stats:
   batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   rows: int = 0
   rejected: int = 0
+  cut_short: int = 0  # calls ended early: every row was answered or abandoned, at least one abandoned
 
   def as_dict(self, pending: int) -> dict:
     return {"generate_calls": self.generate_calls, "rows": self.rows, "rejected_overloaded": self.rejected,
+            "cut_short": self.cut_short,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch": max(self.batch_sizes, default=0), "pending": pending}
+
+
+class _NobodyWaits(Exception):
+  """Raised from the token callback to end an engine call whose rows are all answered or abandoned."""
 
 
 def _pow2(n: int) -> int:
@@ -202,20 +212,28 @@ class Batcher:
       if row >= n_real:
         return
       job = group[row]
-      if job.finished or job.cancelled:
-        return
-      job.tokens.append(token)
-      job.decoder(row, token)
-      if len(job.tokens) >= job.prepared.max_new_tokens:
-        job.finish("length")
+      if not (job.finished or job.cancelled):
+        job.tokens.append(token)
+        job.decoder(row, token)
+        if len(job.tokens) >= job.prepared.max_new_tokens:
+          job.finish("length")
+      # Rows end at their own max_tokens (finished) or when their client goes away (cancelled, unfinished); once
+      # every row has, and one went away, nobody waits for the tokens still to come.
+      if all(j.finished or j.cancelled for j in group) and any(j.cancelled and not j.finished for j in group):
+        raise _NobodyWaits()
 
     with self._cond:
       self.stats.generate_calls += 1
       self.stats.batch_sizes[n_real] += 1
-    gen = self.engine.generate([j.prepared.ids.tolist() for j in rows], visual=visual,
-                               max_new_tokens=max(j.prepared.max_new_tokens for j in group),
-                               sampling=first.sampling, stop_ids=stop_ids, seed=seed & 0x7FFFFFFF, on_token=on_token)
-    for r, job in enumerate(group):
-      job.finish("stop" if gen.stopped[r] else "length")
+    try:
+      gen = self.engine.generate([j.prepared.ids.tolist() for j in rows], visual=visual,
+                                 max_new_tokens=max(j.prepared.max_new_tokens for j in group),
+                                 sampling=first.sampling, stop_ids=stop_ids, seed=seed & 0x7FFFFFFF,
+                                 on_token=on_token)
+      for r, job in enumerate(group):
+        job.finish("stop" if gen.stopped[r] else "length")
+    except _NobodyWaits:
+      with self._cond:
+        self.stats.cut_short += 1
     with self._cond:
       self.stats.rows += n_real

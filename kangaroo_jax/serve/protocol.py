@@ -5,7 +5,8 @@ Accepted (OpenAI's shape, plus vLLM's `video_url` part and `top_k`):
     {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"}} and
     {"type": "video_url", "video_url": {"url"}} (a bare string for the inner object works too). The media go in
     the FIRST user message: one video_url, or one image_url (a still image), or several image_url parts = the
-    frames of one video, in order (what lmms-eval's openai_compatible model sends). Later turns carry text only; assistant turns are earlier answers.
+    frames of one video, in order (what lmms-eval's openai_compatible model sends). Later turns carry text only;
+    assistant turns are earlier answers.
   temperature (0 = greedy), top_p, top_k, seed, max_tokens (or max_completion_tokens), stream,
   stream_options.include_usage, n (only 1). `model` is echoed back; any name is accepted.
 Fields OpenAI defines that this server cannot honour (logprobs, tools, stop strings, n > 1) are refused, not ignored.

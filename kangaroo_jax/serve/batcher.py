@@ -155,17 +155,21 @@ class Batcher:
   def _take_group(self) -> list[Job] | None:
     """Blocks for the next group (removed from the queue); None when stopping."""
     with self._cond:
+      waited = False
       while True:
-        while self._pending and self._pending[0].cancelled:
+        while self._pending and self._pending[0].cancelled:  # clients that left while waiting
           self._pending.popleft()
-        if self._pending:
+        if self._pending and waited:
           break
+        if self._pending:
+          deadline, waited = time.monotonic() + self.window_s, True
+          while not self._stopping and len(self._pending) < self.max_batch and time.monotonic() < deadline:
+            self._cond.wait(max(deadline - time.monotonic(), 0.0))
+          continue
         if self._stopping:
           return None
+        waited = False
         self._cond.wait()
-      deadline = time.monotonic() + self.window_s
-      while not self._stopping and len(self._pending) < self.max_batch and time.monotonic() < deadline:
-        self._cond.wait(max(deadline - time.monotonic(), 0.0))
       first = self._pending[0]
       key = self.group_key(first.prepared, first)
       group = [j for j in self._pending if not j.cancelled and self.group_key(j.prepared, j) == key]

@@ -6,6 +6,7 @@ them. Tiny random model (tests.test_inference_chat); uvicorn in a background thr
 import base64
 import collections
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -241,6 +242,21 @@ def test_uploaded_video_answers_like_the_path(assets, server):
   assert _ask(server["client"], [_video_message(up["url"], q)]) == _chat_answer(assets, assets["video"], q)
   examples = httpx.get(server["url"] + "/v1/examples").json()["data"]
   assert [e["name"] for e in examples] == ["clip.mp4", "photo.png"]
+
+
+def test_upload_over_the_limit_is_413_and_leaves_nothing(server, monkeypatch):
+  service = server["service"]
+  monkeypatch.setattr(service, "options", dataclasses.replace(service.options, max_upload_bytes=1000))
+  before = sorted(os.listdir(service.upload_dir))
+  # Refused from its declared length before the body is read, and (without one) while the file is copied.
+  resp = httpx.post(server["url"] + "/v1/uploads", files={"file": ("big.mp4", b"x" * 100_000, "video/mp4")})
+  assert resp.status_code == 413 and "1000 bytes" in resp.json()["error"]["message"]
+  monkeypatch.setattr("kangaroo_jax.serve.app.UPLOAD_OVERHEAD", 10 ** 6)
+  resp = httpx.post(server["url"] + "/v1/uploads", files={"file": ("big.mp4", b"x" * 3000, "video/mp4")})
+  assert resp.status_code == 413 and resp.json()["error"]["code"] == "file_too_large"
+  assert sorted(os.listdir(service.upload_dir)) == before
+  resp = httpx.post(server["url"] + "/v1/uploads", data={"other": "x"})
+  assert resp.status_code == 400 and "'file' field" in resp.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("content, field, words", [

@@ -20,11 +20,12 @@ import re
 import time
 import uuid
 
-from fastapi import FastAPI, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kangaroo_jax.serve.batcher import Job
@@ -35,6 +36,7 @@ from kangaroo_jax.serve.service import Service
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 UPLOAD_CHUNK = 1 << 20
+UPLOAD_OVERHEAD = 64 << 10  # multipart headers and boundaries around the file, at most
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -95,19 +97,31 @@ def create_app(service: Service) -> FastAPI:
     return {"data": service.examples()}
 
   @app.post("/v1/uploads")
-  async def upload(file: UploadFile):
+  async def upload(request: Request):
+    limit = service.options.max_upload_bytes
+    too_big = ApiError(413, f"the upload is larger than {limit} bytes (--max-upload-mb)", param="file",
+                       code="file_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + UPLOAD_OVERHEAD:
+      raise too_big  # before the body is read (the multipart parser would spool all of it first)
+    try:
+      form = await request.form()
+    except Exception as e:  # a body that is not multipart form data
+      raise bad_request(f"the upload must be multipart/form-data with a 'file' field: {e}", "file") from None
+    file = form.get("file")
+    if not isinstance(file, UploadFile):
+      raise bad_request("the upload must be multipart/form-data with a 'file' field", "file")
     ext = os.path.splitext(file.filename or "")[1].lower()
     ext = ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else ".bin"
     path = os.path.join(service.upload_dir, uuid.uuid4().hex + ext)
-    size, limit = 0, service.options.max_upload_bytes
+    size = 0
     partial = path + ".part"  # renamed when complete, so a cut-off upload is never used
     try:
       with open(partial, "wb") as out:
         while chunk := await file.read(UPLOAD_CHUNK):
           size += len(chunk)
           if size > limit:
-            raise ApiError(413, f"the upload is larger than {limit} bytes (--max-upload-mb)", param="file",
-                           code="file_too_large")
+            raise too_big
           out.write(chunk)
       os.replace(partial, path)
     finally:

@@ -146,6 +146,13 @@ def test_models_health_plain_and_streaming_video(assets, server):
   assert len(pieces) >= 2 and "".join(pieces) == answer
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == resp.choices[0].finish_reason
   assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+  # The wire format: "data: {chunk}" events, the last one "data: [DONE]"; max_tokens cuts the answer.
+  body = {"model": "m", "messages": messages, "stream": True, "temperature": 0, "max_tokens": 2}
+  with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60) as raw:
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.iter_lines() if line]
+  assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+  assert '"finish_reason": "length"' in events[-2]
   # file:// and a base64 data: URL of the same file give the same answer; the data's temporary file is gone.
   assert _ask(client, [_video_message("file://" + assets["video"], "What happens in the video?")]) == answer
   assert _ask(client, [_video_message(_data_url(assets["video"], "video/mp4"), "What happens in the video?")]) == answer

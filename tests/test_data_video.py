@@ -41,6 +41,15 @@ def test_odd_count_is_padded_by_repeating_the_last_frame(synth):
   np.testing.assert_array_equal(v.indices, [10, 30, 50, 50])
   np.testing.assert_array_equal(v.frames[3], v.frames[2])
   assert v.timestamps[3] == v.timestamps[2] == np.float32(5.0)
+  assert v.num_unique == 3  # the padding repeat is visible
+
+
+def test_short_video_repeats_are_counted_in_num_unique(tmp_path):
+  path = write_video(str(tmp_path / "four.mp4"), 4, fps=10, gop=2)
+  v = load_video(path, num_frames=8)
+  assert [frame_index_of(f) for f in v.frames] == [0, 0, 1, 1, 2, 2, 3, 3] == list(v.indices)
+  assert v.num_unique == 4
+  assert load_video(path, num_frames=2).num_unique == 2
 
 
 def test_sampling_edge_cases():

@@ -1,8 +1,9 @@
 """Video / image loading, frame sampling and the released preprocessing (spec section 6, contract section 2).
 
-Decoding uses PyAV and seeks: for each sampled frame index it either keeps decoding forward (target
-close ahead) or seeks to the keyframe before the target and decodes from there, so only the GOPs
-holding sampled frames are decoded, and only sampled frames are converted to RGB.
+Decoding uses PyAV (frame- and slice-threaded) in one forward pass over the packets with one open container:
+only GOPs holding sampled frames are decoded, within them only the reference chain up to the last sampled
+frame (skip_frame NONREF drops the rest), and only sampled frames are converted to RGB (see _SampledDecode).
+The pixels equal a front-to-back decode and decord's `get_batch` (tests/test_video_decode_exact.py).
 
 Sampling (frame indices are 0-based in the whole video; `start`/`end` seconds restrict the clip):
   * `num_frames=n`: uniform segments over the clip, middle frame of each (VideoChat-style);
@@ -27,6 +28,8 @@ the rest in float32 (numpy or jax.numpy, so it can run on device inside the jitt
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import math
 import os
@@ -49,11 +52,22 @@ class ClipRangeError(VideoError):
 
 @dataclasses.dataclass(frozen=True)
 class DecodedVideo:
-  """frames uint8 [f, h, w, 3] (f even), timestamps float32 [f] seconds, indices int64 [f], source fps."""
+  """frames uint8 [f, h, w, 3] (f even), timestamps float32 [f] seconds, source fps, indices int64 [f] (the
+  source frame each output frame is), num_unique: how many distinct source frames the f frames are.
+
+  num_unique is below f when frames repeat: the padding to an even count, a video with fewer frames than
+  requested, or one that decodes fewer frames than its header claims (a truncated file: the targets past its
+  end all get its last decodable frame). Left out, it is counted from `indices`.
+  """
   frames: np.ndarray
   timestamps: np.ndarray
   fps: float
   indices: np.ndarray
+  num_unique: int = -1
+
+  def __post_init__(self):
+    if self.num_unique < 0:
+      object.__setattr__(self, "num_unique", int(np.unique(self.indices).size))
 
 
 def sample_indices(total: int, fps: float, *, num_frames: int | None = None, sample_fps: float | None = None,
@@ -154,49 +168,249 @@ def _finish(frames, idx, fps) -> DecodedVideo:
   return DecodedVideo(np.ascontiguousarray(frames), ts, float(fps), idx)
 
 
-def _decode_indices(path: str, container, stream, targets: np.ndarray, fps: float, known_total: bool):
-  """Decodes the frames at the sorted `targets` indices; returns {index: uint8 [h, w, 3]}."""
-  import av
-  tb = float(stream.time_base)
-  t0 = stream.start_time or 0
-  # Seeking restarts at the previous keyframe, so it only pays off for targets well ahead.
-  seek_ahead = max(int(2 * fps), 16)
-  out: dict[int, np.ndarray] = {}
-  frames_iter = None
-  cur = -1  # index of the last decoded frame
-  for target in dict.fromkeys(int(t) for t in targets):
-    if frames_iter is None or target - cur > seek_ahead:
-      container.seek(t0 + int(round(target / fps / tb)), stream=stream, backward=True, any_frame=False)
-      frames_iter = container.decode(stream)
+_MAX_GROUP_PACKETS = 1024  # a stream without keyframes is read in groups this long, each decoded whole
+
+
+class _SampledDecode:
+  """Decodes the frames at sampled indices in one forward pass over the packets, GOP by GOP (a keyframe packet
+  and the packets after it up to the next keyframe, in decode order; held in memory one GOP at a time).
+
+  A GOP holding no pending target is demuxed but never decoded. In one that holds some, packets are sent up to
+  the last one a target needs; the others before it go with skip_frame NONREF, so the decoder drops the frames
+  nothing references (none of them a target) and decodes only the reference chain. When a GOP was sent to its
+  end the decoder runs on into the next (a plain front-to-back decode); otherwise it is drained and flushed, and
+  restarts at the next needed keyframe as after a seek, which gives the same pixels at an IDR keyframe. An open
+  GOP (pictures shown before its keyframe, referencing the previous GOP) whose leading pictures hold a target is
+  decoded after the whole previous GOP. A frame's index is `round((pts - start) * time_base * fps)`; a target
+  is the first frame at or after it, or the last frame of the stream for targets past its end. Each sampled
+  frame is converted to RGB once, straight into its rows of `out`. The pass ends once every target is in.
+  """
+
+  def __init__(self, path: str, stream, targets: Sequence[int], fps: float, out: "_Output"):
+    self.path = path
+    self.codec = stream.codec_context
+    self.time_base = float(stream.time_base)
+    self.start = stream.start_time or 0
+    self.fps = fps
+    self.out = out
+    self.pending = collections.deque(sorted(set(targets)))
+    self.live = False  # the decoder was sent every packet so far, so it can run on into the next GOP
+    self.dirty = False  # packets were sent since the last flush
+    self.skip = None  # the skip_frame setting last given to the decoder
+    self.last = None  # [index, frame, rgb or None] of the latest decoded frame, for targets past the end
+    self.decode_errors = 0
+
+  def run(self, container, stream):
+    group, prev = [], None
+    for packet in self._packets(container, stream):
+      if group and (packet.is_keyframe or len(group) >= _MAX_GROUP_PACKETS):
+        self._group(group, prev, whole=not packet.is_keyframe)
+        group, prev = [], group
+        if not self.pending:  # every target is in: the rest of the file is not read
+          return
+      group.append(packet)
+    if group:
+      self._group(group, prev, whole=False, final=True)
+    self._drain()
+    while self.pending and self.last is not None:  # past the last decodable frame (a truncated file or an
+      self._fill(self.pending.popleft(), self.last)  # overstated frame count): its last frame stands in
+
+  def _packets(self, container, stream):
+    import av
+    packets = container.demux(stream)
     while True:
       try:
-        frame = next(frames_iter)
+        packet = next(packets)
       except StopIteration:
-        frame = None
-      except av.error.FFmpegError as e:
-        raise VideoError(f"{path}: decoding failed near frame {target}: {e}") from None
-      if frame is None:
-        if out and not known_total:  # the frame count was only estimated from the duration
-          out[target] = out[max(out)]
+        return
+      except av.error.FFmpegError:  # a truncated or damaged file: what was read so far is the video
+        return
+      if packet.size:  # the empty packet at the end only asks for a flush; _drain does that
+        yield packet
+
+  def _index(self, ts) -> int | None:
+    return None if ts is None else int(round((ts - self.start) * self.time_base * self.fps))
+
+  def _group(self, group, prev, *, whole: bool, final: bool = False):
+    stamps = [p.pts if p.pts is not None else p.dts for p in group]
+    index = [self._index(ts) for ts in stamps]
+    known = sorted((i, ts, pos) for pos, (i, ts) in enumerate(zip(index, stamps)) if i is not None)
+    continuation = prev is not None and not group[0].is_keyframe  # the rest of a keyframe-less run
+    need: set[int] = set()  # decode positions of the frames that targets take
+    if not known:
+      need = set(range(len(group))) if self.pending else need
+    else:
+      top = known[-1][0]
+      order = [k[0] for k in known]
+      for t in self.pending:
+        if t > top:
           break
-        raise VideoError(f"{path}: stream ended before frame {target} (decoded up to frame {cur}); "
-                         "the file is truncated or its frame count is wrong")
-      if frame.pts is None:
-        continue
-      cur = int(round((frame.pts - t0) * tb * fps))
-      if cur >= target:
-        out[target] = _upright(frame, frame.to_ndarray(format="rgb24"))
-        break
-  return out
+        need.add(known[bisect.bisect_left(order, t)][2])
+      if final and self.pending and self.pending[-1] > top:
+        need.add(known[-1][2])  # the last frame stands in for targets past the end
+    if not need and not (whole or continuation):
+      self._drain()
+      return
+    stop = len(group) - 1 if whole or continuation else max(need)
+    keyframe_index = index[0]
+    leading = keyframe_index is not None and any(index[p] is not None and index[p] < keyframe_index for p in need)
+    if leading and not self.live and prev is not None:
+      self._drain()
+      for packet in prev:
+        self._send(packet, keep=False)
+    for pos in range(stop + 1):
+      self._send(group[pos], keep=pos in need or not known)
+    self.live = stop == len(group) - 1
+    if not self.live:
+      self._drain()
+
+  def _send(self, packet, *, keep: bool):
+    import av
+    skip = "DEFAULT" if keep else "NONREF"
+    if skip != self.skip:
+      self.codec.skip_frame = self.skip = skip
+    self.dirty = True
+    try:
+      frames = self.codec.decode(packet)
+    except av.error.FFmpegError:  # a damaged packet: the frames after it still count
+      self.decode_errors += 1
+      return
+    for frame in frames:
+      self._take(frame)
+
+  def _drain(self):
+    import av
+    if self.dirty:
+      try:
+        frames = self.codec.decode(None)
+      except av.error.FFmpegError:
+        self.decode_errors += 1
+        frames = []
+      for frame in frames:
+        self._take(frame)
+      self.codec.flush_buffers()
+    self.dirty = self.live = False
+
+  def _take(self, frame):
+    i = self._index(frame.pts if frame.pts is not None else frame.dts)
+    if i is None:
+      return
+    self.last = entry = [i, frame, None]
+    while self.pending and self.pending[0] <= i:
+      self._fill(self.pending.popleft(), entry)
+
+  def _fill(self, target: int, entry):
+    """Writes the frame of `entry` ([index, frame, rgb or None]) into the rows of `target`."""
+    if entry[2] is None:
+      entry[2] = _upright(entry[1], entry[1].to_ndarray(format="rgb24"))
+    self.out.fill(target, entry[0], entry[2])
+
+
+class _Output:
+  """The decoded rows: frames uint8 [n, h, w, 3] (allocated at the first frame) and source int64 [n] (the
+  source frame index of each row, -1 until filled) for the sampled targets int [n]; decode threads fill
+  distinct rows."""
+
+  def __init__(self, path: str, targets: np.ndarray):
+    import threading
+    self.path = path
+    self.rows: dict[int, list[int]] = {}  # target index -> the output rows that show it
+    for row, t in enumerate(int(t) for t in targets):
+      self.rows.setdefault(t, []).append(row)
+    self.frames = None
+    self.source = np.full(len(targets), -1, np.int64)
+    self.lock = threading.Lock()
+
+  def fill(self, target: int, index: int, rgb: np.ndarray):
+    with self.lock:
+      if self.frames is None:
+        self.frames = np.empty((len(self.source),) + rgb.shape, np.uint8)
+    if rgb.shape != self.frames.shape[1:]:
+      raise VideoError(f"{self.path}: frame size changes mid-stream ({self.frames.shape[1:3]}, {rgb.shape[:2]})")
+    for row in self.rows[target]:
+      self.frames[row] = rgb
+      self.source[row] = index
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    """-> (frames, source); a row no decode reached (its part of a truncated file) repeats the nearest filled
+    row before it (after it for the first rows)."""
+    filled = np.flatnonzero(self.source >= 0)
+    if not filled.size:
+      raise VideoError(f"{self.path}: no frame could be decoded")
+    for row in np.flatnonzero(self.source < 0):
+      before = filled[filled < row]
+      near = before[-1] if before.size else filled[0]
+      self.frames[row], self.source[row] = self.frames[near], self.source[near]
+    return self.frames, self.source
+
+
+def _split_targets(stream, targets: list[int], workers: int) -> list[tuple[int | None, list[int]]]:
+  """Splits the sorted distinct `targets` into at most `workers` runs of whole GOPs of about equal decoding
+  work (frames from each GOP's keyframe to its last target), from the container's keyframe index (for MP4 one
+  entry per frame in decode order, so a closed GOP's keyframe at entry k is frame k). Each run is
+  (frame index to seek to, None for the file start; its targets): the seek lands one GOP before the run, so
+  an open GOP's leading pictures still find their references."""
+  try:
+    entries = stream.index_entries
+    keys = [k for k, e in enumerate(entries) if e.is_keyframe] if len(entries) == stream.frames else []
+  except Exception:  # noqa: BLE001  an index PyAV cannot read just means no split
+    keys = []
+  if workers < 2 or len(keys) < 2:
+    return [(None, targets)]
+  gops: dict[int, list[int]] = {}  # position of the GOP's keyframe in `keys` -> its targets
+  for t in targets:
+    gops.setdefault(max(bisect.bisect_right(keys, t) - 1, 0), []).append(t)
+  work = {g: ts[-1] - keys[g] + 1 for g, ts in gops.items()}
+  share = sum(work.values()) / workers
+  runs: list[tuple[int | None, list[int]]] = []
+  done = 0.0
+  for g in sorted(gops):
+    if not runs or (done >= share * len(runs) and len(runs) < workers):
+      runs.append((None if g < 2 else keys[g] - 1, []))
+    runs[-1][1].extend(gops[g])
+    done += work[g]
+  return runs
+
+
+def _decode_indices(path: str, container, stream, targets: np.ndarray, fps: float, threads: int):
+  """(frames uint8 [n, h, w, 3], source frame indices int64 [n]) for the sampled `targets` int [n] (sorted,
+  repeats allowed). With `threads` > 1 and several GOPs to decode, that many single-threaded decoders (each
+  its own container) take runs of GOPs; otherwise one decoder with FFmpeg's frame + slice threads."""
+  from concurrent.futures import ThreadPoolExecutor
+  import av
+  out = _Output(path, targets)
+  runs = _split_targets(stream, sorted({int(t) for t in targets}), threads)
+  if len(runs) == 1:
+    stream.thread_type, stream.codec_context.thread_count = "AUTO", threads
+    _SampledDecode(path, stream, runs[0][1], fps, out).run(container, stream)
+    return out.result()
+
+  def decode_run(run):
+    seek_index, run_targets = run
+    with av.open(path) as c:
+      s = c.streams.video[0]
+      s.thread_type, s.codec_context.thread_count = "SLICE", 1
+      if seek_index is not None:
+        t0 = s.start_time or 0
+        c.seek(t0 + int(round(seek_index / fps / float(s.time_base))), stream=s, backward=True, any_frame=False)
+      _SampledDecode(path, s, run_targets, fps, out).run(c, s)
+
+  with ThreadPoolExecutor(len(runs)) as ex:
+    list(ex.map(decode_run, runs))
+  return out.result()
 
 
 def load_video(path: str, *, num_frames: int | None = None, fps: float | None = None,
                max_frames: int | None = None, start: float | None = None, end: float | None = None,
-               frames_fps: float = 1.0) -> DecodedVideo:
+               frames_fps: float = 1.0, threads: int | None = None) -> DecodedVideo:
   """Reads the sampled frames of a video file, an image file, or a folder of frame images.
 
-  Returns DecodedVideo(frames uint8 [f, h, w, 3], timestamps float32 [f] seconds, fps, indices [f]),
-  f even. Raises VideoError (naming `path`) for missing, unreadable, empty or truncated inputs.
+  `threads`: decoding threads (default: the CPUs this process may use, at most 8); 1 decodes in this thread.
+
+  Returns DecodedVideo(frames uint8 [f, h, w, 3], timestamps float32 [f] seconds, fps, indices [f],
+  num_unique), f even. A file that decodes fewer frames than its header claims gives its last decodable frame
+  for the targets past that point (indices and num_unique say so). Raises VideoError (naming `path`) for
+  missing, unreadable or empty inputs and for files of which no frame decodes.
   """
   sampling = dict(num_frames=num_frames, sample_fps=fps, max_frames=max_frames, start=start, end=end)
   if not os.path.exists(path):
@@ -216,13 +430,12 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
     if not container.streams.video:
       raise VideoError(f"{path}: no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
     if not rate or float(rate) <= 0:
       raise VideoError(f"{path}: unknown frame rate")
     vfps = float(rate)
-    total, known = int(stream.frames or 0), bool(stream.frames)
-    if not known:
+    total = int(stream.frames or 0)
+    if not total:
       if stream.duration is not None:
         seconds = float(stream.duration * stream.time_base)
       elif container.duration is not None:
@@ -233,9 +446,21 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
     if total <= 0:
       raise VideoError(f"{path}: the video has no frames (zero length)")
     idx = _sample(path, total, vfps, sampling)
-    got = _decode_indices(path, container, stream, idx, vfps, known)
-  frames = np.stack([got[int(i)] for i in idx])
-  return _finish(frames, idx, vfps)
+    if len(idx) % 2:  # padded here, so the repeat is one more row of the output rather than a copy of it
+      idx = np.append(idx, idx[-1])
+    frames, source = _decode_indices(path, container, stream, idx, vfps, _thread_count(threads))
+  return _finish(frames, source, vfps)
+
+
+def _thread_count(threads: int | None) -> int:
+  if threads is not None:
+    if threads < 1:
+      raise ValueError(f"threads must be at least 1, got {threads}")
+    return threads
+  try:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+  except AttributeError:  # not on Linux
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def frame_size_for(height: int, width: int, size: int, *, keep_aspect: bool = False,

@@ -29,7 +29,9 @@ from kangaroo_jax.models.kangaroo import Kangaroo, check_visual_placeholders, me
 MIN_CHUNK = 16
 
 
-def _chunk_bucket(n: int, limit: int, multiple: int) -> int:
+def prefill_chunk_length(n: int, limit: int, multiple: int) -> int:
+  """Tokens per prefill chunk for a longest prompt of `n` new tokens: a power of two from MIN_CHUNK up to `limit`,
+  rounded up to a multiple of the context axis. Prompts with the same chunk length share compiled programs."""
   c = MIN_CHUNK
   while c < n and c < limit:
     c *= 2
@@ -169,7 +171,7 @@ class Engine:
     b, n, _ = embeds.shape
     if num_new.shape != (b,) or (num_new < 1).any() or (num_new > n).any():
       raise ValueError(f"num_new must be [{b}] values in 1..{n}, got {num_new.tolist()}")
-    c = _chunk_bucket(int(num_new.max()), self.prefill_chunk, context_size())
+    c = prefill_chunk_length(int(num_new.max()), self.prefill_chunk, context_size())
     padded = -(-n // c) * c
     lengths = np.asarray(cache.lengths, np.int64)
     if lengths.max() + padded > cache.max_len:
@@ -234,7 +236,7 @@ class Engine:
     base = [list(x) for x in cache_ids] if cache_ids is not None else [[] for _ in range(b)]
     if cache is not None and [len(x) for x in base] != np.asarray(cache.lengths).tolist():
       raise ValueError("cache_ids must list exactly the ids held by the cache (one list per row)")
-    chunk = _chunk_bucket(n, self.prefill_chunk, context_size())
+    chunk = prefill_chunk_length(n, self.prefill_chunk, context_size())
     padded = -(-n // chunk) * chunk
     longest = max(len(x) for x in base)
     needed = max(longest + padded, max(len(x) for x in base) + n + max_new_tokens)

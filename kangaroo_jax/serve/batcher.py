@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from kangaroo_jax.attention.context_parallel import context_size
 from kangaroo_jax.inference.chat import IncrementalDecoder
-from kangaroo_jax.inference.engine import Engine, _chunk_bucket
+from kangaroo_jax.inference.engine import Engine, prefill_chunk_length
 from kangaroo_jax.serve.errors import ApiError, overloaded
 from kangaroo_jax.serve.prepare import Prepared
 
@@ -148,7 +148,7 @@ class Batcher:
     s = p.sampling
     sampling = ("greedy",) if s.greedy else ("seeded", id(job)) if p.seed is not None else \
       ("sampled", s.temperature, s.top_p, s.top_k)
-    chunk = _chunk_bucket(len(p.ids), self.engine.prefill_chunk, context_size())
+    chunk = prefill_chunk_length(len(p.ids), self.engine.prefill_chunk, context_size())
     n_visual = int((p.ids == self.engine.visual_token_id).sum()) if self.engine.visual_token_id is not None else 0
     return sampling + (chunk, n_visual)
 

@@ -9,14 +9,15 @@ Default mode, one JSON line:
 `--versus-decord`, one JSON line per (clip, frame count), then a markdown table on stderr: seconds to decode
 `num_frames` uniformly sampled frames (the indices load_video samples) of generated 448p H.264 clips (10 s,
 1 min, 5 min at 30 fps, libx264 defaults: keyint 250, B-frames; encoded once and cached under --cache) with
-decord (the release's decoder: VideoReader(num_threads=0, its default: FFmpeg's automatic thread count, one
-per CPU) and get_batch), with the previous load_video algorithm (FFmpeg's automatic threads; a seek to the
-keyframe before every target further than 2 s ahead; copied below as _legacy_load) and with load_video
-(threads = the usable CPUs: that many single-threaded decoders on runs of GOPs, or one decoder with that
-many FFmpeg threads when there is one run). Runs alternate between the three, `--rounds` each; wall and
-process CPU seconds (min / median / max), the ratios decord / new and old / new of the medians, and whether
-all three return identical frames. The load average goes with every row: wall times on a shared machine
-follow the load, CPU seconds much less.
+  * decord, the release's decoder: VideoReader(num_threads=0, its default) and get_batch;
+  * the previous load_video algorithm (a seek to the keyframe before every target further than 2 s ahead;
+    copied below as _legacy_load);
+  * load_video (threads left at its default).
+All three use FFmpeg's automatic thread count, the CPUs + 1 (3 decoding threads on 2 cores): decord and the
+old path as FFmpeg frame + slice threads in one decoder, load_video as that many single-threaded decoders on
+runs of GOPs. Runs alternate between the three, `--rounds` each; wall and process CPU seconds (min / median
+/ max), the ratios decord / new and old / new of the medians, and whether all three return identical frames.
+The load average goes with every row: on a shared machine wall times follow the load, CPU seconds much less.
 
 Usage: python -m benchmarks.data [--frames 16] [--repeats 3] [--batches 6]
        python -m benchmarks.data --versus-decord [--rounds 3] [--clips 10s,1min,5min] [--counts 64,160]
@@ -231,8 +232,8 @@ def _keyframe_count(path: str) -> int:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| clip | frames | decord s | old s | new s | decord/new | old/new | CPU s decord / new | identical | rounds |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| clip | frames | decord s | old s | new s | decord/new | old/new | CPU s decord / new | identical "
+           "| rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
   for r in rows:
     same = "yes" if r["identical_decord"] and r["identical_old"] else "NO"

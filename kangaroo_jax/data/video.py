@@ -387,12 +387,19 @@ def _decode_indices(path: str, container, stream, targets: np.ndarray, fps: floa
 
   def decode_run(run):
     seek_index, run_targets = run
-    with av.open(path) as c:
+    try:
+      c = av.open(path)
+    except (av.error.FFmpegError, OSError) as e:  # e.g. the file went away after the first open
+      raise VideoError(f"{path}: cannot reopen for a decoding thread: {e}") from None
+    with c:
       s = c.streams.video[0]
       s.thread_type, s.codec_context.thread_count = "SLICE", 1
       if seek_index is not None:
         t0 = s.start_time or 0
-        c.seek(t0 + int(round(seek_index / fps / float(s.time_base))), stream=s, backward=True, any_frame=False)
+        try:
+          c.seek(t0 + int(round(seek_index / fps / float(s.time_base))), stream=s, backward=True, any_frame=False)
+        except av.error.FFmpegError:  # a damaged index: this run's targets fall back to the nearest rows decoded
+          return
       _SampledDecode(path, s, run_targets, fps, out).run(c, s)
 
   with ThreadPoolExecutor(len(runs)) as ex:
@@ -405,7 +412,7 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
                frames_fps: float = 1.0, threads: int | None = None) -> DecodedVideo:
   """Reads the sampled frames of a video file, an image file, or a folder of frame images.
 
-  `threads`: decoding threads (default: the CPUs this process may use, at most 8); 1 decodes in this thread.
+  `threads`: decoding threads (default: FFmpeg's automatic count, the usable CPUs + 1, at most 8).
 
   Returns DecodedVideo(frames uint8 [f, h, w, 3], timestamps float32 [f] seconds, fps, indices [f],
   num_unique), f even. A file that decodes fewer frames than its header claims gives its last decodable frame
@@ -453,14 +460,17 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
 
 
 def _thread_count(threads: int | None) -> int:
+  """`threads`, or by default FFmpeg's own automatic count (what decord gets): one more than the usable CPUs
+  when there are several, so a thread waiting on I/O or a finished run leaves no core idle; at most 8."""
   if threads is not None:
     if threads < 1:
       raise ValueError(f"threads must be at least 1, got {threads}")
     return threads
   try:
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    cpus = len(os.sched_getaffinity(0))
   except AttributeError:  # not on Linux
-    return max(1, min(os.cpu_count() or 1, 8))
+    cpus = os.cpu_count() or 1
+  return min(cpus + 1, 8) if cpus > 1 else 1
 
 
 def frame_size_for(height: int, width: int, size: int, *, keep_aspect: bool = False,

@@ -85,6 +85,10 @@ def test_clips_have_the_gop_structure_they_claim(clips):
   assert pts != sorted(pts)
   assert len(_keyframes(clips["one_long_gop"][0])) == 1 and len(_keyframes(clips["intra_only"][0])) == 40
   assert not _leading_pictures(path) and len(_leading_pictures(clips["open_gop"][0])) >= 3
+  import av
+  with av.open(path) as c:  # the threads=3 runs below really split: three runs, the later two after a seek
+    runs = video._split_targets(c.streams.video[0], list(range(1, 120, 2)), 3)
+  assert [seek for seek, _ in runs] == [None, 47, 95] and sum(len(t) for _, t in runs) == 60
   assert full.shape == (120, H, W, 3)
 
 

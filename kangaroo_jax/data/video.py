@@ -349,7 +349,8 @@ def _split_targets(stream, targets: list[int], workers: int) -> list[tuple[int |
   work (frames from each GOP's keyframe to its last target), from the container's keyframe index (for MP4 one
   entry per frame in decode order, so a closed GOP's keyframe at entry k is frame k). Each run is
   (frame index to seek to, None for the file start; its targets): the seek lands one GOP before the run, so
-  an open GOP's leading pictures still find their references."""
+  an open GOP's leading pictures still find their references. Single-threaded decoders beat FFmpeg's frame
+  threads even when the runs are uneven (a short clip of two GOPs), so any split is taken."""
   try:
     entries = stream.index_entries
     keys = [k for k, e in enumerate(entries) if e.is_keyframe] if len(entries) == stream.frames else []

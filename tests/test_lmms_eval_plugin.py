@@ -159,6 +159,8 @@ def test_runner_batches_equal_single_answers_and_count_short_videos(assets):
   assert got[5] is None
   assert runner.stats == {"answered": 5, "failed": 1, "short_videos": 1, "recipe_rendered": 0,
                           "recipe_passthrough": 0}
+  with pytest.raises(ValueError, match="num_frames must be an even integer"):
+    Runner(assets["ckpt"], num_frames=3, model_and_tokenizer=(assets["model"], assets["tok"]))
 
 
 def test_recipe_render_and_stop_strings():
@@ -183,7 +185,9 @@ def test_import_kangaroo_jax_loads_no_lmms_eval():
 # --- the real lmms-eval CLI (isolated environment) ----------------------------------------------------------------
 
 
-def _need_eval_env():
+@pytest.fixture(scope="module")
+def eval_env():
+  """Skips (saying why) before any checkpoint is built when the isolated lmms-eval environment is missing."""
   if not os.path.exists(LMMS_EVAL):
     reason = f"the lmms-eval environment is missing ({LMMS_EVAL}); build it with `make eval-env`"
     print(reason)
@@ -229,10 +233,9 @@ def _write_task(assets, name: str, output_type: str, docs: list[dict]):
   return d
 
 
-def test_lmms_eval_cli_generate_until_with_recipe(assets):
+def test_lmms_eval_cli_generate_until_with_recipe(eval_env, assets):
   """Chat model, batched (--batch_size 2), recipe=mvbench with num_frames overridden; the known answers are
   our own greedy answers for items 0 and 2 and something else for 1 and 3, so the metric must be exactly 0.5."""
-  _need_eval_env()
   recipe = get_recipe(RECIPE).replace(num_frames=NUM_FRAMES)
   ours = []
   for (_, q, o), video in zip(ITEMS, assets["videos"]):
@@ -262,11 +265,10 @@ def test_lmms_eval_cli_generate_until_with_recipe(assets):
                             "recipe_passthrough": 0}
 
 
-def test_lmms_eval_cli_multiple_choice_loglikelihood(assets):
+def test_lmms_eval_cli_multiple_choice_loglikelihood(eval_env, assets):
   """`lmms-eval --force_simple` on an output_type multiple_choice task. lmms-eval's models hand it the loss and it
   takes the argmin, so each option's value must be -log P from a plain forward pass; the known answers are the
   most likely option for items 0 and 1 and another one for 2 and 3, so acc must be exactly 0.5."""
-  _need_eval_env()
   best = []
   for (_, q, o), video in zip(ITEMS, assets["videos"]):
     scores = [forward_loglikelihood(assets, task_text(q, o), " " + letter, video)[0] for letter in LETTERS]

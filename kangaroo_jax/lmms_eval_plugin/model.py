@@ -14,7 +14,9 @@ model_args:
 
 `KangarooJax` is the chat model (lmms-eval builds the messages, `doc_to_messages`); generation tasks use it.
 Log-likelihood tasks (output_type multiple_choice / loglikelihood) are only built for simple models, so
-the same manifest also registers `KangarooJaxSimple`: run those tasks with `--force_simple`.
+the same manifest also registers `KangarooJaxSimple`: run those tasks with `--force_simple`. As lmms-eval's
+own models do (its multiple_choice scoring takes the argmin), `loglikelihood` hands the harness the
+continuation's loss, -log P summed over its tokens; `Runner.loglikelihood` returns log P itself.
 Every instance keeps `provenance` (harness version, recipe, settings, git commit, checkpoint hash, counters),
 prints it as one line and `python -m kangaroo_jax.lmms_eval_plugin` writes it into lmms-eval's results JSON.
 """
@@ -114,6 +116,10 @@ class KangarooJaxSimple(lmms):
     if not pretrained:
       raise ValueError("model_args pretrained=CKPT is required (a from_pretrained folder)")
     self.recipe = get_recipe(recipe) if recipe else None
+    if self.recipe is not None and getattr(self.recipe, "subtitles", False):
+      raise ValueError(f"model_args recipe={recipe}: this recipe reads subtitle files, which lmms-eval does not "
+                       "give a model; use its subtitle task (the subtitles stay in the task's text) with a recipe "
+                       "without subtitles, e.g. recipe=videomme")
     frames = _int_arg("num_frames", num_frames, minimum=2)
     if frames is not None and frames % 2:
       raise ValueError(f"model_args num_frames={frames}: expected an even number (frames are encoded in pairs)")

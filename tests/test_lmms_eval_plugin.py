@@ -158,21 +158,26 @@ def test_runner_batches_equal_single_answers_and_count_short_videos(assets):
     assert text == want, content
   assert got[5] is None
   assert runner.stats == {"answered": 5, "failed": 1, "short_videos": 1, "recipe_rendered": 0,
-                          "recipe_passthrough": 0}
+                          "recipe_passthrough": 0, "recipe_dropped_text": 0}
   with pytest.raises(ValueError, match="num_frames must be an even integer"):
     Runner(assets["ckpt"], num_frames=3, model_and_tokenizer=(assets["model"], assets["tok"]))
 
 
 def test_recipe_render_and_stop_strings():
-  recipe = get_recipe("videomme")
-  text = recipe.pre_prompt + "\nHow many cars?\nA. one\nB. two\nC. three\nAnswer with the letter."
-  rendered, changed = recipe_prompt.render(recipe, text)
-  assert changed and rendered == recipe.format_prompt("How many cars?", ["one", "two", "three"])
+  videomme = get_recipe("videomme")
+  # lmms-eval's videomme text: its own instruction line, the question, "A. ..." options, its answer cue.
+  text = ("Select the best answer to the following multiple-choice question based on the video and the subtitles."
+          "\nHow many cars?\nA. one\nB. two\nC. three\nThe best answer is:")
+  assert recipe_prompt.render(videomme, text) == (videomme.format_prompt("How many cars?", ["one", "two", "three"]),
+                                                  True, 1)
   mvbench = get_recipe("mvbench")
-  rendered, _ = recipe_prompt.render(mvbench, "Question: Why?\nOptions:\n(A) x\n(B) y\nPick one.")
-  assert rendered == mvbench.format_prompt("Why?", ["x", "y"])
-  assert recipe_prompt.render(recipe, "Describe the video.") == ("Describe the video.", False)
-  assert recipe_prompt.render(recipe, "B. starts at B\nC. no A") == ("B. starts at B\nC. no A", False)
+  # lmms-eval's mvbench text: "Question:" without a space, an "Option:" header, "(A) ..." options.
+  rendered = recipe_prompt.render(mvbench, "Question:Why?\nOption:\n(A) x\n(B) y\nPick one.")
+  assert rendered == (mvbench.format_prompt("Why?", ["x", "y"]), True, 0)
+  assert recipe_prompt.render(videomme, "Subtitles: hi\nthere\nIntro.\nQ?\nA. a\nB. b")[2] == 3
+  assert recipe_prompt.render(videomme, "Describe the video.") == ("Describe the video.", False, 0)
+  assert recipe_prompt.render(videomme, "B. starts at B\nC. no A") == ("B. starts at B\nC. no A", False, 0)
+  assert recipe_prompt.render(videomme, "A. no question\nB. above") == ("A. no question\nB. above", False, 0)
   assert cut_at_stop_strings("B. two\n\nmore", ["\n\n", "."]) == "B"
 
 
@@ -262,7 +267,7 @@ def test_lmms_eval_cli_generate_until_with_recipe(eval_env, assets):
   assert prov["model_class"].endswith(".KangarooJax")
   assert prov["checkpoint"]["sha256"] == checkpoint_hash(assets["ckpt"])["sha256"]
   assert prov["counts"] == {"answered": 4, "failed": 0, "short_videos": 1, "recipe_rendered": 4,
-                            "recipe_passthrough": 0}
+                            "recipe_passthrough": 0, "recipe_dropped_text": 0}
 
 
 def test_lmms_eval_cli_multiple_choice_loglikelihood(eval_env, assets):

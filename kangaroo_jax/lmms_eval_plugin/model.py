@@ -155,8 +155,10 @@ class KangarooJaxSimple(lmms):
   def _user_text(self, text: str) -> str:
     if self.recipe is None:
       return text
-    rendered, changed = recipe_prompt.render(self.recipe, text)
+    rendered, changed, dropped = recipe_prompt.render(self.recipe, text)
     self.runner.stats["recipe_rendered" if changed else "recipe_passthrough"] += 1
+    # Items whose task text held more above the question than one instruction line (e.g. subtitles).
+    self.runner.stats["recipe_dropped_text"] += int(dropped > 1)
     return rendered
 
   def _generation(self, messages, visual, gen_kwargs: dict) -> GenerationRequest:

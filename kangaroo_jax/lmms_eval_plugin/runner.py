@@ -77,7 +77,8 @@ class Runner:
 
   num_frames: an even number of frames per video. batch_size: prompts per engine call.
   stats: "answered", "failed" (requests that raised RequestError or a video error), "short_videos"
-    (fewer distinct frames than requested: uniform sampling repeated some), "recipe_rendered" / "recipe_passthrough".
+    (fewer distinct frames than requested: uniform sampling repeated some), "recipe_rendered" / "recipe_passthrough"
+    / "recipe_dropped_text" (kept for the lmms-eval model's recipe prompts, see recipe_prompt).
   """
 
   def __init__(self, ckpt_dir: str, *, num_frames: int = 64, batch_size: int = 1, param_dtype: str | None = None,
@@ -96,7 +97,8 @@ class Runner:
     self.chat = Chat(model, tokenizer, prefill_chunk=prefill_chunk, max_positions=max_positions, warn=warn)
     self.model, self.tokenizer, self.engine = model, tokenizer, self.chat.engine
     self.num_frames, self.batch_size = num_frames, batch_size
-    self.stats = {"answered": 0, "failed": 0, "short_videos": 0, "recipe_rendered": 0, "recipe_passthrough": 0}
+    self.stats = {"answered": 0, "failed": 0, "short_videos": 0, "recipe_rendered": 0, "recipe_passthrough": 0,
+                  "recipe_dropped_text": 0}
 
   # --- inputs ------------------------------------------------------------------------------------
 

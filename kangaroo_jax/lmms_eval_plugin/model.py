@@ -30,6 +30,7 @@ import sys
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from kangaroo_jax import compile_cache
 from kangaroo_jax.data.prompt import PromptError
 from kangaroo_jax.data.video import VideoError
 from kangaroo_jax.inference.chat import PromptTooLong
@@ -130,6 +131,8 @@ class KangarooJaxSimple(lmms):
       frames, self.max_new_tokens = self.recipe.num_frames, self.recipe.max_new_tokens
     frames = frames or DEFAULT_FRAMES
     batch = _int_arg("batch_size", 1 if batch_size in (None, "auto") else batch_size, minimum=1)
+    # The persistent compilation cache of the project's CLIs, before the first compile (it opens then).
+    compile_cache.enable(warn=lambda s: print(f"kangaroo_jax warning: {s}", file=sys.stderr, flush=True))
     self.runner = Runner(pretrained, num_frames=frames, batch_size=batch, param_dtype=param_dtype,
                          prefill_chunk=_int_arg("prefill_chunk", prefill_chunk, minimum=16),
                          max_positions=_int_arg("max_positions", max_positions, minimum=2),

@@ -9,6 +9,9 @@ OUT=benchmarks/results/aot
 mkdir -p "$OUT"
 rows=(
   "train stage6_long_video v5p-128"
+  "train stage7_million v5p-128"
+  "train stage7_million v6e-128"
+  "train stage7_million v5p-64"
   "train stage5_long_video_tuning v5p-128"
   "train stage4_instruction v5p-128"
   "infer 64 v5e-8"

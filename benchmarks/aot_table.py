@@ -39,6 +39,8 @@ def render(results: list[dict]) -> str:
       what += f", {r['frames']} frames, {r['prompt_tokens']}-token prompt"
     if "full-logits" in r["file"]:
       what += " (before the chunked loss)"
+    if r.get("attention_impl") == "usp":
+      what += ", USP attention"
     if "no-vit-chunks" in r["file"]:
       what += " (before ViT frame chunks)"
     kernel = "splash" if "splash" in r["attention_kernel"] else r["attention_kernel"]

@@ -18,9 +18,11 @@ old path as FFmpeg frame + slice threads in one decoder, load_video as that many
 runs of GOPs. Runs alternate between the three, `--rounds` each; wall and process CPU seconds (min / median
 / max), the ratios decord / new and old / new of the medians, and whether all three return identical frames.
 The load average goes with every row: on a shared machine wall times follow the load, CPU seconds much less.
+`--threads N` gives all three N threads instead (decord num_threads, FFmpeg thread_count, load_video threads).
 
 Usage: python -m benchmarks.data [--frames 16] [--repeats 3] [--batches 6]
        python -m benchmarks.data --versus-decord [--rounds 3] [--clips 10s,1min,5min] [--counts 64,160]
+                                 [--threads 0]
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def cached_clip(name: str, cache_dir: str, *, fps: int = 30, height: int = 448, 
   return path
 
 
-def _legacy_load(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _legacy_load(path: str, num_frames: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """The previous load_video algorithm for a video file (frames uint8 [n, h, w, 3], indices [n]): sorted
   targets, decoding on from the last frame when the target is within 2 s, else a seek to the keyframe before
   it; the frame-rate and frame-count handling is load_video's."""
@@ -147,7 +149,7 @@ def _legacy_load(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
   from kangaroo_jax.data.video import sample_indices
   with av.open(path) as container:
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type, stream.codec_context.thread_count = "AUTO", threads
     fps = float(stream.average_rate or stream.guessed_rate)
     idx = sample_indices(int(stream.frames), fps, num_frames=num_frames)
     tb, t0 = float(stream.time_base), stream.start_time or 0
@@ -170,9 +172,9 @@ def _legacy_load(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
   return np.stack([out[int(i)] for i in idx]), idx
 
 
-def _decord_load(path: str, indices: np.ndarray) -> np.ndarray:
+def _decord_load(path: str, indices: np.ndarray, threads: int = 0) -> np.ndarray:
   import decord
-  reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
+  reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
   return reader.get_batch([int(i) for i in indices]).asnumpy()
 
 
@@ -187,14 +189,14 @@ def _stats(seconds: list[float]) -> dict:
           "max": round(max(seconds), 3)}
 
 
-def bench_versus_decord(clip: str, path: str, count: int, rounds: int) -> dict:
+def bench_versus_decord(clip: str, path: str, count: int, rounds: int, threads: int = 0) -> dict:
   """Alternating timed runs of decord, the previous algorithm and load_video on `count` sampled frames."""
   from kangaroo_jax.data.video import load_video
   indices = load_video(path, num_frames=2).indices  # warms the page cache and the imports for every method
   runners = {
-      "decord": lambda: _decord_load(path, indices),
-      "old": lambda: _legacy_load(path, count)[0],
-      "new": lambda: load_video(path, num_frames=count).frames,
+      "decord": lambda: _decord_load(path, indices, threads),
+      "old": lambda: _legacy_load(path, count, threads)[0],
+      "new": lambda: load_video(path, num_frames=count, threads=threads or None).frames,
   }
   indices = load_video(path, num_frames=count).indices
   times: dict[str, list[float]] = {name: [] for name in runners}
@@ -210,7 +212,7 @@ def bench_versus_decord(clip: str, path: str, count: int, rounds: int) -> dict:
   new = frames["new"][:count]  # load_video pads an odd count; the others do not
   from kangaroo_jax.data.video import _thread_count
   row = {"clip": clip, "frames": count, "rounds": rounds, "keyframes": _keyframe_count(path),
-         "threads_new": _thread_count(None), "decord_num_threads": 0,
+         "threads_new": _thread_count(threads or None), "threads_decord_and_old": threads or "auto",
          "identical_decord": bool(np.array_equal(frames["decord"], new)),
          "identical_old": bool(np.array_equal(frames["old"], new)),
          "indices_equal_old": bool(np.array_equal(_legacy_load(path, count)[1], indices[:count]))}
@@ -250,7 +252,7 @@ def main_versus_decord(a):
       raise SystemExit(f"--clips: unknown clip {clip!r}; expected a comma list of {', '.join(CLIPS)}")
     path = cached_clip(clip, a.cache)
     for count in (int(c) for c in a.counts.split(",")):
-      row = bench_versus_decord(clip, path, count, a.rounds)
+      row = bench_versus_decord(clip, path, count, a.rounds, a.threads)
       row["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
       row["cpu_count"] = os.cpu_count()
       print(json.dumps(row), flush=True)
@@ -268,6 +270,8 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--clips", default="10s,1min,5min")
   p.add_argument("--counts", default="64,160")
+  p.add_argument("--threads", type=int, default=0, help="decoding threads for all three (0: each one's automatic "
+                 "count); 1 compares single-threaded work, which a loaded machine shares out alike")
   p.add_argument("--cache", default=os.path.join(".cache", "bench_videos"), help="where generated clips are kept")
   a = p.parse_args()
   if a.versus_decord:

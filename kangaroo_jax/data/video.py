@@ -1,9 +1,11 @@
 """Video / image loading, frame sampling and the released preprocessing (spec section 6, contract section 2).
 
-Decoding uses PyAV (frame- and slice-threaded) in one forward pass over the packets with one open container:
-only GOPs holding sampled frames are decoded, within them only the reference chain up to the last sampled
-frame (skip_frame NONREF drops the rest), and only sampled frames are converted to RGB (see _SampledDecode).
-The pixels equal a front-to-back decode and decord's `get_batch` (tests/test_video_decode_exact.py).
+Decoding uses PyAV in forward passes over the packets, never a seek per frame: only GOPs holding sampled
+frames are decoded, within them only the reference chain up to the last sampled frame (skip_frame NONREF
+drops the rest), and only sampled frames are converted to RGB (see _SampledDecode). The GOPs are shared out
+in runs over `threads` single-threaded decoders, each with its own open container (_split_targets). The
+pixels equal a front-to-back decode, and decord's `get_batch` on closed-GOP video; on open-GOP video decord's
+seeks decode leading pictures without their references (tests/test_video_decode_exact.py).
 
 Sampling (frame indices are 0-based in the whole video; `start`/`end` seconds restrict the clip):
   * `num_frames=n`: uniform segments over the clip, middle frame of each (VideoChat-style);
@@ -421,6 +423,7 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
   missing, unreadable or empty inputs and for files of which no frame decodes.
   """
   sampling = dict(num_frames=num_frames, sample_fps=fps, max_frames=max_frames, start=start, end=end)
+  decode_threads = _thread_count(threads)
   if not os.path.exists(path):
     raise VideoError(f"{path}: no such file or folder")
   if os.path.isdir(path):
@@ -456,7 +459,7 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
     idx = _sample(path, total, vfps, sampling)
     if len(idx) % 2:  # padded here, so the repeat is one more row of the output rather than a copy of it
       idx = np.append(idx, idx[-1])
-    frames, source = _decode_indices(path, container, stream, idx, vfps, _thread_count(threads))
+    frames, source = _decode_indices(path, container, stream, idx, vfps, decode_threads)
   return _finish(frames, source, vfps)
 
 

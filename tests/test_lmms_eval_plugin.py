@@ -199,13 +199,13 @@ def eval_env():
     pytest.skip(reason)
 
 
-def _run_cli(cmd: list[str], workdir, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run_cli(cmd: list[str], workdir, timeout: int = 300, expect: int = 0) -> subprocess.CompletedProcess:
   env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
              HF_HOME=str(workdir / "hf"), JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
              WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
   env.pop("PYTHONPATH", None)  # the eval env resolves its own packages (PyAV 15), not the main env's
   proc = subprocess.run(cmd, cwd=str(workdir), env=env, capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+  assert proc.returncode == expect, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
   return proc
 
 
@@ -291,3 +291,15 @@ def test_lmms_eval_cli_multiple_choice_loglikelihood(eval_env, assets):
   for i, (scores, _) in enumerate(best):
     got = [float(loss) for loss, _ in samples[i]["filtered_resps"]]
     np.testing.assert_allclose(got, -np.asarray(scores), rtol=1e-3, atol=1e-3)
+
+
+def test_wrapper_fails_when_lmms_eval_wrote_no_results(eval_env, assets):
+  """lmms-eval logs a bad model_args value and exits 0; `python -m kangaroo_jax.lmms_eval_plugin` exits 1."""
+  include = assets["dir"] / "tasks_kj_local_gen"
+  if not include.exists():
+    include = _write_task(assets, "kj_local_gen", "generate_until", [])
+  proc = _run_cli([EVAL_PY, "-m", "kangaroo_jax.lmms_eval_plugin", "--model", "kangaroo_jax", "--model_args",
+                   f"pretrained={assets['ckpt']},num_frames=3", "--tasks", "kj_local_gen", "--include_path",
+                   str(include), "--output_path", str(assets["dir"] / "out_bad")], assets["dir"], expect=1)
+  assert "model_args num_frames=3: expected an even number" in proc.stdout + proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("kangaroo_jax: lmms-eval wrote no results under")

@@ -21,11 +21,13 @@ import time
 PROVENANCE_KEY = "kangaroo_jax"
 
 
-def _output_path(argv: list[str]) -> str | None:
+def _run_args(argv: list[str]) -> argparse.Namespace:
+  """The two lmms-eval options this wrapper reads: --model and --output_path."""
   p = argparse.ArgumentParser(add_help=False)
+  p.add_argument("--model")
   p.add_argument("--output_path")
   known, _ = p.parse_known_args(argv)
-  return known.output_path
+  return known
 
 
 def add_provenance(output_path: str, started: float, provenance: dict) -> list[str]:
@@ -56,14 +58,16 @@ def main(argv: list[str] | None = None) -> int:
   started = time.time() - 1.0  # file times can be coarser than time.time()
   sys.argv = ["lmms-eval"] + argv
   status = lmms_eval_main()
-  output_path = _output_path(argv)
-  if plugin_model.INSTANCES and output_path:
-    written = add_provenance(output_path, started, plugin_model.INSTANCES[-1].provenance)
+  run = _run_args(argv)
+  if run.model == "kangaroo_jax" and run.output_path:
+    written = []
+    if plugin_model.INSTANCES:
+      written = add_provenance(run.output_path, started, plugin_model.INSTANCES[-1].provenance)
     for path in written:
       print(f"kangaroo_jax: provenance added to {path}", file=sys.stderr)
     if not written:
-      # lmms-eval logs an evaluation error and still exits 0; a run that produced no results is a failure.
-      print(f"kangaroo_jax: lmms-eval wrote no results under {output_path} (its error is logged above)",
+      # lmms-eval logs an evaluation error (a bad model_args value, a task error) and still exits 0.
+      print(f"kangaroo_jax: lmms-eval wrote no results under {run.output_path} (its error is logged above)",
             file=sys.stderr)
       return 1
   return status if isinstance(status, int) else 0

@@ -494,7 +494,7 @@ def _check_args(args) -> tuple[Setup, list[int], list[float]]:
   if args.align < 1:
     raise UsageError(f"--align must be >= 1, got {args.align}")
   if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-    raise UsageError("the heatmap needs matplotlib (pip install 'kangaroo-jax[eval]'), or pass --no-plot")
+    raise UsageError("the heatmap needs matplotlib (pip install 'kangaroo-jax[plot]'), or pass --no-plot")
   setup = Setup(checkpoint=os.path.abspath(args.ckpt_dir), haystack=os.path.abspath(args.haystack),
                 needle=os.path.abspath(args.needle), needle_frames=args.needle_frames, align=args.align,
                 question=args.question, answer=args.answer,

@@ -261,7 +261,7 @@ def test_without_matplotlib_the_cli_says_so_unless_no_plot(assets, tmp_path, cap
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the eval extra looks like
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name))
   assert niah.main(_cli(assets, tmp_path / "out")) == 2
-  assert "needs matplotlib (pip install 'kangaroo-jax[eval]'), or pass --no-plot" in _one_error_line(capsys)
+  assert "needs matplotlib (pip install 'kangaroo-jax[plot]'), or pass --no-plot" in _one_error_line(capsys)
   summary = niah.write_outputs(str(tmp_path), {}, setup_for(assets), plot=False)  # --no-plot never imports it
   assert summary["cells"] == 0 and not (tmp_path / niah.HEATMAP).exists()
 

@@ -13,7 +13,7 @@ from kangaroo_jax.attention import get_attention, usp_attention
 from kangaroo_jax.attention.context_parallel import ContextParallelError, ulysses_degree
 from kangaroo_jax.attention.layout import zigzag_order
 from kangaroo_jax.attention.ring import ring_permutation
-from kangaroo_jax.attention.usp import group_order, groups
+from kangaroo_jax.attention.usp import from_ring_layout, group_order, groups, to_ring_layout
 from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.test_context_parallel import _check, _qkv
 
@@ -58,6 +58,15 @@ def test_group_order_turns_global_zigzag_into_ring_zigzag():
   # One ring: the group holds the whole sequence, in natural order.
   gathered = np.concatenate([zigzag_order(seq, 4).reshape(4, -1)[c] for c in range(4)])
   np.testing.assert_array_equal(gathered[group_order(4, seq // 4, "zigzag")], np.arange(seq))
+
+
+def test_ring_layout_slices_equal_the_permutation_and_invert():
+  u, shard = 4, 6
+  x = jnp.arange(2 * u * shard * 3).reshape(2, u * shard, 3)
+  y = to_ring_layout(x, u, "zigzag")
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x)[:, group_order(u, shard, "zigzag")])
+  np.testing.assert_array_equal(np.asarray(from_ring_layout(y, u, "zigzag")), np.asarray(x))
+  assert to_ring_layout(x, u, "contiguous") is x
 
 
 def test_rings_run_side_by_side_over_the_context_axis():

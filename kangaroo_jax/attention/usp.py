@@ -59,16 +59,28 @@ def group_order(ulysses: int, shard: int, layout: str) -> np.ndarray | None:
   return np.concatenate([pieces[:, 0].reshape(-1), pieces[::-1, 1].reshape(-1)])
 
 
-def _take(x, order, axis: int = 1):
-  return x if order is None else jnp.take(x, jnp.asarray(order), axis=axis)
+def to_ring_layout(x, ulysses: int, layout: str):
+  """Applies `group_order` along axis 1 with slices and a reverse (no gather: cheap, and so is its gradient).
+
+  x: [batch, ulysses * shard, ...] in gathered order -> the same shape in ring layout order.
+  """
+  if layout == "contiguous" or ulysses == 1:
+    return x
+  b, n = x.shape[:2]
+  pieces = x.reshape(b, ulysses, 2, n // ulysses // 2, *x.shape[2:])
+  early, late = pieces[:, :, 0], jnp.flip(pieces[:, :, 1], axis=1)
+  return jnp.concatenate([early.reshape(b, n // 2, *x.shape[2:]), late.reshape(b, n // 2, *x.shape[2:])], axis=1)
 
 
-def _inverse(order):
-  if order is None:
-    return None
-  inv = np.empty_like(order)
-  inv[order] = np.arange(order.size)
-  return inv
+def from_ring_layout(x, ulysses: int, layout: str):
+  """The inverse of `to_ring_layout`."""
+  if layout == "contiguous" or ulysses == 1:
+    return x
+  b, n = x.shape[:2]
+  half = n // ulysses // 2
+  early = x[:, :n // 2].reshape(b, ulysses, 1, half, *x.shape[2:])
+  late = jnp.flip(x[:, n // 2:].reshape(b, ulysses, 1, half, *x.shape[2:]), axis=1)
+  return jnp.concatenate([early, late], axis=2).reshape(x.shape)
 
 
 def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, axis_name: str,
@@ -92,9 +104,11 @@ def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_se
   to_seq = lambda x: jax.lax.all_to_all(x, axis_name, 2, 1, axis_index_groups=index_groups, tiled=True)  # noqa: E731
   to_heads = lambda x: jax.lax.all_to_all(x, axis_name, 1, 2, axis_index_groups=index_groups, tiled=True)  # noqa: E731
   gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, axis_index_groups=index_groups, tiled=True)  # noqa: E731
-  order = group_order(u, q.shape[1], layout)
-  qg, kg, vg = (_take(to_seq(x), order) for x in (q, k, v))
-  qp, kp, qs, ks = (_take(gather(x), order) for x in (q_positions, kv_positions, q_segment_ids, kv_segment_ids))
+  if layout == "zigzag" and q.shape[1] % 2:
+    raise ValueError(f"zigzag needs an even shard length, got {q.shape[1]}")
+  reorder = lambda x: to_ring_layout(x, u, layout)  # noqa: E731
+  qg, kg, vg = (reorder(to_seq(x)) for x in (q, k, v))
+  qp, kp, qs, ks = (reorder(gather(x)) for x in (q_positions, kv_positions, q_segment_ids, kv_segment_ids))
 
   if r == 1 and kernel == "splash":
     kind = "causal" if causal else "full"
@@ -114,4 +128,4 @@ def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_se
     out = ring_attention_shard(qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
                                kv_segment_ids=ks, axis_name=axis_name, axis_size=r, scale=scale, block_q=block_q,
                                block_kv=block_kv, stride=u)
-  return to_heads(_take(out, _inverse(order)))
+  return to_heads(from_ring_layout(out, u, layout))

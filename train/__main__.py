@@ -173,5 +173,11 @@ def main(argv) -> int:
     raise
 
 
+def console() -> None:
+  """The `kangaroo-train` console script (same as `python -m train`)."""
+  sys.modules["__main__"].__doc__ = __doc__  # absl's usage text is the main module's docstring
+  app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
   sys.exit(app.run(main, flags_parser=_parse_flags))

@@ -287,6 +287,21 @@ def _normalise_argv(argv: list[str]) -> list[str]:
   return out
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parse, with --help exiting 0 (absl's own exits 1), as `python -m train` does."""
+  asked = [a for a in argv[1:] if a in ("--help", "-h", "-?", "--helpshort", "--helpfull")]
+  if asked:
+    app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True, exitcode=0)
+  return flags.FLAGS(argv)
+
+
+def console() -> None:
+  """The `kangaroo-compile` console script (same as `python -m train.compile`)."""
+  sys.modules["__main__"].__doc__ = __doc__  # absl's usage text is the main module's docstring
+  sys.argv = _normalise_argv(sys.argv)
+  app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
   sys.argv = _normalise_argv(sys.argv)
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=_parse_flags))

@@ -52,7 +52,12 @@ def add_provenance(output_path: str, started: float, provenance: dict) -> list[s
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  from lmms_eval.cli.dispatch import main as lmms_eval_main
+  try:
+    from lmms_eval.cli.dispatch import main as lmms_eval_main
+  except ImportError:
+    print("error: lmms-eval is not installed in this environment; build its own with `make eval-env` and run "
+          ".venv-eval/bin/python -m kangaroo_jax.lmms_eval_plugin", file=sys.stderr)
+    return 2
 
   from kangaroo_jax.lmms_eval_plugin import model as plugin_model
   started = time.time() - 1.0  # file times can be coarser than time.time()

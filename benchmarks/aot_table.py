@@ -40,7 +40,11 @@ def render(results: list[dict]) -> str:
     if "full-logits" in r["file"]:
       what += " (before the chunked loss)"
     if r.get("attention_impl") == "usp":
-      what += ", USP attention"
+      u = r.get("ulysses_degree") or 0
+      context = r["mesh"].get("context", 1)
+      what += f", USP {u} x {context // u}" if u else ", USP"
+    elif r.get("attention_impl") == "ring" and r.get("ulysses_degree") is None and ".ring." in r["file"]:
+      what += ", ring"
     if "no-vit-chunks" in r["file"]:
       what += " (before ViT frame chunks)"
     kernel = "splash" if "splash" in r["attention_kernel"] else r["attention_kernel"]

@@ -19,6 +19,7 @@ def test_stage6_raises_rope_theta_and_positions_to_its_length():
   assert cfg.model.llm.rope_theta == 1e7 > kangaroo_8b().llm.rope_theta
   assert cfg.model.llm.max_position_embeddings == cfg.data.seq_len == 135168
   assert cfg.model.vision_chunk_frames == 1024
+  assert cfg.model.attention_impl == "usp" and cfg.model.ulysses_degree == 2 and cfg.mesh.context == 16
   assert (cfg.data.batch_size * cfg.data.max_frames) % cfg.model.vision_chunk_frames == 0
 
 

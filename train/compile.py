@@ -244,6 +244,8 @@ def run(argv_config, *, topology: str, llm_layers=None, vision_layers=None, infe
     programs, facts = compile_train_step(train_cfg, devices)
     what = f"train {train_cfg.stage}"
     facts["attention_impl"] = train_cfg.model.attention_impl
+    if train_cfg.model.attention_impl == "usp":
+      facts["ulysses_degree"] = train_cfg.model.ulysses_degree
   facts["llm_layers"] = llm_layers
   facts["vision_layers"] = vision_layers
   if hlo_out:

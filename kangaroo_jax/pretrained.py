@@ -28,6 +28,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from kangaroo_jax.config import KangarooConfig
 from kangaroo_jax.models import Kangaroo
+from kangaroo_jax.parallel.rules import current_mesh
 from kangaroo_jax.parallel.sharding import param_shardings
 from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, load_tokenizer
 
@@ -109,11 +110,6 @@ def nested(flat: dict[tuple[str, ...], object]) -> dict:
   return out
 
 
-def _current_mesh() -> Mesh | None:
-  mesh = jax.sharding.get_mesh()
-  return None if mesh is None or mesh.empty else mesh
-
-
 # Weight files of a released Hugging Face folder (tools.convert_weights.sources.open_source reads them all).
 RELEASED_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                     "pytorch_model.bin")
@@ -177,7 +173,7 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
   lists them) and TokenizerError for unreadable tokenizer files or a tokenizer with ids beyond the model's
   vocabulary; both are checked before any weight is read.
   """
-  mesh = mesh if mesh is not None else _current_mesh()
+  mesh = mesh if mesh is not None else current_mesh(concrete=True)
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)) or not os.path.isdir(os.path.join(path, STATE_DIR)):
     if os.path.isdir(path) and is_released_folder(path):
       from kangaroo_jax.hf_direct import load_released

@@ -17,6 +17,7 @@ from kangaroo_jax.attention.numerics import attention_einsum
 from kangaroo_jax.attention.reference import MASK_VALUE, attention_mask, reference_attention
 from kangaroo_jax.attention.ring import ring_attention_shard
 from kangaroo_jax.attention.ring_splash import ring_attention_splash_shard
+from kangaroo_jax.parallel.rules import current_mesh
 
 CONTEXT = "context"
 
@@ -25,13 +26,8 @@ class ContextParallelError(ValueError):
   """A sequence / head / batch shape that the current mesh cannot split."""
 
 
-def _mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh is None or mesh.empty else mesh
-
-
 def context_size() -> int:
-  mesh = _mesh()
+  mesh = current_mesh()
   return 1 if mesh is None or CONTEXT not in mesh.shape else mesh.shape[CONTEXT]
 
 
@@ -81,8 +77,8 @@ def platform() -> str:
   Never `jax.default_backend()` alone: a CPU host compiling ahead of time for a TPU mesh must pick
   the TPU kernels (and run Pallas natively, not in interpret mode).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  mesh = current_mesh()
+  device = None if mesh is None else getattr(mesh, "abstract_device", None)
   return device.platform if device is not None else jax.default_backend()
 
 
@@ -123,7 +119,7 @@ def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None
   attention when no mesh is set or the context axis has size 1. `layout` ("natural", "zigzag", or
   None for arbitrary positions) says how the sequence is ordered, which the splash ring needs.
   """
-  mesh = _mesh()
+  mesh = current_mesh()
   if mesh is None or context_size() == 1:
     return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
                            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel,
@@ -177,7 +173,7 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
   """
   from kangaroo_jax.attention.usp import usp_attention_shard  # imports this module's neighbours only
 
-  mesh = _mesh()
+  mesh = current_mesh()
   if mesh is None or context_size() == 1:
     return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
                            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel,
@@ -252,7 +248,7 @@ def dense_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=Non
   XLA (`reference_attention`, query-chunked) on CPU; cuDNN on GPU in half precision; splash on TPU
   when `layout` is "natural" (positions increase with the index inside each segment).
   """
-  mesh = _mesh()
+  mesh = current_mesh()
   use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // context_size(), kv_len=k.shape[1], layout=layout)
   kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids, scale=scale)
@@ -276,7 +272,7 @@ def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_position
   Memory per device is O(seq/context * seq) for the XLA path's logits (one query chunk at a time);
   simple and fast up to ~20-30k tokens. Per device it runs splash (TPU), cuDNN (GPU) or XLA.
   """
-  mesh = _mesh()
+  mesh = current_mesh()
   kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel)
   if mesh is None or context_size() == 1:
@@ -330,7 +326,7 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, cache_positions, cache
   def finish(o, l, m, dtype):
     return (o / l[..., None]).reshape(o.shape[0], 1, o.shape[1] * o.shape[2], d).astype(dtype)
 
-  mesh = _mesh()
+  mesh = current_mesh()
   if mesh is None or context_size() == 1:
     return finish(*partial(q, k_cache, v_cache, q_positions, cache_positions, cache_valid), q.dtype)
   head_spec, tok_spec = _specs(mesh, b, h, kvh, k_cache.shape[1], k_cache.shape[1], "decode attention")

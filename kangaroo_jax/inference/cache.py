@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from kangaroo_jax.config import LlamaConfig
-from kangaroo_jax.parallel.rules import logical_to_spec
+from kangaroo_jax.models.llama import CACHE_AXES
+from kangaroo_jax.parallel.rules import current_mesh, logical_to_spec
 
 # [layers, batch, max_len, kv_heads, head_dim]; "layers" is never sharded, the rest follow the activations.
-CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
 MIN_BUCKET = 128
 LINEAR_BUCKET = 1024  # above this, buckets grow in steps of this many slots instead of doubling
 
@@ -42,11 +42,6 @@ class KVCache:
     return self.k.shape[2]
 
 
-def _mesh():
-  mesh = jax.sharding.get_mesh()
-  return None if mesh is None or mesh.empty else mesh
-
-
 def bucket_length(n: int, multiple: int = 1) -> int:
   """Cache slots for n tokens: powers of two from MIN_BUCKET to LINEAR_BUCKET, then multiples of
   LINEAR_BUCKET (decode reads every slot, so a long context should not pay for up to 2x padding);
@@ -63,7 +58,7 @@ def bucket_length(n: int, multiple: int = 1) -> int:
 
 def cache_sharding(shape):
   """NamedSharding of a cache array on the current mesh (`jax.set_mesh`), or None without one."""
-  mesh = _mesh()
+  mesh = current_mesh(concrete=True)
   if mesh is None:
     return None
   return NamedSharding(mesh, logical_to_spec(CACHE_AXES, dict(mesh.shape), shape))

@@ -96,6 +96,7 @@ class LlamaAttention(nnx.Module):
     return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_all, v_all
 
 
+# The KV cache [layers, batch, cache_len, kv_heads, head_dim] (inference/cache.py places it with these too).
 CACHE_AXES = ("layers", BATCH, LENGTH, "activation_kv_heads", None)
 
 

@@ -82,16 +82,16 @@ def logical_to_spec(names: Sequence[str | None], mesh_shape: dict[str, int] | No
   return PartitionSpec(*spec)
 
 
-def _current_mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None
-  return mesh
+def current_mesh(*, concrete: bool = False):
+  """The mesh set with `jax.set_mesh`, or None: the abstract mesh (what a trace compiles for) by default, the
+  concrete `Mesh` of real devices with `concrete=True` (to place arrays). The one place that asks jax for it."""
+  mesh = jax.sharding.get_mesh() if concrete else jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
 
 
 def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation to its logical sharding when a mesh is set (`jax.set_mesh`); else a no-op."""
-  mesh = _current_mesh()
+  mesh = current_mesh()
   if mesh is None:
     return x
   if len(names) != x.ndim:

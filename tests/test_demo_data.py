@@ -52,15 +52,14 @@ def test_direction_label_matches_centroid_motion(dataset):
   assert checked >= 10
 
 
-def test_order_answer_is_the_shape_that_appears_first(dataset):
+def test_order_answer_is_the_colour_that_appears_first(dataset):
   out, paths, _ = dataset
   checked = 0
   for it in load_benchmark(paths["benchmark"]) + load_benchmark(paths["train_benchmark"]):
     if it.task != "order":
       continue
     frames = _decoded(out, it.video)
-    colour = it.options[it.answer].split()[1]  # "the red circle"
-    other = it.options[1 - it.answer].split()[1]
+    colour, other = it.options[it.answer], it.options[1 - it.answer]  # the two shapes' colours
     def first_frame(name):
       rgb = np.array(demo_data.COLORS[name])
       hit = [(np.abs(f.astype(np.int32) - rgb).max(-1) < 60).sum() > 20 for f in frames]
@@ -93,9 +92,11 @@ def test_answers_are_balanced_and_options_shuffled():
     values = collections.Counter(c["options"][c["answer"]] for c in cs)
     assert max(letters.values()) - min(letters.values()) <= 1, (task, letters)
     assert len(letters) == n
-    if task != "order":  # order's answer texts are free combinations of colour and shape
-      assert max(values.values()) - min(values.values()) <= 1, (task, values)
-      assert len({tuple(c["options"]) for c in cs}) > 1  # the option order varies
+    assert max(values.values()) - min(values.values()) <= 1, (task, values)
+    assert len({tuple(c["options"]) for c in cs}) > 1  # the option order varies
+    for c in cs if task == "order" else ():  # the two shapes differ in colour and shape: the colour names one
+      first, second = c["kind"]["first"], c["kind"]["second"]
+      assert c["options"][c["answer"]] == first["color"] != second["color"] and first["shape"] != second["shape"]
   assert len(by_task["direction"]) > len(by_task["color"])
 
 
@@ -130,6 +131,9 @@ def test_demo_config_validates_and_overrides(tmp_path):
   cfg = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},steps=7"))
   assert cfg.total_steps == 7 and cfg.model.projector.tpe == "none"
   assert cfg.model.vision.image_size == 112 and cfg.data.num_frames == 8
+  assert cfg.model.projector.patchify == "conv3d"  # the pair's frames weighed apart (configs/demo.py)
+  seeded = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},seed=4"))
+  assert seeded.seed == 4 and seeded.data.shuffle_seed == 4 and cfg.seed == 0
   paths = f"data={tmp_path},tokenizer={tmp_path}"
   assert from_configdict(get_config(paths + ",tpe=sinusoidal")).model.projector.tpe == "sinusoidal"
   with pytest.raises(Exception, match="tpe"):

@@ -6,7 +6,7 @@
   3. trains a small model with `configs/demo.py` (the same trainer as `python -m train`), checkpoints,
      exports WORKDIR/run/export;
   4. evaluates held-out and training videos with `kangaroo_jax.evaluate` and prints accuracy per question
-     type next to chance and a majority-answer baseline, and whether direction is clearly above chance;
+     type next to chance, a majority-answer baseline and its target (TARGETS);
   5. asks one question about one video through the chat API.
 Exits non-zero only on errors; a low accuracy is reported, not raised.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import shutil
 import sys
@@ -24,6 +23,8 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAME_SIZE, FRAMES = 112, 8
 STEPS = 1500
+# Held-out accuracy (%) the default recipe is meant to reach on every seed (README, configs/demo.py).
+TARGETS = {"direction": 80, "order": 75, "shape": 80, "color": 95}
 
 
 def _baselines(train_items, test_items, task: str) -> float:
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=STEPS)
   p.add_argument("--train-videos", type=int, default=3000)
   p.add_argument("--test-videos", type=int, default=400)
+  p.add_argument("--seed", type=int, default=0,
+                 help="draws the clips, the model init and the batch order (default 0; held-out clips: seed + 1000003)")
   p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: resume what is there)")
   p.add_argument("--tpe", choices=("none", "sinusoidal", "learned"),
                  help="the projector's temporal position embedding (default and why: configs/demo.py)")
@@ -64,12 +67,25 @@ def main(argv=None) -> int:
   times = {}
   if args.fresh and os.path.exists(args.workdir):
     shutil.rmtree(args.workdir)
+  seed_file = os.path.join(args.workdir, "seed.txt")
+  if os.path.exists(seed_file):
+    with open(seed_file) as f:
+      old_seed = f.read().strip()
+    if old_seed != str(args.seed):
+      print(f"error: {args.workdir} holds a seed-{old_seed} demo, not seed {args.seed}: add --fresh to start over "
+            "or pick another --workdir", file=sys.stderr)
+      return 2
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(seed_file, "w") as f:
+    f.write(f"{args.seed}\n")
+  print(f"[demo] seed {args.seed}; {os.cpu_count()} CPU(s), {len(os.sched_getaffinity(0))} usable; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   data_dir, tok_dir = os.path.join(args.workdir, "data"), os.path.join(args.workdir, "tokenizer")
   ds_dir, run_dir = os.path.join(args.workdir, "records"), os.path.join(args.workdir, "run")
   print(f"[demo] 1/5 generating {args.train_videos} + {args.test_videos} videos ({FRAME_SIZE} px, {FRAMES} "
         f"frames) in {data_dir}", flush=True)
   paths = demo_data.generate(data_dir, num_train=args.train_videos, num_test=args.test_videos, size=FRAME_SIZE,
-                             frames=FRAMES)
+                             frames=FRAMES, seed=args.seed)
   times["data"] = time.perf_counter() - t0
   print("[demo] 2/5 tokenizer + ArrayRecord shards", flush=True)
   # 512 pieces: every option word is one token, so a sample is ~150 tokens instead of ~250 with 320.
@@ -86,7 +102,7 @@ def main(argv=None) -> int:
   from configs.demo import get_config
   from train.config import from_configdict
   from train.loop import train
-  arg = f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},frame_size={FRAME_SIZE}"
+  arg = f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},frame_size={FRAME_SIZE},seed={args.seed}"
   cfg = from_configdict(get_config(arg + (f",tpe={args.tpe}" if args.tpe else "")))
   t_train = time.perf_counter()
   result = train(cfg, run_dir)
@@ -95,7 +111,9 @@ def main(argv=None) -> int:
   if hist:
     first, last = hist[0]["loss"], sum(h["loss"] for h in hist[-20:]) / len(hist[-20:])
     print(f"[demo] training loss {first:.3f} -> {last:.3f} (mean of the last 20 steps; ln 4 = 1.386 would be "
-          f"a guess among 4 options), {times['train']:.0f} s", flush=True)
+          f"a guess among 4 options)", flush=True)
+  print(f"[demo] trained {len(hist)} steps in {times['train']:.0f} s: {len(hist) / times['train']:.2f} steps/s "
+        "(compilation included)", flush=True)
 
   print("[demo] 4/5 evaluating on held-out videos (and as many training videos, for train accuracy)", flush=True)
   t_eval = time.perf_counter()
@@ -126,14 +144,11 @@ def main(argv=None) -> int:
           f"{100 * _baselines(train_items, items, task):7.1f}% {r['total']:>6}")
   print(f"  {'overall':<10} {summaries['test']['overall']['accuracy']:5.1f}% "
         f"{summaries['train']['overall']['accuracy']:5.1f}%")
-  d = test.get("direction")
-  if d:
-    # "Clearly above chance": more than 3 binomial standard errors above it over this many items.
-    p0 = demo_data.CHANCE["direction"]
-    bar = 100 * (p0 + 3 * math.sqrt(p0 * (1 - p0) / d["total"]))
-    verdict = "MET" if d["accuracy"] > bar else "NOT MET"
-    print(f"[demo] direction target {verdict}: {d['accuracy']:.1f}% on {d['total']} held-out videos vs chance "
-          f"{100 * p0:.0f}% (clearly above = over {bar:.1f}%, chance + 3 standard errors)")
+  missed = [f"{t} {test[t]['accuracy']:.1f}% < {bar}%" for t, bar in TARGETS.items()
+            if t in test and test[t]["accuracy"] < bar]
+  bars = ", ".join(f"{t} >= {bar}%" for t, bar in TARGETS.items())
+  print(f"[demo] targets ({bars} held out): " + ("all met" if not missed else "NOT MET: " + "; ".join(missed)),
+        flush=True)
 
   print("[demo] 5/5 chat", flush=True)
   item = next(it for it in items if it.task == "direction")
@@ -144,7 +159,8 @@ def main(argv=None) -> int:
   print(f"  video: {item.video}\n  user: {question}\n  assistant: {answer}\n  (correct: "
         f"{item.options[item.answer]})")
   total = time.perf_counter() - t0
-  print(f"[demo] done in {total:.0f} s (data {times['data']:.0f} s, records {times['records']:.0f} s, train "
+  print(f"[demo] done in {total:.0f} s wall (seed {args.seed}; data {times['data']:.0f} s, records "
+        f"{times['records']:.0f} s, train "
         f"{times['train']:.0f} s, eval {times['eval']:.0f} s); checkpoint: {run_dir}/checkpoints, "
         f"export: {run_dir}/export, TensorBoard: {run_dir}/tb")
   return 0

@@ -4,10 +4,12 @@ Four question types, each multiple choice (the prompt is exactly the one `kangar
   direction  where the shape moves (left/right/up/down): needs the order of the frames   chance 1/4
   color      the shape's colour                                                           chance 1/4
   shape      circle / square / triangle                                                   chance 1/3
-  order      which of two shapes appears first (both stay visible): needs the order of events  chance 1/2
-The training reply is the chosen option's text followed by <|eot_id|>: every supervised token but the
-last is the decision itself, so the loss cannot be driven down by copying the prompt
-(`extract_choice` reads the option text back at evaluation).
+  order      which of two shapes (other colour, other shape) appears first, named by its colour (both
+             stay visible): needs the order of events                                     chance 1/2
+The training reply is the chosen option's text, one word, followed by <|eot_id|>: the first supervised
+token is the decision itself, so the loss cannot be driven down by copying the prompt, and no reply
+needs two decisions to agree (an order reply "the red circle" came out as "the red square", naming
+neither option). `extract_choice` reads the option text back at evaluation.
 Answers are balanced: every answer value and every answer letter occurs equally often per question
 type (up to one), and the options are shuffled.
 Outputs: videos/*.mp4, a training manifest (kangaroo_jax.data.manifest format) and a held-out
@@ -34,8 +36,10 @@ CHANCE = {"direction": 1 / 4, "color": 1 / 4, "shape": 1 / 3, "order": 1 / 2}
 # background every background patch embeds to the same large vector and the shapes were a ~1% perturbation
 # of it, too small for the model to learn from in a few hundred steps.
 BACKGROUND = (123, 117, 104)
-# Direction is the question the demo is about (and the hardest), so it gets the largest share.
-TYPE_WEIGHTS = {"direction": 0.5, "color": 0.15, "shape": 0.15, "order": 0.2}
+# Direction (the question the demo is about) and shape (the slowest to learn) get the largest shares; colour
+# and order (one-word colour answers) are learnt from fewer clips (benchmarks/demo_probe.py numbers: README).
+TYPE_WEIGHTS = {"direction": 0.35, "color": 0.15, "shape": 0.35, "order": 0.15}
+RADIUS = (0.2, 0.25)  # a shape's radius, as a fraction of the frame size: 3-4 ViT patches across at 112 px
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -82,10 +86,6 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 4) -> None:
       container.mux(packet)
 
 
-def _label(o: dict) -> str:
-  return f"the {o['color']} {o['shape']}"
-
-
 class _Balanced:
   """Draws from range(n) so that each value occurs equally often (up to one) over any prefix of n*k draws."""
 
@@ -99,7 +99,7 @@ class _Balanced:
 
 
 def _move(rng, size: int, direction: str, shape: str, color: str) -> dict:
-  r = size * rng.uniform(0.16, 0.2)
+  r = size * rng.uniform(*RADIUS)
   # The shape crosses at least ~40% of the frame, so the motion spans several ViT patches per frame pair.
   near, far = rng.uniform(r + 1, 0.3 * size), size - rng.uniform(r + 1, 0.3 * size)
   side = rng.uniform(r + 1, size - r - 1)
@@ -110,11 +110,12 @@ def _move(rng, size: int, direction: str, shape: str, color: str) -> dict:
           "radius": float(r), "start": [float(v) for v in start], "end": [float(v) for v in end]}
 
 
-def _order(rng, size: int, frames: int) -> dict:
-  # Different colour and shape, so the two options differ in every word; both stay once they appear, so
-  # the last frames alone cannot tell which came first.
-  colors, shapes = rng.permutation(list(COLORS))[:2], rng.permutation(list(SHAPES))[:2]
-  r = size * rng.uniform(0.16, 0.2)
+def _order(rng, size: int, frames: int, first_color: str) -> dict:
+  # Different colour and shape; both stay once they appear, so the last frames alone cannot tell which came
+  # first.
+  colors = [first_color, str(rng.choice([c for c in COLORS if c != first_color]))]
+  shapes = rng.permutation(list(SHAPES))[:2]
+  r = size * rng.uniform(*RADIUS)
   xs = [size * 0.27, size * 0.73]
   if rng.random() < 0.5:
     xs.reverse()
@@ -136,15 +137,16 @@ def sample(n: int, *, seed: int, size: int = 112, frames: int = 8) -> list[dict]
   tasks = [t for t, c in counts.items() for _ in range(c)]
   tasks = [tasks[i] for i in rng.permutation(n)]
   n_opts = {"direction": len(DIRECTIONS), "color": len(COLORS), "shape": len(SHAPES), "order": 2}
-  value = {t: _Balanced(k, rng) for t, k in n_opts.items()}  # which answer (e.g. "left")
+  n_values = dict(n_opts, order=len(COLORS))  # order's answer: the colour that appears first
+  value = {t: _Balanced(k, rng) for t, k in n_values.items()}  # which answer (e.g. "left")
   letter = {t: _Balanced(k, rng) for t, k in n_opts.items()}  # where it sits among the options
   out = []
   for task in tasks:
     v, pos = value[task](), letter[task]()
     if task == "order":
-      kind = _order(rng, size, frames)
-      pair = [_label(kind["first"]), _label(kind["second"])]
-      answer_text, options, question = pair[0], pair, "Which shape appears first?"
+      kind = _order(rng, size, frames, list(COLORS)[v])
+      pair = [kind["first"]["color"], kind["second"]["color"]]
+      answer_text, options, question = pair[0], pair, "Which colour appears first?"
     else:
       shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
       direction = str(rng.choice(list(DIRECTIONS)))

@@ -55,7 +55,7 @@ CFG = preset("tiny")
 
 
 def _hf_config_json(llm) -> dict:
-  """config.json as released (transformers 4.41 layout, spec section 4.1), tiny sizes."""
+  """config.json as released (transformers 4.41 layout, docs/model.md section 4), tiny sizes."""
   return {"architectures": ["KangarooForCausalLM"], "model_type": "llama", "vocab_size": llm.vocab_size,
           "hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
           "num_hidden_layers": llm.num_layers, "num_attention_heads": llm.num_heads,
@@ -432,7 +432,7 @@ def test_existing_output_needs_overwrite(released, imported_f32, tmp_path):
 
 
 def test_released_8b_layout_plans_cleanly(tmp_path):
-  """The full-size released key set (spec sections 2.4, 3.1, 4.3, with EVA's per-block rope copies) against
+  """The full-size released key set (docs/model.md section 4, with EVA's per-block rope copies) against
   the kangaroo-8b preset and the released config.json: headers only, nothing is allocated."""
   cfg8 = preset("kangaroo-8b")
   hf = {**_hf_config_json(cfg8.llm), "bos_token_id": 128000, "eos_token_id": 128001, "rope_theta": 500000.0}
@@ -447,7 +447,7 @@ def test_released_8b_layout_plans_cleanly(tmp_path):
   check_against_header(cfg, infos, note)
   asm = plan_import(types.SimpleNamespace(infos=infos), cfg.replace(param_dtype="bfloat16"))
   assert asm.report.mapped == 805 and len(asm.report.ignored) == 4 + 48
-  # Parameter counts of spec section 9: Llama-3-8B + EVA-L@448 (no head) + projector.
+  # Parameter counts of docs/model.md section 5: Llama-3-8B + EVA-L@448 (no head) + projector.
   assert asm.report.bytes_read == 2 * (8_030_261_248 + 304_104_384 + 20_979_712)
 
 

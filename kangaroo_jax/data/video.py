@@ -1,4 +1,5 @@
-"""Video / image loading, frame sampling and the released preprocessing (spec section 6, contract section 2).
+"""Video / image loading, frame sampling and the released preprocessing (docs/model.md sections 1 and 3,
+docs/pipeline_contracts.md section 2).
 
 Decoding uses PyAV in forward passes over the packets, never a seek per frame: only GOPs holding sampled
 frames are decoded, within them only the reference chain up to the last sampled frame (skip_frame NONREF
@@ -12,7 +13,7 @@ Sampling (frame indices are 0-based in the whole video; `start`/`end` seconds re
   * `fps=r`: one frame every 1/r seconds from the clip start; `max_frames` caps the count (uniformly
     thinned when exceeded);
   * neither: every frame of the clip (up to `max_frames`).
-Timestamps are `index / fps` in seconds (spec section 12). Frame counts are made even by repeating the
+Timestamps are `index / fps` in seconds (docs/model.md section 3). Frame counts are made even by repeating the
 last frame, so patchify groups of 2 never straddle samples. A clip `start` at or past the end of the video
 is an error (ClipRangeError), not a clip of repeated last frames; an `end` past it is clamped. An image
 file is a 1-frame video (padded to 2). A folder of images is a video at `frames_fps` frames per second

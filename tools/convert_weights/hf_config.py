@@ -91,7 +91,7 @@ def llama_from_hf(hf: Mapping, base: LlamaConfig, generation: Mapping | None = N
   """LlamaConfig from a transformers Llama config.json (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`).
 
   Stop ids: config `eos_token_id` + generation_config `eos_token_id` + the preset's stop ids when the
-  vocab matches the preset's (Llama-3's `<|eot_id|>` 128009 is in neither released file; spec section 12).
+  vocab matches the preset's (Llama-3's `<|eot_id|>` 128009 is in neither released file; docs/model.md section 1).
   Every field is type-checked; `where` / `generation_where` name the files in the errors.
   """
   for flag in ("attention_bias", "mlp_bias"):
@@ -135,7 +135,7 @@ def llama_from_hf(hf: Mapping, base: LlamaConfig, generation: Mapping | None = N
 
 
 def hf_from_llama(llm: LlamaConfig, torch_dtype: str) -> dict:
-  """A config.json in the released layout (spec section 4.1) for our LlamaConfig."""
+  """A config.json in the released layout (docs/model.md section 4) for our LlamaConfig."""
   scaling = None
   if llm.rope_scaling is not None:
     r = llm.rope_scaling

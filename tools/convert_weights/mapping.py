@@ -1,7 +1,7 @@
 """The released checkpoint's tensor names <-> our NNX parameter paths, both directions, from one table.
 
 Every released key is either mapped by a rule, deliberately ignored with a stated reason, or
-reported as unmapped: nothing is dropped silently (spec section 12). Layer-indexed keys
+reported as unmapped: nothing is dropped silently (docs/model.md section 4). Layer-indexed keys
 (`model.layers.{i}.…`, `vision_tower.blocks.{i}.…`) land in slice i of the scanned parameter.
 """
 

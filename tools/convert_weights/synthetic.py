@@ -20,7 +20,7 @@ from tools.convert_weights import safetensors_io
 from tools.convert_weights.hf_config import hf_from_llama
 from tools.convert_weights.mapping import RULES, released_shape
 
-CLIP_EMBED_DIM = 768  # EVA02-CLIP-L head output (spec section 2.4)
+CLIP_EMBED_DIM = 768  # EVA02-CLIP-L head output (docs/model.md section 4)
 
 
 def _param_shapes(cfg: KangarooConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

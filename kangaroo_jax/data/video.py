@@ -534,6 +534,12 @@ def _executor(threads: int):
   return ThreadPoolExecutor(threads)
 
 
+def frames_for_model(frames_uint8: np.ndarray, vision) -> np.ndarray:
+  """uint8 [f, h, w, 3] -> float32 [f, S, S, 3] as a model's vision tower takes them: resized as the release does
+  at `vision.image_size` (on its `patch_size` grid), then CLIP-normalised. `vision`: a VisionConfig."""
+  return normalize_frames(preprocess_frames(frames_uint8, vision.image_size, patch_size=vision.patch_size))
+
+
 def normalize_frames(frames_uint8):
   """uint8 [..., 3] -> float32 [..., 3]: x / 255, then CLIP mean/std. numpy in -> numpy out, jax in -> jax out."""
   if isinstance(frames_uint8, np.ndarray):

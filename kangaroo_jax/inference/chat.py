@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from kangaroo_jax.data.prompt import VideoMarkers, encode_conversation
-from kangaroo_jax.data.video import VideoError, load_video, normalize_frames, preprocess_frames
+from kangaroo_jax.data.video import VideoError, frames_for_model, load_video
 from kangaroo_jax.inference.cache import KVCache, with_lengths
 from kangaroo_jax.inference.engine import Engine
 from kangaroo_jax.inference.sampling import SamplingConfig
@@ -130,8 +130,7 @@ class Chat:
     key = (os.path.abspath(path), num_frames, start, end, stat and stat.st_mtime_ns, stat and stat.st_size)
     if self._video is None or self._video[0] != key:
       decoded = load_video(path, num_frames=num_frames, start=start, end=end)
-      size = self.model.cfg.vision.image_size
-      frames = normalize_frames(preprocess_frames(decoded.frames, size, patch_size=self.model.cfg.vision.patch_size))
+      frames = frames_for_model(decoded.frames, self.model.cfg.vision)
       self._video = [key, frames[None], np.asarray(decoded.timestamps, np.float32)[None], None]
       self.video_loads += 1
     return tuple(self._video[:3])

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kangaroo_jax.data.prompt import encode_conversation
-from kangaroo_jax.data.video import normalize_frames, preprocess_frames
+from kangaroo_jax.data.video import frames_for_model
+from kangaroo_jax.evaluate import distinct_frames
 from kangaroo_jax.inference.cache import KVCache
 from kangaroo_jax.inference.chat import Chat
 from kangaroo_jax.inference.engine import MIN_CHUNK
@@ -108,9 +109,7 @@ class Runner:
       return None
     if hasattr(visual, "convert"):  # a PIL image
       raw, timestamps = _image_frames(visual)
-      size = self.model.cfg.vision.image_size
-      frames = normalize_frames(preprocess_frames(raw, size, patch_size=self.model.cfg.vision.patch_size))
-      return frames, timestamps
+      return frames_for_model(raw, self.model.cfg.vision), timestamps
     start = end = None
     if isinstance(visual, dict):
       start, end = visual.get("video_start"), visual.get("video_end")
@@ -121,7 +120,7 @@ class Runner:
     if str(visual).startswith(("http://", "https://")):
       raise RequestError(f"{visual}: remote videos are not fetched; give a local path")
     _, frames, timestamps = self.chat.load_visual(visual, self.num_frames, start, end)
-    if np.unique(timestamps).size < frames.shape[1] and frames.shape[1] > 2:
+    if distinct_frames(timestamps) < frames.shape[1] and frames.shape[1] > 2:
       self.stats["short_videos"] += 1
     return frames[0], timestamps[0]
 

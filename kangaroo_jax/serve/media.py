@@ -5,7 +5,7 @@ after decoding). Remote URLs (http, https, ...) are refused: this server never f
 are the frames of one video at `FRAMES_FPS` (lmms-eval sends a video that way); decoding then samples
 `num_frames` of them uniformly, as for a video file, or takes them all when there are fewer (an odd count gets
 its last frame repeated, as every video does). Decoding reuses the chat API's path (load_video,
-preprocess_frames, normalize_frames).
+frames_for_model).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kangaroo_jax.data.video import VideoError, load_video, normalize_frames, preprocess_frames
+from kangaroo_jax.data.video import VideoError, frames_for_model, load_video
 from kangaroo_jax.serve.errors import bad_request
 from kangaroo_jax.serve.protocol import MediaRef
 
@@ -145,9 +145,9 @@ def _frame_folder(paths: list[str], folder: str) -> str:
   return frames
 
 
-def load_visual(media: MediaRef, *, num_frames: int, image_size: int, patch_size: int, cache: VisualCache,
-                tmp_root: str | None = None) -> Visual:
-  """The decoded (or cached) video of a request; ApiError 400 naming the field for anything unreadable."""
+def load_visual(media: MediaRef, *, num_frames: int, vision, cache: VisualCache, tmp_root: str | None = None) -> Visual:
+  """The decoded (or cached) video of a request, sized for the model's `vision` config (a VisionConfig); ApiError
+  400 naming the field for anything unreadable."""
   kind = "video_url" if media.kind == "video" else "image_url"
   sources = [_resolve(u, media.param, kind) for u in media.urls]
   if media.kind == "frames":  # the client sampled these frames: never more than it sent (no repeated frames)
@@ -164,7 +164,7 @@ def load_visual(media: MediaRef, *, num_frames: int, image_size: int, patch_size
     paths = _materialise(sources, folder)
     target = paths[0] if media.kind != "frames" else _frame_folder(paths, folder)
     decoded = load_video(target, num_frames=num_frames, frames_fps=FRAMES_FPS)
-    frames = normalize_frames(preprocess_frames(decoded.frames, image_size, patch_size=patch_size))
+    frames = frames_for_model(decoded.frames, vision)
   except VideoError as e:
     raise bad_request(f"{media.param}: {_without(str(e), folder)}", media.param, code="invalid_media") from None
   except (ValueError, OSError) as e:  # e.g. a sampling range the clip cannot give, an unreadable file

@@ -34,8 +34,7 @@ def prepare(req: ChatRequest, chat: Chat, *, num_frames: int, cache: VisualCache
   num_groups, tokens_per_group = 0, 1
   messages = [dict(m) for m in req.messages]
   if req.media is not None:
-    visual = load_visual(req.media, num_frames=num_frames, image_size=model.cfg.vision.image_size,
-                         patch_size=model.cfg.vision.patch_size, cache=cache, tmp_root=tmp_root)
+    visual = load_visual(req.media, num_frames=num_frames, vision=model.cfg.vision, cache=cache, tmp_root=tmp_root)
     f, h, w = visual.grid
     num_groups = f // model.cfg.projector.frames_per_group
     tokens_per_group = model.visual_tokens_per_frame_group(h, w)

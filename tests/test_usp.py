@@ -13,7 +13,7 @@ from kangaroo_jax.attention import get_attention, usp_attention
 from kangaroo_jax.attention.context_parallel import ContextParallelError, ulysses_degree
 from kangaroo_jax.attention.layout import zigzag_order
 from kangaroo_jax.attention.ring import ring_permutation
-from kangaroo_jax.attention.usp import from_ring_layout, group_order, groups, to_ring_layout
+from kangaroo_jax.attention.usp import from_ring_layout, groups, to_ring_layout
 from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.test_context_parallel import _check, _qkv
 
@@ -45,26 +45,32 @@ def test_usp_with_splash_kernels_matches_reference():
          d=32, ulysses=2, kernel="splash", layout="zigzag")
 
 
-def test_group_order_turns_global_zigzag_into_ring_zigzag():
+def _group_order(ulysses: int, shard: int) -> np.ndarray:
+  """The zigzag reorder as an index permutation (an independent statement of `to_ring_layout`): the early halves
+  of members 0..u-1, then the late halves of members u-1..0."""
+  pieces = np.arange(ulysses * shard).reshape(ulysses, 2, shard // 2)
+  return np.concatenate([pieces[:, 0].reshape(-1), pieces[::-1, 1].reshape(-1)])
+
+
+def test_ring_layout_turns_global_zigzag_into_ring_zigzag():
   """Token indices held by each group after the all-to-all, reordered, are the zigzag layout over the rings."""
   seq, n, u = 96, 8, 2
   r = n // u
   per_device = zigzag_order(seq, n).reshape(n, -1)
   ring_layout = zigzag_order(seq, r).reshape(r, -1)
-  order = group_order(u, seq // n, "zigzag")
   for j, members in enumerate(groups(n, u)):
     gathered = np.concatenate([per_device[c] for c in members])
-    np.testing.assert_array_equal(gathered[order], ring_layout[j])
+    np.testing.assert_array_equal(np.asarray(to_ring_layout(gathered[None], u, "zigzag"))[0], ring_layout[j])
   # One ring: the group holds the whole sequence, in natural order.
   gathered = np.concatenate([zigzag_order(seq, 4).reshape(4, -1)[c] for c in range(4)])
-  np.testing.assert_array_equal(gathered[group_order(4, seq // 4, "zigzag")], np.arange(seq))
+  np.testing.assert_array_equal(np.asarray(to_ring_layout(gathered[None], 4, "zigzag"))[0], np.arange(seq))
 
 
 def test_ring_layout_slices_equal_the_permutation_and_invert():
   u, shard = 4, 6
   x = jnp.arange(2 * u * shard * 3).reshape(2, u * shard, 3)
   y = to_ring_layout(x, u, "zigzag")
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(x)[:, group_order(u, shard, "zigzag")])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x)[:, _group_order(u, shard)])
   np.testing.assert_array_equal(np.asarray(from_ring_layout(y, u, "zigzag")), np.asarray(x))
   assert to_ring_layout(x, u, "contiguous") is x
 

@@ -16,7 +16,9 @@ from kangaroo_jax.attention import splash
 from kangaroo_jax.attention.numerics import attention_einsum
 from kangaroo_jax.attention.reference import MASK_VALUE, attention_mask, reference_attention
 from kangaroo_jax.attention.ring import ring_attention_shard
+from kangaroo_jax.attention.ring_splash import LAYOUTS as RING_LAYOUTS
 from kangaroo_jax.attention.ring_splash import ring_attention_splash_shard
+from kangaroo_jax.attention.usp import usp_attention_shard
 from kangaroo_jax.parallel.rules import current_mesh
 
 CONTEXT = "context"
@@ -171,8 +173,6 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
   `ulysses` is the all-to-all group size (0: `ulysses_degree`'s choice); context / ulysses devices form
   each ring. Falls back to dense attention without a mesh or with context 1.
   """
-  from kangaroo_jax.attention.usp import usp_attention_shard  # imports this module's neighbours only
-
   mesh = current_mesh()
   if mesh is None or context_size() == 1:
     return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
@@ -189,19 +189,20 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
     raise ContextParallelError(f"USP attention needs equal query and key lengths, got {q.shape[1]} and {k.shape[1]}")
   local = q.shape[1] // n * u  # tokens per device after the all-to-all
   if r == 1:
-    index_layout = "natural" if ring_layout in ("zigzag", "contiguous") else None
+    index_layout = "natural" if ring_layout in RING_LAYOUTS else None
     use = resolve_kernel(kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=index_layout if causal else None)
   else:
     use = resolve_kernel(kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=ring_layout if causal else None,
                          ring=True)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   interpret = platform() != "tpu"
-  shard_layout = ring_layout if ring_layout in ("zigzag", "contiguous") else "contiguous"
+  shard_layout = ring_layout if ring_layout in RING_LAYOUTS else "contiguous"
+  dense = cudnn_attention if use == "cudnn" else reference_attention
 
   def per_device(q, k, v, qp, kp, qs, ks):
     return usp_attention_shard(q, k, v, qp, kp, qs, ks, axis_name=CONTEXT, context=n, ulysses=u, causal=causal,
-                               layout=shard_layout, kernel=use, scale=scale, block_q=block_q, block_kv=block_kv,
-                               interpret=interpret)
+                               layout=shard_layout, kernel=use, scale=scale, dense=dense, block_q=block_q,
+                               block_kv=block_kv, interpret=interpret)
 
   return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
                        check_vma=False)(q, k, v, qp, kp, qs, ks)

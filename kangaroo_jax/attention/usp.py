@@ -23,16 +23,14 @@ order is the natural one, so dense kernels that mask by index (splash) apply.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kangaroo_jax.attention import splash
-from kangaroo_jax.attention.reference import reference_attention
 from kangaroo_jax.attention.ring import ring_attention_shard
 from kangaroo_jax.attention.ring_splash import ring_attention_splash_shard
-
-LAYOUTS = ("zigzag", "contiguous")
 
 
 def groups(context: int, ulysses: int) -> list[list[int]]:
@@ -42,27 +40,12 @@ def groups(context: int, ulysses: int) -> list[list[int]]:
   return [list(range(j * ulysses, (j + 1) * ulysses)) for j in range(context // ulysses)]
 
 
-def group_order(ulysses: int, shard: int, layout: str) -> np.ndarray | None:
-  """Permutation [ulysses * shard] of a group's gathered tokens into ring layout order; None if none is needed.
-
-  Gathered order: member 0's shard, member 1's shard, ... For "zigzag" each shard is [early half, late
-  half] and the result is [early halves of members 0..u-1, late halves of members u-1..0].
-  """
-  if layout not in LAYOUTS:
-    raise ValueError(f"USP layout must be one of {LAYOUTS}, got {layout!r}")
-  if layout == "contiguous" or ulysses == 1:
-    return None
-  if shard % 2:
-    raise ValueError(f"zigzag needs an even shard length, got {shard}")
-  half = shard // 2
-  pieces = np.arange(ulysses * shard).reshape(ulysses, 2, half)
-  return np.concatenate([pieces[:, 0].reshape(-1), pieces[::-1, 1].reshape(-1)])
-
-
 def to_ring_layout(x, ulysses: int, layout: str):
-  """Applies `group_order` along axis 1 with slices and a reverse (no gather: cheap, and so is its gradient).
+  """A group's gathered tokens (member 0's shard, member 1's shard, ...) in the ring's layout order, along axis 1.
 
-  x: [batch, ulysses * shard, ...] in gathered order -> the same shape in ring layout order.
+  For "zigzag" each shard is [early half, late half] and the result is [early halves of members 0..u-1, late
+  halves of members u-1..0]; "contiguous" needs no reorder. Slices and a reverse, no gather: cheap, and so is
+  its gradient. x: [batch, ulysses * shard, ...] -> the same shape.
   """
   if layout == "contiguous" or ulysses == 1:
     return x
@@ -85,15 +68,17 @@ def from_ring_layout(x, ulysses: int, layout: str):
 
 def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, axis_name: str,
                         context: int, ulysses: int, causal: bool, layout: str, kernel: str, scale: float,
-                        block_q: int = 512, block_kv: int = 512, interpret: bool = False):
+                        dense: Callable, block_q: int = 512, block_kv: int = 512, interpret: bool = False):
   """Per-device USP attention (inside shard_map, sequence sharded over `axis_name` of `context` devices).
 
   Args:
     q: [batch, shard, heads, head_dim]; k, v: [batch, shard, kv_heads, head_dim]; heads and kv_heads
       divisible by `ulysses`.
     q_positions, kv_positions, q_segment_ids, kv_segment_ids: [batch, shard] int32.
-    kernel: "xla" (masks by positions), "splash" (masks by index: needs the model's layout) or, with r = 1,
-      "cudnn".
+    layout: "zigzag" or "contiguous" (how the model split the sequence over `axis_name`).
+    kernel: "splash" (masks by index: needs the model's layout), else the XLA ring (masks by positions).
+    dense: with one ring (ulysses == context) and no splash, the per-device dense attention to run (the
+      XLA reference or cuDNN), with `reference_attention`'s signature.
   Returns: [batch, shard, heads, head_dim].
   """
   u, r = ulysses, context // ulysses
@@ -114,13 +99,9 @@ def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_se
     kind = "causal" if causal else "full"
     out = splash.dense(splash.make_kernel(kind, qg.shape[1], kg.shape[1], qg.shape[2], interpret=interpret),
                        qg, kg, vg, qs, ks, scale=scale)
-  elif r == 1 and kernel == "cudnn":
-    from kangaroo_jax.attention.context_parallel import cudnn_attention  # the module imports this one
-    out = cudnn_attention(qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                          kv_segment_ids=ks, scale=scale)
   elif r == 1:
-    out = reference_attention(qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                              kv_segment_ids=ks, scale=scale)
+    out = dense(qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
+                scale=scale)
   elif kernel == "splash":
     out = ring_attention_splash_shard(qg, kg, vg, qs, ks, axis_name=axis_name, axis_size=r, layout=layout, scale=scale,
                                       interpret=interpret, stride=u)

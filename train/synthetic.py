@@ -4,7 +4,8 @@ Used by tests and benchmarks, and by `data.source = "synthetic"`: no files, dete
 (seed, step), with the iterator-state protocol of section 4 so resume can be tested exactly.
 Each row packs two samples, each with its own frames (`frames_per_sample`) and a text that follows
 a learnable rule (token t+1 = token t + stride, stride drawn per sample), assistant loss on the
-second half of each sample's text. The global batch is the same whatever the process count; each
+second half of each sample's text, packed by the pipeline's own row builder (`packing.make_row`, one
+padding slot after each sample). The global batch is the same whatever the process count; each
 process yields its block of rows.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kangaroo_jax.config import KangarooConfig
+from kangaroo_jax.data.packing import make_row
 
 
 class SyntheticIterator:
@@ -61,31 +63,15 @@ class SyntheticIterator:
 
   def _row(self, step: int, row: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, step, row])
-    L, V, vocab = self.seq_len, self.cfg.visual_token_id, self.cfg.llm.vocab_size
-    ids = np.zeros(L, np.int32)
-    targets = np.zeros(L, np.int32)
-    loss_mask = np.zeros(L, np.float32)
-    positions = np.zeros(L, np.int32)
-    segs = np.zeros(L, np.int32)
-    frames = np.zeros((self.max_frames, self.size, self.size, 3), np.uint8)
-    ts = np.zeros(self.max_frames, np.float32)
-    pos = 0
-    for s in range(self.samples_per_row):
+    V, vocab = self.cfg.visual_token_id, self.cfg.llm.vocab_size
+    samples = []
+    for _ in range(self.samples_per_row):
       start, stride = rng.integers(3, vocab), rng.integers(1, 4)
       text = (start + stride * np.arange(self.text_per_sample)) % (vocab - 3) + 3
-      sample = np.concatenate([np.full(self.vis_per_sample, V), text]).astype(np.int32)
-      n = sample.size
-      ids[pos:pos + n] = sample
-      targets[pos:pos + n - 1] = np.clip(sample[1:], 0, None)
-      half = self.vis_per_sample + self.text_per_sample // 2
-      loss_mask[pos + half - 1:pos + n - 1] = 1.0  # predict the second half of the text
-      positions[pos:pos + n] = np.arange(n)
-      segs[pos:pos + n] = s + 1
-      f0 = s * self.frames_per_sample
-      frames[f0:f0 + self.frames_per_sample] = rng.integers(0, 256, (self.frames_per_sample, self.size, self.size, 3),
-                                                            dtype=np.uint8)
-      ts[f0:f0 + self.frames_per_sample] = np.arange(self.frames_per_sample, dtype=np.float32) * 0.5
-      pos += n + 1
-    return dict(input_ids=ids, targets=targets, loss_mask=loss_mask, positions=positions, segment_ids=segs,
-                frames=frames, timestamps=ts, num_frames=np.int32(self.max_frames))
-
+      ids = np.concatenate([np.full(self.vis_per_sample, V), text]).astype(np.int32)
+      mask = np.zeros(ids.size, np.float32)
+      mask[self.vis_per_sample + self.text_per_sample // 2:] = 1.0  # predict the second half of the text
+      frames = rng.integers(0, 256, (self.frames_per_sample, self.size, self.size, 3), dtype=np.uint8)
+      samples.append(dict(input_ids=ids, loss_mask=mask, frames=frames,
+                          timestamps=np.arange(self.frames_per_sample, dtype=np.float32) * 0.5))
+    return make_row(samples, self.seq_len, self.max_frames, (self.size, self.size), gap=1)

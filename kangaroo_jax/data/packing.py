@@ -28,8 +28,13 @@ import numpy as np
 from kangaroo_jax.data.config import SKIP_REASONS, SkipRateExceeded
 
 
-def make_row(samples: list[dict], seq_len: int, max_frames: int, frame_hw: tuple[int, int]) -> dict:
-  """Packs samples into one row with the keys of contract section 3 (shapes [L] / [F, H, W, 3] / [F])."""
+def make_row(samples: list[dict], seq_len: int, max_frames: int, frame_hw: tuple[int, int], gap: int = 0) -> dict:
+  """Packs samples into one row with the keys of contract section 3 (shapes [L] / [F, H, W, 3] / [F]).
+
+  The one builder of the row contract: the packer and the synthetic source (train.synthetic) both call it.
+  A sample is {"input_ids" int32 [n] (visual placeholders < 0), "loss_mask" [n] (token i is a target),
+  "frames" uint8 [f, H, W, 3], "timestamps" float32 [f]}. `gap`: padding slots left after each sample (the
+  synthetic rows keep one so that segment boundaries are not always adjacent); the packer packs tight."""
   h, w = frame_hw
   ids = np.zeros(seq_len, np.int32)
   tgt = np.zeros(seq_len, np.int32)
@@ -51,7 +56,7 @@ def make_row(samples: list[dict], seq_len: int, max_frames: int, frame_hw: tuple
     seg[t:t + n] = k + 1
     frames[fo:fo + f] = s["frames"]
     ts[fo:fo + f] = s["timestamps"]
-    t += n
+    t += n + gap
     fo += f
   return {"input_ids": ids, "targets": tgt, "loss_mask": mask, "positions": pos, "segment_ids": seg,
           "frames": frames, "timestamps": ts, "num_frames": np.int32(fo)}

@@ -15,7 +15,8 @@ def _oracle_row(it: SyntheticIterator, step: int, row: int) -> dict:
   L, V, vocab = it.seq_len, it.cfg.visual_token_id, it.cfg.llm.vocab_size
   out = dict(input_ids=np.zeros(L, np.int32), targets=np.zeros(L, np.int32), loss_mask=np.zeros(L, np.float32),
              positions=np.zeros(L, np.int32), segment_ids=np.zeros(L, np.int32),
-             frames=np.zeros((it.max_frames, it.size, it.size, 3), np.uint8), timestamps=np.zeros(it.max_frames, np.float32))
+             frames=np.zeros((it.max_frames, it.size, it.size, 3), np.uint8),
+             timestamps=np.zeros(it.max_frames, np.float32))
   pos = 0
   for s in range(it.samples_per_row):
     start, stride = rng.integers(3, vocab), rng.integers(1, 4)

@@ -7,9 +7,8 @@ from flax import nnx
 
 from kangaroo_jax.config import preset
 from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.parallel.mesh import (MeshConfig, MeshError, assert_params_sufficiently_sharded, init_sharded,
-                                        make_mesh, resolve_shape)
-from kangaroo_jax.parallel.validate import validate_mesh_for_model
+from kangaroo_jax.parallel.mesh import MeshConfig, MeshError, init_sharded, make_mesh, resolve_shape
+from kangaroo_jax.parallel.validate import assert_params_sufficiently_sharded, validate_mesh_for_model
 
 
 def test_minus_one_fills_the_remaining_devices():
@@ -61,5 +60,7 @@ def test_sharded_init_and_sufficient_sharding_check():
     assert_params_sufficiently_sharded(init_sharded(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)), mesh))
   replicated = make_mesh(MeshConfig(data=8, fsdp=1))  # nothing maps to `data` for params
   model = init_sharded(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)), replicated)
-  with pytest.raises(MeshError, match="replicated on every device"):
+  with pytest.raises(MeshError, match="replicated on every device") as e:
     assert_params_sufficiently_sharded(model)
+  # The error names the biggest offenders by path, shape and size: the tiny model's [64, 512] head first.
+  assert "largest: llm/lm_head/kernel [64, 512] 128.0 KiB, llm/model/embed_tokens/embedding" in str(e.value)

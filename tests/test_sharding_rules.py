@@ -78,3 +78,34 @@ def test_frames_are_spread_over_every_device():
   shape = {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}
   assert logical_to_spec(("activation_frames", None, None, None), shape, (32, 56, 56, 3)) == \
       PartitionSpec(("fsdp", "context", "tensor"), None, None, None)
+
+
+def test_rules_override_changes_a_params_sharding_and_only_inside_use_rules():
+  from kangaroo_jax.parallel.rules import active_rules, merge_rules, use_rules
+  mesh = _mesh((1, 4, 1, 2))
+  model = nnx.eval_shape(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)))
+  path = ("llm", "model", "layers", "mlp", "up_proj", "kernel")  # [layers, embed, mlp]
+
+  def spec():
+    return dict(nnx.to_flat_state(param_shardings(model, mesh)))[path].get_value().spec
+
+  assert spec() == PartitionSpec(None, "fsdp", "tensor")
+  rules = merge_rules((("embed", None), ("mlp", ("fsdp", "tensor"))))
+  assert dict(rules)["embed"] == () and dict(rules)["heads"] == ("tensor",)  # the rest stays the default
+  with use_rules(rules):
+    assert spec() == PartitionSpec(None, None, ("fsdp", "tensor"))
+  assert spec() == PartitionSpec(None, "fsdp", "tensor") and active_rules() == LOGICAL_AXIS_RULES
+
+
+def test_rules_override_errors_are_one_line_and_name_the_entry():
+  import pytest
+  from kangaroo_jax.parallel.rules import RulesError, merge_rules
+  cases = {(("activation_embd", None),): "sharding_rules[0]: unknown logical axis 'activation_embd'",
+           (("embed", None), ("mlp", "model")): "sharding_rules[1] (mlp): mesh axes 'model' are not a subset",
+           (("embed", ("fsdp", "fsdp")),): "sharding_rules[0] (embed): mesh axis repeated",
+           (("embed",),): "sharding_rules[0]: expected a (logical axis, mesh axes) pair",
+           "embed": "sharding_rules: expected ((logical axis, mesh axes), ...)"}
+  for override, message in cases.items():
+    with pytest.raises(RulesError) as e:
+      merge_rules(override)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)

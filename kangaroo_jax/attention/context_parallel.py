@@ -1,7 +1,8 @@
 """Context-parallel attention: `shard_map` wrappers that place ring / all-gather attention on the mesh.
 
-Both take the global arrays (inside `jit` under `jax.set_mesh`) with the sequence sharded over
-`context`, batch over (`data`, `fsdp`) and heads over `tensor`, and validate the shapes against the
+Both take the global arrays (inside `jit` under `jax.set_mesh`) with the sequence, batch and heads sharded
+as the rules table says (`activation_length`: `context`; `activation_batch`: `data`, `fsdp`;
+`activation_heads`: `tensor`, by default; see kangaroo_jax.parallel.rules), and validate the shapes against the
 mesh before tracing the collective code, so a bad combination fails with a sentence, not an XLA error.
 """
 
@@ -19,40 +20,67 @@ from kangaroo_jax.attention.ring import ring_attention_shard
 from kangaroo_jax.attention.ring_splash import LAYOUTS as RING_LAYOUTS
 from kangaroo_jax.attention.ring_splash import ring_attention_splash_shard
 from kangaroo_jax.attention.usp import usp_attention_shard
-from kangaroo_jax.parallel.rules import current_mesh
-
-CONTEXT = "context"
+from kangaroo_jax.parallel.rules import current_mesh, mesh_axes_for, mesh_axes_in
+from kangaroo_jax.run_options import ATTENTION_KERNELS
 
 
 class ContextParallelError(ValueError):
   """A sequence / head / batch shape that the current mesh cannot split."""
 
 
+def context_axis() -> str | None:
+  """The mesh axis the sequence is split over: the rules table's `activation_length` (None: not split).
+
+  Ring, all-gather and USP run their collectives over this one axis, so the rules may give it at most one."""
+  axes = mesh_axes_for("activation_length")
+  if len(axes) > 1:
+    raise ContextParallelError(f"activation_length: context-parallel attention splits the sequence over one mesh "
+                               f"axis, the sharding rules give {axes}")
+  return axes[0] if axes else None
+
+
 def context_size() -> int:
   mesh = current_mesh()
-  return 1 if mesh is None or CONTEXT not in mesh.shape else mesh.shape[CONTEXT]
+  ctx = context_axis()
+  return 1 if mesh is None or ctx is None else mesh.shape.get(ctx, 1)
+
+
+def _size(mesh, axes) -> int:
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n
 
 
 def _specs(mesh, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, what: str, context: bool = True):
-  """(head spec [b, s, h, d], token spec [b, s]); the sequence is sharded over `context` unless told not to."""
-  n = mesh.shape.get(CONTEXT, 1) if context else 1
+  """(head spec [b, s, h, d], token spec [b, s]); the sequence is sharded over the context axis unless told not
+  to. Mesh axes come from the rules table (activation_batch / activation_length / activation_heads)."""
+  ctx = context_axis() if context else None
+  n = mesh.shape.get(ctx, 1) if ctx is not None else 1
   for name, length in (("query", q_len), ("key/value", kv_len)):
     if length % n:
       raise ContextParallelError(f"{what}: {name} length {length} is not divisible by the context axis ({n}); "
                                  f"pad the sequence to a multiple of {n} (2*{n} for zigzag load balancing)")
-  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-  size = 1
-  for a in batch_axes:
-    size *= mesh.shape[a]
+  batch_axes = mesh_axes_in(mesh.shape, "activation_batch")
+  size = _size(mesh, batch_axes)
   if batch % size:
-    raise ContextParallelError(f"{what}: batch {batch} is not divisible by data*fsdp = {size}")
-  t = mesh.shape.get("tensor", 1)
-  head_axis = "tensor" if t > 1 else None
+    raise ContextParallelError(f"{what}: batch {batch} is not divisible by "
+                               f"{'*'.join(mesh_axes_for('activation_batch'))} = {size}")
+  head_axes = tuple(a for a in mesh_axes_in(mesh.shape, "activation_heads") if a not in batch_axes and a != ctx)
+  t = _size(mesh, head_axes)
   if t > 1 and (heads % t or kv_heads % t):
-    raise ContextParallelError(f"{what}: heads ({heads}) and kv heads ({kv_heads}) must be divisible by tensor={t}")
+    raise ContextParallelError(f"{what}: heads ({heads}) and kv heads ({kv_heads}) must be divisible by "
+                               f"{'*'.join(head_axes)}={t}")
   b = batch_axes if batch_axes else None
-  seq = CONTEXT if context and n > 1 else None
-  return P(b, seq, head_axis, None), P(b, seq)
+  seq = ctx if n > 1 else None
+  h = None if not head_axes else head_axes[0] if len(head_axes) == 1 else head_axes
+  return P(b, seq, h, None), P(b, seq)
+
+
+def _head_shards(mesh, head_spec) -> int:
+  """Devices one head dim is split over, from a `_specs` head spec."""
+  h = head_spec[2]
+  return 1 if h is None else _size(mesh, (h,) if isinstance(h, str) else h)
 
 
 def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
@@ -70,7 +98,7 @@ def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
   return q_positions, kv_positions, q_segment_ids, kv_segment_ids
 
 
-KERNELS = ("auto", "xla", "splash", "cudnn")
+KERNELS = ATTENTION_KERNELS  # the choices are spelled once, in kangaroo_jax.run_options
 
 
 def platform() -> str:
@@ -130,14 +158,15 @@ def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None
   layout = {"natural": "contiguous"}.get(layout, layout)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "ring attention")
-  n = mesh.shape[CONTEXT]
+  ctx = context_axis()
+  n = mesh.shape[ctx]
   use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1] // n,
                        layout=layout if causal else None, ring=True)
   if use == "splash":
     interpret = platform() != "tpu"
 
     def per_device_splash(q, k, v, qs, ks):
-      return ring_attention_splash_shard(q, k, v, qs, ks, axis_name=CONTEXT, axis_size=n, layout=layout, scale=scale,
+      return ring_attention_splash_shard(q, k, v, qs, ks, axis_name=ctx, axis_size=n, layout=layout, scale=scale,
                                          interpret=interpret)
 
     return jax.shard_map(per_device_splash, in_specs=(head_spec,) * 3 + (tok_spec,) * 2, out_specs=head_spec,
@@ -145,7 +174,7 @@ def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None
 
   def per_device(q, k, v, qp, kp, qs, ks):
     return ring_attention_shard(q, k, v, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                                kv_segment_ids=ks, axis_name=CONTEXT, axis_size=n, scale=scale, block_q=block_q,
+                                kv_segment_ids=ks, axis_name=ctx, axis_size=n, scale=scale, block_q=block_q,
                                 block_kv=block_kv)
 
   return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
@@ -181,8 +210,9 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
   ring_layout = {"natural": "contiguous"}.get(layout, layout)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "USP attention")
-  n = mesh.shape[CONTEXT]
-  t = mesh.shape.get("tensor", 1) if head_spec[2] else 1
+  ctx = context_axis()
+  n = mesh.shape[ctx]
+  t = _head_shards(mesh, head_spec)
   u = ulysses_degree(ulysses, n, k.shape[2] // t)
   r = n // u
   if q.shape[1] != k.shape[1]:
@@ -200,7 +230,7 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
   dense = cudnn_attention if use == "cudnn" else reference_attention
 
   def per_device(q, k, v, qp, kp, qs, ks):
-    return usp_attention_shard(q, k, v, qp, kp, qs, ks, axis_name=CONTEXT, context=n, ulysses=u, causal=causal,
+    return usp_attention_shard(q, k, v, qp, kp, qs, ks, axis_name=ctx, context=n, ulysses=u, causal=causal,
                                layout=shard_layout, kernel=use, scale=scale, dense=dense, block_q=block_q,
                                block_kv=block_kv, interpret=interpret)
 
@@ -223,18 +253,19 @@ def cudnn_attention(q, k, v, *, causal, q_positions, kv_positions, q_segment_ids
 def _splash_dense(q, k, v, qs, ks, *, causal, scale, mesh, gather: bool):
   """Splash over the mesh: queries sharded over `context` (K/V all-gathered when `gather`), batch over
   (data, fsdp), heads over `tensor`. Mosaic kernels cannot be auto-partitioned, hence the shard_map."""
-  n = mesh.shape.get(CONTEXT, 1) if gather else 1
+  ctx = context_axis() if gather else None
+  n = mesh.shape.get(ctx, 1) if ctx is not None else 1
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "splash attention",
                                context=gather)
-  h_local = q.shape[2] // (mesh.shape.get("tensor", 1) if head_spec[2] else 1)
+  h_local = q.shape[2] // _head_shards(mesh, head_spec)
   kernel = splash.make_kernel("causal" if causal else "full", q.shape[1], k.shape[1], h_local, q_seq_shards=n,
                               interpret=platform() != "tpu")
-  kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, CONTEXT if n > 1 else None)))
+  kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, ctx if n > 1 else None)))
   scale = q.shape[-1] ** -0.5 if scale is None else scale
 
   def per_device(kernel, q, k, v, qs, ks):
     if n > 1:
-      gather_seq = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)  # noqa: E731
+      gather_seq = lambda x: jax.lax.all_gather(x, ctx, axis=1, tiled=True)  # noqa: E731
       k, v, ks = gather_seq(k), gather_seq(v), gather_seq(ks)
     return splash.dense(kernel, q, k, v, qs, ks, scale=scale)
 
@@ -281,14 +312,15 @@ def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_position
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1],
                                "all-gather attention")
-  n = mesh.shape[CONTEXT]
+  ctx = context_axis()
+  n = mesh.shape[ctx]
   use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1], layout=layout)
   if use == "splash":
     return _splash_dense(q, k, v, qs, ks, causal=causal, scale=scale, mesh=mesh, gather=True)
   local = reference_attention if use == "xla" else cudnn_attention
 
   def per_device(q, k, v, qp, kp, qs, ks):
-    gather = lambda x: jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)  # noqa: E731
+    gather = lambda x: jax.lax.all_gather(x, ctx, axis=1, tiled=True)  # noqa: E731
     return local(q, gather(k), gather(v), causal=causal, q_positions=qp, kv_positions=gather(kp),
                  q_segment_ids=qs, kv_segment_ids=gather(ks), scale=scale)
 
@@ -332,13 +364,14 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, cache_positions, cache
     return finish(*partial(q, k_cache, v_cache, q_positions, cache_positions, cache_valid), q.dtype)
   head_spec, tok_spec = _specs(mesh, b, h, kvh, k_cache.shape[1], k_cache.shape[1], "decode attention")
   q_spec = P(head_spec[0], None, head_spec[2], None)
+  ctx = context_axis()
 
   def per_device(q, k, v, qp, kp, valid):
     o, l, m = partial(q, k, v, qp, kp, valid)
-    m_all = jax.lax.pmax(m, CONTEXT)
+    m_all = jax.lax.pmax(m, ctx)
     w = jnp.exp(m - m_all)
-    o = jax.lax.psum(o * w[..., None], CONTEXT)
-    l = jax.lax.psum(l * w, CONTEXT)
+    o = jax.lax.psum(o * w[..., None], ctx)
+    l = jax.lax.psum(l * w, ctx)
     return finish(o, l, m_all, q.dtype)
 
   return jax.shard_map(per_device, in_specs=(q_spec, head_spec, head_spec, P(head_spec[0], None), tok_spec, tok_spec),

@@ -1,8 +1,9 @@
 """Per-host numpy batches -> global jax.Arrays on the mesh (contract section 3).
 
-Batch rows are sharded over `activation_batch` (data x fsdp) and the sequence over `activation_length`
-(context). When `context` spans hosts, hosts that hold the same rows read the same data shard
-(`data_shard_for_process`) and each keeps only its slice of the sequence.
+Batch rows are sharded over `activation_batch` (data x fsdp by default) and the sequence over
+`activation_length` (context), as the rules table in force says. When `context` spans hosts, hosts that
+hold the same rows read the same data shard (`data_shard_for_process`) and each keeps only its slice of
+the sequence.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from kangaroo_jax.parallel.rules import logical_to_spec
+from kangaroo_jax.parallel.rules import logical_to_spec, mesh_axes_for
 
 # Logical axis names per batch key (dims beyond the listed ones are unsharded).
 BATCH_AXES = {
@@ -81,9 +82,10 @@ def make_global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str
 
 
 def _row_factor(mesh: Mesh) -> int:
-  """Into how many per-process row groups the mesh's batch axes (data x fsdp) split the global batch."""
+  """Into how many per-process row groups the mesh's batch axes (the rules' `activation_batch`: data x fsdp by
+  default) split the global batch."""
   devices = np.asarray(mesh.devices)
-  axes = [a for a in ("data", "fsdp") if a in mesh.shape]
+  axes = [a for a in mesh_axes_for("activation_batch") if a in mesh.shape]
   total = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
   names = list(mesh.axis_names)
   moved = np.moveaxis(devices, [names.index(a) for a in axes], list(range(len(axes)))).reshape(total, -1)

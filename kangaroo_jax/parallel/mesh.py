@@ -110,22 +110,3 @@ def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
   with jax.set_mesh(mesh):
     state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out)()
   return nnx.merge(graphdef, state)
-
-
-def unsharded_fraction(model: nnx.Module) -> float:
-  """Fraction of parameter bytes that are fully replicated on a multi-device mesh."""
-  total = replicated = 0
-  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    arr = var.get_value()
-    nbytes = arr.size * arr.dtype.itemsize
-    total += nbytes
-    if len(arr.sharding.device_set) > 1 and arr.sharding.is_fully_replicated:
-      replicated += nbytes
-  return replicated / max(total, 1)
-
-
-def assert_params_sufficiently_sharded(model: nnx.Module, tolerance: float = 0.02) -> None:
-  frac = unsharded_fraction(model)
-  if frac > tolerance:
-    raise MeshError(f"{frac:.1%} of parameter bytes are replicated on every device (tolerance {tolerance:.0%}); "
-                    "check the logical-axis rules and the mesh shape")

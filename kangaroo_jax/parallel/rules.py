@@ -1,12 +1,17 @@
 """The one table that maps logical axis names to mesh axes, for parameters and activations alike.
 
 Mesh axes are `data, fsdp, context, tensor`. Modules only ever name logical axes; this file is the
-single place where those names meet the mesh, so changing a sharding strategy is a one-line edit.
+single place where those names meet the mesh, so changing a sharding strategy is a one-line edit, or,
+per experiment, an override (`c.sharding_rules = (("activation_embed", "tensor"), ...)`, merged over this
+table by `merge_rules` and made current with `use_rules` for everything traced inside it). Code that needs
+a mesh axis by role (the ring's axis, the batch axes) asks `mesh_axes_for` too, never spells the name.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -43,16 +48,75 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("channels", ()),
 )
 
-_RULES = dict(LOGICAL_AXIS_RULES)
+_DEFAULT = dict(LOGICAL_AXIS_RULES)
+# The table in force: the default, or an experiment's merged override inside `use_rules`. A context variable,
+# not a global, so a trace in one thread never sees another thread's override.
+_ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.ContextVar("logical_axis_rules",
+                                                                                     default=_DEFAULT)
+
+
+class RulesError(ValueError):
+  """A sharding-rules override that names an unknown logical axis or mesh axis; the message names it."""
+
+
+def merge_rules(overrides: Any, base: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_AXIS_RULES,
+                where: str = "sharding_rules") -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """`((logical axis, mesh axes), ...)` laid over `base` -> the full table, in `base`'s order.
+
+  Mesh axes may be None / () (unsharded), one name, or a tuple of names. Raises RulesError (one line,
+  naming `where[i]` and the logical axis) for an unknown logical axis, an unknown or repeated mesh axis,
+  or an entry that is not a pair."""
+  table = dict(base)
+  if overrides is None:
+    return tuple(table.items())
+  if isinstance(overrides, dict):
+    overrides = tuple(overrides.items())
+  if isinstance(overrides, str) or not isinstance(overrides, (list, tuple)):
+    raise RulesError(f"{where}: expected ((logical axis, mesh axes), ...), got {overrides!r}")
+  for i, item in enumerate(overrides):
+    if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+      raise RulesError(f"{where}[{i}]: expected a (logical axis, mesh axes) pair, got {item!r}")
+    name, axes = item
+    if name not in table:
+      raise RulesError(f"{where}[{i}]: unknown logical axis {name!r}; known: {sorted(table)}")
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not isinstance(axes, (list, tuple)) or any(a not in MESH_AXES for a in axes):
+      raise RulesError(f"{where}[{i}] ({name}): mesh axes {item[1]!r} are not a subset of {MESH_AXES}")
+    if len(set(axes)) != len(axes):
+      raise RulesError(f"{where}[{i}] ({name}): mesh axis repeated in {tuple(axes)}")
+    table[name] = tuple(axes)
+  return tuple(table.items())
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[tuple[str, tuple[str, ...]]] | None) -> Iterator[None]:
+  """Makes `rules` (a full table, e.g. from `merge_rules`; None: the default) the one in force inside.
+
+  Shardings are fixed when a function is traced: trace and compile inside the block."""
+  token = _ACTIVE.set(_DEFAULT if rules is None else dict(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active_rules() -> tuple[tuple[str, tuple[str, ...]], ...]:
+  return tuple(_ACTIVE.get().items())
 
 
 def mesh_axes_for(name: str | None) -> tuple[str, ...]:
+  """The mesh axes the table in force gives logical axis `name` (() for None)."""
   if name is None:
     return ()
   try:
-    return _RULES[name]
+    return _ACTIVE.get()[name]
   except KeyError:
     raise KeyError(f"logical axis {name!r} has no rule in kangaroo_jax.parallel.rules.LOGICAL_AXIS_RULES") from None
+
+
+def mesh_axes_in(mesh_shape, name: str) -> tuple[str, ...]:
+  """`mesh_axes_for(name)` restricted to the axes of `mesh_shape` ({axis: size}) larger than 1."""
+  return tuple(a for a in mesh_axes_for(name) if mesh_shape.get(a, 1) > 1)
 
 
 def logical_to_spec(names: Sequence[str | None], mesh_shape: dict[str, int] | None = None,

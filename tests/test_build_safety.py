@@ -125,7 +125,7 @@ def test_rebuild_with_fewer_shards_leaves_no_stale_shard(tmp_path, video):
   build(_manifest(tmp_path / "m20.jsonl", video, 20), str(out), REF, num_shards=2, progress=False)
   build(_manifest(tmp_path / "m2.jsonl", video, 2), str(out), REF, num_shards=1, progress=False, overwrite=True)
   assert sorted(os.listdir(out)) == ["data-00000-of-00001.array_record", "summary.json"]
-  files, bad = readable_shards(DataConfig(data=str(out)))
+  files, bad = readable_shards(DataConfig(dataset=str(out)))
   assert sum(_count(f) for f in files) == 2 and bad == []
 
 
@@ -137,7 +137,7 @@ def test_the_pipeline_ignores_stale_shards_an_old_build_left(tmp_path, caplog):
   (out / "summary.json").write_text(json.dumps({"manifest": "m", "rows": 2, "written": 2, "skipped": {},
                                                 "shards": ["data-00000-of-00001.array_record"], "options": {}}))
   with caplog.at_level(logging.WARNING, "kangaroo_jax.data"):
-    files, _ = readable_shards(DataConfig(data=str(out)))
+    files, _ = readable_shards(DataConfig(dataset=str(out)))
   assert [os.path.basename(f) for f in files] == ["data-00000-of-00001.array_record"]
   assert "data-00000-of-00002.array_record" in caplog.text and "does not list" in caplog.text
 
@@ -343,7 +343,7 @@ def tok(tmp_path_factory):
 
 
 def _pipe_cfg(data, **kw):
-  return DataConfig(data=data, seq_len=160, global_batch_size=1, frame_size=56, max_frames_per_row=8,
+  return DataConfig(dataset=data, seq_len=160, batch_size=1, frame_size=56, max_frames=8,
                     packing_bins=1, num_epochs=1, shuffle=False, **kw)
 
 

@@ -40,9 +40,9 @@ if __name__ == "__main__":
   tok = tiny_tokenizer({tok!r} + str(pid))
   out = {{}}
   for name, mesh in meshes.items():
-    cfg = DataConfig(data={data!r}, seq_len=96, global_batch_size=4, frame_size=56, max_frames_per_row=6,
-                     packing_bins=2, num_epochs=1, seed=1)
-    index, count = data_shard_for_process(mesh, cfg.global_batch_size)
+    cfg = DataConfig(dataset={data!r}, seq_len=96, batch_size=4, frame_size=56, max_frames=6, num_frames=6,
+                     packing_bins=2, num_epochs=1, shuffle_seed=1)
+    index, count = data_shard_for_process(mesh, cfg.batch_size)
     it = make_train_iterator(cfg, tiny(), tok, process_index=index, process_count=count)
     ids, shapes = [], {{}}
     for host in it:

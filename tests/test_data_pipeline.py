@@ -29,8 +29,8 @@ def env(tmp_path_factory):
 
 
 def _cfg(d, **kw):
-  base = dict(data=str(d / "data"), seq_len=160, global_batch_size=2, frame_size=56, max_frames_per_row=8,
-              packing_bins=3, num_epochs=1, seed=3)
+  base = dict(dataset=str(d / "data"), seq_len=160, batch_size=2, frame_size=56, max_frames=8,
+              packing_bins=3, num_epochs=1, shuffle_seed=3)
   return DataConfig(**{**base, **kw})
 
 
@@ -108,7 +108,7 @@ def test_packed_row_logits_equal_each_sample_alone(env):
   from kangaroo_jax.data.video import normalize_frames
   from kangaroo_jax.models.kangaroo import Kangaroo
   d, tok = env
-  it = make_train_iterator(_cfg(d, global_batch_size=1, packing_bins=1, seq_len=160), tiny(), tok)
+  it = make_train_iterator(_cfg(d, batch_size=1, packing_bins=1, seq_len=160), tiny(), tok)
   batch = next(b for b in it if b["segment_ids"].max() >= 2)
   L, F = batch["input_ids"].shape[1], batch["frames"].shape[1]
   rows = {k: [v[0]] for k, v in batch.items() if k in ("input_ids", "positions", "segment_ids", "frames", "timestamps")}
@@ -161,7 +161,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_in_a_new_process_gives_identical_batches(env, tmp_path, workers):
   d, tok = env
-  kw = dict(num_epochs=None, worker_count=workers, global_batch_size=2)
+  kw = dict(num_epochs=None, worker_count=workers, batch_size=2)
   cfg = _cfg(d, **kw)
   it = make_train_iterator(cfg, tiny(), tok)
   for _ in range(3):  # step k = 3
@@ -173,8 +173,8 @@ def test_resume_in_a_new_process_gives_identical_batches(env, tmp_path, workers)
     b = next(it)
     want.append({k: v.tolist() for k, v in b.items() if k != "frames"} | {"frames_sum": int(b["frames"].sum())})
   it.close()
-  cfg_json = json.dumps({"data": cfg.data, "seq_len": 160, "global_batch_size": 2, "frame_size": [56, 56],
-                         "max_frames_per_row": 8, "packing_bins": 3, "seed": 3, "worker_count": workers})
+  cfg_json = json.dumps({"dataset": cfg.dataset, "seq_len": 160, "batch_size": 2, "frame_size": [56, 56],
+                         "max_frames": 8, "packing_bins": 3, "shuffle_seed": 3, "worker_count": workers})
   script = tmp_path / "resume.py"
   script.write_text(RESUME_SCRIPT.format(tests=os.path.join(REPO, "tests"), cfg=cfg_json, tok=str(d / "tok2"),
                                          state=str(tmp_path / "state.json")))
@@ -213,8 +213,8 @@ def test_bad_samples_are_skipped_counted_and_the_rate_is_enforced(env, tmp_path)
   for r in recs:
     w.write(r)
   w.close()
-  cfg = DataConfig(data=str(tmp_path / "bad.array_record"), seq_len=200, global_batch_size=1, frame_size=56,
-                   max_frames_per_row=8, num_frames=4, num_epochs=1, shuffle=False, max_skip_rate=1.0)
+  cfg = DataConfig(dataset=str(tmp_path / "bad.array_record"), seq_len=200, batch_size=1, frame_size=56,
+                   max_frames=8, num_frames=4, num_epochs=1, shuffle=False, max_skip_rate=1.0)
   it = make_train_iterator(cfg, tiny(), tok)
   rows = list(it)
   assert len(rows) == 1 and rows[0]["segment_ids"].max() == 1
@@ -255,8 +255,8 @@ def test_every_sample_too_long_raises_instead_of_hanging(env, tmp_path, workers,
   d, tok = env
   shortest = min(len(PrepareSample(_cfg(d), tiny(), tok)(i, rb)["input_ids"]) for i, rb in enumerate(_raw(_cfg(d))))
   seq_len = shortest - 1
-  cfg_json = json.dumps({"data": str(d / "data"), "seq_len": seq_len, "global_batch_size": 2, "frame_size": [56, 56],
-                         "max_frames_per_row": 8, "packing_bins": 3, "seed": 3, "num_epochs": None,
+  cfg_json = json.dumps({"dataset": str(d / "data"), "seq_len": seq_len, "batch_size": 2, "frame_size": [56, 56],
+                         "max_frames": 8, "packing_bins": 3, "shuffle_seed": 3, "num_epochs": None,
                          "worker_count": workers, "max_skip_rate": rate, "skip_check_min_samples": 10})
   script = tmp_path / "too_long.py"
   script.write_text(TOO_LONG_SCRIPT.format(tests=os.path.join(REPO, "tests"), cfg=cfg_json, tok=str(d / "tok3")))
@@ -296,8 +296,8 @@ def test_keep_aspect_rows_use_a_non_square_grid_through_the_model(tmp_path, env)
                          "messages": [{"role": "user", "content": "<video>What happens?"},
                                       {"role": "assistant", "content": "apples"}]}))
   w.close()
-  cfg = DataConfig(data=path, seq_len=64, global_batch_size=1, frame_size=(56, 84), keep_aspect=True,
-                   max_frames_per_row=2, packing_bins=1, num_epochs=1, shuffle=False)
+  cfg = DataConfig(dataset=path, seq_len=64, batch_size=1, frame_size=(56, 84), keep_aspect=True,
+                   max_frames=2, num_frames=2, packing_bins=1, num_epochs=1, shuffle=False)
   batch = next(iter(make_train_iterator(cfg, tiny(), tok)))
   assert batch["frames"].shape == (1, 2, 56, 84, 3)
   frame = batch["frames"][0, 0]

@@ -233,8 +233,8 @@ def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_u
   os.remove(doomed)
   from kangaroo_jax.config import tiny
   from kangaroo_jax.tokenizer import load_tokenizer
-  it = make_train_iterator(DataConfig(data="tfds:kangaroo_video_qa", tfds_data_dir=str(out), seq_len=160,
-                                      global_batch_size=1, frame_size=56, max_frames_per_row=4, num_frames=4,
+  it = make_train_iterator(DataConfig(dataset="tfds:kangaroo_video_qa", tfds_data_dir=str(out), seq_len=160,
+                                      batch_size=1, frame_size=56, max_frames=4, num_frames=4,
                                       num_epochs=2, max_skip_rate=1.0), tiny(), load_tokenizer(env[1]))
   batches = list(it)
   assert it.skipped == {"missing_video": 2} and it.metrics()["data/seen"] == 10 and len(batches) == 8
@@ -342,8 +342,8 @@ def test_webvid_shaped_dataset_maps_to_video_captions(env, tmp_path):
   data_dir = _write(Webvid, tmp_path / "webvid", {"train": [
       {"video": _clip(i, 12), "id": f"w{i}", "caption": "A red ball rolls across the table.", "url": ""}
       for i in range(4)]})
-  cfg = DataConfig(data="tfds:webvid", tfds_data_dir=data_dir, seq_len=160, global_batch_size=2, frame_size=28,
-                   max_frames_per_row=4, num_frames=4, num_epochs=1, max_skip_rate=0.0)
+  cfg = DataConfig(dataset="tfds:webvid", tfds_data_dir=data_dir, seq_len=160, batch_size=2, frame_size=28,
+                   max_frames=4, num_frames=4, num_epochs=1, max_skip_rate=0.0)
   it = make_train_iterator(cfg, tiny(), load_tokenizer(env[1]))
   batches = list(it)  # one 4-frame clip per row
   assert len(batches) == 2 and it.metrics()["data/seen"] == 4 and it.skipped == {}
@@ -364,7 +364,7 @@ def test_mapping_misfits_name_the_dataset_split_and_feature(env, tmp_path, caplo
   f = tfds.features
 
   def open_(data, data_dir, **kw):
-    cfg = DataConfig(data=data, tfds_data_dir=data_dir, seq_len=160, global_batch_size=2, frame_size=28, **kw)
+    cfg = DataConfig(dataset=data, tfds_data_dir=data_dir, seq_len=160, batch_size=2, frame_size=28, **kw)
     with pytest.raises(DataConfigError) as e:
       make_train_iterator(cfg, tiny(), tok)
     assert "\n" not in str(e.value)
@@ -397,8 +397,8 @@ def test_mapping_misfits_name_the_dataset_split_and_feature(env, tmp_path, caplo
   unmapped = _write(clips, tmp_path / "d", {"train": [{"video": _clip(0, 2), "id": "", "caption": "", "url": ""}]})
   e = open_("tfds:my_clips", unmapped)
   assert "no mapping is declared for dataset 'my_clips'" in str(e.value) and "DataConfig.tfds_mapping" in str(e.value)
-  it = make_train_iterator(DataConfig(data="tfds:my_clips", tfds_data_dir=unmapped, tfds_mapping="video_caption",
-                                      seq_len=160, global_batch_size=1, frame_size=28, num_epochs=1), tiny(), tok)
+  it = make_train_iterator(DataConfig(dataset="tfds:my_clips", tfds_data_dir=unmapped, tfds_mapping="video_caption",
+                                      seq_len=160, batch_size=1, frame_size=28, num_epochs=1), tiny(), tok)
   with caplog.at_level("WARNING", logger="kangaroo_jax.data"):
     assert list(it) == []  # mapped, then skipped: its caption is empty
   assert "tfds:my_clips/1.0.0 split 'train' record 0: feature 'caption' is empty" in caplog.text

@@ -18,12 +18,13 @@ def grain_iterator(cfg: TrainConfig, shard_index: int, shard_count: int):
   which the CLI prints as one line (exit 2)."""
   d = cfg.data
   try:
-    dcfg = data_config.DataConfig(data=d.dataset, seq_len=d.seq_len, global_batch_size=d.batch_size,
-                                  frame_size=(d.frame_size, d.frame_size), max_frames_per_row=d.max_frames,
-                                  num_frames=d.num_frames, seed=d.shuffle_seed, worker_count=d.worker_count,
-                                  max_skip_rate=d.max_skip_rate, tfds_data_dir=d.tfds_data_dir or None,
-                                  tfds_mapping=d.tfds_mapping or None)
+    dcfg = data_config.DataConfig(dataset=d.dataset, seq_len=d.seq_len, batch_size=d.batch_size,
+                                  frame_size=d.frame_size, max_frames=d.max_frames,
+                                  num_frames=d.num_frames, shuffle_seed=d.shuffle_seed, worker_count=d.worker_count,
+                                  max_skip_rate=d.max_skip_rate, tfds_data_dir=d.tfds_data_dir,
+                                  tfds_mapping=d.tfds_mapping)
     return make_train_iterator(dcfg, cfg.model, load_tokenizer(d.tokenizer), process_index=shard_index,
                                process_count=shard_count)
   except data_config.DataConfigError as e:
-    raise ConfigError(f"data.dataset: {e}") from None
+    msg = str(e)
+    raise ConfigError(msg if msg.startswith("data.") else f"data.dataset: {msg}") from None

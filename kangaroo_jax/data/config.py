@@ -1,4 +1,4 @@
-"""DataConfig: everything the training input pipeline needs besides the model config and tokenizer."""
+"""DataConfig: the one data configuration, of the trainer's `data` section and of the input pipeline alike."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import glob
 import os
 import re
 
+from kangaroo_jax.checks import check, check_bool, check_choice, check_float, check_int, check_str, fail
+from kangaroo_jax.config import ConfigError
 from kangaroo_jax.data.prompt import VideoMarkers
 
 # Why a sample was dropped; the index is the slot in the per-row skip-count vector.
 SKIP_REASONS = ("bad_record", "missing_video", "bad_video", "bad_conversation", "too_long", "too_many_frames")
 
 
-class DataConfigError(ValueError):
-  """An invalid DataConfig field; the message names it."""
+class DataConfigError(ConfigError):
+  """A data field whose value cannot be used (no shards, an unknown TFDS dataset, ...); the message names it.
+
+  A ConfigError, so the trainer's CLI reports it as one line (exit 2) like any other config field."""
 
 
 class SkipRateExceeded(RuntimeError):
@@ -33,7 +37,7 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")  # a split expression starts with the 
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
-  """`data="tfds:NAME[/CONFIG][:VERSION][:SPLIT]"` parsed (kangaroo_jax.data.tfds_source reads it)."""
+  """`dataset="tfds:NAME[/CONFIG][:VERSION][:SPLIT]"` parsed (kangaroo_jax.data.tfds_source reads it)."""
   name: str             # as TFDS names it: "coco_captions/2014:1.1.0"
   split: str = "train"  # a TFDS split expression: "train", "validation[:10%]"
 
@@ -50,7 +54,7 @@ def is_tfds(data) -> bool:
   return isinstance(data, str) and data.startswith(TFDS_PREFIX)
 
 
-def parse_tfds(data: str, field: str = "DataConfig.data") -> TfdsSpec:
+def parse_tfds(data: str, field: str = "data.dataset") -> TfdsSpec:
   """"tfds:NAME[/CONFIG][:VERSION][:SPLIT]" -> TfdsSpec; DataConfigError naming `field` when it does not parse."""
   m = _TFDS_SPEC.fullmatch(data[len(TFDS_PREFIX):]) if is_tfds(data) else None
   if m is None:
@@ -62,96 +66,125 @@ def parse_tfds(data: str, field: str = "DataConfig.data") -> TfdsSpec:
   return TfdsSpec(m.group("name"), split)
 
 
+DATA_SOURCES = ("synthetic", "grain")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Validated options of `make_train_iterator`.
+  """The one data configuration: the trainer's `data` section (configs/*.py: `c.data.update(...)`) and the
+  options of `make_train_iterator`, validated once in `__post_init__` (ConfigError naming `data.<field>`).
 
-  data: a folder of `*.array_record` shards (tools.build_dataset output), one shard file, or a glob; or a TFDS
-    dataset split, "tfds:NAME[/CONFIG][:VERSION][:SPLIT]" (kangaroo_jax.data.tfds_source), read from
-    `tfds_data_dir` (default: TFDS's own, $TFDS_DATA_DIR or ~/tensorflow_datasets) through the mapping its
+  source: "synthetic" (train.synthetic: contract-shaped generated rows, no files) or "grain" (this package's
+    pipeline over `dataset`, which needs `tokenizer` too).
+  dataset: a folder of `*.array_record` shards (tools.build_dataset output), one shard file, or a glob; or a
+    TFDS dataset split, "tfds:NAME[/CONFIG][:VERSION][:SPLIT]" (kangaroo_jax.data.tfds_source), read from
+    `tfds_data_dir` ("": TFDS's own, $TFDS_DATA_DIR or ~/tensorflow_datasets) through the mapping its
     name declares (tfds_mappings.DATASET_SHAPES), or the shape `tfds_mapping` names.
-  seq_len: L, tokens per packed row. global_batch_size: rows per step over all hosts.
-  frame_size: (H, W) of every frame slot; records stored at another size are resized (squash, or
-    letterboxed into H x W when `keep_aspect`). max_frames_per_row: F, frame slots per row.
-  num_frames / fps / max_frames: sampling for records that reference a video (decoded in the workers).
+  batch_size: rows per optimizer step over all hosts and micro-batches. seq_len: L, tokens per packed row.
+  frame_size: H = W of every frame slot, or (H, W) (the trainer takes square frames); records stored at
+    another size are resized (squash, or letterboxed into H x W when `keep_aspect`).
+  max_frames: F, frame slots per row (even: patchify pairs frames).
+  num_frames / fps / max_sampled_frames: sampling for records that reference a video (decoded in the
+    workers): num_frames evenly spread frames, or `fps` frames per second (num_frames=None) capped at
+    max_sampled_frames.
   packing_bins: rows kept open for first-fit packing (more bins = fuller rows, more host memory).
   max_skip_rate: stop with an error when skipped / seen samples exceeds this, checked once at least
     `skip_check_min_samples` samples were seen. The packer also stops, whatever the rate, after
     `10 * skip_check_min_samples` consecutive skipped samples (nothing could ever be packed).
   """
-  data: str
-  seq_len: int = 4096
-  global_batch_size: int = 8
-  frame_size: tuple[int, int] = (448, 448)
-  max_frames_per_row: int = 64
+  source: str = "synthetic"
+  dataset: str = ""
+  tokenizer: str = ""           # folder with tokenizer files (grain; copied into the export)
+  batch_size: int = 8
+  seq_len: int = 256
+  frame_size: int | tuple[int, int] = 56
+  max_frames: int = 8
   keep_aspect: bool = False
-  num_frames: int | None = 16
+  num_frames: int | None = 8
   fps: float | None = None
-  max_frames: int | None = None
+  max_sampled_frames: int | None = None
   packing_bins: int = 4
   shuffle: bool = True
-  seed: int = 0
+  shuffle_seed: int = 0
   num_epochs: int | None = None  # None: repeat forever
-  worker_count: int = 0
+  worker_count: int = 0          # Grain worker processes
   worker_buffer_size: int = 2
   max_skip_rate: float = 0.05
   skip_check_min_samples: int = 100
   system_prompt: str | None = None
   markers: VideoMarkers = VideoMarkers()
-  tfds_data_dir: str | None = None
-  tfds_mapping: str | None = None
+  tfds_data_dir: str = ""
+  tfds_mapping: str = ""        # a mapping shape for a dataset tfds_mappings.DATASET_SHAPES does not name
 
   def __post_init__(self):
-    if isinstance(self.frame_size, int):
-      object.__setattr__(self, "frame_size", (self.frame_size, self.frame_size))
-    object.__setattr__(self, "frame_size", tuple(int(s) for s in self.frame_size))
+    w = "data"
+    if isinstance(self.frame_size, list):  # a pair from JSON / a ConfigDict
+      object.__setattr__(self, "frame_size", tuple(self.frame_size))
     if isinstance(self.markers, dict):
       object.__setattr__(self, "markers", VideoMarkers(**self.markers))
-    for name in ("seq_len", "global_batch_size", "max_frames_per_row", "packing_bins", "worker_buffer_size"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or v <= 0:
-        raise DataConfigError(f"DataConfig.{name} must be a positive int, got {v!r}")
-    if len(self.frame_size) != 2 or min(self.frame_size) <= 0:
-      raise DataConfigError(f"DataConfig.frame_size must be (H, W) > 0, got {self.frame_size}")
-    if self.max_frames_per_row % 2:
-      raise DataConfigError(f"DataConfig.max_frames_per_row must be even (frame pairs), got {self.max_frames_per_row}")
-    if self.num_frames is not None and self.fps is not None:
-      raise DataConfigError("DataConfig: set num_frames or fps, not both")
-    if self.worker_count < 0:
-      raise DataConfigError(f"DataConfig.worker_count must be >= 0, got {self.worker_count}")
-    if not 0.0 <= self.max_skip_rate <= 1.0:
-      raise DataConfigError(f"DataConfig.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
-    if not isinstance(self.skip_check_min_samples, int) or self.skip_check_min_samples <= 0:
-      raise DataConfigError(
-          f"DataConfig.skip_check_min_samples must be a positive int, got {self.skip_check_min_samples!r}")
-    if self.num_epochs is not None and self.num_epochs <= 0:
-      raise DataConfigError(f"DataConfig.num_epochs must be positive or None, got {self.num_epochs}")
-    if is_tfds(self.data):
-      parse_tfds(self.data)
+    check_choice(self, w, "source", DATA_SOURCES)
+    for f in ("batch_size", "seq_len", "max_frames", "packing_bins", "worker_buffer_size", "skip_check_min_samples"):
+      check_int(self, w, f, 1)
+    for f in ("worker_count", "shuffle_seed"):
+      check_int(self, w, f, 0)
+    fs = self.frame_size
+    check(_positive_int(fs) or (isinstance(fs, tuple) and len(fs) == 2 and all(map(_positive_int, fs))), w,
+          "frame_size", f"expected a positive int or (H, W), got {fs!r}")
+    for f in ("num_frames", "max_sampled_frames", "num_epochs"):
+      if getattr(self, f) is not None:
+        check_int(self, w, f, 1)
+    if self.fps is not None:
+      check_float(self, w, "fps", 0.0, open_lo=True)
+      check(self.num_frames is None, w, "fps", f"set num_frames or fps, not both (num_frames={self.num_frames})")
+    check_float(self, w, "max_skip_rate", 0.0, 1.0)
+    for f in ("keep_aspect", "shuffle"):
+      check_bool(self, w, f)
+    check(self.max_frames % 2 == 0 and (self.num_frames or 0) % 2 == 0, w, "max_frames",
+          f"frame counts must be even (patchify pairs frames), got max_frames={self.max_frames}, "
+          f"num_frames={self.num_frames}")
+    check(self.num_frames is None or self.num_frames <= self.max_frames, w, "num_frames",
+          f"{self.num_frames} frames per video exceed max_frames={self.max_frames}")
+    for f in ("dataset", "tokenizer", "tfds_data_dir", "tfds_mapping"):
+      check_str(self, w, f)
+    if self.source == "grain":
+      for f in ("dataset", "tokenizer"):
+        check(bool(getattr(self, f)), w, f, "required when data.source='grain'")
+    if is_tfds(self.dataset):
+      parse_tfds(self.dataset)
     elif self.tfds_data_dir or self.tfds_mapping:
-      raise DataConfigError(f"DataConfig.tfds_data_dir / tfds_mapping are for tfds: data, got data={self.data!r}")
+      f = "tfds_data_dir" if self.tfds_data_dir else "tfds_mapping"
+      raise fail(w, f, f"only for a TFDS dataset (data.dataset='tfds:NAME[:SPLIT]'), got dataset={self.dataset!r}")
     if self.tfds_mapping:
-      from kangaroo_jax.data.tfds_mappings import MAPPINGS
-      if self.tfds_mapping not in MAPPINGS:
-        raise DataConfigError(f"DataConfig.tfds_mapping={self.tfds_mapping!r}: expected one of {sorted(MAPPINGS)}")
+      from kangaroo_jax.data.tfds_mappings import MAPPINGS  # its feature code imports this module
+      check(self.tfds_mapping in MAPPINGS, w, "tfds_mapping",
+            f"got {self.tfds_mapping!r}, expected one of {sorted(MAPPINGS)}")
+
+  @property
+  def frame_hw(self) -> tuple[int, int]:
+    """(H, W) of a frame slot."""
+    return (self.frame_size, self.frame_size) if isinstance(self.frame_size, int) else self.frame_size
 
   @property
   def tfds(self) -> TfdsSpec | None:
-    """The TFDS split to read, or None when `data` names ArrayRecord shards."""
-    return parse_tfds(self.data) if is_tfds(self.data) else None
+    """The TFDS split to read, or None when `dataset` names ArrayRecord shards."""
+    return parse_tfds(self.dataset) if is_tfds(self.dataset) else None
 
   def shard_files(self) -> list[str]:
     """The ArrayRecord files, sorted; DataConfigError when there are none."""
     if self.tfds is not None:
-      raise DataConfigError(f"DataConfig.data={self.data!r} is a TFDS dataset, not shard files")
-    if os.path.isdir(self.data):
-      files = sorted(glob.glob(os.path.join(self.data, "*.array_record")))
+      raise DataConfigError(f"data.dataset={self.dataset!r} is a TFDS dataset, not shard files")
+    if os.path.isdir(self.dataset):
+      files = sorted(glob.glob(os.path.join(self.dataset, "*.array_record")))
     else:
-      files = sorted(glob.glob(self.data))
+      files = sorted(glob.glob(self.dataset))
     if not files:
-      hint = _tfds_hint(self.data) if os.path.isdir(self.data) else ""
-      raise DataConfigError(f"DataConfig.data={self.data!r}: no *.array_record files found{hint}")
+      hint = _tfds_hint(self.dataset) if os.path.isdir(self.dataset) else ""
+      raise DataConfigError(f"data.dataset={self.dataset!r}: no *.array_record files found{hint}")
     return files
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _tfds_hint(folder: str) -> str:
@@ -163,4 +196,4 @@ def _tfds_hint(folder: str) -> str:
     name = tfds_info["name"]
   except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
     return ""
-  return f"; it holds the TFDS dataset {name!r}: read it as data='tfds:{name}' with tfds_data_dir={folder!r}"
+  return f"; it holds the TFDS dataset {name!r}: read it as dataset='tfds:{name}' with tfds_data_dir={folder!r}"

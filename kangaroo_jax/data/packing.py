@@ -178,9 +178,9 @@ class _PackIterator(grain.DatasetIterator):
               + (f" (the shortest skipped one needs {need} tokens)" if need is not None else "")
               + "; raise seq_len or shorten the conversations.")
     if top == "too_many_frames":
-      return (f"Likely cause: max_frames_per_row {ds.max_frames} is below the samples' frame counts"
+      return (f"Likely cause: max_frames {ds.max_frames} (frame slots per row) is below the samples' frame counts"
               + (f" (the smallest skipped one has {need} frames)" if need is not None else "")
-              + "; raise max_frames_per_row or sample fewer frames.")
+              + "; raise data.max_frames or sample fewer frames.")
     return "Likely cause: unusable records or videos (see the per-sample warnings); fix or rebuild the dataset."
 
   def __next__(self) -> dict:

@@ -15,7 +15,7 @@ the trainer sums metrics over hosts); ShardError, naming them, when no shard can
 tools.build_dataset is read as its summary.json lists it, so shard files it does not list (left by older
 builds) are left out too, with a warning.
 
-A TFDS split (`data="tfds:NAME[:SPLIT]"`, kangaroo_jax.data.tfds_source) replaces the ArrayRecordDataSource:
+A TFDS split (`dataset="tfds:NAME[:SPLIT]"`, kangaroo_jax.data.tfds_source) replaces the ArrayRecordDataSource:
 its examples go through the dataset's declared mapping (PrepareTfdsSample) and then the same steps; an
 example that cannot be read, or does not fit the mapping, is skipped and counted like a bad record.
 
@@ -93,8 +93,8 @@ def _listed_in_summary(data: str, files: list[str]) -> list[str]:
 def readable_shards(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
   """(shard files to read, "path: problem" for each one left out). ShardError when none is readable."""
   files = data_cfg.shard_files()
-  if os.path.isdir(data_cfg.data):
-    files = _listed_in_summary(data_cfg.data, files)
+  if os.path.isdir(data_cfg.dataset):
+    files = _listed_in_summary(data_cfg.dataset, files)
   good, bad = [], []
   for path in files:
     problem = _shard_problem(path)
@@ -105,7 +105,7 @@ def readable_shards(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
       log.warning("data: skipping shard %s: %s", path, problem)
   if not good:
     shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-    raise ShardError(f"DataConfig.data={data_cfg.data!r}: none of its {len(bad)} shard file(s) can be read: {shown}")
+    raise ShardError(f"data.dataset={data_cfg.dataset!r}: none of its {len(bad)} shard file(s) can be read: {shown}")
   if bad:
     log.warning("data: %d of %d shard files skipped as unreadable", len(bad), len(files))
   return good, bad
@@ -139,7 +139,7 @@ class PrepareSample:
     self.data_cfg = data_cfg
     self.visual_token_id = model_cfg.visual_token_id
     self.frames_per_group = model_cfg.projector.frames_per_group
-    gh, gw = model_cfg.vision.grid_for(*data_cfg.frame_size)
+    gh, gw = model_cfg.vision.grid_for(*data_cfg.frame_hw)
     self.tokens_per_group = model_cfg.projector.tokens_per_group(gh, gw)
     # Tokenizers wrap native objects; workers reload from the file when there is one.
     self._tokenizer_path = getattr(tokenizer, "path", None)
@@ -179,11 +179,11 @@ class PrepareSample:
           raise RecordError(f"{where}: {ts.shape[0] if ts.ndim else 0} timestamps for {len(frames)} frames")
       elif "video" in rec:
         v = rec["video"]
-        dec = load_video(v["path"], num_frames=c.num_frames, fps=c.fps, max_frames=c.max_frames,
+        dec = load_video(v["path"], num_frames=c.num_frames, fps=c.fps, max_frames=c.max_sampled_frames,
                          start=v.get("start"), end=v.get("end"))
         frames, ts = dec.frames, dec.timestamps
       else:
-        frames, ts = np.zeros((0, *c.frame_size, 3), np.uint8), np.zeros(0, np.float32)
+        frames, ts = np.zeros((0, *c.frame_hw, 3), np.uint8), np.zeros(0, np.float32)
     except VideoError as e:
       return self._skip("missing_video" if "no such file" in str(e) else "bad_video", where, e)
     except (RecordError, KeyError, TypeError, ValueError) as e:
@@ -195,12 +195,12 @@ class PrepareSample:
     c = self.data_cfg
     if len(frames) % 2 and len(frames):
       frames, ts = np.concatenate([frames, frames[-1:]]), np.concatenate([ts, ts[-1:]])
-    if len(frames) > c.max_frames_per_row:
-      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames_per_row {c.max_frames_per_row}",
+    if len(frames) > c.max_frames:
+      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames {c.max_frames}",
                         need=len(frames))
     try:
       if len(frames):
-        frames = fit_frames(frames, c.frame_size, c.keep_aspect)
+        frames = fit_frames(frames, c.frame_hw, c.keep_aspect)
       enc = encode_conversation(self.tokenizer, messages, num_groups=len(frames) // self.frames_per_group,
                                 tokens_per_group=self.tokens_per_group, visual_token_id=self.visual_token_id,
                                 markers=c.markers, system=c.system_prompt)
@@ -252,7 +252,7 @@ class Source:
 
 
 def open_source(data_cfg: DataConfig) -> Source:
-  """The records `data_cfg.data` names: ArrayRecord shards (checked, see `readable_shards`) or a TFDS split
+  """The records `data_cfg.dataset` names: ArrayRecord shards (checked, see `readable_shards`) or a TFDS split
   (tfds_source.open_tfds: features checked against its mapping). DataConfigError / ShardError when unusable."""
   spec = data_cfg.tfds
   if spec is None:
@@ -261,8 +261,8 @@ def open_source(data_cfg: DataConfig) -> Source:
   from kangaroo_jax.data.tfds_mappings import Sampling
   from kangaroo_jax.data.tfds_source import open_tfds
   c = data_cfg
-  sampling = Sampling(c.num_frames, c.fps, c.max_frames, c.markers.video)
-  opened = open_tfds(spec, data_dir=c.tfds_data_dir, mapping=c.tfds_mapping, sampling=sampling,
+  sampling = Sampling(c.num_frames, c.fps, c.max_sampled_frames, c.markers.video)
+  opened = open_tfds(spec, data_dir=c.tfds_data_dir or None, mapping=c.tfds_mapping or None, sampling=sampling,
                      shard_problem=_shard_problem)
   return Source(opened.records, PrepareTfdsSample, opened.mapping, opened.bad_shards)
 
@@ -275,8 +275,8 @@ def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *,
   `shard_files`: the files to read, as `readable_shards` returned them (checked here when not given);
   `source`: what `open_source` returned (TFDS data), instead of them."""
   c = data_cfg
-  if c.global_batch_size % shard_count:
-    raise ValueError(f"global_batch_size {c.global_batch_size} is not divisible by the {shard_count} data shards")
+  if c.batch_size % shard_count:
+    raise ValueError(f"data.batch_size {c.batch_size} is not divisible by the {shard_count} data shards")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   if source is None:
@@ -286,14 +286,14 @@ def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *,
              else source.prepare(c, model_cfg, tokenizer, source.mapping))
   ds = grain.MapDataset.source(source.records)
   if c.shuffle:
-    ds = ds.shuffle(seed=c.seed)
+    ds = ds.shuffle(seed=c.shuffle_seed)
   ds = ds.repeat(c.num_epochs)
   ds = ds[shard_index::shard_count]
   ds = ds.map_with_index(_PrepareMap(prepare))
   it = ds.to_iter_dataset()
-  it = PackIterDataset(it, seq_len=c.seq_len, max_frames=c.max_frames_per_row, frame_hw=c.frame_size,
+  it = PackIterDataset(it, seq_len=c.seq_len, max_frames=c.max_frames, frame_hw=c.frame_hw,
                        bins=c.packing_bins, max_skip_rate=c.max_skip_rate, min_samples=c.skip_check_min_samples)
-  it = it.batch(c.global_batch_size // shard_count, drop_remainder=True)
+  it = it.batch(c.batch_size // shard_count, drop_remainder=True)
   if c.worker_count > 0:
     _mark_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
@@ -352,7 +352,7 @@ class TrainIterator:
       raise SkipRateExceeded(
           f"data: {total} of {self._seen} samples skipped ({total / self._seen:.1%} > max_skip_rate "
           f"{c.max_skip_rate:.1%}); reasons: {self.skipped}. Fix or rebuild the dataset "
-          f"({c.data}), or raise DataConfig.max_skip_rate.")
+          f"({c.dataset}), or raise data.max_skip_rate.")
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._it.get_state(), "skipped": self.skipped, "seen": self._seen}
@@ -371,7 +371,7 @@ class TrainIterator:
 def make_train_iterator(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, process_index: int = 0,
                         process_count: int = 1) -> TrainIterator:
   """The trainer's entry point. `process_index` / `process_count` select the data shard this host reads:
-  pass `data_shard_for_process(mesh, global_batch_size)` when `context` spans hosts (hosts holding the same
+  pass `data_shard_for_process(mesh, data_cfg.batch_size)` when `context` spans hosts (hosts holding the same
   batch rows must read the same shard), else `jax.process_index()`, `jax.process_count()`."""
   source = open_source(data_cfg)
   return TrainIterator(build_dataset(data_cfg, model_cfg, tokenizer, shard_index=process_index,

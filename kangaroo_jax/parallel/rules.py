@@ -16,6 +16,8 @@ from typing import Any, Iterator, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kangaroo_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # (logical name, mesh axes). A mesh axis is used at most once per array: when two logical dims of one
@@ -55,8 +57,9 @@ _ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.Contex
                                                                                      default=_DEFAULT)
 
 
-class RulesError(ValueError):
-  """A sharding-rules override that names an unknown logical axis or mesh axis; the message names it."""
+class RulesError(ConfigError):
+  """A sharding-rules override that names an unknown logical axis or mesh axis; the message names it (one
+  line: a ConfigError, so the trainer's CLI exits 2 with it)."""
 
 
 def merge_rules(overrides: Any, base: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_AXIS_RULES,

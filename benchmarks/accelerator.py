@@ -78,6 +78,7 @@ from kangaroo_jax.attention import get_attention  # noqa: E402
 from kangaroo_jax.config import LlamaConfig  # noqa: E402
 from kangaroo_jax.inference.cache import init_cache  # noqa: E402
 from kangaroo_jax.models import LlamaForCausalLM  # noqa: E402
+from kangaroo_jax.run_options import RunOptions  # noqa: E402
 
 SECTIONS = ("train", "attention", "decode")
 DEFAULT_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM and H200 (no sparsity)
@@ -280,8 +281,9 @@ def train_case(out: dict, shapes: Shapes, rows: int, seq: int, peak_tflops: floa
   out.update(rows=rows, seq_len=seq, tokens_per_step=rows * seq)
 
   def create():
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                            attention_impl="reference", remat_policy="full", logits_fp32=True)
+    run = RunOptions(param_dtype="float32", compute_dtype="bfloat16", attention_impl="reference", remat_policy="full",
+                     logits_fp32=True)
+    return LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0))
 
   graphdef, params, rest = init_on_device(create)
   out["params_total"] = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -503,8 +505,7 @@ def bench_decode(shapes: Shapes, args, budget: "Budget", put: Callable[[str, Any
   cfg = shapes.decode_cfg
 
   def create():
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                            attention_impl="reference")
+    return LlamaForCausalLM(cfg, RunOptions(param_dtype="bfloat16", compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
 
   t = time.perf_counter()
   graphdef, params, rest = init_on_device(create)

@@ -34,6 +34,7 @@ from kangaroo_jax.config import LlamaConfig  # noqa: E402
 from kangaroo_jax.models import LlamaForCausalLM  # noqa: E402
 from kangaroo_jax.parallel import shard  # noqa: E402
 from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
+from kangaroo_jax.run_options import RunOptions  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 512
 GB = 1 << 30
@@ -95,8 +96,8 @@ def balance(seq: int = 16384, n: int = 8) -> dict:
 def _model_bytes(seq: int, mesh) -> int:
   cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=16, max_position_embeddings=seq)
-  model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), attention_impl="ring",
-                                                  remat_policy="full"))
+  run = RunOptions(attention_impl="ring", remat_policy="full")
+  model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
 
   def loss(params, ids):
@@ -134,8 +135,8 @@ def execute(seq: int, mesh, remat: str = "full", block: int = 512) -> dict:
                     head_dim=16, max_position_embeddings=seq)
   with jax.set_mesh(mesh):
     from kangaroo_jax.parallel.mesh import init_sharded
-    model = init_sharded(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), attention_impl="ring",
-                                                  remat_policy=remat, attention_block=block), mesh)
+    run = RunOptions(attention_impl="ring", remat_policy=remat, attention_block=block)
+    model = init_sharded(lambda: LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params, ids):

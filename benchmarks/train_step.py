@@ -38,8 +38,7 @@ from train.config import from_configdict  # noqa: E402
 _100M = dict(llm=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                       num_kv_heads=4, head_dim=64, max_position_embeddings=4096, bos_token_id=1, eos_token_ids=[2]),
              vision=dict(image_size=112, patch_size=14, width=256, num_layers=4, head_width=64, mlp_hidden=683,
-                         pt_hw_seq_len=8),
-             compute_dtype="float32")
+                         pt_hw_seq_len=8))
 
 
 class UnknownTripCount(ValueError):
@@ -88,12 +87,13 @@ def _config(name: str, remat: str, one_layer: bool = False):
   c = base(f"bench_{name}")
   c.model.preset = "tiny"
   if name == "tiny":
-    c.model.overrides = dict(remat_policy=remat)
+    c.run.remat_policy = remat
     if one_layer:
-      c.model.overrides.update(llm=dict(num_layers=1), vision=dict(num_layers=1))
+      c.model.overrides = dict(llm=dict(num_layers=1), vision=dict(num_layers=1))
     c.data.update(source="synthetic", batch_size=8, seq_len=256, frame_size=56, max_frames=8, num_frames=8)
   else:
-    c.model.overrides = dict(_100M, remat_policy=remat)
+    c.model.overrides = dict(_100M)
+    c.run.update(remat_policy=remat, compute_dtype="float32")
     c.data.update(source="synthetic", batch_size=4, seq_len=1024, frame_size=112, max_frames=8, num_frames=8)
   c.mesh.fsdp = -1
   return from_configdict(ml_collections.ConfigDict(c.to_dict()))
@@ -115,11 +115,11 @@ def _step_and_inputs(cfg):
   from train.synthetic import SyntheticIterator
 
   mesh = make_mesh(cfg.mesh)
-  md = ModelDef(cfg.model)
+  md = ModelDef(cfg.model, cfg.run)
   paths = list(flatten(md.shapes()))
   pred = functools.partial(is_trainable, cfg.optim)
   tx, sched = make_optimizer(cfg.optim, 100, paths)
-  params = md.to_params(init_sharded(lambda: Kangaroo(cfg.model, rngs=nnx.Rngs(0)), mesh))
+  params = md.to_params(init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(0)), mesh))
   rep = NamedSharding(mesh, PartitionSpec())
   tsh, fsh = partition(md.shardings(mesh), pred)
   abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(md.shapes(), pred))

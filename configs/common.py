@@ -5,12 +5,16 @@
   mode=cpu    the same stage on the `tiny` model with small frames and sequences (laptop / CI smoke run)
   prev=DIR    the previous stage's workdir: this stage starts from DIR/export
   steps=N     override total_steps
-Anything else can be overridden per field: --config.optim.lr=1e-4.
+Anything else can be overridden per field: --config.optim.lr=1e-4, --config.run.attention_impl=ring.
+`model` holds shapes (a preset and overrides of it: what the export stores); `run` holds how the model runs
+(kangaroo_jax.run_options.RunOptions: dtypes, attention impl and kernel, remat, vision chunks).
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from kangaroo_jax.run_options import RunOptions
 
 _BOOL = {"true": True, "false": False, "1": True, "0": False}
 
@@ -39,6 +43,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.export = True
   c.peak_flops_per_device = 0.0
   c.model = ml_collections.ConfigDict(dict(preset="kangaroo-8b", overrides={}))
+  c.run = ml_collections.ConfigDict(RunOptions().to_dict())  # every field present, so --config.run.X= works
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1,
                                           dcn_context=1, dcn_tensor=1))
   c.data = ml_collections.ConfigDict(dict(
@@ -67,7 +72,7 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
   rope_theta: for stages far past the released context (8192 positions at theta 500,000), a larger
   RoPE base, with max_position_embeddings raised to the stage's sequence length (as LWM raised theta
   stage by stage: 1M at 32k, 10M at 128k-256k, 50M at 1M tokens). The export's config.json carries both.
-  vision_chunk_frames: frames the vision tower encodes per scan step (KangarooConfig.vision_chunk_frames).
+  vision_chunk_frames: frames the vision tower encodes per scan step (RunOptions.vision_chunk_frames).
   ulysses_degree: USP's all-to-all group size (attention "usp"; 0 = automatic).
   context / fsdp: mesh axis sizes; one of them may be -1 (the rest of the slice)."""
   a = parse_arg(arg, mode="full", prev="", steps=0, data="", tokenizer="")
@@ -82,8 +87,8 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
   c.data.dataset = a.data
   c.data.tokenizer = a.tokenizer
   if a.mode == "full":
-    c.model.overrides = dict(compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention,
-                             vision_chunk_frames=vision_chunk_frames, ulysses_degree=ulysses_degree)
+    c.run.update(compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention,
+                 vision_chunk_frames=vision_chunk_frames, ulysses_degree=ulysses_degree)
     if rope_theta is not None:
       c.model.overrides["llm"] = dict(rope_theta=rope_theta, max_position_embeddings=seq_len)
     c.mesh.update(context=context, fsdp=fsdp)
@@ -92,7 +97,7 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
     c.model.preset = "tiny"
     # Frames shrink with the stage's resolution (28 px at 224, 56 px at 448); sequences keep their ratio.
     small = 28 if frame_size < 448 else 56
-    c.model.overrides = dict(attention_impl=("usp" if attention == "usp" else "ring") if context != 1 else "reference")
+    c.run.attention_impl = ("usp" if attention == "usp" else "ring") if context != 1 else "reference"
     c.mesh.update(fsdp=-1, context=2 if context == -1 else min(context, 2))
     c.data.update(source="synthetic", frame_size=small, max_frames=min(frames, 8), num_frames=min(frames, 8),
                   seq_len=128, batch_size=8, worker_count=0)

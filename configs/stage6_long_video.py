@@ -8,7 +8,7 @@ from 500,000 to 10M (LWM's choice at 128k-256k) and max_position_embeddings to t
 Why USP 2 x 8: beyond 64k tokens per row USP is the fastest of ring / all-gather / USP in MaxText's v5p
 measurements (256k: 9.34 s/step vs 10.78 for the ring); here (no TPU to time it) the compiler plans the
 same memory for USP 2 x 8 as for the ring (73.2 GiB per chip on v5p-128), while Ulysses groups of 8 plan
-101 GiB and do not fit (README's memory table). `--config.model.overrides.attention_impl=ring` restores
+101 GiB and do not fit (README's memory table). `--config.run.attention_impl=ring` restores
 the plain ring."""
 
 from configs.common import LLM, PROJECTOR, stage

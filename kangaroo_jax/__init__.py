@@ -9,7 +9,9 @@ _flax.config.update("flax_always_shard_variable", False)
 from kangaroo_jax.config import KangarooConfig, LlamaConfig, ProjectorConfig, VisionConfig, preset  # noqa: E402
 from kangaroo_jax.models import Kangaroo  # noqa: E402
 from kangaroo_jax.pretrained import from_pretrained  # noqa: E402
+from kangaroo_jax.run_options import RunOptions  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Kangaroo", "KangarooConfig", "LlamaConfig", "ProjectorConfig", "VisionConfig", "from_pretrained", "preset"]
+__all__ = ["Kangaroo", "KangarooConfig", "LlamaConfig", "ProjectorConfig", "RunOptions", "VisionConfig",
+           "from_pretrained", "preset"]

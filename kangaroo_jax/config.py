@@ -3,26 +3,22 @@
 Every field is checked once in `__post_init__`, before anything is traced, so a bad
 config fails with a message naming the field instead of an XLA shape error later.
 The `kangaroo-8b` preset carries the released shapes (docs/model.md); the design choices
-docs/model.md marks ASSUMED are fields here, not constants in the model code.
+docs/model.md marks ASSUMED are fields here, not constants in the model code. These classes say what the
+model is (what a checkpoint stores); how it runs (dtypes, attention impl, remat) is
+`kangaroo_jax.run_options.RunOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import jax.numpy as jnp
-
-AttentionImpl = Literal["reference", "ring", "all_gather", "usp"]
-AttentionKernel = Literal["auto", "xla", "splash", "cudnn"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-DTypeName = Literal["float32", "bfloat16", "float16"]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ATTENTION_IMPLS = ("reference", "ring", "all_gather", "usp")
-_ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
-_REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FeatureTap = Literal["last_prenorm", "last_postnorm", "penultimate"]
+PosEmbedInterpolation = Literal["bicubic", "bilinear"]
+TPEKind = Literal["sinusoidal", "learned", "none"]
+Patchify = Literal["avg", "conv3d", "none"]
+ProjectorType = Literal["mlp2x_gelu"]
 
 
 class ConfigError(ValueError):
@@ -42,11 +38,6 @@ def _check_positive(obj: Any, *fields: str) -> None:
   for f in fields:
     v = getattr(obj, f)
     _check(isinstance(v, int) and v > 0, type(obj).__name__, f, f"expected a positive int, got {v!r}")
-
-
-def dtype_of(name: str):
-  """Maps a dtype name of the config to the jnp dtype."""
-  return _DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +105,9 @@ class VisionConfig:
   rope_theta: float = 10000.0
   # Which activations feed the projector (docs/model.md section 3): output of the last block before the final
   # norm ("last_prenorm"), after it ("last_postnorm"), or of the second-to-last block ("penultimate").
-  feature_tap: Literal["last_prenorm", "last_postnorm", "penultimate"] = "last_prenorm"
+  feature_tap: FeatureTap = "last_prenorm"
   # How pos_embed is resized when frames are not `image_size` (torch F.interpolate semantics).
-  pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+  pos_embed_interpolation: PosEmbedInterpolation = "bicubic"
   pos_embed_antialias: bool = False
 
   @property
@@ -145,10 +136,10 @@ class VisionConfig:
     _check(self.image_size % self.patch_size == 0, c, "image_size",
            f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
     _check(self.layer_norm_eps > 0, c, "layer_norm_eps", "expected > 0")
-    _check_choice(self.feature_tap, ("last_prenorm", "last_postnorm", "penultimate"), c, "feature_tap")
+    _check_choice(self.feature_tap, get_args(FeatureTap), c, "feature_tap")
     _check(self.feature_tap != "penultimate" or self.num_layers >= 2, c, "feature_tap",
            "penultimate tap needs at least 2 layers")
-    _check_choice(self.pos_embed_interpolation, ("bicubic", "bilinear"), c, "pos_embed_interpolation")
+    _check_choice(self.pos_embed_interpolation, get_args(PosEmbedInterpolation), c, "pos_embed_interpolation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,15 +151,15 @@ class ProjectorConfig:
 
   # "sinusoidal": fixed embedding of each frame's timestamp (seconds), no parameters (our default, ASSUMED);
   # "learned": a table indexed by the rounded timestamp in seconds; "none".
-  tpe: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
+  tpe: TPEKind = "sinusoidal"
   tpe_max_seconds: int = 4096  # rows of the learned table; later timestamps clamp to the last row
   tpe_base: float = 10000.0
   # "avg": parameter-free mean over temporal x spatial windows (ASSUMED default); "conv3d": depthwise
   # Conv3d with kernel == stride == window; "none": every frame's patches pass through.
-  patchify: Literal["avg", "conv3d", "none"] = "avg"
+  patchify: Patchify = "avg"
   temporal_patch: int = 2
   spatial_patch: int = 2
-  projector_type: Literal["mlp2x_gelu"] = "mlp2x_gelu"
+  projector_type: ProjectorType = "mlp2x_gelu"
 
   @property
   def frames_per_group(self) -> int:
@@ -181,69 +172,31 @@ class ProjectorConfig:
 
   def __post_init__(self):
     c = "ProjectorConfig"
-    _check_choice(self.tpe, ("sinusoidal", "learned", "none"), c, "tpe")
-    _check_choice(self.patchify, ("avg", "conv3d", "none"), c, "patchify")
-    _check_choice(self.projector_type, ("mlp2x_gelu",), c, "projector_type")
+    _check_choice(self.tpe, get_args(TPEKind), c, "tpe")
+    _check_choice(self.patchify, get_args(Patchify), c, "patchify")
+    _check_choice(self.projector_type, get_args(ProjectorType), c, "projector_type")
     _check_positive(self, "tpe_max_seconds", "temporal_patch", "spatial_patch")
     _check(self.tpe_base > 1.0, c, "tpe_base", "expected > 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class KangarooConfig:
-  """The assembled video-language model plus the numerics / execution options shared by its parts."""
+  """The assembled video-language model: its parts' shapes and the visual placeholder id (no run options)."""
 
   llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
   vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
   projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
   # Id written into `input_ids` at every visual-token position. Negative, so it can never be a vocab id.
   visual_token_id: int = -200
-  param_dtype: DTypeName = "float32"
-  compute_dtype: DTypeName = "bfloat16"
-  attention_impl: AttentionImpl = "reference"
-  # Per-device kernel: "auto" = splash on TPU, cuDNN on GPU (dense, half precision), XLA otherwise.
-  # "splash" off TPU runs Pallas in interpret mode (tests).
-  attention_kernel: AttentionKernel = "auto"
-  # Ring attention tile length (tokens per query/key block). Larger tiles mean fewer loop
-  # iterations and bigger score buffers; fused kernels on TPU/GPU pick their own inner blocks.
-  attention_block: int = 512
-  # USP (attention_impl "usp"): devices per all-to-all (Ulysses) group on the context axis; the rest form
-  # the ring. 0 = the largest divisor of both the context axis and the kv heads per device.
-  ulysses_degree: int = 0
-  # Zigzag reorder of the sequence for causal ring / USP attention (only acts when context > 1).
-  load_balance: bool = True
-  remat_policy: RematPolicy = "none"
-  # Frames the vision tower encodes per step of a rematerialised scan (all devices together; 0 = all at
-  # once). Bounds the tower's activation memory for thousands of frames; must divide batch x frames.
-  vision_chunk_frames: int = 0
-  scan_layers: bool = True
-  logits_fp32: bool = True
 
   def __post_init__(self):
     c = "KangarooConfig"
     _check(self.visual_token_id < 0, c, "visual_token_id",
            f"must be negative so it never collides with a token id, got {self.visual_token_id}")
-    _check_choice(self.param_dtype, tuple(_DTYPES), c, "param_dtype")
-    _check_choice(self.compute_dtype, tuple(_DTYPES), c, "compute_dtype")
-    _check_choice(self.attention_impl, _ATTENTION_IMPLS, c, "attention_impl")
-    _check_choice(self.attention_kernel, _ATTENTION_KERNELS, c, "attention_kernel")
-    _check_choice(self.remat_policy, _REMAT_POLICIES, c, "remat_policy")
-    _check(self.attention_block > 0, c, "attention_block", f"must be a positive token count, got {self.attention_block}")
-    _check(isinstance(self.ulysses_degree, int) and self.ulysses_degree >= 0, c, "ulysses_degree",
-           f"must be a device count >= 0 (0 = automatic), got {self.ulysses_degree!r}")
-    _check(isinstance(self.vision_chunk_frames, int) and self.vision_chunk_frames >= 0, c, "vision_chunk_frames",
-           f"must be a frame count >= 0 (0 = no chunking), got {self.vision_chunk_frames!r}")
     if self.projector.patchify != "none":
       g = self.vision.trained_grid
       _check(g % self.projector.spatial_patch == 0, c, "projector.spatial_patch",
              f"the trained patch grid {g}x{g} is not divisible by spatial_patch {self.projector.spatial_patch}")
-
-  @property
-  def dtype(self):
-    return dtype_of(self.compute_dtype)
-
-  @property
-  def params_dtype(self):
-    return dtype_of(self.param_dtype)
 
   def replace(self, **changes) -> "KangarooConfig":
     return dataclasses.replace(self, **changes)
@@ -256,7 +209,11 @@ class KangarooConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "KangarooConfig":
-    """Builds a config from `to_dict` output; unknown keys are an error naming the key."""
+    """Builds a config from `to_dict` output; unknown keys are an error naming the key.
+
+    A kangaroo_config.json written before run options moved out also holds run-option keys: split them
+    off first with `kangaroo_jax.run_options.split_legacy_keys` (kangaroo_jax.pretrained.load_config does).
+    """
     d = dict(d)
     llm = dict(d.pop("llm", {}))
     if llm.get("rope_scaling") is not None:
@@ -295,8 +252,6 @@ def tiny() -> KangarooConfig:
       vision=VisionConfig(image_size=56, patch_size=14, width=32, num_layers=2, head_width=16, mlp_hidden=64,
                           pt_hw_seq_len=2),
       projector=ProjectorConfig(),
-      param_dtype="float32",
-      compute_dtype="float32",
   )
 
 

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from kangaroo_jax.config import KangarooConfig, preset as get_preset
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.pretrained import CheckpointError, abstract_model, assemble_model, target_shardings
+from kangaroo_jax.run_options import RunOptions
 from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, load_tokenizer
 from tools.convert_weights.assemble import ConversionError
 from tools.convert_weights.convert import check_unchanged, dtype_name, file_stamps, plan_import
@@ -76,8 +77,8 @@ def _checkpoint_error(path: str, e: Exception) -> CheckpointError:
 def _param_dtype(path: str, requested: str | None, resolved: ResolvedConfig, hf_torch_dtype) -> str:
   if requested is not None:
     return dtype_name(requested)
-  if resolved.exported:  # the dtype export wrote the weights in
-    return resolved.cfg.param_dtype
+  if resolved.exported and "param_dtype" in resolved.run_keys:  # an old export's kangaroo_config.json says
+    return resolved.run_keys["param_dtype"]
   if isinstance(hf_torch_dtype, str) and hf_torch_dtype in _TORCH_DTYPES:
     return hf_torch_dtype
   return "bfloat16"
@@ -107,17 +108,40 @@ def _config(path: str, config: KangarooConfig | None, preset: str) -> tuple[Reso
   origins = {f: o for f, o in resolved.origins.items() if same(f)}
   origins.update({f: resolved.default_origin for f in ("vision.head_width", "vision.pt_hw_seq_len", "projector.tpe")
                   if f not in resolved.origins and same(f)})
-  return ResolvedConfig(config, "config passed to from_pretrained", origins, "the config passed in",
-                        resolved.notes, exported=resolved.exported and same_model), torch_dtype
+  return ResolvedConfig(config, "config passed to from_pretrained", origins, "the config passed in", resolved.notes,
+                        exported=resolved.exported and same_model, run_keys=resolved.run_keys), torch_dtype
 
 
 def released_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
-  """The config `load_released(path)` loads with (param_dtype included); CheckpointError naming the file."""
+  """The config (shapes) `load_released(path)` loads with; CheckpointError naming the file."""
+  try:
+    resolved, _ = _config(path, None, preset)
+  except ConversionError as e:
+    raise _checkpoint_error(path, e) from None
+  return resolved.cfg
+
+
+def _run_options(path: str, resolved: ResolvedConfig, torch_dtype, run: RunOptions | None,
+                 overrides: dict) -> RunOptions:
+  """`run`, else the folder's defaults (weights and compute in the stored dtype, the rest as an old
+  export's kangaroo_config.json says or RunOptions' defaults), with `overrides` (None: unset) on top."""
+  if run is None:
+    stored = _param_dtype(path, None, resolved, torch_dtype)
+    run = RunOptions.from_dict({"param_dtype": stored, "compute_dtype": stored, **resolved.run_keys},
+                               where=os.path.join(path, "kangaroo_config.json"))
+  given = {k: v for k, v in overrides.items() if v is not None}
+  if "param_dtype" in given:
+    given["param_dtype"] = dtype_name(given["param_dtype"])
+  return RunOptions.from_dict({**run.to_dict(), **given}, where="from_pretrained") if given else run
+
+
+def released_run_defaults(path: str, preset: str = "kangaroo-8b") -> RunOptions:
+  """The RunOptions `load_released(path)` loads with when given none; CheckpointError naming the file."""
   try:
     resolved, torch_dtype = _config(path, None, preset)
   except ConversionError as e:
     raise _checkpoint_error(path, e) from None
-  return resolved.cfg.replace(param_dtype=_param_dtype(path, None, resolved, torch_dtype))
+  return _run_options(path, resolved, torch_dtype, None, {})
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,10 +225,12 @@ def _load_params(source: Source, asm, rules, sharding_of, flagged: dict[str, np.
   return out
 
 
-def load_released(path: str, mesh=None, *, param_dtype: str | None = None, config: KangarooConfig | None = None,
-                  preset: str = "kangaroo-8b",
-                  warn: Callable[[str], None] | None = None) -> tuple[Kangaroo, Tokenizer | None, LoadReport]:
+def load_released(path: str, mesh=None, *, config: KangarooConfig | None = None, run: RunOptions | None = None,
+                  preset: str = "kangaroo-8b", warn: Callable[[str], None] | None = None,
+                  **run_overrides) -> tuple[Kangaroo, Tokenizer | None, LoadReport]:
   """Loads a released Hugging Face folder onto `mesh` (None: one device); see the module docstring.
+
+  `config`, `run`, `run_overrides` as in `kangaroo_jax.from_pretrained` (e.g. param_dtype="float32").
 
   Returns (model, tokenizer or None, LoadReport). `warn` is called with one line per setting no tensor
   shape checks and per tensor with NaN/Inf (`"<key>: <what>"`, as the converter prints them).
@@ -221,15 +247,13 @@ def load_released(path: str, mesh=None, *, param_dtype: str | None = None, confi
       stamps = file_stamps(source.files)
       source.prefetch(write_order(source.infos))  # the disk starts while the shapes are traced
       resolved, torch_dtype = _config(path, config, preset)
-      # As the Orbax path: a config passed in brings its param_dtype.
-      dtype = (_param_dtype(path, param_dtype, resolved, torch_dtype) if config is None or param_dtype is not None
-               else config.param_dtype)
-      cfg = resolved.cfg.replace(param_dtype=dtype)
+      run = _run_options(path, resolved, torch_dtype, run, run_overrides)
+      dtype, cfg = run.param_dtype, resolved.cfg
       check_against_header(cfg, source.infos, resolved.note)
       tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
       if tokenizer is not None:
         check_fits_vocab(tokenizer, cfg.llm.vocab_size, f"llm.vocab_size in {os.path.join(path, 'config.json')}")
-      abstract = abstract_model(cfg)
+      abstract = abstract_model(cfg, run)
       asm = plan_import(source, cfg, abstract)
       unverified = unverified_settings(cfg, source.infos, resolved)
       for line in unverified:

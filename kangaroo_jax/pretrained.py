@@ -5,7 +5,7 @@ pytorch_model.bin, tokenizer files, the vision tower's EVA02-CLIP-L-14-448.json 
 directly, tensor by tensor, with the converter's key accounting (kangaroo_jax/hf_direct.py). The
 converted folder, faster to load again and again, is the layout written by
 `python -m tools.convert_weights import SRC DST`:
-  DST/kangaroo_config.json       KangarooConfig.to_json() (param_dtype = the stored dtype)
+  DST/kangaroo_config.json       KangarooConfig.to_json(): shapes only (how to run is RunOptions, chosen at load)
   DST/state/                     Orbax PyTree checkpoint (OCDBT): nested dict of parameter arrays,
                                  keys = the NNX parameter path (llm/model/layers/self_attn/q_proj/kernel)
   DST/tokenizer.json, ...        tokenizer files copied from the release (optional)
@@ -14,6 +14,12 @@ converted folder, faster to load again and again, is the layout written by
 Each parameter is restored straight onto its shards (NamedSharding from the logical-axis rules,
 kangaroo_jax.parallel.sharding.param_shardings) on the given mesh, else on the mesh set with
 `jax.set_mesh`, else on one device. No full host copy and no replicated copy is made.
+
+Run options at load (`run_defaults`): the weights' stored dtype for both `param_dtype` and `compute_dtype`
+(a converted release computes in bf16, a float32 export in float32), the other fields RunOptions' defaults;
+a kangaroo_config.json written before the split also holds run-option keys at its top level, and those are
+that folder's defaults (`split_legacy_keys`; retired keys, run_options.DROPPED_KEYS, are dropped). `run=` replaces the
+defaults, `**run_overrides` change fields on top.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from kangaroo_jax.config import KangarooConfig
+from kangaroo_jax.config import ConfigError, KangarooConfig
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.rules import current_mesh
 from kangaroo_jax.parallel.sharding import param_shardings
+from kangaroo_jax.run_options import RunOptions, dtype_name, split_legacy_keys
 from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, load_tokenizer
 
 CONFIG_FILE = "kangaroo_config.json"
@@ -74,16 +81,9 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
   return CheckpointError(f"{path}: no {CONFIG_FILE}; expected {_EXPECTED}")
 
 
-def load_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
-  """The KangarooConfig of a from_pretrained folder; CheckpointError (one line, naming the file) otherwise.
-
-  A released Hugging Face folder (no kangaroo_config.json) gets the config `from_pretrained` would load it
-  with: config.json's LLM, the folder's vision settings, `preset` for the rest, config.json's torch_dtype.
-  """
+def _read_config_file(path: str) -> tuple[str, dict]:
+  """(file, its JSON object) of a converted folder; CheckpointError (one line, naming the file) otherwise."""
   file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(file) and os.path.isdir(path) and is_released_folder(path):
-    from kangaroo_jax.hf_direct import released_config
-    return released_config(path, preset)
   if not os.path.isfile(file):
     raise _not_a_checkpoint(path)
   try:
@@ -93,10 +93,72 @@ def load_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
     raise CheckpointError(f"{file}: not a readable JSON file ({e})") from None
   if not isinstance(data, dict):
     raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+  return file, data
+
+
+def load_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
+  """The KangarooConfig (shapes) of a from_pretrained folder; CheckpointError (one line, naming the file) otherwise.
+
+  A released Hugging Face folder (no kangaroo_config.json) gets the config `from_pretrained` would load it
+  with: config.json's LLM, the folder's vision settings, `preset` for the rest.
+  """
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(path) and is_released_folder(path):
+    from kangaroo_jax.hf_direct import released_config
+    return released_config(path, preset)
+  file, data = _read_config_file(path)
+  shapes, _ = split_legacy_keys(data)
   try:
-    return KangarooConfig.from_dict(data)
+    return KangarooConfig.from_dict(shapes)
   except (ValueError, TypeError, KeyError) as e:
     raise CheckpointError(f"{file}: {e}") from None
+
+
+def stored_dtype(state_dir: str) -> str:
+  """The dtype most of the bytes in an Orbax `state/` are stored in (from its metadata; no weight is read)."""
+  import orbax.checkpoint as ocp
+
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(state_dir)
+  except Exception as e:  # Orbax raises many types for a missing or damaged checkpoint
+    lines = str(e).strip().splitlines()
+    raise CheckpointError(f"{state_dir}: cannot read the weights' metadata ({type(e).__name__}: "
+                          f"{lines[0][:300] if lines else ''})") from e
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  nbytes: dict[str, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    name = np.dtype(leaf.dtype).name
+    nbytes[name] = nbytes.get(name, 0) + int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  if not nbytes:
+    raise CheckpointError(f"{state_dir}: holds no arrays")
+  try:
+    return dtype_name(max(nbytes, key=nbytes.get))
+  except ConfigError as e:
+    raise CheckpointError(f"{state_dir}: {e}") from None
+
+
+def run_defaults(path: str, preset: str = "kangaroo-8b") -> RunOptions:
+  """The RunOptions a folder loads with when the caller passes none (see the module docstring)."""
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(path) and is_released_folder(path):
+    from kangaroo_jax.hf_direct import released_run_defaults
+    return released_run_defaults(path, preset)
+  file, data = _read_config_file(path)
+  _, legacy = split_legacy_keys(data)
+  stored = legacy.get("param_dtype") or stored_dtype(os.path.abspath(os.path.join(path, STATE_DIR)))
+  try:
+    return RunOptions.from_dict({"param_dtype": stored, "compute_dtype": stored, **legacy}, where=file)
+  except (ConfigError, TypeError) as e:
+    raise CheckpointError(str(e) if file in str(e) else f"{file}: {e}") from None
+
+
+def resolve_run(path: str, run: RunOptions | None, overrides: dict, preset: str = "kangaroo-8b") -> RunOptions:
+  """`run` (else the folder's `run_defaults`) with `overrides` applied; ConfigError naming an unknown field."""
+  base = run if run is not None else run_defaults(path, preset)
+  if not overrides:
+    return base
+  given = {k: v for k, v in overrides.items() if v is not None}  # CLI flags left unset mean "as the folder says"
+  return RunOptions.from_dict({**base.to_dict(), **given}, where="from_pretrained")
 
 
 def nested(flat: dict[tuple[str, ...], object]) -> dict:
@@ -121,12 +183,12 @@ def is_released_folder(path: str) -> bool:
           and any(os.path.exists(os.path.join(path, name)) for name in RELEASED_WEIGHTS))
 
 
-def abstract_model(cfg: KangarooConfig) -> Kangaroo:
-  """The model's shapes and logical axis names, nothing allocated."""
+def abstract_model(cfg: KangarooConfig, run: RunOptions = RunOptions()) -> Kangaroo:
+  """The model's shapes (parameters in `run.param_dtype`) and logical axis names, nothing allocated."""
   # Built outside any ambient mesh: under `jax.set_mesh` flax would try to turn the logical axis names
   # into mesh shardings itself; param_shardings does that through the rules table.
   with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-    return nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Kangaroo(cfg, run, rngs=nnx.Rngs(0)))
 
 
 def target_shardings(abstract: Kangaroo, mesh: Mesh | None):
@@ -149,20 +211,20 @@ def assemble_model(abstract: Kangaroo, value_of, tokenizer: Tokenizer | None) ->
   return model
 
 
-def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | None = None,
-                    config: KangarooConfig | None = None, preset: str = "kangaroo-8b",
-                    warn=None) -> tuple[Kangaroo, Tokenizer | None]:
+def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConfig | None = None,
+                    run: RunOptions | None = None, preset: str = "kangaroo-8b", warn=None,
+                    **run_overrides) -> tuple[Kangaroo, Tokenizer | None]:
   """Loads a released Hugging Face folder or a converted checkpoint onto `mesh`.
 
   Args:
     path: a released folder (config.json + safetensors shards or pytorch_model.bin, tokenizer files),
       loaded directly (kangaroo_jax.hf_direct), or the converter's output folder (Orbax).
     mesh: where to put the parameters; default: the mesh set with `jax.set_mesh`, else one device.
-    param_dtype: cast while loading (e.g. "float32"); default: `config.param_dtype` when a config is
-      given, else the stored dtype (converted folder), the dtype config.json names as `torch_dtype`
-      (released folder; bfloat16 when it names none).
-    config: use this config instead of the folder's (e.g. other execution options); its parameter
-      shapes must match the stored ones.
+    config: use these shapes instead of the folder's; they must match the stored ones.
+    run: the RunOptions to run with, instead of the folder's defaults (`run_defaults`: dtypes as stored,
+      the dtype config.json names as `torch_dtype` for a released folder, bfloat16 when it names none).
+    run_overrides: RunOptions fields to change on top, e.g. param_dtype="float32" (cast while loading),
+      compute_dtype="bfloat16", attention_impl="ring"; None leaves a field as it is.
     preset: released folder only: the preset for what the folder does not say (projector, TPE, vision
       settings absent from its vision config), as `tools.convert_weights import --preset`.
     warn: released folder only: called with each one-line warning (non-finite tensors, settings no tensor
@@ -177,8 +239,8 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)) or not os.path.isdir(os.path.join(path, STATE_DIR)):
     if os.path.isdir(path) and is_released_folder(path):
       from kangaroo_jax.hf_direct import load_released
-      model, tokenizer, _ = load_released(path, mesh, param_dtype=param_dtype, config=config, preset=preset,
-                                          warn=warn)
+      model, tokenizer, _ = load_released(path, mesh, config=config, run=run, preset=preset, warn=warn,
+                                          **run_overrides)
       return model, tokenizer
   import orbax.checkpoint as ocp
 
@@ -189,9 +251,8 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, param_dtype: str | N
   tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
   if tokenizer is not None:
     check_fits_vocab(tokenizer, cfg.llm.vocab_size, f"llm.vocab_size in {os.path.join(path, CONFIG_FILE)}")
-  if param_dtype is not None:
-    cfg = cfg.replace(param_dtype=param_dtype)
-  abstract = abstract_model(cfg)
+  run = resolve_run(path, run, run_overrides)
+  abstract = abstract_model(cfg, run)
   sharding_of = target_shardings(abstract, mesh)
   flat = nnx.to_flat_state(nnx.state(abstract))
   targets = {tuple(map(str, p)): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(p)) for p, v in flat}
@@ -234,7 +295,7 @@ def save_pretrained(model: Kangaroo, tokenizer_dir: str | None, out_dir: str) ->
     raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to copy")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    f.write(model.cfg.to_json())
+    f.write(model.cfg.to_json())  # shapes only: how to run it is chosen when it is loaded
   flat = nnx.to_flat_state(nnx.state(model))
   tree = nested({tuple(map(str, p)): v.get_value() for p, v in flat})
   with ocp.StandardCheckpointer() as ckptr:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
@@ -19,6 +18,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import accelerator as acc  # noqa: E402
 from benchmarks.train_step import matmul_flops  # noqa: E402
 from kangaroo_jax.models import LlamaForCausalLM  # noqa: E402
+from kangaroo_jax.run_options import RunOptions  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "accelerator.py")
 
@@ -142,7 +142,7 @@ def test_train_flop_model_matches_the_matmuls_of_the_step():
   """Without remat, the step's jaxpr runs 3 x the forward's matmuls; the model count differs from that
   by exactly the masked half of the dense attention, 6 * L * h * d * S^2 per row."""
   cfg, rows, seq = acc.SMOKE.train_cfg, 2, 32
-  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, attention_impl="reference")
+  model = LlamaForCausalLM(cfg, RunOptions(attention_impl="reference"), rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(1e-4)
   step = acc.make_train_step(graphdef, tx)

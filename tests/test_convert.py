@@ -445,7 +445,7 @@ def test_released_8b_layout_plans_cleanly(tmp_path):
                                                                                                    "freqs_sin")]
   infos = {k: TensorInfo(k, tuple(s), bf16, "model.safetensors") for k, s in entries}
   check_against_header(cfg, infos, note)
-  asm = plan_import(types.SimpleNamespace(infos=infos), cfg.replace(param_dtype="bfloat16"))
+  asm = plan_import(types.SimpleNamespace(infos=infos), cfg, dtype="bfloat16")
   assert asm.report.mapped == 805 and len(asm.report.ignored) == 4 + 48
   # Parameter counts of docs/model.md section 5: Llama-3-8B + EVA-L@448 (no head) + projector.
   assert asm.report.bytes_read == 2 * (8_030_261_248 + 304_104_384 + 20_979_712)

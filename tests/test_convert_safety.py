@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from kangaroo_jax.config import preset
-from kangaroo_jax.pretrained import CONFIG_FILE, REPORT_FILE
+from kangaroo_jax.pretrained import CONFIG_FILE, REPORT_FILE, stored_dtype
 from tools.convert_weights import convert, output_dir, safetensors_io
 from tools.convert_weights.__main__ import main as cli
 from tools.convert_weights.convert import export_checkpoint, import_checkpoint
@@ -141,7 +141,7 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_tool(base, tmp_path, c
   assert _import(base["src"], exported, "--overwrite") == 0
   assert (exported / "state").is_dir() and not (exported / "model.safetensors").exists()
   assert _import(base["src"], exported, "--overwrite", "--dtype", "float32") == 0
-  assert json.load(open(exported / CONFIG_FILE))["param_dtype"] == "float32"
+  assert stored_dtype(str(exported / "state")) == "float32"  # kangaroo_config.json holds shapes only
   (tmp_path / "empty").mkdir()
   assert _import(base["src"], tmp_path / "empty", "--overwrite") == 0
   assert not _hidden(exported) and not _hidden(tmp_path / "empty")
@@ -208,7 +208,7 @@ def test_a_swap_killed_between_the_renames_is_restored_by_the_next_run(base, tmp
   assert f"note: restored {dst} from {tmp_path}/.out.old-" in err and "removed" in err and "already exists" in err
   assert _digest(dst) == before and not _hidden(dst)
   assert _import(base["src"], dst, "--overwrite", "--dtype", "float32") == 0
-  assert json.load(open(os.path.join(dst, CONFIG_FILE)))["param_dtype"] == "float32" and not _hidden(dst)
+  assert stored_dtype(os.path.join(dst, "state")) == "float32" and not _hidden(dst)
 
 
 def test_a_run_killed_while_writing_leaves_a_partial_the_next_run_removes(base, tmp_path, capsys):

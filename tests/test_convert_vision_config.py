@@ -165,7 +165,7 @@ def test_export_writes_the_vision_config_and_reimport_matches(wide, tmp_path, ca
   shutil.copytree(tmp_path / "exp", bare)
   os.remove(bare / "kangaroo_config.json")
   again = import_checkpoint(str(bare), str(tmp_path / "b"), preset="tiny", progress=False)
-  assert again.config.vision == WIDE.vision and again.config.param_dtype == first.config.param_dtype
+  assert again.config.vision == WIDE.vision and again.dtype == first.dtype
   a, b = StoredParams(str(tmp_path / "a" / "state")), StoredParams(str(tmp_path / "b" / "state"))
   assert sorted(a.paths) == sorted(b.paths)
   for path in a.paths:
@@ -174,4 +174,4 @@ def test_export_writes_the_vision_config_and_reimport_matches(wide, tmp_path, ca
   assert import_checkpoint(str(tmp_path / "exp"), str(tmp_path / "c"), progress=False).unverified == []
   said = []
   direct, _ = kangaroo_jax.from_pretrained(str(tmp_path / "exp"), warn=said.append)
-  assert said == [] and direct.cfg.vision == WIDE.vision and direct.cfg.param_dtype == "bfloat16"
+  assert said == [] and direct.cfg.vision == WIDE.vision and direct.run.param_dtype == "bfloat16"

@@ -36,6 +36,7 @@ for _name in [m for m in sys.modules if m == "torchvision" or m.startswith("torc
 from kangaroo_jax.config import VisionConfig  # noqa: E402
 from kangaroo_jax.models import eva_vit  # noqa: E402
 from kangaroo_jax.models.eva_vit import EvaVisionTransformer  # noqa: E402
+from kangaroo_jax.run_options import RunOptions  # noqa: E402
 from tests.helpers import max_rel_error, torch_state_numpy  # noqa: E402
 from tools.convert_weights.assemble import load_released_tensors  # noqa: E402
 
@@ -109,7 +110,7 @@ def _timm_pair():
 @functools.lru_cache(maxsize=None)
 def _ours(tap: str, antialias: bool = True) -> EvaVisionTransformer:
   static, _ = _timm_pair()
-  model = EvaVisionTransformer(_our_config(tap, antialias), rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+  model = EvaVisionTransformer(_our_config(tap, antialias), RunOptions(), rngs=nnx.Rngs(0))  # float32
   tensors = timm_to_released(torch_state_numpy(static))
   assert all(k.startswith("vision_tower.") for k in tensors)
   report = load_released_tensors(model, tensors, prefix=("vision_tower",))

@@ -213,7 +213,7 @@ def test_a_converted_folder_still_loads_from_orbax(converted, monkeypatch):
   """The Orbax folder (fast repeated loads) does not go through the direct loader."""
   monkeypatch.setattr(hf_direct, "load_released", lambda *a, **k: pytest.fail("direct load of a converted folder"))
   model, tokenizer = kangaroo_jax.from_pretrained(converted["float32"])
-  assert model.cfg.param_dtype == "float32" and tokenizer is not None
+  assert model.run.param_dtype == "float32" and tokenizer is not None
 
 
 def test_load_config_of_a_released_folder_is_what_from_pretrained_loads(released, converted):

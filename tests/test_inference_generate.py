@@ -10,6 +10,7 @@ import kangaroo_jax
 from kangaroo_jax.inference import Engine, SamplingConfig, filter_logits, sample
 from kangaroo_jax.models import Kangaroo, LlamaForCausalLM
 from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
+from kangaroo_jax.run_options import RunOptions
 from tests.test_llama_parity import _pair
 
 H = W = 56
@@ -146,7 +147,7 @@ def test_context_parallel_generation_matches_single_device():
   want = Engine(ref_model, prefill_chunk=16).generate(prompts, max_new_tokens=6).tokens
   mesh = make_mesh(MeshConfig(data=1, fsdp=1, context=4, tensor=2))
   with jax.set_mesh(mesh):
-    model = LlamaForCausalLM(cfg, attention_impl="ring", rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(cfg, RunOptions(attention_impl="ring"), rngs=nnx.Rngs(0))
     gen = Engine(model, prefill_chunk=16).generate(prompts, max_new_tokens=6)
     assert "context" in str(gen.cache.k.sharding.spec)
   assert gen.tokens == want

@@ -39,17 +39,18 @@ def test_invalid_mesh_configs(cfg, match):
 
 
 def test_model_mesh_validation_lists_every_problem():
-  cfg = preset("tiny").replace(attention_impl="ring")  # heads 4, kv 2, vocab 512
-  validate_mesh_for_model(cfg, {"fsdp": 2, "context": 2, "tensor": 2}, batch=4, seq_len=32, frames_per_row=4)
+  from kangaroo_jax.run_options import RunOptions
+  cfg, run = preset("tiny"), RunOptions(attention_impl="ring")  # heads 4, kv 2, vocab 512
+  validate_mesh_for_model(cfg, run, {"fsdp": 2, "context": 2, "tensor": 2}, batch=4, seq_len=32, frames_per_row=4)
   with pytest.raises(MeshError) as err:
-    validate_mesh_for_model(cfg, {"fsdp": 2, "context": 4, "tensor": 4}, batch=3, seq_len=36, frames_per_row=3)
+    validate_mesh_for_model(cfg, run, {"fsdp": 2, "context": 4, "tensor": 4}, batch=3, seq_len=36, frames_per_row=3)
   msg = str(err.value)
   for part in ("global batch 3 must be divisible by data*fsdp = 2", "llm.num_kv_heads 2 must be divisible by tensor=4",
                "sequence length 36 must be divisible by 8 (2*context for zigzag",
                "frames per row 3 must be a multiple of ProjectorConfig.temporal_patch"):
     assert part in msg, (part, msg)
   with pytest.raises(MeshError, match="needs attention_impl 'ring', 'all_gather' or 'usp'"):
-    validate_mesh_for_model(preset("tiny"), {"context": 2}, batch=2, seq_len=32)
+    validate_mesh_for_model(preset("tiny"), RunOptions(), {"context": 2}, batch=2, seq_len=32)
 
 
 def test_sharded_init_and_sufficient_sharding_check():

@@ -9,6 +9,7 @@ from flax import nnx
 from kangaroo_jax.config import preset
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.mesh import MeshConfig, init_sharded, make_mesh
+from kangaroo_jax.run_options import RunOptions
 from tests.helpers import max_rel_error
 
 TOL = 1e-5
@@ -35,8 +36,8 @@ def _loss_fn(graphdef, rest):
   return loss
 
 
-def _run(cfg, mesh_cfg):
-  create = lambda: Kangaroo(cfg, rngs=nnx.Rngs(0))
+def _run(cfg, mesh_cfg, run=RunOptions()):
+  create = lambda: Kangaroo(cfg, run, rngs=nnx.Rngs(0))
   if mesh_cfg is None:
     model = create()
     batch = _batch(model, cfg)
@@ -65,7 +66,7 @@ def single_device():
 ], ids=["fsdp8", "ring_ctx8", "ring_fsdp2_ctx2_tp2", "allgather_fsdp2_ctx4"])
 def test_logits_and_grads_invariant_to_mesh(single_device, impl, mesh_cfg):
   loss0, logits0, grads0 = single_device
-  loss, logits, grads = _run(preset("tiny").replace(attention_impl=impl), mesh_cfg)
+  loss, logits, grads = _run(preset("tiny"), mesh_cfg, RunOptions(attention_impl=impl))
   assert max_rel_error(logits, logits0) <= TOL
   assert abs(float(loss) - float(loss0)) <= TOL * abs(float(loss0))
   flat0 = dict(nnx.to_flat_state(grads0))
@@ -77,8 +78,8 @@ def test_ring_with_small_tiles_is_invariant(single_device):
   # 4-token tiles: each device's 16 tokens become 4x4 tiles per ring step, so the model runs the
   # tiled loops, the causal tile skipping inside a shard and the configured block size end to end.
   loss0, logits0, grads0 = single_device
-  cfg = preset("tiny").replace(attention_impl="ring", attention_block=4)
-  loss, logits, grads = _run(cfg, MeshConfig(fsdp=2, context=2, tensor=2))
+  run = RunOptions(attention_impl="ring", attention_block=4)
+  loss, logits, grads = _run(preset("tiny"), MeshConfig(fsdp=2, context=2, tensor=2), run)
   assert max_rel_error(logits, logits0) <= TOL
   flat0 = dict(nnx.to_flat_state(grads0))
   for path, g in nnx.to_flat_state(grads):
@@ -90,7 +91,7 @@ def test_ring_with_small_tiles_is_invariant(single_device):
 def test_usp_model_is_invariant(single_device, ulysses, mesh_cfg):
   # The whole model with USP attention (zigzag over the context axis, all-to-all groups of `ulysses`).
   loss0, logits0, grads0 = single_device
-  loss, logits, grads = _run(preset("tiny").replace(attention_impl="usp", ulysses_degree=ulysses), mesh_cfg)
+  loss, logits, grads = _run(preset("tiny"), mesh_cfg, RunOptions(attention_impl="usp", ulysses_degree=ulysses))
   assert max_rel_error(logits, logits0) <= TOL
   assert abs(float(loss) - float(loss0)) <= TOL * abs(float(loss0))
   flat0 = dict(nnx.to_flat_state(grads0))

@@ -8,6 +8,7 @@ from flax import nnx
 
 from kangaroo_jax.config import preset
 from kangaroo_jax.models import Kangaroo
+from kangaroo_jax.run_options import RunOptions
 from tests.helpers import max_rel_error
 
 
@@ -22,8 +23,8 @@ def _inputs(model, cfg, batch=2, frames=2):
   return jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(ts)
 
 
-def _loss_and_grads(cfg, inputs):
-  model = Kangaroo(cfg, rngs=nnx.Rngs(0))
+def _loss_and_grads(cfg, inputs, run=RunOptions()):
+  model = Kangaroo(cfg, run, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   @jax.jit
@@ -44,16 +45,16 @@ def no_remat():
 @pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
 def test_remat_policy_gives_identical_gradients(policy, no_remat):
   base, inputs, (loss0, g0) = no_remat
-  loss1, g1 = _loss_and_grads(base.replace(remat_policy=policy), inputs)
+  loss1, g1 = _loss_and_grads(base, inputs, RunOptions(remat_policy=policy))
   assert float(loss0) == pytest.approx(float(loss1), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_compute_with_fp32_params():
-  cfg = preset("tiny").replace(compute_dtype="bfloat16", param_dtype="float32")
-  model = Kangaroo(cfg, rngs=nnx.Rngs(0))
-  ref = Kangaroo(cfg.replace(compute_dtype="float32"), rngs=nnx.Rngs(0))
+  cfg, run = preset("tiny"), RunOptions(compute_dtype="bfloat16", param_dtype="float32")
+  model = Kangaroo(cfg, run, rngs=nnx.Rngs(0))
+  ref = Kangaroo(cfg, run.replace(compute_dtype="float32"), rngs=nnx.Rngs(0))
   for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
     assert leaf.dtype == jnp.float32
   inputs = _inputs(model, cfg)

@@ -24,9 +24,9 @@ SLICE = "v5e-4"
 
 def _small_8b_width(attention: str, context: int):
   c = get_config("mode=full")
-  c.model.overrides = dict(compute_dtype="bfloat16", remat_policy="full", attention_impl=attention,
-                           llm=dict(num_layers=2, vocab_size=32768), vision=dict(num_layers=1),
-                           ulysses_degree=2 if attention == "usp" else 0)
+  c.model.overrides = dict(llm=dict(num_layers=2, vocab_size=32768), vision=dict(num_layers=1))
+  c.run.update(compute_dtype="bfloat16", remat_policy="full", attention_impl=attention,
+               ulysses_degree=2 if attention == "usp" else 0)
   c.mesh.update(fsdp=-1, context=context)
   c.data.update(source="synthetic", batch_size=4, seq_len=1024, frame_size=112, max_frames=4, num_frames=4)
   return from_configdict(c)
@@ -66,11 +66,12 @@ def test_train_step_compiles_for_tpu_with_splash(devices, attention, context):
 
 def test_inference_prefill_and_decode_compile_for_tpu(devices):
   from kangaroo_jax.config import kangaroo_8b
-  cfg = kangaroo_8b().replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+  from kangaroo_jax.run_options import RunOptions
+  cfg, run = kangaroo_8b(), RunOptions(param_dtype="bfloat16", compute_dtype="bfloat16")
   cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_layers=2), vision=dataclasses.replace(cfg.vision,
                                                                                                 num_layers=1))
   with jax.default_matmul_precision("default"):
-    programs, facts = compile_inference(cfg, devices, frames=4, prompt_tokens=0, new_tokens=16, batch=2,
+    programs, facts = compile_inference(cfg, run, devices, frames=4, prompt_tokens=0, new_tokens=16, batch=2,
                                         mesh_text="tensor=4")
   assert [p.name for p in programs] == ["vision", "prefill_chunk", "decode_step"]
   for p in programs:

@@ -30,7 +30,7 @@ def test_curriculum_stages_chain_through_their_exports(tmp_path):
     cfg = _stage_config(name, prev_dir)
     assert cfg.init_from == (f"{prev_dir}/export" if prev_dir else "")
     # What the loop starts from (read back from the previous stage's export) is what that stage ended with.
-    init = {k: np.asarray(v) for k, v in flatten(initial_params(cfg, ModelDef(cfg.model),
+    init = {k: np.asarray(v) for k, v in flatten(initial_params(cfg, ModelDef(cfg.model, cfg.run),
                                                                 make_mesh(cfg.mesh))).items()}
     if prev_params is not None:
       assert init.keys() == prev_params.keys()

@@ -19,7 +19,7 @@ from train.synthetic import SyntheticIterator
 
 def test_loss_decreases_and_is_mesh_invariant(tmp_path):
   a = train(tiny_config(**{"mesh.fsdp": 8}), str(tmp_path / "fsdp8"))
-  b = train(tiny_config(**{"mesh.fsdp": 2, "mesh.context": 4, "model.overrides": {"attention_impl": "ring"}}),
+  b = train(tiny_config(**{"mesh.fsdp": 2, "mesh.context": 4, "run.attention_impl": "ring"}),
             str(tmp_path / "fsdp2_ctx4"))
   la, lb = losses(a), losses(b)
   assert len(la) == 6 and la[-1] < la[0] - 0.1, la
@@ -37,8 +37,8 @@ def test_frozen_modules_stay_bit_identical(tmp_path):
   from kangaroo_jax.models import Kangaroo
   from kangaroo_jax.parallel.mesh import init_sharded
   from flax import nnx
-  init = ModelDef(cfg.model).to_params(init_sharded(lambda: Kangaroo(cfg.model, rngs=nnx.Rngs(cfg.seed)),
-                                                     make_mesh(cfg.mesh)))
+  init = ModelDef(cfg.model, cfg.run).to_params(
+      init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(cfg.seed)), make_mesh(cfg.mesh)))
   init = {k: np.asarray(v) for k, v in flatten(init).items()}
   final = host_params(result.state)
   frozen = [k for k in init if not k.startswith("mm_projector/")]
@@ -55,11 +55,11 @@ def test_frozen_modules_stay_bit_identical(tmp_path):
 def test_grad_accumulation_2xB_equals_one_step_of_2B():
   cfg = tiny_config()
   mesh = make_mesh(cfg.mesh)
-  model_def = ModelDef(cfg.model)
+  model_def = ModelDef(cfg.model, cfg.run)
   from kangaroo_jax.models import Kangaroo
   from kangaroo_jax.parallel.mesh import init_sharded
   from flax import nnx
-  params = model_def.to_params(init_sharded(lambda: Kangaroo(cfg.model, rngs=nnx.Rngs(0)), mesh))
+  params = model_def.to_params(init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(0)), mesh))
   trainable, frozen = partition(params, lambda p: not p.startswith("vision_tower/"))
   it = SyntheticIterator(cfg.model, global_batch=32, seq_len=64, frame_size=56, max_frames=4)
   batch = make_global_batch(next(it), mesh)

@@ -107,11 +107,13 @@ def test_config_checks_usp_splits_before_tracing():
   from kangaroo_jax.parallel.mesh import MeshError
   from kangaroo_jax.parallel.validate import validate_mesh_for_model
 
-  cfg = preset("tiny").replace(attention_impl="usp", ulysses_degree=4)  # 2 kv heads: at most 2-way
+  from kangaroo_jax.run_options import RunOptions
+
+  cfg, run = preset("tiny"), RunOptions(attention_impl="usp", ulysses_degree=4)  # 2 kv heads: at most 2-way
   with pytest.raises(MeshError) as e:
-    validate_mesh_for_model(cfg, {"context": 8}, batch=2, seq_len=40)
+    validate_mesh_for_model(cfg, run, {"context": 8}, batch=2, seq_len=40)
   msg = str(e.value)
   assert "ulysses_degree 4" in msg and "num_kv_heads 2" in msg and "2*context for zigzag" in msg
-  validate_mesh_for_model(cfg.replace(ulysses_degree=2), {"context": 8}, batch=2, seq_len=48)
+  validate_mesh_for_model(cfg, run.replace(ulysses_degree=2), {"context": 8}, batch=2, seq_len=48)
   with pytest.raises(ValueError, match="ulysses_degree"):
-    preset("tiny").replace(ulysses_degree=-1)
+    RunOptions(ulysses_degree=-1)

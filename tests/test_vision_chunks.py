@@ -12,12 +12,13 @@ from flax import nnx
 from kangaroo_jax.config import ConfigError, tiny
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.mesh import MeshConfig, init_sharded, make_mesh
+from kangaroo_jax.run_options import RunOptions
 from tests.helpers import max_rel_error
 
 
 def _model(chunk, mesh):
-  cfg = tiny().replace(vision_chunk_frames=chunk)
-  return init_sharded(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)), mesh)
+  run = RunOptions(vision_chunk_frames=chunk)
+  return init_sharded(lambda: Kangaroo(tiny(), run, rngs=nnx.Rngs(0)), mesh)
 
 
 def _frames(b=2, f=8, px=56):
@@ -63,7 +64,7 @@ def test_chunks_bound_the_compiled_temp_memory():
 
 def test_chunk_must_divide_the_frames():
   with pytest.raises(ConfigError, match="vision_chunk_frames"):
-    tiny().replace(vision_chunk_frames=-1)
+    RunOptions(vision_chunk_frames=-1)
   mesh = make_mesh(MeshConfig(fsdp=8))
   frames, ts = _frames(b=1, f=6)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="must divide"):

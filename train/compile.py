@@ -142,9 +142,10 @@ def _parse_mesh(text: str):
   return MeshConfig(**values)
 
 
-def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_tokens: int, batch: int,
+def compile_inference(cfg, run, devices, *, frames: int, prompt_tokens: int, new_tokens: int, batch: int,
                       mesh_text: str) -> tuple[list[Program], dict]:
-  """Compiles the KV-cache engine's vision encoder, one prefill chunk and one decode step."""
+  """Compiles the KV-cache engine's vision encoder, one prefill chunk and one decode step (`cfg` shapes, `run`
+  RunOptions)."""
   import jax
   import jax.numpy as jnp
   from kangaroo_jax.inference.cache import KVCache, bucket_length, cache_sharding
@@ -159,7 +160,7 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
   grid = cfg.vision.trained_grid
   visual_tokens = frames // cfg.projector.frames_per_group * cfg.projector.tokens_per_group(grid, grid)
   prompt = prompt_tokens or visual_tokens + 128
-  model_def = ModelDef(cfg)
+  model_def = ModelDef(cfg, run)
   weights = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model_def.shapes(),
                          model_def.shardings(mesh))
   # Abstract, and made outside the TPU mesh (concrete arrays cannot be placed on described devices).
@@ -171,7 +172,7 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
     max_len = bucket_length(prompt + new_tokens, 2 * n)
     llm = cfg.llm
     cache_shape = (llm.num_layers, batch, max_len, llm.num_kv_heads, llm.head_dim)
-    kv = jax.ShapeDtypeStruct(cache_shape, cfg.dtype, sharding=cache_sharding(cache_shape))
+    kv = jax.ShapeDtypeStruct(cache_shape, run.dtype, sharding=cache_sharding(cache_shape))
     cache = KVCache(kv, kv, jax.ShapeDtypeStruct((batch,), jnp.int32))
     chunk = min(engine.prefill_chunk, bucket_length(prompt, 2 * n))
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -181,7 +182,7 @@ def compile_inference(cfg, devices, *, frames: int, prompt_tokens: int, new_toke
                        jax.ShapeDtypeStruct((batch, frames, px, px, 3), jnp.float32),
                        jax.ShapeDtypeStruct((batch, frames), jnp.float32)),
         _timed_compile("prefill_chunk", engine._prefill_chunk, engine.state, cache,  # noqa: SLF001
-                       jax.ShapeDtypeStruct((batch, chunk, llm.hidden_size), cfg.dtype), i32(batch), i32(batch),
+                       jax.ShapeDtypeStruct((batch, chunk, llm.hidden_size), run.dtype), i32(batch), i32(batch),
                        i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_),
                        jax.ShapeDtypeStruct((batch, llm.vocab_size), jnp.float32)),
         _timed_compile("decode_step", engine._decode_step, engine.state, cache, i32(batch),  # noqa: SLF001
@@ -228,9 +229,10 @@ def run(argv_config, *, topology: str, llm_layers=None, vision_layers=None, infe
   devices = tpu_devices(slice_)
   if inference:
     from kangaroo_jax.config import preset as make_preset
-    cfg = _with_depth(make_preset(preset).replace(param_dtype="bfloat16", compute_dtype="bfloat16"),
-                      llm_layers, vision_layers)
-    programs, facts = compile_inference(cfg, devices, frames=frames, prompt_tokens=prompt_tokens,
+    from kangaroo_jax.run_options import RunOptions
+    cfg = _with_depth(make_preset(preset), llm_layers, vision_layers)
+    run_opts = RunOptions(param_dtype="bfloat16", compute_dtype="bfloat16")
+    programs, facts = compile_inference(cfg, run_opts, devices, frames=frames, prompt_tokens=prompt_tokens,
                                         new_tokens=new_tokens, batch=batch, mesh_text=mesh)
     what = f"inference {preset}"
   else:
@@ -243,9 +245,9 @@ def run(argv_config, *, topology: str, llm_layers=None, vision_layers=None, infe
     train_cfg = dataclasses.replace(train_cfg, model=_with_depth(train_cfg.model, llm_layers, vision_layers))
     programs, facts = compile_train_step(train_cfg, devices)
     what = f"train {train_cfg.stage}"
-    facts["attention_impl"] = train_cfg.model.attention_impl
-    if train_cfg.model.attention_impl == "usp":
-      facts["ulysses_degree"] = train_cfg.model.ulysses_degree
+    facts["attention_impl"] = train_cfg.run.attention_impl
+    if train_cfg.run.attention_impl == "usp":
+      facts["ulysses_degree"] = train_cfg.run.ulysses_degree
   facts["llm_layers"] = llm_layers
   facts["vision_layers"] = vision_layers
   if hlo_out:

@@ -6,7 +6,9 @@ Unknown keys are errors too, so a misspelt override cannot be silently ignored.
 
 Config file sections (see configs/common.py for the defaults):
   stage, seed, total_steps, log_every, init_from, export, peak_flops_per_device
-  model:  preset, overrides (nested dict applied onto the preset's KangarooConfig.to_dict())
+  model:  preset, overrides (nested dict applied onto the preset's KangarooConfig.to_dict(): shapes only)
+  run:    how the model runs: RunOptions fields (compute_dtype, attention_impl, remat_policy, ...);
+          optional, default RunOptions() (kangaroo_jax/run_options.py); training needs param_dtype float32
   mesh:   data, fsdp, context, tensor, dcn_*          (kangaroo_jax.parallel.mesh.MeshConfig)
   data:   source, batch_size (global rows), seq_len, frame_size, max_frames, ...
   optim:  lr, warmup_steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm, grad_accum,
@@ -25,6 +27,7 @@ import ml_collections
 
 from kangaroo_jax.config import ConfigError, KangarooConfig, preset
 from kangaroo_jax.parallel.mesh import MeshConfig
+from kangaroo_jax.run_options import RunOptions
 
 DATA_SOURCES = ("synthetic", "grain")
 
@@ -209,6 +212,7 @@ class TrainConfig:
   init_from: str = ""           # previous stage's export folder (params only; optimizer starts fresh)
   export: bool = True           # write WORKDIR/export at the end
   peak_flops_per_device: float = 0.0  # for MFU where the device kind is not in metrics.PEAK_FLOPS
+  run: RunOptions = dataclasses.field(default_factory=RunOptions)  # how the model runs (not stored in exports)
   raw: dict = dataclasses.field(default_factory=dict, compare=False)  # the plain config, saved with checkpoints
 
   @property
@@ -218,6 +222,7 @@ class TrainConfig:
 
 _TOP = ("stage", "seed", "total_steps", "log_every", "init_from", "export", "peak_flops_per_device")
 _SECTIONS = ("model", "mesh", "data", "optim", "ckpt")
+_OPTIONAL_SECTIONS = ("run",)
 
 
 def model_config(section: dict) -> KangarooConfig:
@@ -229,6 +234,8 @@ def model_config(section: dict) -> KangarooConfig:
 
   def merge(dst: dict, src: dict, where: str):
     for k, v in src.items():
+      if not where and k in RunOptions.field_names():
+        raise _err(f"model.overrides.{k}", f"a run option, not a model shape; set run.{k} instead")
       if k not in dst:
         raise _err(f"model.overrides.{where}{k}", f"unknown model field; known: {sorted(dst)}")
       if isinstance(v, dict) and isinstance(dst[k], dict):
@@ -243,6 +250,11 @@ def model_config(section: dict) -> KangarooConfig:
     return KangarooConfig.from_dict(base)
   except (ConfigError, TypeError) as e:
     raise _err("model.overrides", str(e)) from None
+
+
+def run_options(section: dict) -> RunOptions:
+  """The `run` section -> RunOptions; ConfigError naming `run.<field>` for an unknown key or a bad value."""
+  return RunOptions.from_dict(section, where="run")
 
 
 def _reject_nonfinite(tree: Any, where: str) -> None:
@@ -260,9 +272,10 @@ def _reject_nonfinite(tree: Any, where: str) -> None:
 def from_configdict(config: ml_collections.ConfigDict) -> TrainConfig:
   """Validates every field and resolves the model/mesh configs. Raises ConfigError naming the field."""
   d = _plain(config)
-  unknown = sorted(set(d) - set(_TOP) - set(_SECTIONS))
+  unknown = sorted(set(d) - set(_TOP) - set(_SECTIONS) - set(_OPTIONAL_SECTIONS))
   if unknown:
-    raise _err(unknown[0], f"unknown top-level key(s) {unknown}; known: {sorted(_TOP + _SECTIONS)}")
+    known = sorted(_TOP + _SECTIONS + _OPTIONAL_SECTIONS)
+    raise _err(unknown[0], f"unknown top-level key(s) {unknown}; known: {known}")
   for s in _SECTIONS:
     if s not in d:
       raise _err(s, "missing section")
@@ -284,7 +297,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> TrainConfig:
   cfg = TrainConfig(
       model=model_config(d["model"]), mesh=mesh, data=_take(d["data"], DataConfig, "data"),
       optim=_take(optim_d, OptimConfig, "optim"), ckpt=_take(d["ckpt"], CheckpointConfig, "ckpt"),
-      **{k: d[k] for k in _TOP if k in d}, raw=d)
+      run=run_options(d.get("run", {}) or {}), **{k: d[k] for k in _TOP if k in d}, raw=d)
   cfg.data.validate()
   cfg.optim.validate()
   cfg.ckpt.validate()
@@ -296,9 +309,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> TrainConfig:
   if cfg.data.batch_size % cfg.optim.grad_accum:
     raise _err("optim.grad_accum", f"data.batch_size {cfg.data.batch_size} is not divisible by grad_accum "
                f"{cfg.optim.grad_accum}")
-  if cfg.model.param_dtype != "float32":
-    raise _err("model.overrides.param_dtype", f"training keeps float32 master weights, got {cfg.model.param_dtype!r} "
-               "(set compute_dtype for bf16 matmuls)")
+  cfg.run.check_for_training("run")
   if cfg.data.frame_size % cfg.model.vision.patch_size:
     raise _err("data.frame_size", f"{cfg.data.frame_size} is not a multiple of the patch size "
                f"{cfg.model.vision.patch_size}")
@@ -310,5 +321,5 @@ def validate_for_mesh(cfg: TrainConfig, mesh_shape: Mapping[str, int], num_proce
   from kangaroo_jax.parallel.validate import validate_mesh_for_model
   if cfg.data.batch_size % num_processes:
     raise _err("data.batch_size", f"{cfg.data.batch_size} rows cannot be split over {num_processes} processes")
-  validate_mesh_for_model(cfg.model, mesh_shape, batch=cfg.micro_batch, seq_len=cfg.data.seq_len,
+  validate_mesh_for_model(cfg.model, cfg.run, mesh_shape, batch=cfg.micro_batch, seq_len=cfg.data.seq_len,
                           frames_per_row=cfg.data.max_frames)

@@ -80,9 +80,9 @@ def make_iterator(cfg: TrainConfig, data_shard: tuple[int, int]) -> Iterator[dic
 def initial_params(cfg: TrainConfig, model_def: ModelDef, mesh) -> dict:
   """The parameters a run without a checkpoint starts from: `init_from`'s export, else a seeded init."""
   if cfg.init_from:
-    model, _ = from_pretrained(cfg.init_from, mesh, config=cfg.model)
+    model, _ = from_pretrained(cfg.init_from, mesh, config=cfg.model, run=cfg.run)
   else:
-    model = init_sharded(lambda: Kangaroo(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh)
+    model = init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(cfg.seed)), mesh)
   return model_def.to_params(model)
 
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from kangaroo_jax.config import KangarooConfig
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.sharding import param_shardings
+from kangaroo_jax.run_options import RunOptions
 
 Nested = dict
 
@@ -60,11 +61,11 @@ def combine(*trees: Nested) -> Nested:
 class ModelDef:
   """The static half of a Kangaroo model: builds the module from a params dict inside a traced function."""
 
-  def __init__(self, cfg: KangarooConfig):
-    self.cfg = cfg
+  def __init__(self, cfg: KangarooConfig, run: RunOptions = RunOptions()):
+    self.cfg, self.run = cfg, run
     # Shapes only, built outside any ambient mesh so flax keeps the logical names (rules.py resolves them).
     with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-      abstract = nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
+      abstract = nnx.eval_shape(lambda: Kangaroo(cfg, run, rngs=nnx.Rngs(0)))
     self.abstract_model = abstract
     self.graphdef, state = nnx.split(abstract)
     self._flat = list(nnx.to_flat_state(state))

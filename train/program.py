@@ -42,7 +42,7 @@ class TrainProgram:
 
 
 def build_program(cfg: TrainConfig, mesh: Mesh) -> TrainProgram:
-  model_def = ModelDef(cfg.model)
+  model_def = ModelDef(cfg.model, cfg.run)
   shapes = model_def.shapes()
   paths = list(flatten(shapes))
   check_selection(cfg.optim, paths)

@@ -49,7 +49,7 @@ def loss_sums(model_def: ModelDef, normalize: Callable, params: dict, frozen: di
   hidden = model.hidden_states(batch["input_ids"], frames, batch["timestamps"], positions=batch["positions"],
                                segment_ids=batch["segment_ids"])
   return chunked_cross_entropy(hidden, model.llm.lm_head.kernel[...], batch["targets"], batch["loss_mask"],
-                               dtype=model_def.cfg.dtype, num_chunks=LOSS_VOCAB_CHUNKS)
+                               dtype=model_def.run.dtype, num_chunks=LOSS_VOCAB_CHUNKS)
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:

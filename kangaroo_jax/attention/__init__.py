@@ -1,6 +1,6 @@
-"""Attention implementations behind one dispatcher, selected by `KangarooConfig.attention_impl`.
+"""Attention implementations behind one dispatcher, selected by `RunOptions.attention_impl`.
 
-Each impl runs the platform's fused kernel per device (`KangarooConfig.attention_kernel`, "auto":
+Each impl runs the platform's fused kernel per device (`RunOptions.attention_kernel`, "auto":
 splash on TPU, cuDNN on GPU for dense attention, XLA elsewhere); see `context_parallel.resolve_kernel`.
 """
 
@@ -14,6 +14,7 @@ from kangaroo_jax.attention.context_parallel import (KERNELS, all_gather_attenti
 from kangaroo_jax.attention.reference import attention_mask, reference_attention
 
 # Context-parallel impls fall back to dense attention when no mesh is set or the context axis is 1.
+# Keyed by the names of kangaroo_jax.run_options.ATTENTION_IMPLS (tests/test_config.py checks they agree).
 _IMPLS: dict[str, Callable] = {"reference": dense_attention, "ring": ring_attention, "all_gather": all_gather_attention,
                                "usp": usp_attention}
 

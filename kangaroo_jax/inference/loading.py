@@ -56,7 +56,8 @@ def load_for_inference(ckpt_dir: str, *, param_dtype: str | None = None, context
 
   With context * tensor > 1 the weights are placed on a mesh of that many devices (data = fsdp = 1, so a
   single request fits), the KV cache length and prefill chunks are split over `context` and heads over
-  `tensor`; `attention_impl` ("all_gather" or "ring") is the prefill attention. Run generation inside
+  `tensor`; `attention_impl` ("all_gather" or "ring", RunOptions.attention_impl) is the prefill attention; the
+  other run options are the folder's (`kangaroo_jax.pretrained.run_defaults`). Run generation inside
   the returned context manager (`with scope: ...`).
   The folder, the mesh and the tokenizer are checked before any weight is read (CheckpointError,
   MeshError, TokenizerError).
@@ -68,8 +69,7 @@ def load_for_inference(ckpt_dir: str, *, param_dtype: str | None = None, context
     return model, tokenizer, contextlib.nullcontext()
   n = context * tensor
   mesh = make_mesh(MeshConfig(data=1, fsdp=1, context=context, tensor=tensor), devices=jax.devices()[:n])
-  model, tokenizer = from_pretrained(ckpt_dir, mesh, param_dtype=param_dtype,
-                                     config=cfg.replace(attention_impl=attention_impl))
+  model, tokenizer = from_pretrained(ckpt_dir, mesh, config=cfg, param_dtype=param_dtype, attention_impl=attention_impl)
   return model, tokenizer, jax.set_mesh(mesh)
 
 

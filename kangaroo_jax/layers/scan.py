@@ -13,6 +13,7 @@ from flax import nnx
 
 M = TypeVar("M", bound=nnx.Module)
 
+# Keyed by kangaroo_jax.run_options.REMAT_POLICIES other than "none" (tests/test_config.py checks they agree).
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,

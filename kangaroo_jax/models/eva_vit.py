@@ -21,13 +21,15 @@ from kangaroo_jax.layers.resize import resize_weights
 from kangaroo_jax.layers.rope import apply_interleaved_rope, eva_rope_tables
 from kangaroo_jax.layers.scan import create_stack, run_stack
 from kangaroo_jax.parallel import shard
+from kangaroo_jax.run_options import RunOptions
 
 FRAMES, PATCHES = "activation_frames", "activation_patches"
 
 
 class EvaAttention(nnx.Module):
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, run: RunOptions, *, rngs: nnx.Rngs):
     w = cfg.width
+    dtype, param_dtype = run.dtype, run.params_dtype
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = dense(w, w, ("embed", "heads"), **kw)
     self.k_proj = dense(w, w, ("embed", "heads"), **kw)
@@ -39,7 +41,7 @@ class EvaAttention(nnx.Module):
     self.proj = dense(w, w, ("heads", "embed"), use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads, self.head_width = cfg.num_heads, cfg.head_width
     self.dtype = dtype
-    self.attention_impl = attention_impl
+    self.attention_impl = run.vision_attention_impl
 
   def __call__(self, x, rope_cos, rope_sin):
     """x: [n, 1 + patches, width]; rope tables [patches, head_width] -> [n, 1 + patches, width]."""
@@ -68,12 +70,12 @@ class EvaSwiGLU(nnx.Module):
 
 
 class EvaBlock(nnx.Module):
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
-    norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: VisionConfig, run: RunOptions, *, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.layer_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
     self.norm1 = LayerNorm(cfg.width, **norm)
-    self.attn = EvaAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+    self.attn = EvaAttention(cfg, run, rngs=rngs)
     self.norm2 = LayerNorm(cfg.width, **norm)
-    self.mlp = EvaSwiGLU(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = EvaSwiGLU(cfg, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
 
   def __call__(self, x, rope_cos, rope_sin):
     x = x + self.attn(self.norm1(x), rope_cos, rope_sin)
@@ -84,11 +86,11 @@ class EvaBlock(nnx.Module):
 class EvaVisionTransformer(nnx.Module):
   """Frames [n, height, width, channels] (normalised pixels) -> patch features [n, gh * gw, width]."""
 
-  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str = "reference", remat_policy: str = "none"):
+  def __init__(self, cfg: VisionConfig, run: RunOptions = RunOptions(), *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.dtype = dtype
-    self.remat_policy = remat_policy
+    self.dtype = dtype = run.dtype
+    param_dtype = run.params_dtype
+    self.remat_policy = run.remat_policy
     p, c, w = cfg.patch_size, cfg.num_channels, cfg.width
     init = nnx.initializers.normal(stddev=0.02)
     # Conv2d(k = s = patch) as a matmul over flattened patches; kernel kept in conv layout [p, p, c, w].
@@ -97,8 +99,7 @@ class EvaVisionTransformer(nnx.Module):
     self.cls_token = param(rngs, init, (w,), ("embed",), param_dtype)
     self.pos_embed = param(rngs, init, (1 + cfg.trained_grid ** 2, w), ("positions", "embed"), param_dtype)
     self.blocks = create_stack(
-        lambda r: EvaBlock(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),
-        cfg.num_layers, rngs)
+        lambda r: EvaBlock(cfg, run, rngs=r), cfg.num_layers, rngs)
     self.norm = LayerNorm(w, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def _patchify(self, frames):

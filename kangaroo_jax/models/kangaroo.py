@@ -18,6 +18,7 @@ from kangaroo_jax.models.eva_vit import EvaVisionTransformer
 from kangaroo_jax.models.llama import LlamaForCausalLM
 from kangaroo_jax.models.projector import MultimodalProjector, TemporalPatchify
 from kangaroo_jax.parallel import shard
+from kangaroo_jax.run_options import RunOptions
 
 
 def _is_concrete(x) -> bool:
@@ -58,17 +59,16 @@ def merge_visual_tokens(token_embeds: jax.Array, visual: jax.Array, is_visual: j
 
 
 class Kangaroo(nnx.Module):
-  def __init__(self, cfg: KangarooConfig, *, rngs: nnx.Rngs):
+  """`cfg`: what the model is (shapes; what a checkpoint stores). `run`: how it runs (dtypes, attention, remat)."""
+
+  def __init__(self, cfg: KangarooConfig, run: RunOptions = RunOptions(), *, rngs: nnx.Rngs):
     self.cfg = cfg
-    opts = dict(dtype=cfg.dtype, param_dtype=cfg.params_dtype)
-    self.vision_tower = EvaVisionTransformer(cfg.vision, attention_impl="reference", remat_policy=cfg.remat_policy,
-                                             rngs=rngs, **opts)
+    self.run = run
+    opts = dict(dtype=run.dtype, param_dtype=run.params_dtype)
+    self.vision_tower = EvaVisionTransformer(cfg.vision, run, rngs=rngs)
     self.patchify = TemporalPatchify(cfg.projector, cfg.vision.width, rngs=rngs, **opts)
     self.mm_projector = MultimodalProjector(cfg.vision.width, cfg.llm.hidden_size, rngs=rngs, **opts)
-    self.llm = LlamaForCausalLM(cfg.llm, attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
-                                logits_fp32=cfg.logits_fp32, load_balance=cfg.load_balance,
-                                attention_block=cfg.attention_block, attention_kernel=cfg.attention_kernel,
-                                ulysses=cfg.ulysses_degree, rngs=rngs, **opts)
+    self.llm = LlamaForCausalLM(cfg.llm, run, rngs=rngs)
 
   def visual_tokens_per_frame_group(self, height: int, width: int) -> int:
     gh, gw = self.cfg.vision.grid_for(height, width)
@@ -95,7 +95,7 @@ class Kangaroo(nnx.Module):
     not by thousands of frames x patches.
     """
     n = frames.shape[0]
-    chunk = self.cfg.vision_chunk_frames
+    chunk = self.run.vision_chunk_frames
     if not chunk or chunk >= n:
       return self.vision_tower(frames)
     if n % chunk:

@@ -19,27 +19,25 @@ from kangaroo_jax.layers.norms import RMSNorm
 from kangaroo_jax.layers.rope import apply_llama_rope, llama_inv_freq
 from kangaroo_jax.layers.scan import create_stack, run_stack
 from kangaroo_jax.parallel import shard
+from kangaroo_jax.run_options import RunOptions
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 
 
 class LlamaAttention(nnx.Module):
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
-               attention_block: int | None = None, attention_kernel: str = "auto", ulysses: int = 0):
+  def __init__(self, cfg: LlamaConfig, run: RunOptions, *, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(use_bias=False, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
     self.q_proj = dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
     self.k_proj = dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.v_proj = dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
     self.o_proj = dense(cfg.num_heads * hd, d, ("heads", "embed"), **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-    self.attention_impl = attention_impl
-    self.attention_block = attention_block
-    self.attention_kernel = attention_kernel
-    self.ulysses = ulysses
+    self.run = run
 
   def _attention(self):
-    return get_attention(self.attention_impl, self.attention_block, self.attention_kernel, self.ulysses)
+    r = self.run
+    return get_attention(r.attention_impl, r.attention_block, r.attention_kernel, r.ulysses_degree)
 
   def __call__(self, x, positions, segment_ids, inv_freq, layout: str = "natural"):
     """x: [batch, seq, embed]; positions, segment_ids: [batch, seq] -> [batch, seq, embed].
@@ -125,15 +123,12 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs,
-               attention_block: int | None = None, attention_kernel: str = "auto", ulysses: int = 0):
-    norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: LlamaConfig, run: RunOptions, *, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.rms_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-    self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    attention_block=attention_block, attention_kernel=attention_kernel, ulysses=ulysses,
-                                    rngs=rngs)
+    self.self_attn = LlamaAttention(cfg, run, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-    self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = LlamaMLP(cfg, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, inv_freq, layout: str = "natural"):
     x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq, layout)
@@ -152,22 +147,17 @@ class LlamaDecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
   """Embeddings, decoder stack and final norm (transformers' `LlamaModel`)."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention_impl: str, remat_policy: str,
-               rngs: nnx.Rngs, load_balance: bool = True, attention_block: int | None = None,
-               attention_kernel: str = "auto", ulysses: int = 0):
+  def __init__(self, cfg: LlamaConfig, run: RunOptions, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.dtype = dtype
-    self.remat_policy = remat_policy
-    self.zigzag = load_balance and attention_impl in ("ring", "usp")
+    self.dtype = run.dtype
+    self.remat_policy = run.remat_policy
+    self.zigzag = run.load_balance and run.attention_impl in ("ring", "usp")
     self.embed_tokens = nnx.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        cfg.vocab_size, cfg.hidden_size, dtype=run.dtype, param_dtype=run.params_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
-    self.layers = create_stack(
-        lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                    attention_block=attention_block, attention_kernel=attention_kernel,
-                                    ulysses=ulysses, rngs=r),
-        cfg.num_layers, rngs)
-    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layers = create_stack(lambda r: LlamaDecoderLayer(cfg, run, rngs=r), cfg.num_layers, rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype,
+                        rngs=rngs)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[batch, seq] int -> [batch, seq, embed]."""
@@ -236,16 +226,11 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
   """LlamaModel + untied lm_head -> logits."""
 
-  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str = "reference", remat_policy: str = "none", logits_fp32: bool = True,
-               load_balance: bool = True, attention_block: int | None = None, attention_kernel: str = "auto",
-               ulysses: int = 0):
-    self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                            remat_policy=remat_policy, load_balance=load_balance, attention_block=attention_block,
-                            attention_kernel=attention_kernel, ulysses=ulysses, rngs=rngs)
-    self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
-    self.logits_fp32 = logits_fp32
+  def __init__(self, cfg: LlamaConfig, run: RunOptions = RunOptions(), *, rngs: nnx.Rngs):
+    self.model = LlamaModel(cfg, run, rngs=rngs)
+    self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=run.dtype,
+                         param_dtype=run.params_dtype, rngs=rngs)
+    self.logits_fp32 = run.logits_fp32
 
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:

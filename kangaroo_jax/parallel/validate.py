@@ -17,13 +17,15 @@ from flax import nnx
 
 from kangaroo_jax.config import KangarooConfig
 from kangaroo_jax.parallel.mesh import MeshError
+from kangaroo_jax.run_options import RunOptions
 
 
-def validate_mesh_for_model(cfg: KangarooConfig, mesh_shape: Mapping[str, int], *, batch: int, seq_len: int,
-                            frames_per_row: int = 0) -> None:
+def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Mapping[str, int], *, batch: int,
+                            seq_len: int, frames_per_row: int = 0) -> None:
   """Raises MeshError listing every shape the mesh cannot split.
 
   Args:
+    cfg, run: the model's shapes and how it runs (attention impl, ulysses degree, zigzag load balance).
     mesh_shape: {"data": .., "fsdp": .., "context": .., "tensor": ..} (e.g. dict(mesh.shape)).
     batch: global batch (rows); seq_len: tokens per row; frames_per_row: video frames per row.
   """
@@ -45,16 +47,16 @@ def validate_mesh_for_model(cfg: KangarooConfig, mesh_shape: Mapping[str, int], 
     need(llm.vocab_size % tensor == 0, f"llm.vocab_size {llm.vocab_size} must be divisible by tensor={tensor}")
     need(vision.num_heads % tensor == 0, f"vision heads {vision.num_heads} must be divisible by tensor={tensor}")
   if context > 1:
-    if cfg.attention_impl == "reference":
+    if run.attention_impl == "reference":
       problems.append(f"context={context} needs attention_impl 'ring', 'all_gather' or 'usp', not 'reference'")
-    if cfg.attention_impl == "usp":
-      u = cfg.ulysses_degree
+    if run.attention_impl == "usp":
+      u = run.ulysses_degree
       kv_local = llm.num_kv_heads // tensor if llm.num_kv_heads % tensor == 0 else 0
       if u:
         need(context % u == 0, f"ulysses_degree {u} must divide context={context}")
         need(kv_local % u == 0, f"llm.num_kv_heads {llm.num_kv_heads} / tensor={tensor} must be divisible by "
              f"ulysses_degree {u} (each all-to-all group member takes whole kv heads)")
-    multiple = 2 * context if (cfg.attention_impl in ("ring", "usp") and cfg.load_balance) else context
+    multiple = 2 * context if (run.attention_impl in ("ring", "usp") and run.load_balance) else context
     need(seq_len % multiple == 0, f"sequence length {seq_len} must be divisible by {multiple} "
          f"({'2*context for zigzag load balancing' if multiple != context else 'context'}); pad the packed rows")
   if frames_per_row:

@@ -81,7 +81,7 @@ def _run(args) -> int:
                             fmt=args.format, overwrite=args.overwrite, progress=not args.quiet,
                             sync=not args.no_sync)
       print(f"wrote {r.dst}: {r.mapped} tensors mapped ({r.bytes_read / 1e9:.3f} GB read), {len(r.ignored)} ignored, "
-            f"{len(r.defaulted)} defaulted, dtype {r.config.param_dtype}, {r.seconds:.2f}s; {r.config_source}")
+            f"{len(r.defaulted)} defaulted, dtype {r.dtype}, {r.seconds:.2f}s; {r.config_source}")
       for key, reason in sorted(r.ignored.items()):
         print(f"  ignored {key}: {reason}")
       for key, what in sorted(r.defaulted.items()):

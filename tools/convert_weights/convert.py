@@ -84,6 +84,7 @@ class ImportResult:
   tokenizer_files: list[str]
   nonfinite: dict[str, str] = dataclasses.field(default_factory=dict)  # released key -> what is not finite
   unverified: list[str] = dataclasses.field(default_factory=list)  # settings no tensor shape checks, one line each
+  dtype: str = "bfloat16"  # the dtype the weights were written in (kangaroo_config.json holds shapes only)
 
 
 @contextlib.contextmanager
@@ -122,14 +123,16 @@ def check_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
                             "mtime ns)); the output was discarded: convert again from a file nothing writes to")
 
 
-def plan_import(source: Source, cfg: KangarooConfig, abstract=None) -> Assembler:
+def plan_import(source: Source, cfg: KangarooConfig, abstract=None, dtype: str = "float32") -> Assembler:
   """Classifies every key and checks every shape from the headers; raises ConversionError on any problem.
 
-  `abstract`: the model's shapes (`kangaroo_jax.pretrained.abstract_model(cfg)`), traced here when not given.
+  `abstract`: the model's shapes (`kangaroo_jax.pretrained.abstract_model(cfg, run)`), traced here with
+  parameters in `dtype` when not given.
   """
   from kangaroo_jax.pretrained import abstract_model
+  from kangaroo_jax.run_options import RunOptions
 
-  targets = param_targets(abstract if abstract is not None else abstract_model(cfg))
+  targets = param_targets(abstract if abstract is not None else abstract_model(cfg, RunOptions(param_dtype=dtype)))
   optional = OPTIONAL_WHEN_UNUSED if cfg.vision.feature_tap != "last_postnorm" else {}
   asm = Assembler(targets, optional=optional)
   for key in sorted(source.infos):
@@ -159,10 +162,10 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
     # meanwhile (the writer replaces this hint with its exact order).
     source.prefetch(write_order(source.infos))
     resolved = resolve(src_dir, get_preset(preset), config_json, preset_name=preset)
-    cfg, cfg_note = resolved.cfg.replace(param_dtype=dtype), resolved.note
+    cfg, cfg_note = resolved.cfg, resolved.note
     check_against_header(cfg, source.infos, cfg_note)
     unverified = unverified_settings(cfg, source.infos, resolved)
-    asm = plan_import(source, cfg)
+    asm = plan_import(source, cfg, dtype=dtype)
 
     rule_of = {rule.path: rule for rule in asm.rules}
     defaults = asm.defaults()
@@ -220,7 +223,7 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
       if sync:
         syncer.finish()
   return ImportResult(dst, cfg, cfg_note, asm.report.mapped, asm.report.ignored, asm.report.defaulted,
-                      asm.report.bytes_read, time.perf_counter() - t0, copied, nonfinite, unverified)
+                      asm.report.bytes_read, time.perf_counter() - t0, copied, nonfinite, unverified, dtype)
 
 
 def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrite: bool = False,

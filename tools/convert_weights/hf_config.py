@@ -18,6 +18,7 @@ from typing import Mapping
 
 from kangaroo_jax.config import ConfigError, KangarooConfig, LlamaConfig, RopeScaling, VisionConfig
 from kangaroo_jax.pretrained import CONFIG_FILE as KANGAROO_CONFIG
+from kangaroo_jax.run_options import split_legacy_keys
 from tools.convert_weights.assemble import ConversionError
 from tools.convert_weights.safetensors_io import TensorInfo
 
@@ -221,6 +222,8 @@ class ResolvedConfig:
   notes: list[str] = dataclasses.field(default_factory=list)  # one-line warnings (e.g. ignored vision keys)
   # The folder's own kangaroo_config.json, which `export` wrote next to these very weights: nothing to warn.
   exported: bool = False
+  # Run-option keys an old kangaroo_config.json holds (kangaroo_jax.run_options.split_legacy_keys).
+  run_keys: dict = dataclasses.field(default_factory=dict)
 
   def origin(self, field: str) -> str:
     return self.origins.get(field, self.default_origin)
@@ -325,7 +328,8 @@ def resolve(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | 
   ours = config_json or (os.path.join(src_dir, KANGAROO_CONFIG) if src_dir else None)
   if ours and os.path.exists(ours):
     try:
-      cfg = KangarooConfig.from_dict(_read_json(ours))
+      shapes, run_keys = split_legacy_keys(_read_json(ours))
+      cfg = KangarooConfig.from_dict(shapes)
     except (ConfigError, TypeError) as e:
       raise ConversionError(f"{ours}: not a valid KangarooConfig: {e}") from None
     if hf is not None:
@@ -336,7 +340,7 @@ def resolve(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | 
               if getattr(cfg.llm, f) != getattr(from_hf, f)]
       if diff:
         raise ConversionError(f"{ours} and {hf_path} disagree on the LLM ({'; '.join(diff)})")
-    return ResolvedConfig(cfg, f"config from {ours}", {}, f"from {ours}", exported=not config_json)
+    return ResolvedConfig(cfg, f"config from {ours}", {}, f"from {ours}", exported=not config_json, run_keys=run_keys)
   if config_json:
     raise ConversionError(f"--config-json {config_json}: no such file")
   if hf is None:

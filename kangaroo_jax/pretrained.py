@@ -122,7 +122,7 @@ def stored_dtype(state_dir: str) -> str:
       meta = ckptr.metadata(state_dir)
   except Exception as e:  # Orbax raises many types for a missing or damaged checkpoint
     lines = str(e).strip().splitlines()
-    raise CheckpointError(f"{state_dir}: cannot read the weights' metadata ({type(e).__name__}: "
+    raise CheckpointError(f"{state_dir}: cannot restore the weights (no readable metadata: {type(e).__name__}: "
                           f"{lines[0][:300] if lines else ''})") from e
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
@@ -131,7 +131,7 @@ def stored_dtype(state_dir: str) -> str:
     name = np.dtype(leaf.dtype).name
     nbytes[name] = nbytes.get(name, 0) + int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
   if not nbytes:
-    raise CheckpointError(f"{state_dir}: holds no arrays")
+    raise CheckpointError(f"{state_dir}: cannot restore the weights (its metadata lists no arrays)")
   try:
     return dtype_name(max(nbytes, key=nbytes.get))
   except ConfigError as e:

@@ -83,8 +83,8 @@ def bench_pipeline(videos, frames: int, batches: int, workers: int, tmp: str) ->
     w.close()
   tok = load_tokenizer(build_chat_sentencepiece(["Describe the video. Clip: things move around."] * 20,
                                                 os.path.join(tmp, "tok"), 300))
-  cfg = DataConfig(data=path, seq_len=4 * (frames // 2 * 256 + 64), global_batch_size=1, frame_size=448,
-                   max_frames_per_row=4 * frames, num_frames=frames, packing_bins=1, worker_count=workers,
+  cfg = DataConfig(dataset=path, seq_len=4 * (frames // 2 * 256 + 64), batch_size=1, frame_size=448,
+                   max_frames=4 * frames, num_frames=frames, packing_bins=1, worker_count=workers,
                    worker_buffer_size=1)
   it = make_train_iterator(cfg, kangaroo_8b(), tok)
   next(it)  # worker start-up and the first window

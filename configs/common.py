@@ -42,6 +42,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.init_from = ""
   c.export = True
   c.peak_flops_per_device = 0.0
+  c.sharding_rules = ()  # ((logical axis, mesh axes), ...) over kangaroo_jax/parallel/rules.py's table
+  c.max_replicated_fraction = 0.02  # of parameter bytes replicated on every device before the check speaks
+  c.sharding_check = "warn"  # "warn" | "error" | "off"
   c.model = ml_collections.ConfigDict(dict(preset="kangaroo-8b", overrides={}))
   c.run = ml_collections.ConfigDict(RunOptions().to_dict())  # every field present, so --config.run.X= works
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1,

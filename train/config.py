@@ -1,16 +1,20 @@
 """Experiment config (an ml_collections ConfigDict file) -> a validated, frozen `TrainConfig`.
 
-Every field is checked once, here, before anything is traced: a typo or an impossible value fails
-with the dotted name of the field (`optim.warmup_steps: ...`), never as an XLA error later.
-Unknown keys are errors too, so a misspelt override cannot be silently ignored.
+Every field is checked once, before anything is traced: a typo or an impossible value fails with the
+dotted name of the field (`optim.warmup_steps: ...`), never as an XLA error later. Each section checks
+itself in `__post_init__` with the shared kangaroo_jax/checks.py helpers; `from_configdict` adds the checks
+that span sections. Unknown keys are errors too, so a misspelt override cannot be silently ignored.
 
 Config file sections (see configs/common.py for the defaults):
-  stage, seed, total_steps, log_every, init_from, export, peak_flops_per_device
+  stage, seed, total_steps, log_every, init_from, export, peak_flops_per_device,
+  sharding_rules ((logical axis, mesh axes), ... over kangaroo_jax.parallel.rules), max_replicated_fraction,
+  sharding_check ("warn" | "error" | "off": the trainer's sufficiently-sharded check on the placed state)
   model:  preset, overrides (nested dict applied onto the preset's KangarooConfig.to_dict(): shapes only)
   run:    how the model runs: RunOptions fields (compute_dtype, attention_impl, remat_policy, ...);
           optional, default RunOptions() (kangaroo_jax/run_options.py); training needs param_dtype float32
   mesh:   data, fsdp, context, tensor, dcn_*          (kangaroo_jax.parallel.mesh.MeshConfig)
-  data:   source, batch_size (global rows), seq_len, frame_size, max_frames, ...
+  data:   source, batch_size (global rows), seq_len, frame_size, max_frames, ... (kangaroo_jax.data.config.DataConfig,
+          the pipeline's own config: every pipeline option can be set here)
   optim:  lr, warmup_steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm, grad_accum,
           trainable (regexes), frozen (regexes), lr_scales ((regex, factor), ...), max_nonfinite
   ckpt:   every, keep, keep_best, async_save
@@ -25,11 +29,12 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from kangaroo_jax.checks import check, check_bool, check_float, check_int
 from kangaroo_jax.config import ConfigError, KangarooConfig, preset
+from kangaroo_jax.data.config import DataConfig
 from kangaroo_jax.parallel.mesh import MeshConfig
+from kangaroo_jax.parallel.rules import merge_rules
 from kangaroo_jax.run_options import RunOptions
-
-DATA_SOURCES = ("synthetic", "grain")
 
 
 def _err(field: str, msg: str) -> ConfigError:
@@ -53,29 +58,6 @@ def _take(section: dict, cls, where: str) -> Any:
   return cls(**section)
 
 
-def _int(obj, field: str, lo: int | None = None, where: str = "") -> None:
-  v = getattr(obj, field)
-  name = f"{where}.{field}" if where else field
-  if not isinstance(v, int) or isinstance(v, bool):
-    raise _err(name, f"expected an int, got {v!r}")
-  if lo is not None and v < lo:
-    raise _err(name, f"expected >= {lo}, got {v}")
-
-
-def _float(obj, field: str, lo: float | None = None, hi: float | None = None, where: str = "",
-           open_lo: bool = False) -> None:
-  v = getattr(obj, field)
-  name = f"{where}.{field}" if where else field
-  if not isinstance(v, (int, float)) or isinstance(v, bool):
-    raise _err(name, f"expected a number, got {v!r}")
-  if not math.isfinite(v):  # nan passes every comparison below and would train to a NaN "success"
-    raise _err(name, f"expected a finite number, got {v!r}")
-  if lo is not None and (v <= lo if open_lo else v < lo):
-    raise _err(name, f"expected {'>' if open_lo else '>='} {lo}, got {v}")
-  if hi is not None and v > hi:
-    raise _err(name, f"expected <= {hi}, got {v}")
-
-
 def _regexes(values, name: str) -> tuple[str, ...]:
   if isinstance(values, str):
     values = (values,)
@@ -87,64 +69,6 @@ def _regexes(values, name: str) -> tuple[str, ...]:
       raise _err(f"{name}[{i}]", f"not a valid regex {r!r}: {e}") from None
     out.append(r)
   return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  source: str = "synthetic"     # "synthetic": contract-shaped generated rows; "grain": kangaroo_jax.data pipeline
-  batch_size: int = 8           # global rows per optimizer step (all hosts, all micro-batches)
-  seq_len: int = 256            # tokens per packed row
-  frame_size: int = 56          # square frames, pixels
-  max_frames: int = 8           # frame slots per row
-  num_frames: int = 8           # frames sampled per video (grain); even
-  dataset: str = ""             # grain: ArrayRecord shards of tools.build_dataset (folder, file or glob), or a TFDS
-                                # split "tfds:NAME[/CONFIG][:VERSION][:SPLIT]" (kangaroo_jax.data.tfds_source)
-  tfds_data_dir: str = ""       # tfds: where the prepared dataset lies ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  tfds_mapping: str = ""        # tfds: a mapping shape for a dataset tfds_mappings.DATASET_SHAPES does not name
-  tokenizer: str = ""           # folder with tokenizer files (grain; copied into the export)
-  worker_count: int = 0         # Grain worker processes
-  shuffle_seed: int = 0
-  max_skip_rate: float = 0.05   # grain: stop when more than this fraction of samples was unusable
-
-  def validate(self) -> None:
-    w = "data"
-    if self.source not in DATA_SOURCES:
-      raise _err(f"{w}.source", f"got {self.source!r}, expected one of {DATA_SOURCES}")
-    for f in ("batch_size", "seq_len", "frame_size", "max_frames", "num_frames"):
-      _int(self, f, 1, w)
-    _int(self, "worker_count", 0, w)
-    _int(self, "shuffle_seed", 0, w)
-    _float(self, "max_skip_rate", 0.0, 1.0, where=w)
-    if self.max_frames % 2 or self.num_frames % 2:
-      raise _err(f"{w}.max_frames", f"frame counts must be even (patchify pairs frames), got "
-                 f"max_frames={self.max_frames}, num_frames={self.num_frames}")
-    if self.num_frames > self.max_frames:
-      raise _err(f"{w}.num_frames", f"{self.num_frames} frames per video exceed max_frames={self.max_frames}")
-    if self.source == "grain":
-      for f in ("dataset", "tokenizer"):
-        if not getattr(self, f):
-          raise _err(f"{w}.{f}", "required when data.source='grain'")
-    self._validate_tfds()
-
-  def _validate_tfds(self) -> None:
-    from kangaroo_jax.data.config import DataConfigError, is_tfds, parse_tfds
-    w = "data"
-    for f in ("dataset", "tfds_data_dir", "tfds_mapping"):
-      if not isinstance(getattr(self, f), str):
-        raise _err(f"{w}.{f}", f"expected a string, got {getattr(self, f)!r}")
-    if is_tfds(self.dataset):
-      try:
-        parse_tfds(self.dataset, f"{w}.dataset")
-      except DataConfigError as e:
-        raise ConfigError(str(e)) from None
-    elif self.tfds_data_dir or self.tfds_mapping:
-      f = "tfds_data_dir" if self.tfds_data_dir else "tfds_mapping"
-      raise _err(f"{w}.{f}", f"only for a TFDS dataset (data.dataset='tfds:NAME[:SPLIT]'), got "
-                 f"dataset={self.dataset!r}")
-    if self.tfds_mapping:
-      from kangaroo_jax.data.tfds_mappings import MAPPINGS
-      if self.tfds_mapping not in MAPPINGS:
-        raise _err(f"{w}.tfds_mapping", f"got {self.tfds_mapping!r}, expected one of {sorted(MAPPINGS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,24 +87,27 @@ class OptimConfig:
   lr_scales: tuple[tuple[str, float], ...] = ()  # (regex, factor): first match scales that param's lr
   max_nonfinite: int = 5        # stop after this many non-finite steps in a row (each one is skipped)
 
-  def validate(self) -> None:
+  def __post_init__(self):
     w = "optim"
-    _float(self, "lr", 0.0, where=w, open_lo=True)
-    _int(self, "warmup_steps", 0, w)
-    _float(self, "min_lr_ratio", 0.0, 1.0, where=w)
-    _float(self, "b1", 0.0, 1.0, where=w)
-    _float(self, "b2", 0.0, 1.0, where=w)
-    _float(self, "eps", 0.0, where=w, open_lo=True)
-    _float(self, "weight_decay", 0.0, where=w)
-    _float(self, "clip_norm", 0.0, where=w)
-    _int(self, "grad_accum", 1, w)
-    _int(self, "max_nonfinite", 1, w)
-    if not self.trainable:
-      raise _err(f"{w}.trainable", "empty: nothing would train")
-    for i, item in enumerate(self.lr_scales):
-      if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float))
-              and not isinstance(item[1], bool) and math.isfinite(item[1]) and item[1] >= 0):
-        raise _err(f"{w}.lr_scales[{i}]", f"expected (regex, finite factor >= 0), got {item!r}")
+    for f in ("trainable", "frozen"):  # a single regex is a one-element tuple
+      object.__setattr__(self, f, _regexes(getattr(self, f), f"{w}.{f}"))
+    check_float(self, w, "lr", 0.0, open_lo=True)
+    check_int(self, w, "warmup_steps", 0)
+    check_float(self, w, "min_lr_ratio", 0.0, 1.0)
+    check_float(self, w, "b1", 0.0, 1.0)
+    check_float(self, w, "b2", 0.0, 1.0)
+    check_float(self, w, "eps", 0.0, open_lo=True)
+    check_float(self, w, "weight_decay", 0.0)
+    check_float(self, w, "clip_norm", 0.0)
+    check_int(self, w, "grad_accum", 1)
+    check_int(self, w, "max_nonfinite", 1)
+    check(bool(self.trainable), w, "trainable", "empty: nothing would train")
+    scales = tuple(tuple(item) if isinstance(item, list) else item for item in self.lr_scales)
+    for i, item in enumerate(scales):
+      check(isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float))
+            and not isinstance(item[1], bool) and math.isfinite(item[1]) and item[1] >= 0, w, f"lr_scales[{i}]",
+            f"expected (regex, finite factor >= 0), got {item!r}")
+    object.__setattr__(self, "lr_scales", tuple((_regexes(r, f"{w}.lr_scales")[0], f) for r, f in scales))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,12 +117,11 @@ class CheckpointConfig:
   keep_best: int = 1            # ... plus the best K by mean training loss since the previous save
   async_save: bool = True
 
-  def validate(self) -> None:
-    _int(self, "every", 1, "ckpt")
-    _int(self, "keep", 1, "ckpt")
-    _int(self, "keep_best", 0, "ckpt")
-    if not isinstance(self.async_save, bool):
-      raise _err("ckpt.async_save", f"expected a bool, got {self.async_save!r}")
+  def __post_init__(self):
+    check_int(self, "ckpt", "every", 1)
+    check_int(self, "ckpt", "keep", 1)
+    check_int(self, "ckpt", "keep_best", 0)
+    check_bool(self, "ckpt", "async_save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +138,10 @@ class TrainConfig:
   init_from: str = ""           # previous stage's export folder (params only; optimizer starts fresh)
   export: bool = True           # write WORKDIR/export at the end
   peak_flops_per_device: float = 0.0  # for MFU where the device kind is not in metrics.PEAK_FLOPS
+  # ((logical axis, mesh axes), ...) laid over kangaroo_jax.parallel.rules.LOGICAL_AXIS_RULES for this run
+  sharding_rules: tuple = ()
+  max_replicated_fraction: float = 0.02  # of parameter bytes held whole on every device, before the check speaks
+  sharding_check: str = "warn"  # over that: "warn" (one line naming the largest), "error" (MeshError), "off"
   run: RunOptions = dataclasses.field(default_factory=RunOptions)  # how the model runs (not stored in exports)
   raw: dict = dataclasses.field(default_factory=dict, compare=False)  # the plain config, saved with checkpoints
 
@@ -219,8 +149,15 @@ class TrainConfig:
   def micro_batch(self) -> int:
     return self.data.batch_size // self.optim.grad_accum
 
+  @property
+  def rules(self) -> tuple:
+    """The full logical-axis rules table of this run: `sharding_rules` merged over the default."""
+    return merge_rules(self.sharding_rules)
 
-_TOP = ("stage", "seed", "total_steps", "log_every", "init_from", "export", "peak_flops_per_device")
+
+_TOP = ("stage", "seed", "total_steps", "log_every", "init_from", "export", "peak_flops_per_device", "sharding_rules",
+        "max_replicated_fraction", "sharding_check")
+SHARDING_CHECKS = ("warn", "error", "off")
 _SECTIONS = ("model", "mesh", "data", "optim", "ckpt")
 _OPTIONAL_SECTIONS = ("run",)
 
@@ -288,22 +225,19 @@ def from_configdict(config: ml_collections.ConfigDict) -> TrainConfig:
     v = getattr(mesh, f.name)
     if not isinstance(v, int) or (v < 1 and not (v == -1 and not f.name.startswith("dcn"))):
       raise _err(f"mesh.{f.name}", f"expected a positive int (or -1 for one ICI axis), got {v!r}")
-  optim_d = dict(d["optim"])
-  for k in ("trainable", "frozen"):
-    if k in optim_d:
-      optim_d[k] = _regexes(optim_d[k], f"optim.{k}")
-  if "lr_scales" in optim_d:
-    optim_d["lr_scales"] = tuple((_regexes(r, "optim.lr_scales")[0], s) for r, s in optim_d["lr_scales"])
   cfg = TrainConfig(
       model=model_config(d["model"]), mesh=mesh, data=_take(d["data"], DataConfig, "data"),
-      optim=_take(optim_d, OptimConfig, "optim"), ckpt=_take(d["ckpt"], CheckpointConfig, "ckpt"),
+      optim=_take(d["optim"], OptimConfig, "optim"), ckpt=_take(d["ckpt"], CheckpointConfig, "ckpt"),
       run=run_options(d.get("run", {}) or {}), **{k: d[k] for k in _TOP if k in d}, raw=d)
-  cfg.data.validate()
-  cfg.optim.validate()
-  cfg.ckpt.validate()
   for f in ("seed", "total_steps", "log_every"):
-    _int(cfg, f, 0 if f == "seed" else 1)
-  _float(cfg, "peak_flops_per_device", 0.0)
+    check_int(cfg, "", f, 0 if f == "seed" else 1)
+  check_float(cfg, "", "peak_flops_per_device", 0.0)
+  check_float(cfg, "", "max_replicated_fraction", 0.0, 1.0)
+  check(cfg.sharding_check in SHARDING_CHECKS, "", "sharding_check",
+        f"got {cfg.sharding_check!r}, expected one of {SHARDING_CHECKS}")
+  merge_rules(cfg.sharding_rules)  # RulesError (a ConfigError) names the entry and its logical axis
+  check(isinstance(cfg.data.frame_size, int), "data", "frame_size",
+        f"expected an int (the trainer takes square frames), got {cfg.data.frame_size!r}")
   if not isinstance(cfg.stage, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.stage):
     raise _err("stage", f"expected a short name ([A-Za-z0-9_.-]+), got {cfg.stage!r}")
   if cfg.data.batch_size % cfg.optim.grad_accum:

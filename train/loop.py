@@ -3,7 +3,7 @@
 `_train` runs four sections, each a function over the `_Run` that setup fills in: `_setup` (workdir, mesh,
 program, data, checkpointer), `_restore_or_init` (the train state, placed by the program's shardings, then
 `_check_sharding`), `_step_loop` (steps, logging through `_StepLog`, checkpoints) and `_finish` (the last
-checkpoint write, summary.json, the export).
+checkpoint write, summary.json, the export). All of it runs under the config's sharding rules (`use_rules`).
 
 Resume precedence: a checkpoint in WORKDIR (exact resume: model, optimizer, step, iterator) >
 `init_from` (the previous curriculum stage's export: parameters only, fresh optimizer) > random init.
@@ -34,7 +34,9 @@ from jax.sharding import Mesh
 
 from kangaroo_jax.data.global_batch import data_shard_for_process, make_global_batch
 from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.parallel.mesh import init_sharded, make_mesh
+from kangaroo_jax.parallel.mesh import MeshError, init_sharded, make_mesh
+from kangaroo_jax.parallel.rules import use_rules
+from kangaroo_jax.parallel.validate import sharding_report
 from kangaroo_jax.pretrained import from_pretrained
 from train import metrics as metrics_lib
 from train.checkpoint import CheckpointError, Checkpointer, silence_abandoned_reads
@@ -103,7 +105,7 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
     Interrupted: SIGTERM during startup or the final export (one process; several processes stop
       together at a step boundary instead, with a checkpoint).
   """
-  with STOP.handling():
+  with STOP.handling(), use_rules(cfg.rules):  # the run's sharding rules, for everything traced inside
     try:
       return _train(cfg, workdir, iterator, stop_after, place_batch)
     except (NonFiniteError, CheckpointError, WorkdirError):
@@ -193,6 +195,7 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
                    f"{run.program.model_def.num_params() / 1e6:.2f}M params, "
                    f"{run.program.model_def.num_params(run.program.trainable) / 1e6:.2f}M trainable; "
                    f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+      _check_sharding(run, state)
   except Interrupted:
     silence_abandoned_reads()  # it may have stopped a restore part way
     _close(run.ckpt, run.log, run.owned_iterator, quiet=True)
@@ -255,6 +258,22 @@ def _restore_or_init(run: _Run) -> tuple[dict, int, str]:
                       out_shardings=program.state_shardings, donate_argnums=0)(params)
     resumed = f"initialised from {cfg.init_from}" if cfg.init_from else "random init"
   return state, int(jax.device_get(state["step"])), resumed
+
+
+def _check_sharding(run: _Run, state: dict) -> None:
+  """The sufficiently-sharded check on the placed parameters: over `max_replicated_fraction` of their bytes
+  replicated on every device, a warning line naming the largest such tensors, or MeshError (sharding_check)."""
+  cfg = run.cfg
+  if cfg.sharding_check == "off":
+    return
+  report = sharding_report(combine(state["params"], state["frozen"]))
+  if report.fraction <= cfg.max_replicated_fraction:
+    return
+  what = (f"{report.describe()} (max_replicated_fraction {cfg.max_replicated_fraction:.0%}); check sharding_rules "
+          f"and the mesh {dict(run.mesh.shape)}")
+  if cfg.sharding_check == "error":
+    raise MeshError(what)
+  run.log.text(f"[{cfg.stage}] warning: {what}")
 
 
 def _data_snapshot(iterator) -> dict:

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
@@ -98,7 +99,6 @@ def test_rules_override_changes_a_params_sharding_and_only_inside_use_rules():
 
 
 def test_rules_override_errors_are_one_line_and_name_the_entry():
-  import pytest
   from kangaroo_jax.parallel.rules import RulesError, merge_rules
   cases = {(("activation_embd", None),): "sharding_rules[0]: unknown logical axis 'activation_embd'",
            (("embed", None), ("mlp", "model")): "sharding_rules[1] (mlp): mesh axes 'model' are not a subset",
@@ -109,3 +109,17 @@ def test_rules_override_errors_are_one_line_and_name_the_entry():
     with pytest.raises(RulesError) as e:
       merge_rules(override)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_mesh_validation_follows_the_rules_in_force():
+  from kangaroo_jax.parallel.mesh import MeshError
+  from kangaroo_jax.parallel.rules import merge_rules, use_rules
+  from kangaroo_jax.parallel.validate import validate_mesh_for_model
+  from kangaroo_jax.run_options import RunOptions
+  mesh = {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+  with pytest.raises(MeshError, match=r"global batch 4 must be divisible by data\*fsdp = 8"):
+    validate_mesh_for_model(preset("tiny"), RunOptions(), mesh, batch=4, seq_len=32)
+  with use_rules(merge_rules((("activation_batch", ("data",)),))):  # rows over `data` only
+    validate_mesh_for_model(preset("tiny"), RunOptions(), mesh, batch=4, seq_len=32)
+    with pytest.raises(MeshError, match=r"global batch 3 must be divisible by data = 2"):
+      validate_mesh_for_model(preset("tiny"), RunOptions(), mesh, batch=3, seq_len=32)

@@ -10,6 +10,7 @@ multiplies memory by the device count without failing anywhere).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 
 from kangaroo_jax.config import KangarooConfig
 from kangaroo_jax.parallel.mesh import MeshError
+from kangaroo_jax.parallel.rules import mesh_axes_for
 from kangaroo_jax.run_options import RunOptions
 
 
@@ -29,8 +31,13 @@ def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Ma
     mesh_shape: {"data": .., "fsdp": .., "context": .., "tensor": ..} (e.g. dict(mesh.shape)).
     batch: global batch (rows); seq_len: tokens per row; frames_per_row: video frames per row.
   """
-  data, fsdp = mesh_shape.get("data", 1), mesh_shape.get("fsdp", 1)
-  context, tensor = mesh_shape.get("context", 1), mesh_shape.get("tensor", 1)
+  # Which mesh axes split what comes from the rules table in force (the default: batch over data*fsdp,
+  # sequence over context, heads / mlp / vocab over tensor).
+  batch_axes, batch_n = _split(mesh_shape, "activation_batch")
+  heads_axes, tensor = _split(mesh_shape, "activation_heads")
+  mlp_axes, mlp_n = _split(mesh_shape, "activation_mlp")
+  vocab_axes, vocab_n = _split(mesh_shape, "activation_vocab")
+  _, context = _split(mesh_shape, "activation_length")
   llm, vision = cfg.llm, cfg.vision
   problems = []
 
@@ -38,14 +45,17 @@ def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Ma
     if not cond:
       problems.append(msg)
 
-  need(batch % (data * fsdp) == 0, f"global batch {batch} must be divisible by data*fsdp = {data * fsdp}")
+  need(batch % batch_n == 0, f"global batch {batch} must be divisible by {batch_axes} = {batch_n}")
   if tensor > 1:
-    need(llm.num_heads % tensor == 0, f"llm.num_heads {llm.num_heads} must be divisible by tensor={tensor}")
-    need(llm.num_kv_heads % tensor == 0, f"llm.num_kv_heads {llm.num_kv_heads} must be divisible by tensor={tensor}")
-    need(llm.intermediate_size % tensor == 0,
-         f"llm.intermediate_size {llm.intermediate_size} must be divisible by tensor={tensor}")
-    need(llm.vocab_size % tensor == 0, f"llm.vocab_size {llm.vocab_size} must be divisible by tensor={tensor}")
-    need(vision.num_heads % tensor == 0, f"vision heads {vision.num_heads} must be divisible by tensor={tensor}")
+    need(llm.num_heads % tensor == 0, f"llm.num_heads {llm.num_heads} must be divisible by {heads_axes}={tensor}")
+    need(llm.num_kv_heads % tensor == 0,
+         f"llm.num_kv_heads {llm.num_kv_heads} must be divisible by {heads_axes}={tensor}")
+    need(vision.num_heads % tensor == 0, f"vision heads {vision.num_heads} must be divisible by {heads_axes}={tensor}")
+  if mlp_n > 1:
+    need(llm.intermediate_size % mlp_n == 0,
+         f"llm.intermediate_size {llm.intermediate_size} must be divisible by {mlp_axes}={mlp_n}")
+  if vocab_n > 1:
+    need(llm.vocab_size % vocab_n == 0, f"llm.vocab_size {llm.vocab_size} must be divisible by {vocab_axes}={vocab_n}")
   if context > 1:
     if run.attention_impl == "reference":
       problems.append(f"context={context} needs attention_impl 'ring', 'all_gather' or 'usp', not 'reference'")
@@ -54,7 +64,7 @@ def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Ma
       kv_local = llm.num_kv_heads // tensor if llm.num_kv_heads % tensor == 0 else 0
       if u:
         need(context % u == 0, f"ulysses_degree {u} must divide context={context}")
-        need(kv_local % u == 0, f"llm.num_kv_heads {llm.num_kv_heads} / tensor={tensor} must be divisible by "
+        need(kv_local % u == 0, f"llm.num_kv_heads {llm.num_kv_heads} / {heads_axes}={tensor} must be divisible by "
              f"ulysses_degree {u} (each all-to-all group member takes whole kv heads)")
     multiple = 2 * context if (run.attention_impl in ("ring", "usp") and run.load_balance) else context
     need(seq_len % multiple == 0, f"sequence length {seq_len} must be divisible by {multiple} "
@@ -65,6 +75,13 @@ def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Ma
          f"({cfg.projector.frames_per_group}); pad by repeating the last frame")
   if problems:
     raise MeshError("mesh " + str(dict(mesh_shape)) + " does not fit the model/batch:\n  " + "\n  ".join(problems))
+
+
+def _split(mesh_shape: Mapping[str, int], logical: str) -> tuple[str, int]:
+  """("data*fsdp", their total size): the mesh axes the rules give `logical`, for messages, and how many
+  ways they split it."""
+  axes = mesh_axes_for(logical)
+  return "*".join(axes) or "no axis", math.prod(mesh_shape.get(a, 1) for a in axes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,9 +84,15 @@ _OOM = re.compile(r"total memory required for HLO temporaries \(([\d.]+)([KMGT])
 
 
 def _timed_compile(name, jitted, *args, **kwargs) -> Program:
-  """Compiles; a program the TPU compiler refuses for lack of HBM comes back as a did-not-fit Program."""
+  """Lowers and compiles (see `_compile_lowered`)."""
   t = time.perf_counter()
-  lowered = jitted.lower(*args, **kwargs)
+  return _compile_lowered(name, jitted.lower(*args, **kwargs), t)
+
+
+def _compile_lowered(name, lowered, started: float) -> Program:
+  """Compiles; a program the TPU compiler refuses for lack of HBM comes back as a did-not-fit Program.
+
+  `started`: the perf_counter reading the timing counts from (before the lowering)."""
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError is the only kind expected; others re-raise below
@@ -95,40 +101,66 @@ def _timed_compile(name, jitted, *args, **kwargs) -> Program:
       raise
     m = _OOM.search(message)
     required = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else 0
-    return Program(name, None, time.perf_counter() - t, message.splitlines()[0][:400], required)
-  return Program(name, compiled, time.perf_counter() - t)
+    return Program(name, None, time.perf_counter() - started, message.splitlines()[0][:400], required)
+  return Program(name, compiled, time.perf_counter() - started)
 
 
-def compile_train_step(cfg, devices) -> tuple[list[Program], dict]:
-  """Lowers and compiles the train step `train.loop.train` runs (both build it with `train.program`)."""
+@dataclasses.dataclass
+class LoweredTrainStep:
+  program: object   # train.program.TrainProgram
+  state: object     # the abstract train state (ShapeDtypeStructs with their shardings)
+  lowered: object   # jax.stages.Lowered of the jitted step on (state, batch)
+  started: float    # perf_counter before the lowering
+  mesh: object      # the jax Mesh it was lowered for
+  facts: dict
+
+
+def lower_train_step(cfg, devices) -> LoweredTrainStep:
+  """Builds (`train.program`, as `train.loop.train` does) and lowers the train step for `devices`.
+
+  Everything runs under the config's sharding rules (`use_rules(cfg.rules)`, as in `train()`): the
+  parameter shardings are read from the table when the program is built, the activation constraints
+  when the step is traced, so an experiment's `sharding_rules` reach the ahead-of-time compile too."""
   import jax
   from jax.sharding import NamedSharding
 
   from kangaroo_jax.data.global_batch import BATCH_AXES
   from kangaroo_jax.parallel.mesh import make_mesh
-  from kangaroo_jax.parallel.rules import logical_to_spec
+  from kangaroo_jax.parallel.rules import logical_to_spec, use_rules
   from train.config import validate_for_mesh
   from train.program import build_program
 
-  mesh = make_mesh(cfg.mesh, devices=devices)
-  validate_for_mesh(cfg, dict(mesh.shape), 1)
-  program = build_program(cfg, mesh)
-  state = program.abstract_state()
+  with use_rules(cfg.rules):
+    mesh = make_mesh(cfg.mesh, devices=devices)
+    validate_for_mesh(cfg, dict(mesh.shape), 1)
+    program = build_program(cfg, mesh)
+    state = program.abstract_state()
 
-  d = cfg.data
-  b, seq, f, px = d.batch_size, d.seq_len, d.max_frames, d.frame_size
-  batch_shapes = dict(input_ids=((b, seq), "int32"), targets=((b, seq), "int32"), loss_mask=((b, seq), "float32"),
-                      positions=((b, seq), "int32"), segment_ids=((b, seq), "int32"),
-                      frames=((b, f, px, px, 3), "uint8"), timestamps=((b, f), "float32"), num_frames=((b,), "int32"))
-  mesh_shape = dict(mesh.shape)
-  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(
-      mesh, logical_to_spec(BATCH_AXES[k], mesh_shape, shape))) for k, (shape, dt) in batch_shapes.items()}
+    d = cfg.data
+    b, seq, f, px = d.batch_size, d.seq_len, d.max_frames, d.frame_size
+    batch_shapes = dict(input_ids=((b, seq), "int32"), targets=((b, seq), "int32"), loss_mask=((b, seq), "float32"),
+                        positions=((b, seq), "int32"), segment_ids=((b, seq), "int32"),
+                        frames=((b, f, px, px, 3), "uint8"), timestamps=((b, f), "float32"),
+                        num_frames=((b,), "int32"))
+    mesh_shape = dict(mesh.shape)
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(
+        mesh, logical_to_spec(BATCH_AXES[k], mesh_shape, shape))) for k, (shape, dt) in batch_shapes.items()}
 
-  with jax.set_mesh(mesh):
-    compiled = _timed_compile("train_step", program.jit_step(cfg.optim.grad_accum), state, batch)
+    started = time.perf_counter()
+    with jax.set_mesh(mesh):
+      lowered = program.jit_step(cfg.optim.grad_accum).lower(state, batch)
   facts = dict(mesh=mesh_shape, params=program.model_def.num_params(),
                trainable_params=program.model_def.num_params(program.trainable), tokens_per_step=b * seq)
-  return [compiled], facts
+  return LoweredTrainStep(program, state, lowered, started, mesh, facts)
+
+
+def compile_train_step(cfg, devices) -> tuple[list[Program], dict]:
+  """Lowers and compiles the train step `train.loop.train` runs (both build it with `train.program`)."""
+  import jax
+  from kangaroo_jax.parallel.rules import use_rules
+  step = lower_train_step(cfg, devices)
+  with use_rules(cfg.rules), jax.set_mesh(step.mesh):
+    return [_compile_lowered("train_step", step.lowered, step.started)], step.facts
 
 
 def _parse_mesh(text: str):
@@ -148,6 +180,7 @@ def compile_inference(cfg, run, devices, *, frames: int, prompt_tokens: int, new
   RunOptions)."""
   import jax
   import jax.numpy as jnp
+  from kangaroo_jax.attention.context_parallel import context_size
   from kangaroo_jax.inference.cache import KVCache, bucket_length, cache_sharding
   from kangaroo_jax.inference.engine import Engine
   from kangaroo_jax.inference.sampling import SamplingConfig
@@ -168,7 +201,7 @@ def compile_inference(cfg, run, devices, *, frames: int, prompt_tokens: int, new
   step = jax.ShapeDtypeStruct((), jnp.int32)
   with jax.set_mesh(mesh):
     engine = Engine(model_def.merge(weights))
-    n = dict(mesh.shape).get("context", 1)
+    n = context_size()  # the sequence's mesh axis from the rules table (activation_length), as the engine asks
     max_len = bucket_length(prompt + new_tokens, 2 * n)
     llm = cfg.llm
     cache_shape = (llm.num_layers, batch, max_len, llm.num_kv_heads, llm.head_dim)

@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
+
+# ConfigError lives with the checks that raise it; re-exported here, where callers import it from.
+from kangaroo_jax.checks import ConfigError, check, check_choice, check_positive_ints  # noqa: F401
 
 FeatureTap = Literal["last_prenorm", "last_postnorm", "penultimate"]
 PosEmbedInterpolation = Literal["bicubic", "bilinear"]
 TPEKind = Literal["sinusoidal", "learned", "none"]
 Patchify = Literal["avg", "conv3d", "none"]
 ProjectorType = Literal["mlp2x_gelu"]
-
-
-class ConfigError(ValueError):
-  """A configuration field holds a value the model cannot use."""
-
-
-def _check(cond: bool, cls: str, field: str, msg: str) -> None:
-  if not cond:
-    raise ConfigError(f"{cls}.{field}: {msg}")
-
-
-def _check_choice(value: Any, choices: tuple, cls: str, field: str) -> None:
-  _check(value in choices, cls, field, f"got {value!r}, expected one of {choices}")
-
-
-def _check_positive(obj: Any, *fields: str) -> None:
-  for f in fields:
-    v = getattr(obj, f)
-    _check(isinstance(v, int) and v > 0, type(obj).__name__, f, f"expected a positive int, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +35,10 @@ class RopeScaling:
 
   def __post_init__(self):
     c = "RopeScaling"
-    _check(self.factor >= 1.0, c, "factor", f"expected >= 1, got {self.factor}")
-    _check(self.high_freq_factor > self.low_freq_factor > 0, c, "high_freq_factor",
-           f"expected high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor}, {self.low_freq_factor}")
-    _check(self.original_max_position_embeddings > 0, c, "original_max_position_embeddings", "expected > 0")
+    check(self.factor >= 1.0, c, "factor", f"expected >= 1, got {self.factor}")
+    check(self.high_freq_factor > self.low_freq_factor > 0, c, "high_freq_factor",
+          f"expected high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor}, {self.low_freq_factor}")
+    check(self.original_max_position_embeddings > 0, c, "original_max_position_embeddings", "expected > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +62,15 @@ class LlamaConfig:
 
   def __post_init__(self):
     c = "LlamaConfig"
-    _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "max_position_embeddings")
-    _check(self.num_heads % self.num_kv_heads == 0, c, "num_kv_heads",
-           f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-    _check(self.head_dim % 2 == 0, c, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
-    _check(self.rms_norm_eps > 0, c, "rms_norm_eps", "expected > 0")
-    _check(self.rope_theta > 0, c, "rope_theta", "expected > 0")
-    _check(not self.tie_word_embeddings, c, "tie_word_embeddings",
-           "Kangaroo uses an untied lm_head; tied embeddings are not implemented")
+    check_positive_ints(self, c, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                        "num_kv_heads", "head_dim", "max_position_embeddings")
+    check(self.num_heads % self.num_kv_heads == 0, c, "num_kv_heads",
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    check(self.head_dim % 2 == 0, c, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+    check(self.rms_norm_eps > 0, c, "rms_norm_eps", "expected > 0")
+    check(self.rope_theta > 0, c, "rope_theta", "expected > 0")
+    check(not self.tie_word_embeddings, c, "tie_word_embeddings",
+          "Kangaroo uses an untied lm_head; tied embeddings are not implemented")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,19 +111,20 @@ class VisionConfig:
 
   def __post_init__(self):
     c = "VisionConfig"
-    _check_positive(self, "image_size", "patch_size", "num_channels", "width", "num_layers", "head_width",
-                    "mlp_hidden", "pt_hw_seq_len")
-    _check(self.width % self.head_width == 0, c, "head_width",
-           f"width ({self.width}) must be a multiple of head_width ({self.head_width})")
-    _check(self.head_width % 4 == 0, c, "head_width",
-           f"2-D RoPE splits each head into h/w halves of rotated pairs; need head_width % 4 == 0, got {self.head_width}")
-    _check(self.image_size % self.patch_size == 0, c, "image_size",
-           f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
-    _check(self.layer_norm_eps > 0, c, "layer_norm_eps", "expected > 0")
-    _check_choice(self.feature_tap, get_args(FeatureTap), c, "feature_tap")
-    _check(self.feature_tap != "penultimate" or self.num_layers >= 2, c, "feature_tap",
-           "penultimate tap needs at least 2 layers")
-    _check_choice(self.pos_embed_interpolation, get_args(PosEmbedInterpolation), c, "pos_embed_interpolation")
+    check_positive_ints(self, c, "image_size", "patch_size", "num_channels", "width", "num_layers", "head_width",
+                        "mlp_hidden", "pt_hw_seq_len")
+    check(self.width % self.head_width == 0, c, "head_width",
+          f"width ({self.width}) must be a multiple of head_width ({self.head_width})")
+    check(self.head_width % 4 == 0, c, "head_width",
+          f"2-D RoPE splits each head into h/w halves of rotated pairs; need head_width % 4 == 0, "
+          f"got {self.head_width}")
+    check(self.image_size % self.patch_size == 0, c, "image_size",
+          f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+    check(self.layer_norm_eps > 0, c, "layer_norm_eps", "expected > 0")
+    check_choice(self, c, "feature_tap", get_args(FeatureTap))
+    check(self.feature_tap != "penultimate" or self.num_layers >= 2, c, "feature_tap",
+          "penultimate tap needs at least 2 layers")
+    check_choice(self, c, "pos_embed_interpolation", get_args(PosEmbedInterpolation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +157,11 @@ class ProjectorConfig:
 
   def __post_init__(self):
     c = "ProjectorConfig"
-    _check_choice(self.tpe, get_args(TPEKind), c, "tpe")
-    _check_choice(self.patchify, get_args(Patchify), c, "patchify")
-    _check_choice(self.projector_type, get_args(ProjectorType), c, "projector_type")
-    _check_positive(self, "tpe_max_seconds", "temporal_patch", "spatial_patch")
-    _check(self.tpe_base > 1.0, c, "tpe_base", "expected > 1")
+    check_choice(self, c, "tpe", get_args(TPEKind))
+    check_choice(self, c, "patchify", get_args(Patchify))
+    check_choice(self, c, "projector_type", get_args(ProjectorType))
+    check_positive_ints(self, c, "tpe_max_seconds", "temporal_patch", "spatial_patch")
+    check(self.tpe_base > 1.0, c, "tpe_base", "expected > 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,12 +176,12 @@ class KangarooConfig:
 
   def __post_init__(self):
     c = "KangarooConfig"
-    _check(self.visual_token_id < 0, c, "visual_token_id",
-           f"must be negative so it never collides with a token id, got {self.visual_token_id}")
+    check(self.visual_token_id < 0, c, "visual_token_id",
+          f"must be negative so it never collides with a token id, got {self.visual_token_id}")
     if self.projector.patchify != "none":
       g = self.vision.trained_grid
-      _check(g % self.projector.spatial_patch == 0, c, "projector.spatial_patch",
-             f"the trained patch grid {g}x{g} is not divisible by spatial_patch {self.projector.spatial_patch}")
+      check(g % self.projector.spatial_patch == 0, c, "projector.spatial_patch",
+            f"the trained patch grid {g}x{g} is not divisible by spatial_patch {self.projector.spatial_patch}")
 
   def replace(self, **changes) -> "KangarooConfig":
     return dataclasses.replace(self, **changes)

@@ -10,11 +10,11 @@ against them in tests/test_config.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import jax.numpy as jnp
 
-from kangaroo_jax.config import ConfigError
+from kangaroo_jax.checks import ConfigError, check_bool, check_choice, check_int, fail
 
 AttentionImpl = Literal["reference", "ring", "all_gather", "usp"]
 # The vision tower attends within each frame (1 + patches tokens, not split over the context axis), so it
@@ -51,20 +51,6 @@ def dtype_name(dtype) -> str:
   return name
 
 
-def _check(cond: bool, field: str, msg: str) -> None:
-  if not cond:
-    raise ConfigError(f"RunOptions.{field}: {msg}")
-
-
-def _check_choice(value: Any, choices: tuple, field: str) -> None:
-  _check(value in choices, field, f"got {value!r}, expected one of {choices}")
-
-
-def _check_count(value: Any, field: str, lo: int, what: str) -> None:
-  _check(isinstance(value, int) and not isinstance(value, bool) and value >= lo, field,
-         f"must be {what}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
   """Execution options shared by the model's parts; defaults are exact float32 on one device.
@@ -95,23 +81,24 @@ class RunOptions:
   logits_fp32: bool = True
 
   def __post_init__(self):
-    _check_choice(self.param_dtype, DTYPE_NAMES, "param_dtype")
-    _check_choice(self.compute_dtype, DTYPE_NAMES, "compute_dtype")
-    _check_choice(self.attention_impl, ATTENTION_IMPLS, "attention_impl")
-    _check_choice(self.vision_attention_impl, VISION_ATTENTION_IMPLS, "vision_attention_impl")
-    _check_choice(self.attention_kernel, ATTENTION_KERNELS, "attention_kernel")
-    _check_choice(self.remat_policy, REMAT_POLICIES, "remat_policy")
-    _check_count(self.attention_block, "attention_block", 1, "a positive token count")
-    _check_count(self.ulysses_degree, "ulysses_degree", 0, "a device count >= 0 (0 = automatic)")
-    _check_count(self.vision_chunk_frames, "vision_chunk_frames", 0, "a frame count >= 0 (0 = no chunking)")
+    c = "RunOptions"  # from_dict renames it to where the options came from (run., from_pretrained.)
+    check_choice(self, c, "param_dtype", DTYPE_NAMES)
+    check_choice(self, c, "compute_dtype", DTYPE_NAMES)
+    check_choice(self, c, "attention_impl", ATTENTION_IMPLS)
+    check_choice(self, c, "vision_attention_impl", VISION_ATTENTION_IMPLS)
+    check_choice(self, c, "attention_kernel", ATTENTION_KERNELS)
+    check_choice(self, c, "remat_policy", REMAT_POLICIES)
+    check_int(self, c, "attention_block", lo=1, what="a positive token count")
+    check_int(self, c, "ulysses_degree", lo=0, what="a device count >= 0 (0 = automatic)")
+    check_int(self, c, "vision_chunk_frames", lo=0, what="a frame count >= 0 (0 = no chunking)")
     for f in ("load_balance", "logits_fp32"):
-      _check(isinstance(getattr(self, f), bool), f, f"expected a bool, got {getattr(self, f)!r}")
+      check_bool(self, c, f)
 
   def check_for_training(self, where: str = "run") -> None:
     """ConfigError naming `where.param_dtype` unless the weights the optimizer updates are float32."""
     if self.param_dtype != "float32":
-      raise ConfigError(f"{where}.param_dtype: training keeps float32 master weights, got {self.param_dtype!r} "
-                        f"(set {where}.compute_dtype for bf16 matmuls)")
+      raise fail(where, "param_dtype", f"training keeps float32 master weights, got {self.param_dtype!r} "
+                 f"(set {where}.compute_dtype for bf16 matmuls)")
 
   @property
   def dtype(self):

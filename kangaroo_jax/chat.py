@@ -17,12 +17,12 @@ goes to stderr when stdin or stderr is a terminal.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import sys
 
 from kangaroo_jax import compile_cache
+from kangaroo_jax.cli_help import HelpFormatter
 from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
                                             check_generation_args, error_line, load_from_args, report_input_error)
 
@@ -32,25 +32,6 @@ COMMANDS = (("/help", "list these commands"),
             ("/quit", "end the chat (also /exit or Ctrl-D)"))
 QUIT = ("/quit", "/exit")
 _COMMAND_WORD = re.compile(r"^/\w+$")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-  """--help with every option's default (or "required"); the description's and epilog's line breaks kept."""
-
-  def _get_help_string(self, action):
-    text = action.help or ""
-    if "(default" in text or "(required" in text or not action.option_strings or action.default is argparse.SUPPRESS:
-      return text
-    if action.required:
-      return f"{text} (required)".strip()
-    default = "off" if action.default is False else "none" if action.default is None else "%(default)s"
-    return f"{text} (default: {default})".strip()
-
-  def _format_action(self, action):
-    if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
-      action = copy.copy(action)  # argparse prints nothing after an option without help, not even its default
-      action.help = self._get_help_string(action)
-    return super()._format_action(action)
 
 
 def commands_text() -> str:

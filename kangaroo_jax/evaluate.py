@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 
 from kangaroo_jax import compile_cache
-from kangaroo_jax.chat import HelpFormatter
+from kangaroo_jax.cli_help import HelpFormatter
 from kangaroo_jax.data.video import VideoError
 from kangaroo_jax.inference.chat import Chat, PromptTooLong
 from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from kangaroo_jax import compile_cache
-from kangaroo_jax.chat import HelpFormatter
+from kangaroo_jax.cli_help import HelpFormatter
 from kangaroo_jax.data.video import (IMAGE_EXTENSIONS, VideoError, load_video, normalize_frames,
                                      preprocess_frames)
 from kangaroo_jax.inference.chat import Chat, PromptTooLong

@@ -16,7 +16,7 @@ import os
 import sys
 
 from kangaroo_jax import compile_cache
-from kangaroo_jax.chat import HelpFormatter
+from kangaroo_jax.cli_help import HelpFormatter
 from kangaroo_jax.inference.loading import (EXIT_INPUT_ERROR, INPUT_ERRORS, UsageError, add_loading_args,
                                             check_generation_args, load_from_args, report_input_error)
 from kangaroo_jax.pretrained import load_config

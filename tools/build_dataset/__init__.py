@@ -32,6 +32,7 @@ import os
 import re
 import sys
 
+from kangaroo_jax.cli_help import HelpFormatter
 from kangaroo_jax.data.manifest import ManifestError, ManifestRow, parse_row
 from kangaroo_jax.data.records import FRAME_FORMATS, encode_frames, pack_record
 from kangaroo_jax.data.video import ClipRangeError, VideoError, load_video, preprocess_frames
@@ -312,34 +313,45 @@ def _abandon(temp: str, summary: dict) -> str:
     return temp
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m tools.build_dataset", description=__doc__.split("\n\n")[0])
-  p.add_argument("manifest")
-  p.add_argument("out_dir")
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m tools.build_dataset", description=__doc__.split("\n\n")[0],
+                              formatter_class=HelpFormatter)
+  p.add_argument("manifest", help="JSONL manifest, one row per sample (kangaroo_jax.data.manifest)")
+  p.add_argument("out_dir", help="output folder for the shards and summary.json (swapped in when complete)")
   p.add_argument("--size", type=int, default=448, help="frame size (square; long side with --keep-aspect)")
-  p.add_argument("--keep-aspect", action="store_true")
-  p.add_argument("--patch-size", type=int, default=14)
+  p.add_argument("--keep-aspect", action="store_true",
+                 help="keep each video's aspect ratio: long side --size, both sides multiples of 2 x --patch-size "
+                      "(default: squash to --size x --size, as released)")
+  p.add_argument("--patch-size", type=int, default=14, help="the vision tower's patch size (--keep-aspect rounds "
+                 "frame sides to multiples of twice this)")
   g = p.add_mutually_exclusive_group()
-  g.add_argument("--num-frames", type=int, default=None, help="uniform segment sampling (default 16)")
+  g.add_argument("--num-frames", type=int, default=None,
+                 help="uniform segment sampling: frames per video (default: 16 unless --fps)")
   g.add_argument("--fps", type=float, default=None, help="fps-based sampling (cap with --max-frames)")
-  p.add_argument("--max-frames", type=int, default=None)
+  p.add_argument("--max-frames", type=int, default=None,
+                 help="most frames kept per video, thinned uniformly (default: none, no cap)")
   p.add_argument("--frames-fps", type=float, default=1.0, help="frame rate of frames_dir rows")
-  p.add_argument("--frame-format", choices=FRAME_FORMATS, default="jpeg")
-  p.add_argument("--quality", type=int, default=95)
+  p.add_argument("--frame-format", choices=FRAME_FORMATS, default="jpeg", help="how frames are stored in the records")
+  p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1-100 (--frame-format jpeg)")
   p.add_argument("--reference", action="store_true", help="store video paths; decode in the training pipeline")
-  p.add_argument("--shards", type=int, default=None, help="shard files (default 1; not with --tfds)")
-  p.add_argument("--workers", type=int, default=0)
+  p.add_argument("--shards", type=int, default=None, help="shard files (default: 1; not with --tfds)")
+  p.add_argument("--workers", type=int, default=0, help="worker processes decoding videos (0: in this process)")
   p.add_argument("--max-skip-rate", type=float, default=0.05,
-                 help="stop when more than this fraction of rows is skipped (default 0.05, as the trainer)")
+                 help="stop when more than this fraction of rows is skipped (default: 0.05, as the trainer)")
   p.add_argument("--skip-check-min-rows", type=int, default=100,
-                 help="rows read before a clearly exceeded skip rate stops the build early (default 100)")
+                 help="rows read before a clearly exceeded skip rate stops the build early")
   p.add_argument("--tfds", action="store_true",
                  help="write the TFDS dataset kangaroo_video_qa (read with tfds.data_source, data_dir=OUT_DIR)")
-  p.add_argument("--split", default="train", help="with --tfds: the split the manifest becomes (default train)")
+  p.add_argument("--split", default="train", help="with --tfds: the split the manifest becomes")
   p.add_argument("--add-split", action="append", default=[], metavar="NAME=MANIFEST",
-                 help="with --tfds: another split from another manifest (repeatable)")
+                 help="with --tfds: another split from another manifest, repeatable (default: none)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace a previous build in OUT_DIR (never a folder holding files this tool did not write)")
+  return p
+
+
+def main(argv=None) -> int:
+  p = _parser()
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   num_frames = a.num_frames if a.num_frames is not None or a.fps is not None else 16

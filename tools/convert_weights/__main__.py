@@ -21,40 +21,53 @@ import signal
 import sys
 
 
+# --help stays instant (nothing of kangaroo_jax, so no jax, is imported before parsing), so each help text spells
+# its default itself instead of using kangaroo_jax.cli_help.HelpFormatter; the result reads the same.
+HelpFormatter = argparse.RawDescriptionHelpFormatter
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m tools.convert_weights", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
+  formats = ("auto", "safetensors", "bin")
+  format_help = "source file format; auto: from the files present (default: auto)"
 
-  imp = sub.add_parser("import", help="released PyTorch/safetensors checkpoint -> Orbax checkpoint")
+  imp = sub.add_parser("import", help="released PyTorch/safetensors checkpoint -> Orbax checkpoint",
+                       formatter_class=HelpFormatter)
   imp.add_argument("src", help="model folder (config.json + model.safetensors[.index.json] or pytorch_model.bin)")
   imp.add_argument("dst", help="output folder (must not exist unless --overwrite)")
-  imp.add_argument("--dtype", default="bfloat16", help="stored parameter dtype: bfloat16 (default), float32, float16")
+  imp.add_argument("--dtype", default="bfloat16",
+                   help="stored parameter dtype: bfloat16, float32 or float16 (default: bfloat16)")
   imp.add_argument("--preset", default="kangaroo-8b",
                    help="KangarooConfig preset for the projector and for the vision settings the folder does not "
                         "give (config.json vision_config, then EVA02-CLIP-L-14-448.json vision_cfg, win); checked "
-                        "against the tensor shapes where a shape shows them, warned about where none does")
-  imp.add_argument("--config-json", help="a full KangarooConfig JSON to use instead of --preset + config.json")
-  imp.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
+                        "against the tensor shapes where a shape shows them, warned about where none does "
+                        "(default: kangaroo-8b)")
+  imp.add_argument("--config-json",
+                   help="a full KangarooConfig JSON to use instead of --preset + config.json (default: none)")
+  imp.add_argument("--format", default="auto", choices=formats, help=format_help)
   imp.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it is an earlier output of this tool (only after success)")
-  imp.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="replace DST if it is an earlier output of this tool, only after success (default: off)")
+  imp.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
   imp.add_argument("--no-sync", action="store_true",
                    help="skip the fsync of the result before the final rename (faster on slow disks; a crash "
-                        "right after the rename could then leave a complete-looking but unflushed checkpoint)")
+                        "right after the rename could then leave a complete-looking but unflushed checkpoint) "
+                        "(default: off)")
 
-  ins = sub.add_parser("inspect", help="list keys/shapes/dtypes from headers only")
-  ins.add_argument("src")
-  ins.add_argument("--format", default="auto", choices=("auto", "safetensors", "bin"))
-  ins.add_argument("--json", action="store_true", help="machine-readable output")
+  ins = sub.add_parser("inspect", help="list keys/shapes/dtypes from headers only", formatter_class=HelpFormatter)
+  ins.add_argument("src", help="model folder, or one checkpoint file")
+  ins.add_argument("--format", default="auto", choices=formats, help=format_help)
+  ins.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
 
-  exp = sub.add_parser("export", help="converted checkpoint -> model.safetensors + config.json (released naming)")
+  exp = sub.add_parser("export", help="converted checkpoint -> model.safetensors + config.json (released naming)",
+                       formatter_class=HelpFormatter)
   exp.add_argument("ckpt", help="a folder written by `import`")
-  exp.add_argument("out")
+  exp.add_argument("out", help="output folder (must not exist unless --overwrite)")
   exp.add_argument("--dtype", default=None, help="tensor dtype in the file (default: as stored)")
   exp.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it is an earlier output of this tool (only after success)")
-  exp.add_argument("--quiet", action="store_true")
+                   help="replace OUT if it is an earlier output of this tool, only after success (default: off)")
+  exp.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
   return p
 
 

@@ -1,7 +1,8 @@
 """`make demo`: a small model learns synthetic video QA (train/demo_data.py) on a CPU in about 10 minutes.
 
 arg: data=<ArrayRecord folder>,tokenizer=<folder>,steps=N,frame_size=PX,batch=B,lr=LR,tpe=none|sinusoidal|learned,
-     seed=S (model init and batch order)
+     seed=S (model init and batch order), seq_len=L, patchify=avg|conv3d, spatial_patch=S, tap=..., vision_lr=X
+     (LR scale of the ViT and projector), warmup=FRACTION (the probe's knobs: benchmarks/demo_probe.py)
 """
 
 from configs.common import PROJECTOR, VISION, base, parse_arg
@@ -9,7 +10,8 @@ from configs.common import PROJECTOR, VISION, base, parse_arg
 
 def get_config(arg=None):
   a = parse_arg(arg, data="", tokenizer="", steps=1500, frame_size=112, batch=8, lr=2e-3, tpe="none",
-                 seed=0, patchify="conv3d", tap="last_prenorm", vision_lr=1.0, warmup=0.1)
+                 seed=0, seq_len=160, patchify="conv3d", spatial_patch=2, tap="last_prenorm", vision_lr=1.0,
+                 warmup=0.1)
   c = base("demo")
   c.model.preset = "tiny"
   # Wider than `tiny` and at 112 px: an 8x8 patch grid leaves 16 visual tokens per frame pair after the
@@ -27,11 +29,11 @@ def get_config(arg=None):
       # token can hold where the shape went inside the pair, which the parameter-free mean erases. In the
       # probe (benchmarks/demo_probe.py, seed 1, 1,000 steps) held-out direction was 99.4% with it, 40.0%
       # with "avg".
-      projector=dict(tpe=a.tpe, patchify=a.patchify))
+      projector=dict(tpe=a.tpe, patchify=a.patchify, spatial_patch=a.spatial_patch))
   c.seed = a.seed  # model init; the batch order below
   c.total_steps = a.steps
   c.log_every = 25
-  c.data.update(source="grain", dataset=a.data, tokenizer=a.tokenizer, batch_size=a.batch, seq_len=160,
+  c.data.update(source="grain", dataset=a.data, tokenizer=a.tokenizer, batch_size=a.batch, seq_len=a.seq_len,
                 frame_size=a.frame_size, max_frames=8, num_frames=8, worker_count=0, shuffle_seed=a.seed)
   c.optim.update(lr=a.lr, warmup_steps=max(1, int(a.steps * a.warmup)), min_lr_ratio=0.05, weight_decay=0.0,
                  clip_norm=1.0)

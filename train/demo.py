@@ -43,11 +43,14 @@ def _baselines(train_items, test_items, task: str) -> float:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", default=os.path.join(_ROOT, ".cache", "demo"))
-  p.add_argument("--steps", type=int, default=STEPS)
-  p.add_argument("--train-videos", type=int, default=3000)
-  p.add_argument("--test-videos", type=int, default=400)
+  from kangaroo_jax.cli_help import HelpFormatter
+  p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0],
+                              formatter_class=HelpFormatter)
+  p.add_argument("--workdir", default=os.path.join(_ROOT, ".cache", "demo"),
+                 help="where the videos, tokenizer, shards, run (checkpoints, TensorBoard, export) and reports go")
+  p.add_argument("--steps", type=int, default=STEPS, help="training steps")
+  p.add_argument("--train-videos", type=int, default=3000, help="training clips to generate")
+  p.add_argument("--test-videos", type=int, default=400, help="held-out clips to generate (the accuracy table)")
   p.add_argument("--seed", type=int, default=0,
                  help="draws the clips, the model init and the batch order (default 0; held-out clips: seed + 1000003)")
   p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: resume what is there)")

@@ -30,8 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from kangaroo_jax.config import KangarooConfig, preset as get_preset
-from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.pretrained import CheckpointError, abstract_model, assemble_model, target_shardings
+from kangaroo_jax.model_tree import abstract_model, shardings_of
+from kangaroo_jax.pretrained import CheckpointError, PretrainedKangaroo, loaded_model
 from kangaroo_jax.run_options import RunOptions
 from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, load_tokenizer
 from tools.convert_weights.assemble import ConversionError
@@ -227,7 +227,7 @@ def _load_params(source: Source, asm, rules, sharding_of, flagged: dict[str, np.
 
 def load_released(path: str, mesh=None, *, config: KangarooConfig | None = None, run: RunOptions | None = None,
                   preset: str = "kangaroo-8b", warn: Callable[[str], None] | None = None,
-                  **run_overrides) -> tuple[Kangaroo, Tokenizer | None, LoadReport]:
+                  **run_overrides) -> tuple[PretrainedKangaroo, Tokenizer | None, LoadReport]:
   """Loads a released Hugging Face folder onto `mesh` (None: one device); see the module docstring.
 
   `config`, `run`, `run_overrides` as in `kangaroo_jax.from_pretrained` (e.g. param_dtype="float32").
@@ -253,14 +253,14 @@ def load_released(path: str, mesh=None, *, config: KangarooConfig | None = None,
       tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
       if tokenizer is not None:
         check_fits_vocab(tokenizer, cfg.llm.vocab_size, f"llm.vocab_size in {os.path.join(path, 'config.json')}")
-      abstract = abstract_model(cfg, run)
+      abstract = abstract_model(cfg, run, cls=PretrainedKangaroo)
       asm = plan_import(source, cfg, abstract)
       unverified = unverified_settings(cfg, source.infos, resolved)
       for line in unverified:
         warn(line)
       rules = {rule.path: rule for rule in asm.rules}
       flagged: dict[str, np.dtype] = {}
-      values = _load_params(source, asm, rules, target_shardings(abstract, mesh), flagged)
+      values = _load_params(source, asm, rules, shardings_of(abstract, mesh), flagged)
       # Only the flagged tensors are read again, to say what is wrong with them (as the converter does).
       nonfinite = {key: describe(source.read(key), flagged[key]) or "not finite after conversion"
                    for key in sorted(flagged)}
@@ -269,7 +269,7 @@ def load_released(path: str, mesh=None, *, config: KangarooConfig | None = None,
       raise _checkpoint_error(path, e) from None
   for key, what in nonfinite.items():
     warn(f"{key}: {what}")
-  model = assemble_model(abstract, lambda p: values[tuple(map(str, p))], tokenizer)
+  model = loaded_model(abstract, lambda p: values[tuple(map(str, p))], tokenizer)
   report = LoadReport(resolved.note, dtype, asm.report.mapped, asm.report.bytes_read, dict(asm.report.ignored),
                       dict(asm.report.defaulted), nonfinite, unverified)
   return model, tokenizer, report

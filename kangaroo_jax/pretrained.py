@@ -15,6 +15,10 @@ Each parameter is restored straight onto its shards (NamedSharding from the logi
 kangaroo_jax.parallel.sharding.param_shardings) on the given mesh, else on the mesh set with
 `jax.set_mesh`, else on one device. No full host copy and no replicated copy is made.
 
+What it returns is a `PretrainedKangaroo`: the Kangaroo module itself (same parameters and paths; nnx.state,
+nnx.jit, Engine and Chat take it as any Kangaroo) holding the tokenizer it was loaded with, so the release's
+`answer, history = model.chat(video_path=..., query=..., history=...)` works on it.
+
 Run options at load (`run_defaults`): the weights' stored dtype for both `param_dtype` and `compute_dtype`
 (a converted release computes in bf16, a float32 export in float32), the other fields RunOptions' defaults;
 a kangaroo_config.json written before the split also holds run-option keys at its top level, and those are
@@ -30,12 +34,13 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from kangaroo_jax.config import ConfigError, KangarooConfig
+from kangaroo_jax.inference.chat import Chat, released_num_frames
+from kangaroo_jax.model_tree import abstract_model, param_tree, shardings_of, unflatten, with_values
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.rules import current_mesh
-from kangaroo_jax.parallel.sharding import param_shardings
 from kangaroo_jax.run_options import RunOptions, dtype_name, split_legacy_keys
 from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, load_tokenizer
 
@@ -161,17 +166,6 @@ def resolve_run(path: str, run: RunOptions | None, overrides: dict, preset: str 
   return RunOptions.from_dict({**base.to_dict(), **given}, where="from_pretrained")
 
 
-def nested(flat: dict[tuple[str, ...], object]) -> dict:
-  """{("a", "b"): x} -> {"a": {"b": x}} (the tree layout stored in the checkpoint)."""
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
-  return out
-
-
 # Weight files of a released Hugging Face folder (tools.convert_weights.sources.open_source reads them all).
 RELEASED_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                     "pytorch_model.bin")
@@ -183,37 +177,47 @@ def is_released_folder(path: str) -> bool:
           and any(os.path.exists(os.path.join(path, name)) for name in RELEASED_WEIGHTS))
 
 
-def abstract_model(cfg: KangarooConfig, run: RunOptions = RunOptions()) -> Kangaroo:
-  """The model's shapes (parameters in `run.param_dtype`) and logical axis names, nothing allocated."""
-  # Built outside any ambient mesh: under `jax.set_mesh` flax would try to turn the logical axis names
-  # into mesh shardings itself; param_shardings does that through the rules table.
-  with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-    return nnx.eval_shape(lambda: Kangaroo(cfg, run, rngs=nnx.Rngs(0)))
+class PretrainedKangaroo(Kangaroo):
+  """A Kangaroo that holds the tokenizer it was loaded with and, once used, its Chat (compiled engine, last
+  decoded video), so that `model.chat(...)` needs no tokenizer and its follow-ups reuse the cache.
+
+  Both are plain (static) attributes: the parameters, their paths and every nnx transform are Kangaroo's.
+  """
+
+  tokenizer: Tokenizer | None = None
+  _chat: Chat | None = None
+
+  def chat_session(self, tokenizer: Tokenizer | None = None) -> Chat:
+    """The Chat `chat()` uses: made on first use (or for another tokenizer), then kept on this model."""
+    tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+    current = self._chat
+    # `current.model is not self`: a copy (nnx.merge / clone) shares the static attribute, not the weights.
+    if current is None or current.model is not self or (tokenizer is not None and current.tokenizer is not tokenizer):
+      self._chat = None  # the engine splits this model: it must not hold the Chat it replaces
+      current = Chat(self, tokenizer)
+      self._chat = current
+    return current
+
+  def chat(self, video_path: str | None = None, query: str | None = None, tokenizer: Tokenizer | None = None,
+           history=None, num_frames: int | None = None, num_segments: int | None = None, **kwargs):
+    """The released API: `answer, history = model.chat(video_path=..., query=..., history=None, num_frames=64,
+    max_new_tokens=512, do_sample=True, temperature=0.6, top_p=0.9)` (`num_segments`: the release's name for
+    num_frames); the rest as kangaroo_jax.inference.chat.Chat.chat."""
+    n = released_num_frames(num_frames, num_segments)
+    return self.chat_session(tokenizer).chat(video_path, query, history, num_frames=n, **kwargs)
 
 
-def target_shardings(abstract: Kangaroo, mesh: Mesh | None):
-  """Where each parameter goes: path -> NamedSharding on `mesh` (the rules table), else one device."""
-  if mesh is None:
-    one = SingleDeviceSharding(jax.devices()[0])
-    return lambda p: one
-  shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
-  return lambda p: shardings[p].get_value()
-
-
-def assemble_model(abstract: Kangaroo, value_of, tokenizer: Tokenizer | None) -> Kangaroo:
-  """`abstract` with every parameter replaced by `value_of(path)` (a jax.Array), the tokenizer registered."""
-  graphdef, abstract_state = nnx.split(abstract)
-  flat = list(nnx.to_flat_state(abstract_state))
-  model = nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(value_of(p))) for p, v in flat]))
-  if tokenizer is not None:
-    from kangaroo_jax.inference.chat import register_tokenizer
-    register_tokenizer(model, tokenizer)  # so model.chat(...) works without tokenizer=
+def loaded_model(abstract: PretrainedKangaroo, value_of, tokenizer: Tokenizer | None) -> PretrainedKangaroo:
+  """`abstract` (model_tree.abstract_model(..., cls=PretrainedKangaroo)) with every parameter replaced by
+  `value_of(path)` (a jax.Array), holding `tokenizer`."""
+  model = with_values(abstract, value_of)
+  model.tokenizer = tokenizer
   return model
 
 
 def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConfig | None = None,
                     run: RunOptions | None = None, preset: str = "kangaroo-8b", warn=None,
-                    **run_overrides) -> tuple[Kangaroo, Tokenizer | None]:
+                    **run_overrides) -> tuple[PretrainedKangaroo, Tokenizer | None]:
   """Loads a released Hugging Face folder or a converted checkpoint onto `mesh`.
 
   Args:
@@ -252,13 +256,13 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConf
   if tokenizer is not None:
     check_fits_vocab(tokenizer, cfg.llm.vocab_size, f"llm.vocab_size in {os.path.join(path, CONFIG_FILE)}")
   run = resolve_run(path, run, run_overrides)
-  abstract = abstract_model(cfg, run)
-  sharding_of = target_shardings(abstract, mesh)
+  abstract = abstract_model(cfg, run, cls=PretrainedKangaroo)
+  sharding_of = shardings_of(abstract, mesh)
   flat = nnx.to_flat_state(nnx.state(abstract))
-  targets = {tuple(map(str, p)): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(p)) for p, v in flat}
+  targets = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(p)) for p, v in flat}
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(state_dir, nested(targets))
+      restored = ckptr.restore(state_dir, unflatten(targets))
   except Exception as e:  # Orbax / tensorstore raise many types for a damaged or mismatched checkpoint
     lines = str(e).strip().splitlines()
     raise CheckpointError(f"{state_dir}: cannot restore the weights ({type(e).__name__}: "
@@ -270,7 +274,7 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConf
       node = node[k]
     return node
 
-  return assemble_model(abstract, leaf, tokenizer), tokenizer
+  return loaded_model(abstract, leaf, tokenizer), tokenizer
 
 
 def save_pretrained(model: Kangaroo, tokenizer_dir: str | None, out_dir: str) -> str:
@@ -296,10 +300,8 @@ def save_pretrained(model: Kangaroo, tokenizer_dir: str | None, out_dir: str) ->
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     f.write(model.cfg.to_json())  # shapes only: how to run it is chosen when it is loaded
-  flat = nnx.to_flat_state(nnx.state(model))
-  tree = nested({tuple(map(str, p)): v.get_value() for p, v in flat})
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(state_dir, tree)
+    ckptr.save(state_dir, param_tree(model))
   if tokenizer_dir is not None:
     for name in TOKENIZER_FILES:
       src = os.path.join(tokenizer_dir, name)

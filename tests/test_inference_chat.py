@@ -15,7 +15,7 @@ import kangaroo_jax
 from kangaroo_jax.data.prompt import encode_conversation
 from kangaroo_jax.data.tiny_tokenizer import build_chat_sentencepiece
 from kangaroo_jax.data.video import VideoError
-from kangaroo_jax.inference.chat import Chat, chat_for
+from kangaroo_jax.inference.chat import Chat
 from kangaroo_jax.inference.loading import load_for_inference
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.pretrained import from_pretrained, save_pretrained
@@ -77,7 +77,7 @@ GREEDY = dict(num_frames=NUM_FRAMES, max_new_tokens=8, do_sample=False)
 def test_follow_up_reuses_cache_and_equals_full_conversation(assets, loaded):
   model, tok = loaded
   a1, h1 = model.chat(video_path=assets["video"], query="What happens in the video?", history=None, **GREEDY)
-  chat = chat_for(model)
+  chat = model.chat_session()
   assert chat.last_prefill_tokens == len(h1.session.cache_ids) - 7  # prompt only: 7 tokens fed back in decode
   loads = chat.video_loads
   a2, h2 = model.chat(video_path=assets["video"], query="What colour is the car?", history=h1, **GREEDY)
@@ -123,7 +123,10 @@ def test_image_and_bad_inputs(assets, loaded):
     model.chat(video_path=assets["video"], query="  ", **GREEDY)
   bare = Kangaroo(model.cfg, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="tokenizer"):
-    bare.chat(video_path=assets["video"], query="x", **GREEDY)
+    Chat(bare, None).chat(assets["video"], "x", **GREEDY)
+  untokenized, _ = from_pretrained(save_pretrained(bare, None, str(assets["dir"] / "no_tokenizer")))
+  with pytest.raises(ValueError, match="tokenizer"):
+    untokenized.chat(video_path=assets["video"], query="x", **GREEDY)
 
 
 def _cli(args, stdin=""):

@@ -1,13 +1,14 @@
-"""Parameters as plain nested dicts keyed by the NNX path, and back to a model inside jit.
+"""The trainer's view of the parameter tree (kangaroo_jax/model_tree.py): the trainable / frozen split and the
+model definition the jitted step rebuilds the module from.
 
-The trainer keeps parameters as `{"llm": {"model": {...}}, ...}` dicts of arrays: that is the tree
-Orbax stores, the layout of `from_pretrained`'s `state/`, and what optax and the freezing regexes
+The trainer keeps parameters as parameter trees (`{"llm": {"model": {...}}, ...}` dicts of arrays): the
+tree Orbax stores, the layout of `from_pretrained`'s `state/`, and what optax and the freezing regexes
 see (paths joined with "/", e.g. "mm_projector/linear_1/kernel").
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -15,33 +16,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kangaroo_jax.config import KangarooConfig
+from kangaroo_jax.model_tree import (abstract_model, flatten, merge_params, param_tree, shardings_of, split_params,
+                                     unflatten)
 from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.parallel.sharding import param_shardings
 from kangaroo_jax.run_options import RunOptions
 
 Nested = dict
-
-
-def flatten(tree: Nested, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-  """{"a": {"b": x}} -> {"a/b": x}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out["/".join(prefix + (k,))] = v
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> Nested:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *head, last = path.split("/")
-    for k in head:
-      node = node.setdefault(k, {})
-    node[last] = v
-  return out
 
 
 def partition(tree: Nested, pred: Callable[[str], bool]) -> tuple[Nested, Nested]:
@@ -59,39 +39,29 @@ def combine(*trees: Nested) -> Nested:
 
 
 class ModelDef:
-  """The static half of a Kangaroo model: builds the module from a params dict inside a traced function."""
+  """The static half of a Kangaroo model: split once here, rebuilt from a parameter tree inside the traced step."""
 
   def __init__(self, cfg: KangarooConfig, run: RunOptions = RunOptions()):
     self.cfg, self.run = cfg, run
-    # Shapes only, built outside any ambient mesh so flax keeps the logical names (rules.py resolves them).
-    with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-      abstract = nnx.eval_shape(lambda: Kangaroo(cfg, run, rngs=nnx.Rngs(0)))
-    self.abstract_model = abstract
-    self.graphdef, state = nnx.split(abstract)
-    self._flat = list(nnx.to_flat_state(state))
-    non_params = [p for p, v in self._flat if not isinstance(v, nnx.Param)]
-    if non_params:  # RNG state etc. would need to be carried through the step and the checkpoint
-      raise NotImplementedError(f"Kangaroo holds non-parameter state {non_params[:4]}; the trainer carries params only")
-
-  def key(self, path) -> str:
-    return "/".join(map(str, path))
+    self.abstract_model = abstract_model(cfg, run)
+    self.graphdef, tree = split_params(self.abstract_model)  # params only: the step carries nothing else
+    self._shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flatten(tree).items()}
 
   def shapes(self) -> Nested:
     """Nested dict of jax.ShapeDtypeStruct (no sharding)."""
-    return unflatten({self.key(p): jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in self._flat})
+    return unflatten(self._shapes)
 
   def shardings(self, mesh: Mesh) -> Nested:
     """Nested dict of NamedSharding from the logical-axis rules."""
-    sh = dict(nnx.to_flat_state(param_shardings(self.abstract_model, mesh)))
-    return unflatten({self.key(p): sh[p].get_value() for p, _ in self._flat})
+    sharding_of = shardings_of(self.abstract_model, mesh)
+    return unflatten({p: sharding_of(p) for p, _ in nnx.to_flat_state(nnx.state(self.abstract_model))})
 
   def merge(self, params: Nested) -> Kangaroo:
-    flat = flatten(params)
-    state = nnx.from_flat_state([(p, v.replace(flat[self.key(p)])) for p, v in self._flat])
-    return nnx.merge(self.graphdef, state)
+    """The model with these parameters (a complete tree: trainable and frozen combined)."""
+    return merge_params(self.graphdef, params)
 
   def to_params(self, model: nnx.Module) -> Nested:
-    return unflatten({self.key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    return param_tree(model)
 
   def num_params(self, pred: Callable[[str], bool] = lambda _: True) -> int:
-    return sum(int(np.prod(v.shape)) for p, v in self._flat if pred(self.key(p)))
+    return sum(int(np.prod(s.shape)) for k, s in self._shapes.items() if pred(k))

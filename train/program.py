@@ -13,9 +13,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kangaroo_jax.data.video import normalize_frames
+from kangaroo_jax.model_tree import flatten
 from train.config import TrainConfig
 from train.optim import check_selection, is_trainable, make_optimizer
-from train.params import ModelDef, flatten, partition
+from train.params import ModelDef, partition
 from train.step import State, init_state, make_train_step, state_shardings
 
 

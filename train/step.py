@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from kangaroo_jax.data.global_batch import BATCH_AXES
+from kangaroo_jax.model_tree import flatten
 from kangaroo_jax.parallel.rules import shard
 from train.loss import chunked_cross_entropy
-from train.params import ModelDef, combine, flatten
+from train.params import ModelDef, combine
 
 State = dict[str, Any]
 # Llama-3's 128,256-entry vocabulary in 8 chunks of 16,032 logits per token.

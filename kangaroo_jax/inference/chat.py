@@ -1,7 +1,11 @@
-"""chat(): the released Kangaroo conversation API on top of the KV-cache engine.
+"""Chat: the released Kangaroo conversation API on top of the KV-cache engine.
 
-    answer, history = model.chat(video_path="v.mp4", query="What happens?", tokenizer=tok)
-    answer, history = model.chat(video_path="v.mp4", query="And then?", tokenizer=tok, history=history)
+    chat = Chat(model, tokenizer)
+    answer, history = chat.chat("v.mp4", "What happens?")
+    answer, history = chat.chat("v.mp4", "And then?", history)
+
+(`from_pretrained`'s model also answers the release's `model.chat(video_path=..., query=..., history=...)`
+through a Chat it holds: kangaroo_jax.pretrained.PretrainedKangaroo.)
 
 `history` is a list of {"role", "content"} messages (as in the release) that also carries the
 conversation's KV cache. A follow-up re-encodes the whole conversation with the prompt template,
@@ -15,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-import weakref
 from typing import Callable
 
 import numpy as np
@@ -27,17 +30,8 @@ from kangaroo_jax.inference.engine import Engine
 from kangaroo_jax.inference.sampling import SamplingConfig
 from kangaroo_jax.tokenizer import check_fits_vocab
 
-_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_CHATTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 class PromptTooLong(ValueError):
   """A conversation whose prompt has more tokens than the allowed positions; the message gives both counts."""
-
-
-def register_tokenizer(model, tokenizer) -> None:
-  """Lets `model.chat(...)` run without `tokenizer=` (from_pretrained calls this)."""
-  _TOKENIZERS[model] = tokenizer
 
 
 @dataclasses.dataclass
@@ -215,20 +209,8 @@ class Chat:
     return answer, out
 
 
-def chat_for(model, tokenizer=None) -> Chat:
-  """The (cached) Chat of a model; the tokenizer defaults to the one from_pretrained loaded with it."""
-  tokenizer = tokenizer if tokenizer is not None else _TOKENIZERS.get(model)
-  current = _CHATTERS.get(model)
-  if current is None or (tokenizer is not None and current.tokenizer is not tokenizer):
-    current = Chat(model, tokenizer)
-    _CHATTERS[model] = current
-  return current
-
-
-def chat(model, video_path: str | None = None, query: str | None = None, tokenizer=None, history=None,
-         num_frames: int | None = None, num_segments: int | None = None, **kwargs):
-  """Functional form of `Kangaroo.chat` (`num_segments` is the release's name for `num_frames`)."""
+def released_num_frames(num_frames: int | None, num_segments: int | None) -> int:
+  """The frame count of the release's `chat(num_segments=...)` or ours (`num_frames`); 64 when neither is given."""
   if num_frames is not None and num_segments is not None and num_frames != num_segments:
     raise ValueError(f"num_frames={num_frames} and num_segments={num_segments} disagree; pass one")
-  n = num_frames if num_frames is not None else num_segments if num_segments is not None else 64
-  return chat_for(model, tokenizer).chat(video_path, query, history, num_frames=n, **kwargs)
+  return num_frames if num_frames is not None else num_segments if num_segments is not None else 64

@@ -1,5 +1,9 @@
 """Prefill + decode with a preallocated KV cache, for `Kangaroo` or a bare `LlamaForCausalLM`.
 
+The engine sees one model interface, defined on both models: `llm_config` (the decoder's LlamaConfig),
+`compute_dtype`, `visual_token_id` (None: text only), `encode_frames(frames, timestamps)`,
+`embed(ids, visual)` (visual tokens merged at the placeholders) and `forward_cached(...)`.
+
   prefill: the new tokens' embeddings (visual tokens already merged) go through the decoder in
     chunks of at most `prefill_chunk` tokens; each chunk attends to the cache plus itself. Under a
     mesh with a `context` axis the chunk's queries and the cache length are split over it (ring or
@@ -24,7 +28,7 @@ from flax import nnx
 from kangaroo_jax.attention.context_parallel import context_size
 from kangaroo_jax.inference.cache import KVCache, bucket_length, grow_cache, init_cache
 from kangaroo_jax.inference.sampling import SamplingConfig, sample
-from kangaroo_jax.models.kangaroo import Kangaroo, check_visual_placeholders, merge_visual_tokens
+from kangaroo_jax.models.kangaroo import check_visual_placeholders
 
 MIN_CHUNK = 16
 
@@ -60,10 +64,9 @@ class Engine:
     if prefill_chunk < MIN_CHUNK:
       raise ValueError(f"prefill_chunk must be >= {MIN_CHUNK}, got {prefill_chunk}")
     self.model = model
-    self.is_multimodal = isinstance(model, Kangaroo)
-    self.llm_cfg = model.cfg.llm if self.is_multimodal else model.model.cfg
-    self.dtype = model.llm.model.dtype if self.is_multimodal else model.model.dtype
-    self.visual_token_id = model.cfg.visual_token_id if self.is_multimodal else None
+    self.llm_cfg = model.llm_config
+    self.dtype = model.compute_dtype
+    self.visual_token_id = model.visual_token_id
     self.prefill_chunk = prefill_chunk
     # How often each jitted function was traced (== compiled); tests use it to check the buckets.
     self.trace_counts: collections.Counter = collections.Counter()
@@ -79,38 +82,31 @@ class Engine:
     keep = (jax.Array, jax.ShapeDtypeStruct)
     self.state = jax.tree.map(lambda x: x if isinstance(x, keep) else jnp.asarray(x), state)
 
-  def _llm(self, state):
-    m = nnx.merge(self.graphdef, state)
-    return (m.llm if self.is_multimodal else m), m
+  def _model(self, state):
+    return nnx.merge(self.graphdef, state)
 
   def _build(self) -> None:
     def encode_frames(state, frames, timestamps):
       self.trace_counts["vision"] += 1
-      _, m = self._llm(state)
-      return m.encode_frames(frames, timestamps)
+      return self._model(state).encode_frames(frames, timestamps)
 
     def embed(state, ids, visual):
       self.trace_counts["embed"] += 1
-      llm, _ = self._llm(state)
-      if visual is None:
-        return llm.model.embed(ids)
-      is_visual = ids == self.visual_token_id
-      return merge_visual_tokens(llm.model.embed(jnp.where(is_visual, 0, ids)), visual, is_visual)
+      return self._model(state).embed(ids, visual)
 
     def prefill_chunk(state, cache, embeds, start, n_new, logit_index, has_last, prev_logits):
       self.trace_counts["prefill"] += 1
-      llm, _ = self._llm(state)
-      logits, k, v = llm.forward_cached(embeds, cache.k, cache.v, start, start + n_new, logit_index=logit_index)
+      logits, k, v = self._model(state).forward_cached(embeds, cache.k, cache.v, start, start + n_new,
+                                                       logit_index=logit_index)
       logits = jnp.where(has_last[:, None], logits, prev_logits)
       return KVCache(k, v, start + n_new), logits
 
     def decode_step(state, cache, tokens, key, step, sampling):
       self.trace_counts["decode"] += 1
-      llm, _ = self._llm(state)
+      model = self._model(state)
       start = cache.lengths
-      embeds = llm.model.embed(tokens[:, None])
-      logits, k, v = llm.forward_cached(embeds, cache.k, cache.v, start, start + 1,
-                                        logit_index=jnp.zeros_like(start))
+      logits, k, v = model.forward_cached(model.embed(tokens[:, None]), cache.k, cache.v, start, start + 1,
+                                          logit_index=jnp.zeros_like(start))
       nxt = sample(logits, jax.random.fold_in(key, step), sampling)
       return KVCache(k, v, start + 1), nxt
 
@@ -131,7 +127,7 @@ class Engine:
 
   def encode_frames(self, frames, timestamps=None) -> jax.Array:
     """Normalised frames [batch, f, h, w, 3] (+ timestamps [batch, f]) -> visual tokens [batch, n_vis, embed]."""
-    if not self.is_multimodal:
+    if self.visual_token_id is None:
       raise ValueError("a text-only model cannot take frames")
     frames = jnp.asarray(frames)
     if frames.ndim != 5:
@@ -145,7 +141,7 @@ class Engine:
     length: pad the ids to this many (a bucket), so embedding compiles per bucket, not per prompt length.
     """
     ids = np.asarray(ids, np.int32)
-    if self.is_multimodal:
+    if self.visual_token_id is not None:
       if visual is None and (ids == self.visual_token_id).any():
         raise ValueError(f"the prompt holds visual placeholders ({self.visual_token_id}) but no frames were given")
       if visual is not None:

@@ -114,23 +114,49 @@ class Kangaroo(nnx.Module):
     _, feats = jax.lax.scan(encode, state, by_step)  # [steps, chunk, patches, dv]
     return feats.swapaxes(0, 1).reshape(n, *feats.shape[2:])
 
+  # --- the inference interface (kangaroo_jax.inference.engine calls these; LlamaForCausalLM has the same) ---
+
+  @property
+  def llm_config(self):
+    """The decoder's LlamaConfig (KV cache shape, vocabulary)."""
+    return self.cfg.llm
+
+  @property
+  def compute_dtype(self):
+    return self.run.dtype
+
+  @property
+  def visual_token_id(self) -> int:
+    return self.cfg.visual_token_id
+
+  def embed(self, input_ids: jax.Array, visual: jax.Array | None = None) -> jax.Array:
+    """input_ids [b, l] -> token embeddings [b, l, d]; with visual tokens [b, n_vis, d], row b's k-th placeholder
+    gets visual[b, k] (the one place visual tokens are merged into the prompt)."""
+    is_visual = input_ids == self.cfg.visual_token_id
+    embeds = self.llm.model.embed(jnp.where(is_visual, 0, input_ids))
+    return embeds if visual is None else merge_visual_tokens(embeds, visual, is_visual)
+
+  def forward_cached(self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
+                     new_lengths: jax.Array, logit_index: jax.Array | None = None):
+    """The decoder against a KV cache (LlamaForCausalLM.forward_cached): (logits, k_cache, v_cache)."""
+    return self.llm.forward_cached(inputs_embeds, k_cache, v_cache, start, new_lengths, logit_index=logit_index)
+
+  # --- training and full-sequence forward ---
+
   def embed_inputs(self, input_ids: jax.Array, frames: jax.Array | None = None,
                    timestamps: jax.Array | None = None) -> jax.Array:
     """input_ids [b, l] (+ frames) -> LLM input embeddings [b, l, d] with visual tokens in place."""
-    is_visual = input_ids == self.cfg.visual_token_id
-    embeds = self.llm.model.embed(jnp.where(is_visual, 0, input_ids))
     if frames is None:
-      if _is_concrete(input_ids) and bool(jnp.any(is_visual)):
+      if _is_concrete(input_ids) and bool(jnp.any(input_ids == self.cfg.visual_token_id)):
         raise ValueError(f"input_ids contain visual placeholders ({self.cfg.visual_token_id}) but no frames were given")
-      return embeds
+      return self.embed(input_ids)
     if frames.ndim != 5 or frames.shape[0] != input_ids.shape[0]:
       raise ValueError(f"frames must be [batch={input_ids.shape[0]}, frames, height, width, channels], "
                        f"got shape {frames.shape}")
     b, f, h, w, _ = frames.shape
     if _is_concrete(input_ids):
       check_visual_placeholders(input_ids, self.num_visual_tokens(f, h, w), self.cfg.visual_token_id)
-    visual = self.encode_frames(frames, timestamps)
-    return merge_visual_tokens(embeds, visual, is_visual)
+    return self.embed(input_ids, self.encode_frames(frames, timestamps))
 
   def hidden_states(self, input_ids: jax.Array, frames: jax.Array | None = None, timestamps: jax.Array | None = None,
                     *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -143,9 +169,3 @@ class Kangaroo(nnx.Module):
     """input_ids [b, l], frames [b, f, h, w, c], timestamps [b, f] -> logits [b, l, vocab]."""
     embeds = self.embed_inputs(input_ids, frames, timestamps)
     return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
-
-  def chat(self, video_path: str | None = None, query: str | None = None, tokenizer=None, history=None, **kwargs):
-    """The released API: `answer, history = model.chat(video_path=..., query=..., history=None, num_frames=64,
-    max_new_tokens=512, do_sample=True, temperature=0.6, top_p=0.9)`; see kangaroo_jax.inference.chat."""
-    from kangaroo_jax.inference.chat import chat
-    return chat(self, video_path=video_path, query=query, tokenizer=tokenizer, history=history, **kwargs)

@@ -232,6 +232,26 @@ class LlamaForCausalLM(nnx.Module):
                          param_dtype=run.params_dtype, rngs=rngs)
     self.logits_fp32 = run.logits_fp32
 
+  # The inference interface (kangaroo_jax.inference.engine), as Kangaroo's: a text-only model has no placeholder id.
+  visual_token_id = None
+
+  @property
+  def llm_config(self) -> LlamaConfig:
+    return self.model.cfg
+
+  @property
+  def compute_dtype(self):
+    return self.model.dtype
+
+  def embed(self, input_ids: jax.Array, visual: jax.Array | None = None) -> jax.Array:
+    """input_ids [batch, seq] -> [batch, seq, embed]."""
+    if visual is not None:
+      raise ValueError("a text-only model cannot take frames")
+    return self.model.embed(input_ids)
+
+  def encode_frames(self, frames: jax.Array, timestamps: jax.Array | None = None) -> jax.Array:
+    raise ValueError("a text-only model cannot take frames")
+
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Token ids [batch, seq] or embeddings [batch, seq, embed] -> logits [batch, seq, vocab]."""

@@ -29,7 +29,8 @@ import time
 import numpy as np
 
 from kangaroo_jax.config import KangarooConfig, preset as get_preset
-from kangaroo_jax.pretrained import CONFIG_FILE, REPORT_FILE, STATE_DIR, load_config, nested
+from kangaroo_jax.model_tree import unflatten
+from kangaroo_jax.pretrained import CONFIG_FILE, REPORT_FILE, STATE_DIR, load_config
 from kangaroo_jax.tokenizer import TOKENIZER_FILES
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
@@ -126,10 +127,10 @@ def check_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
 def plan_import(source: Source, cfg: KangarooConfig, abstract=None, dtype: str = "float32") -> Assembler:
   """Classifies every key and checks every shape from the headers; raises ConversionError on any problem.
 
-  `abstract`: the model's shapes (`kangaroo_jax.pretrained.abstract_model(cfg, run)`), traced here with
+  `abstract`: the model's shapes (`kangaroo_jax.model_tree.abstract_model(cfg, run)`), traced here with
   parameters in `dtype` when not given.
   """
-  from kangaroo_jax.pretrained import abstract_model
+  from kangaroo_jax.model_tree import abstract_model
   from kangaroo_jax.run_options import RunOptions
 
   targets = param_targets(abstract if abstract is not None else abstract_model(cfg, RunOptions(param_dtype=dtype)))
@@ -198,7 +199,7 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
                        slice_bytes=max(source.infos[k].nbytes for k in keys.values()),
                        reads=tuple(keys[slot] for slot in slots), scan=scan(keys))
 
-    tree = nested({path: lazy(path) for path in asm.targets})
+    tree = unflatten({path: lazy(path) for path in asm.targets})
     return_large_frees_to_os()  # keeps the peak RSS at what is in flight (see the function)
     with (atomic_output_dir(dst, overwrite, protect=(src,)) as tmp,
           BackgroundSync(tmp) if sync else contextlib.nullcontext() as syncer,

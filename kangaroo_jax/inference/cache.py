@@ -69,7 +69,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   sharding = cache_sharding(shape)
   # Two separate buffers: the decode step donates both.
-  make = lambda: jnp.zeros(shape, dtype) if sharding is None else jax.device_put(jnp.zeros(shape, dtype), sharding)  # noqa: E731
+  def make():
+    zeros = jnp.zeros(shape, dtype)
+    return zeros if sharding is None else jax.device_put(zeros, sharding)
+
   return KVCache(make(), make(), jnp.zeros((batch,), jnp.int32))
 
 

@@ -186,9 +186,9 @@ class Engine:
       start = lengths + np.minimum(lo, num_new)
       # Finished rows keep their length: their (padding) chunk is written past it and never becomes valid.
       cache = KVCache(cache.k, cache.v, jnp.asarray(start, jnp.int32))
+      logit_index = jnp.asarray(np.clip(last, 0, c - 1), jnp.int32)
       cache, logits = self._prefill_chunk(self.state, cache, embeds[:, lo:lo + c], jnp.asarray(start, jnp.int32),
-                                          jnp.asarray(n_chunk, jnp.int32), jnp.asarray(np.clip(last, 0, c - 1), jnp.int32),
-                                          jnp.asarray(has_last), logits)
+                                          jnp.asarray(n_chunk, jnp.int32), logit_index, jnp.asarray(has_last), logits)
     return cache, logits
 
   def ensure_capacity(self, cache: KVCache | None, batch: int, needed: int) -> KVCache:

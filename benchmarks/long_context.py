@@ -134,7 +134,7 @@ def execute(seq: int, mesh, remat: str = "full", block: int = 512) -> dict:
   cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=16, max_position_embeddings=seq)
   with jax.set_mesh(mesh):
-    from kangaroo_jax.parallel.mesh import init_sharded
+    from kangaroo_jax.model_tree import init_sharded
     run = RunOptions(attention_impl="ring", remat_policy=remat, attention_block=block)
     model = init_sharded(lambda: LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model, nnx.Param)

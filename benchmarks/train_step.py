@@ -107,7 +107,8 @@ def _step_and_inputs(cfg):
   from kangaroo_jax.data.global_batch import make_global_batch
   from kangaroo_jax.data.video import normalize_frames
   from kangaroo_jax.models import Kangaroo
-  from kangaroo_jax.parallel.mesh import init_sharded, make_mesh
+  from kangaroo_jax.model_tree import init_sharded
+  from kangaroo_jax.parallel.mesh import make_mesh
   from train.metrics import FlopModel, batch_stats
   from train.optim import is_trainable, make_optimizer
   from train.params import ModelDef, flatten, partition

@@ -7,7 +7,8 @@ no conversion. Flat forms key the same leaves by "/"-joined path ("llm/lm_head/k
 regexes match) or by path tuple (what the weight-mapping table uses).
 
   flatten / unflatten      nested tree <-> flat dict
-  abstract_model           shapes and logical axis names only, nothing allocated
+  abstract_split / abstract_model   shapes and logical axis names only, nothing allocated
+  init_sharded             a model with every parameter born on its shard of a mesh
   shardings_of             path -> NamedSharding on a mesh (the rules table), else one device
   split_params / merge_params / with_values   model <-> (graphdef, tree), abstract model + values -> model
 """
@@ -18,9 +19,8 @@ from typing import Any, Callable
 
 import flax
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from kangaroo_jax.config import KangarooConfig
 from kangaroo_jax.models import Kangaroo
@@ -65,12 +65,29 @@ def unflatten(flat: dict) -> dict:
   return out
 
 
+def abstract_split(create: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of ShapeDtypeStructs) of `create()`: shapes, dtypes and logical axis names, nothing allocated."""
+  # jax.eval_shape rather than nnx.eval_shape: under an ambient mesh the latter turns the logical axis names
+  # into mesh shardings itself, and logical names are not mesh axes; shardings_of / param_shardings resolve
+  # them through the rules table.
+  return jax.eval_shape(lambda: nnx.split(create()))
+
+
 def abstract_model(cfg: KangarooConfig, run: RunOptions = RunOptions(), cls: type[Kangaroo] = Kangaroo) -> Kangaroo:
   """`cls(cfg, run)`'s shapes (parameters in `run.param_dtype`) and logical axis names, nothing allocated."""
-  # Built outside any ambient mesh: under `jax.set_mesh` nnx.eval_shape turns the logical axis names into
-  # mesh shardings itself; shardings_of / param_shardings do that through the rules table.
-  with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-    return nnx.eval_shape(lambda: cls(cfg, run, rngs=nnx.Rngs(0)))
+  return nnx.merge(*abstract_split(lambda: cls(cfg, run, rngs=nnx.Rngs(0))))
+
+
+def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+  """Creates a model with every parameter born on its shard (jit with out_shardings): no host copy."""
+  graphdef, abstract_state = abstract_split(create)
+  param_sh = dict(nnx.to_flat_state(param_shardings(nnx.merge(graphdef, abstract_state), mesh)))
+  replicated = NamedSharding(mesh, PartitionSpec())  # non-param state (RNG counters) is tiny
+  out = nnx.from_flat_state([(p, param_sh.get(p, v.replace(replicated)))
+                             for p, v in nnx.to_flat_state(abstract_state)])
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out)()
+  return nnx.merge(graphdef, state)
 
 
 def shardings_of(abstract: nnx.Module, mesh: Mesh | None) -> Callable[[Path], jax.sharding.Sharding]:

@@ -7,7 +7,8 @@ from flax import nnx
 
 from kangaroo_jax.config import preset
 from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.parallel.mesh import MeshConfig, MeshError, init_sharded, make_mesh, resolve_shape
+from kangaroo_jax.model_tree import init_sharded
+from kangaroo_jax.parallel.mesh import MeshConfig, MeshError, make_mesh, resolve_shape
 from kangaroo_jax.parallel.validate import assert_params_sufficiently_sharded, validate_mesh_for_model
 
 

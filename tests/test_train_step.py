@@ -35,7 +35,7 @@ def test_frozen_modules_stay_bit_identical(tmp_path):
   assert all(np.isfinite(losses(result)))
   # The same seed gives the same initial parameters: rebuild them and compare bit for bit.
   from kangaroo_jax.models import Kangaroo
-  from kangaroo_jax.parallel.mesh import init_sharded
+  from kangaroo_jax.model_tree import init_sharded
   from flax import nnx
   init = ModelDef(cfg.model, cfg.run).to_params(
       init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(cfg.seed)), make_mesh(cfg.mesh)))
@@ -57,7 +57,7 @@ def test_grad_accumulation_2xB_equals_one_step_of_2B():
   mesh = make_mesh(cfg.mesh)
   model_def = ModelDef(cfg.model, cfg.run)
   from kangaroo_jax.models import Kangaroo
-  from kangaroo_jax.parallel.mesh import init_sharded
+  from kangaroo_jax.model_tree import init_sharded
   from flax import nnx
   params = model_def.to_params(init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(0)), mesh))
   trainable, frozen = partition(params, lambda p: not p.startswith("vision_tower/"))

@@ -11,7 +11,8 @@ from flax import nnx
 
 from kangaroo_jax.config import ConfigError, tiny
 from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.parallel.mesh import MeshConfig, init_sharded, make_mesh
+from kangaroo_jax.model_tree import init_sharded
+from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
 from kangaroo_jax.run_options import RunOptions
 from tests.helpers import max_rel_error
 

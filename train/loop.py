@@ -34,7 +34,8 @@ from jax.sharding import Mesh
 
 from kangaroo_jax.data.global_batch import data_shard_for_process, make_global_batch
 from kangaroo_jax.models import Kangaroo
-from kangaroo_jax.parallel.mesh import MeshError, init_sharded, make_mesh
+from kangaroo_jax.model_tree import init_sharded
+from kangaroo_jax.parallel.mesh import MeshError, make_mesh
 from kangaroo_jax.parallel.rules import use_rules
 from kangaroo_jax.parallel.validate import sharding_report
 from kangaroo_jax.pretrained import from_pretrained

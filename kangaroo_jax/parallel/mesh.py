@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
 from kangaroo_jax.parallel.rules import MESH_AXES
-from kangaroo_jax.parallel.sharding import param_shardings
 
 
 class MeshError(ValueError):
@@ -95,18 +93,3 @@ def _blocks_as_slices(devices, ici, dcn) -> np.ndarray:
   grid = np.asarray(devices, dtype=object).reshape(tuple(dcn) + tuple(ici))
   grid = grid.transpose([a for i in range(n) for a in (i, n + i)])
   return grid.reshape(tuple(i * d for i, d in zip(ici, dcn)))
-
-
-def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-  """Creates a model with every parameter born on its shard (jit with out_shardings): no host copy."""
-  # jax.eval_shape rather than nnx.eval_shape: the latter turns logical names into mesh shardings
-  # when called under a mesh context, and logical names are not mesh axes.
-  graphdef, abstract_state = jax.eval_shape(lambda: nnx.split(create()))
-  abstract = nnx.merge(graphdef, abstract_state)
-  param_sh = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
-  replicated = NamedSharding(mesh, PartitionSpec())  # non-param state (RNG counters) is tiny
-  out = nnx.from_flat_state([(p, param_sh.get(p, v.replace(replicated)))
-                             for p, v in nnx.to_flat_state(abstract_state)])
-  with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out)()
-  return nnx.merge(graphdef, state)

@@ -25,8 +25,8 @@ CLIP_EMBED_DIM = 768  # EVA02-CLIP-L head output (docs/model.md section 4)
 
 def _param_shapes(cfg: KangarooConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   from flax import nnx
-  from kangaroo_jax.models import Kangaroo
-  abstract = nnx.eval_shape(lambda: Kangaroo(cfg, rngs=nnx.Rngs(0)))
+  from kangaroo_jax.model_tree import abstract_model
+  abstract = abstract_model(cfg)
   return {tuple(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 

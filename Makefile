@@ -22,7 +22,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 	TPU_SKIP_MDS_QUERY=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1
 PYTEST_ARGS ?=
 
-.PHONY: install eval-env test demo clean
+.PHONY: install eval-env format test demo clean
 
 $(CORE_STAMP): setup.cfg pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,14 @@ install: $(CORE_STAMP)
 
 eval-env: $(EVAL_STAMP)
 
+# The tree's one format ([tool.pyink] in pyproject.toml): `make format` applies it, `make test` checks it first.
+FORMAT_PATHS := kangaroo_jax train tools configs benchmarks tests
+
+format: $(TEST_STAMP)
+	$(VPY) -m pyink --quiet $(FORMAT_PATHS)
+
 test: $(TEST_STAMP) $(EVAL_STAMP)
+	$(VPY) -m pyink --check --quiet $(FORMAT_PATHS) || { echo "make test: run 'make format' (pyink, pyproject.toml)"; exit 1; }
 	$(TEST_ENV) $(VPY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(CORE_STAMP)

@@ -106,24 +106,64 @@ class Shapes:
 
 
 FULL = Shapes(
-    train_cfg=LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=16,
-                          num_kv_heads=8, head_dim=128, max_position_embeddings=32768),
-    train_rows_seq=((1, 8192), (1, 32768)), train_steps=5,
-    attn_heads=(32, 8, 128), attn_seqs=(8192, 32768), attn_rounds=7, attn_peer="cudnn",
-    decode_cfg=LlamaConfig(), decode_batches=(1, 16), prompt_len=1024, decode_steps=64, decode_rounds=3,
-    decode_warmup=4, need_s=NEED_S)
+    train_cfg=LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=32768,
+    ),
+    train_rows_seq=((1, 8192), (1, 32768)),
+    train_steps=5,
+    attn_heads=(32, 8, 128),
+    attn_seqs=(8192, 32768),
+    attn_rounds=7,
+    attn_peer="cudnn",
+    decode_cfg=LlamaConfig(),
+    decode_batches=(1, 16),
+    prompt_len=1024,
+    decode_steps=64,
+    decode_rounds=3,
+    decode_warmup=4,
+    need_s=NEED_S,
+)
 
-_TINY = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_ids=(2,))
+_TINY = LlamaConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+)
 # One shape per section: every code path of the full run, at a few seconds of CPU compile each.
 SMOKE = Shapes(
-    train_cfg=_TINY, train_rows_seq=((2, 64),), train_steps=5,
-    attn_heads=(8, 2, 16), attn_seqs=(64,), attn_rounds=5, attn_peer="xla",
-    decode_cfg=_TINY, decode_batches=(2,), prompt_len=32, decode_steps=8, decode_rounds=3, decode_warmup=2,
-    need_s={name: 0.0 for name in SECTIONS})
+    train_cfg=_TINY,
+    train_rows_seq=((2, 64),),
+    train_steps=5,
+    attn_heads=(8, 2, 16),
+    attn_seqs=(64,),
+    attn_rounds=5,
+    attn_peer="xla",
+    decode_cfg=_TINY,
+    decode_batches=(2,),
+    prompt_len=32,
+    decode_steps=8,
+    decode_rounds=3,
+    decode_warmup=2,
+    need_s={name: 0.0 for name in SECTIONS},
+)
 
 
 # --- small helpers ---------------------------------------------------------------------------------
+
 
 def _sig(x: float, digits: int = 5) -> float:
   """x rounded to `digits` significant digits (smoke-mode numbers are tiny, decimals would zero them)."""
@@ -132,14 +172,22 @@ def _sig(x: float, digits: int = 5) -> float:
 
 def spread(values: list[float]) -> dict:
   """{"median", "min", "max", "runs"} of separate measurements."""
-  return {"median": _sig(statistics.median(values)), "min": _sig(min(values)), "max": _sig(max(values)),
-          "runs": len(values)}
+  return {
+      "median": _sig(statistics.median(values)),
+      "min": _sig(min(values)),
+      "max": _sig(max(values)),
+      "runs": len(values),
+  }
 
 
 def rate(work: float, seconds: list[float]) -> dict:
   """work / seconds as a spread: the median rate is work / median time, min from the slowest run."""
-  return {"median": _sig(work / statistics.median(seconds)), "min": _sig(work / max(seconds)),
-          "max": _sig(work / min(seconds)), "runs": len(seconds)}
+  return {
+      "median": _sig(work / statistics.median(seconds)),
+      "min": _sig(work / max(seconds)),
+      "max": _sig(work / min(seconds)),
+      "runs": len(seconds),
+  }
 
 
 def one_line(err: BaseException) -> str:
@@ -148,7 +196,7 @@ def one_line(err: BaseException) -> str:
 
 
 def _gib(n: float) -> float:
-  return _sig(n / 2 ** 30, 4)
+  return _sig(n / 2**30, 4)
 
 
 class DoesNotFit(RuntimeError):
@@ -168,15 +216,20 @@ def memory_check(compiled) -> dict | None:
   if ma is None:
     return None
   new = ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-  info = {"arguments": _gib(ma.argument_size_in_bytes), "temp": _gib(ma.temp_size_in_bytes),
-          "outputs_not_aliased": _gib(ma.output_size_in_bytes - ma.alias_size_in_bytes)}
+  info = {
+      "arguments": _gib(ma.argument_size_in_bytes),
+      "temp": _gib(ma.temp_size_in_bytes),
+      "outputs_not_aliased": _gib(ma.output_size_in_bytes - ma.alias_size_in_bytes),
+  }
   stats = jax.local_devices()[0].memory_stats()
   if stats and "bytes_limit" in stats:
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     info["device_free"] = _gib(free)
     if new > free:
-      raise DoesNotFit(f"needs {_gib(new)} GiB of new buffers (temp {info['temp']} GiB), "
-                       f"{_gib(free)} GiB free of {_gib(stats['bytes_limit'])} GiB; not run")
+      raise DoesNotFit(
+          f"needs {_gib(new)} GiB of new buffers (temp {info['temp']} GiB), "
+          f"{_gib(free)} GiB free of {_gib(stats['bytes_limit'])} GiB; not run"
+      )
   return info
 
 
@@ -219,6 +272,7 @@ def nbytes(tree) -> int:
 
 # --- FLOP model ------------------------------------------------------------------------------------
 
+
 def matmul_weights(cfg: LlamaConfig) -> int:
   """Weights that multiply activations: attention projections, MLP, lm_head (not the embedding table
   or the norm scales)."""
@@ -233,23 +287,28 @@ def causal_attention_flops(layers: int, heads: int, head_dim: int, seq: int, row
 
 
 def train_flops(cfg: LlamaConfig, rows: int, seq: int) -> float:
-  return 6.0 * matmul_weights(cfg) * rows * seq + causal_attention_flops(cfg.num_layers, cfg.num_heads, cfg.head_dim,
-                                                                         seq, rows)
+  return 6.0 * matmul_weights(cfg) * rows * seq + causal_attention_flops(
+      cfg.num_layers, cfg.num_heads, cfg.head_dim, seq, rows
+  )
 
 
-TRAIN_FLOPS_MODEL = ("6 * matmul_weights * tokens + 12 * L * h * d * S^2 / 2 per row (causal attention fwd+bwd); "
-                     "matmul_weights = attention projections + MLP + lm_head (embedding and norms excluded); "
-                     "remat recompute and masked-out attention not counted")
+TRAIN_FLOPS_MODEL = (
+    "6 * matmul_weights * tokens + 12 * L * h * d * S^2 / 2 per row (causal attention fwd+bwd); "
+    "matmul_weights = attention projections + MLP + lm_head (embedding and norms excluded); "
+    "remat recompute and masked-out attention not counted"
+)
 ATTN_FLOPS_MODEL = "12 * h * d * S^2 / 2 per row: fwd+bwd = 3 x fwd, fwd = 2 matmuls of 2*S*S*h*d halved by the mask"
 
 
 # --- train -----------------------------------------------------------------------------------------
+
 
 def make_train_step(graphdef, tx):
   """step((params, opt_state), rest, (ids, targets, positions, segment_ids)) -> (new state, loss).
 
   ids, targets, positions, segment_ids: [rows, seq] int32.
   """
+
   def loss_fn(params, rest, ids, targets, positions, segment_ids):
     model = nnx.merge(graphdef, params, rest)
     logits = model(ids, positions=positions, segment_ids=segment_ids)  # [rows, seq, vocab] float32
@@ -272,6 +331,7 @@ def token_batch(vocab: int, rows: int, seq: int, seed: int = 0):
 
 def executed_matmul_flops(step, *args) -> float:
   from benchmarks.train_step import matmul_flops  # imported here: it pulls in the trainer's config modules
+
   return matmul_flops(jax.make_jaxpr(step)(*args))
 
 
@@ -281,8 +341,13 @@ def train_case(out: dict, shapes: Shapes, rows: int, seq: int, peak_tflops: floa
   out.update(rows=rows, seq_len=seq, tokens_per_step=rows * seq)
 
   def create():
-    run = RunOptions(param_dtype="float32", compute_dtype="bfloat16", attention_impl="reference", remat_policy="full",
-                     logits_fp32=True)
+    run = RunOptions(
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        attention_impl="reference",
+        remat_policy="full",
+        logits_fp32=True,
+    )
     return LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0))
 
   graphdef, params, rest = init_on_device(create)
@@ -309,42 +374,75 @@ def train_case(out: dict, shapes: Shapes, rows: int, seq: int, peak_tflops: floa
     jax.block_until_ready((state, loss))
     times.append(time.perf_counter() - t)
   model = train_flops(cfg, rows, seq)
-  out.update(step_s=spread(times), tokens_per_s=rate(rows * seq, times),
-             model_tflops_per_step=_sig(model / 1e12), model_tflops_per_s=rate(model / 1e12, times),
-             mfu=rate(model / (peak_tflops * 1e12), times), loss=_sig(float(loss)))
+  out.update(
+      step_s=spread(times),
+      tokens_per_s=rate(rows * seq, times),
+      model_tflops_per_step=_sig(model / 1e12),
+      model_tflops_per_s=rate(model / 1e12, times),
+      mfu=rate(model / (peak_tflops * 1e12), times),
+      loss=_sig(float(loss)),
+  )
   if executed is not None:
-    out.update(executed_matmul_tflops_per_step=_sig(executed / 1e12),
-               matmul_utilisation=rate(executed / (peak_tflops * 1e12), times))
+    out.update(
+        executed_matmul_tflops_per_step=_sig(executed / 1e12),
+        matmul_utilisation=rate(executed / (peak_tflops * 1e12), times),
+    )
 
 
 def bench_train(shapes: Shapes, args, budget: "Budget", put: Callable[[str, Any], None]) -> None:
   cfg = shapes.train_cfg
-  put("config", {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
-                 "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size,
-                 "vocab": cfg.vocab_size, "matmul_weights": matmul_weights(cfg), "param_dtype": "float32",
-                 "compute_dtype": "bfloat16", "remat_policy": "full", "attention_impl": "reference",
-                 "logits_fp32": True, "optimizer": "optax.adamw(1e-4, weight_decay=0.1), inside the jitted step, "
-                 "state donated"})
+  put(
+      "config",
+      {
+          "hidden": cfg.hidden_size,
+          "layers": cfg.num_layers,
+          "heads": cfg.num_heads,
+          "kv_heads": cfg.num_kv_heads,
+          "head_dim": cfg.head_dim,
+          "intermediate": cfg.intermediate_size,
+          "vocab": cfg.vocab_size,
+          "matmul_weights": matmul_weights(cfg),
+          "param_dtype": "float32",
+          "compute_dtype": "bfloat16",
+          "remat_policy": "full",
+          "attention_impl": "reference",
+          "logits_fp32": True,
+          "optimizer": "optax.adamw(1e-4, weight_decay=0.1), inside the jitted step, " "state donated",
+      },
+  )
   put("flops_model", TRAIN_FLOPS_MODEL)
   put("peak_tflops", args.peak_tflops)
   for rows, seq in shapes.train_rows_seq:
-    put(f"rows{rows}_seq{seq}", budget.guarded(shapes.need_s["train"],
-                                               lambda out: train_case(out, shapes, rows, seq, args.peak_tflops)))
+    put(
+        f"rows{rows}_seq{seq}",
+        budget.guarded(shapes.need_s["train"], lambda out: train_case(out, shapes, rows, seq, args.peak_tflops)),
+    )
 
 
 # --- attention -------------------------------------------------------------------------------------
 
+
 def fwd_bwd(attn):
   """jit of (q, k, v, d_out, *extra) -> (out, dq, dk, dv) for attn(q, k, v, *extra)."""
+
   def run(q, k, v, d_out, *extra):
     out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, *extra), q, k, v)
     return (out, *vjp(d_out))
+
   return jax.jit(run)
 
 
 def ours_attention(q, k, v, positions, segment_ids):
-  return get_attention("reference")(q, k, v, causal=True, q_positions=positions, kv_positions=positions,
-                                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+  return get_attention("reference")(
+      q,
+      k,
+      v,
+      causal=True,
+      q_positions=positions,
+      kv_positions=positions,
+      q_segment_ids=segment_ids,
+      kv_segment_ids=segment_ids,
+  )
 
 
 def peer_attention(impl: str, repeat_kv: int):
@@ -352,14 +450,18 @@ def peer_attention(impl: str, repeat_kv: int):
     if repeat_kv > 1:
       k, v = jnp.repeat(k, repeat_kv, axis=2), jnp.repeat(v, repeat_kv, axis=2)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
   return attn
 
 
 def _prepare(jitted, args) -> tuple[Any, dict, Any]:
   """(compiled, info, warm-up output): compiled, checked against free memory, run once."""
   compiled, compile_s = compile_timed(jitted, *args)
-  info = {"compile_s": round(compile_s, 2), "attention_in_hlo": attention_in_hlo(compiled),
-          "memory_gib": memory_check(compiled)}
+  info = {
+      "compile_s": round(compile_s, 2),
+      "attention_in_hlo": attention_in_hlo(compiled),
+      "memory_gib": memory_check(compiled),
+  }
   out = compiled(*args)
   jax.block_until_ready(out)
   return compiled, info, out
@@ -399,8 +501,9 @@ def attention_case(out: dict, shapes: Shapes, seq: int) -> None:
       raise
     except Exception as e:  # noqa: BLE001 - retried with k/v repeated to the query heads
       native_error = peer["native_gqa_error"] = one_line(e)
-      compiled_peer, info, warm["peer"] = _prepare(fwd_bwd(peer_attention(shapes.attn_peer, heads // kv_heads)),
-                                                   args_peer)
+      compiled_peer, info, warm["peer"] = _prepare(
+          fwd_bwd(peer_attention(shapes.attn_peer, heads // kv_heads)), args_peer
+      )
       peer["kv_heads"] = f"k/v repeated to {heads} heads (timed with the repeat); native GQA failed: {native_error}"
     peer.update(info)
     runners["peer"] = lambda: compiled_peer(*args_peer)
@@ -433,6 +536,7 @@ def bench_attention(shapes: Shapes, args, budget: "Budget", put: Callable[[str, 
 
 # --- decode ----------------------------------------------------------------------------------------
 
+
 def make_decode_fns(graphdef):
   """Jitted prefill and single-token greedy decode over the KV cache (k, v donated).
 
@@ -440,6 +544,7 @@ def make_decode_fns(graphdef):
   decode(params, rest, k, v, lengths [batch], tokens [batch]) -> (next tokens, k, v, lengths + 1).
   k, v: [layers, batch, slots, kv_heads, head_dim].
   """
+
   def prefill(params, rest, k, v, ids):
     model = nnx.merge(graphdef, params, rest)
     b, n = ids.shape
@@ -449,8 +554,9 @@ def make_decode_fns(graphdef):
 
   def decode(params, rest, k, v, lengths, tokens):
     model = nnx.merge(graphdef, params, rest)
-    logits, k, v = model.forward_cached(model.model.embed(tokens[:, None]), k, v, lengths, lengths + 1,
-                                        logit_index=jnp.zeros_like(lengths))
+    logits, k, v = model.forward_cached(
+        model.model.embed(tokens[:, None]), k, v, lengths, lengths + 1, logit_index=jnp.zeros_like(lengths)
+    )
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), k, v, lengths + 1
 
   return jax.jit(prefill, donate_argnums=(2, 3)), jax.jit(decode, donate_argnums=(2, 3, 4))
@@ -494,11 +600,16 @@ def decode_case(out: dict, shapes: Shapes, graphdef, params, rest, batch: int) -
   embed_bytes = cfg.vocab_size * cfg.hidden_size * jnp.dtype(jnp.bfloat16).itemsize
   step_bytes = nbytes(params) - embed_bytes + nbytes((k, v))
   steps = shapes.decode_steps
-  out.update(prefill_s=spread([prefill_s]), prefill_tokens_per_s=rate(batch * n, [prefill_s]),
-             steps_per_round=steps, decode_ms_per_step=spread([1e3 * s / steps for s in round_s]),
-             decode_tokens_per_s=rate(batch * steps, round_s), hbm_gb_per_s=rate(step_bytes * steps / 1e9, round_s),
-             final_length=int(jax.device_get(lengths)[0]),
-             tokens_in_vocab=bool(((last >= 0) & (last < cfg.vocab_size)).all()))
+  out.update(
+      prefill_s=spread([prefill_s]),
+      prefill_tokens_per_s=rate(batch * n, [prefill_s]),
+      steps_per_round=steps,
+      decode_ms_per_step=spread([1e3 * s / steps for s in round_s]),
+      decode_tokens_per_s=rate(batch * steps, round_s),
+      hbm_gb_per_s=rate(step_bytes * steps / 1e9, round_s),
+      final_length=int(jax.device_get(lengths)[0]),
+      tokens_in_vocab=bool(((last >= 0) & (last < cfg.vocab_size)).all()),
+  )
 
 
 def bench_decode(shapes: Shapes, args, budget: "Budget", put: Callable[[str, Any], None]) -> None:
@@ -510,16 +621,26 @@ def bench_decode(shapes: Shapes, args, budget: "Budget", put: Callable[[str, Any
   t = time.perf_counter()
   graphdef, params, rest = init_on_device(create)
   jax.block_until_ready(params)
-  put("model", {"config": "LlamaConfig() defaults (Llama-3-8B)" if cfg == LlamaConfig() else "tiny (smoke)",
-                "params": int(sum(x.size for x in jax.tree.leaves(params))), "weights_gib": _gib(nbytes(params)),
-                "param_dtype": "bfloat16", "init_s": round(time.perf_counter() - t, 1),
-                "step": "jitted embed + LlamaForCausalLM.forward_cached + argmax, KV cache donated"})
+  put(
+      "model",
+      {
+          "config": "LlamaConfig() defaults (Llama-3-8B)" if cfg == LlamaConfig() else "tiny (smoke)",
+          "params": int(sum(x.size for x in jax.tree.leaves(params))),
+          "weights_gib": _gib(nbytes(params)),
+          "param_dtype": "bfloat16",
+          "init_s": round(time.perf_counter() - t, 1),
+          "step": "jitted embed + LlamaForCausalLM.forward_cached + argmax, KV cache donated",
+      },
+  )
   for batch in shapes.decode_batches:
-    put(f"batch{batch}", budget.guarded(shapes.need_s["decode"],
-                                        lambda out: decode_case(out, shapes, graphdef, params, rest, batch)))
+    put(
+        f"batch{batch}",
+        budget.guarded(shapes.need_s["decode"], lambda out: decode_case(out, shapes, graphdef, params, rest, batch)),
+    )
 
 
 # --- running ---------------------------------------------------------------------------------------
+
 
 class Budget:
   """Seconds left of the time budget; `guarded` runs a part only when its estimate still fits."""
@@ -538,8 +659,10 @@ class Budget:
     left = self.left()
     if left > 0 and left >= need_s:
       return None
-    return (f"time budget: {max(left, 0.0):.0f} s left of --time-budget-s {self.limit_s:g} after "
-            f"{self.elapsed():.0f} s, this part needs about {need_s:g} s")
+    return (
+        f"time budget: {max(left, 0.0):.0f} s left of --time-budget-s {self.limit_s:g} after "
+        f"{self.elapsed():.0f} s, this part needs about {need_s:g} s"
+    )
 
   def guarded(self, need_s: float, run: Callable[[dict], None]) -> dict:
     """run(out) unless the budget is spent; `out` as far as it got, plus "error" if run raised."""
@@ -630,10 +753,18 @@ def _sections(text: str) -> list[str]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sections", type=_sections, default=list(SECTIONS), help="comma list of " + ",".join(SECTIONS))
-  p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
-                 help="dense bf16 peak of one device for MFU (989: H100/H200 SXM)")
-  p.add_argument("--time-budget-s", type=float, default=450.0,
-                 help="skip parts once the process has run this long; hard stop 20 s later")
+  p.add_argument(
+      "--peak-tflops",
+      type=float,
+      default=DEFAULT_PEAK_TFLOPS,
+      help="dense bf16 peak of one device for MFU (989: H100/H200 SXM)",
+  )
+  p.add_argument(
+      "--time-budget-s",
+      type=float,
+      default=450.0,
+      help="skip parts once the process has run this long; hard stop 20 s later",
+  )
   p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, seconds): checks the plumbing only")
   args = p.parse_args(argv)
   if args.peak_tflops <= 0:
@@ -641,18 +772,30 @@ def main(argv=None) -> int:
   shapes = SMOKE if args.smoke else FULL
   budget = Budget(args.time_budget_s, start=_PROCESS_T0)
   dev = jax.devices()[0]
-  report = Report({"benchmark": "accelerator", "smoke": args.smoke, "device_kind": dev.device_kind,
-                   "platform": dev.platform, "num_devices": jax.device_count(), "jax_version": jax.__version__,
-                   "jaxlib_version": _dist_version("jaxlib"),
-                   "flax_version": flax.__version__, "optax_version": optax.__version__,
-                   "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "time_budget_s": args.time_budget_s,
-                   "sections": args.sections})
+  report = Report(
+      {
+          "benchmark": "accelerator",
+          "smoke": args.smoke,
+          "device_kind": dev.device_kind,
+          "platform": dev.platform,
+          "num_devices": jax.device_count(),
+          "jax_version": jax.__version__,
+          "jaxlib_version": _dist_version("jaxlib"),
+          "flax_version": flax.__version__,
+          "optax_version": optax.__version__,
+          "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "time_budget_s": args.time_budget_s,
+          "sections": args.sections,
+      }
+  )
 
   def hard_stop():
-    if report.emit(aborted=f"hard stop at {budget.elapsed():.1f} s (budget {args.time_budget_s:g} s + "
-                           f"{HARD_STOP_MARGIN_S:g} s) while running {report.data.get('running')}",
-                   elapsed_s=round(budget.elapsed(), 1)):
+    if report.emit(
+        aborted=f"hard stop at {budget.elapsed():.1f} s (budget {args.time_budget_s:g} s + "
+        f"{HARD_STOP_MARGIN_S:g} s) while running {report.data.get('running')}",
+        elapsed_s=round(budget.elapsed(), 1),
+    ):
       os._exit(3)
 
   watchdog = threading.Timer(max(budget.left() + HARD_STOP_MARGIN_S, 0.0), hard_stop)

@@ -29,8 +29,10 @@ def _depth(r: dict) -> str:
 
 
 def render(results: list[dict]) -> str:
-  head = ("| program | slice (chips) | depth | mesh | attention kernel | per chip | HBM | fits | compile (2 cores) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+  head = (
+      "| program | slice (chips) | depth | mesh | attention kernel | per chip | HBM | fits | compile (2 cores) |\n"
+      "|---|---|---|---|---|---|---|---|---|"
+  )
   lines = [head]
   for r in results:
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
@@ -48,10 +50,12 @@ def render(results: list[dict]) -> str:
     if "no-vit-chunks" in r["file"]:
       what += " (before ViT frame chunks)"
     kernel = "splash" if "splash" in r["attention_kernel"] else r["attention_kernel"]
-    lines.append(f"| {what} | {r['topology']} ({r['chips']}) | {_depth(r)} | {mesh} | {kernel} | "
-                 f"{r['per_chip_bytes'] / 2**30:.1f} GiB | {r['hbm_bytes'] / 2**30:.0f} GiB | "
-                 f"{'yes' if r['fits'] else '**no**'}{' (compiler refused)' if r.get('compiler_refused') else ''} | "
-                 f"{r['compile_s']:.0f} s |")
+    lines.append(
+        f"| {what} | {r['topology']} ({r['chips']}) | {_depth(r)} | {mesh} | {kernel} | "
+        f"{r['per_chip_bytes'] / 2**30:.1f} GiB | {r['hbm_bytes'] / 2**30:.0f} GiB | "
+        f"{'yes' if r['fits'] else '**no**'}{' (compiler refused)' if r.get('compiler_refused') else ''} | "
+        f"{r['compile_s']:.0f} s |"
+    )
   return "\n".join(lines)
 
 

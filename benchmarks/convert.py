@@ -20,7 +20,8 @@ rename; interpreter start-up and imports are in process_s). The conversion uses 
 plain read uses one and is I/O bound, so on a machine shared with other CPU-heavy work the ratio
 drops: `loadavg_1min` (before, after) and the conversion's CPU seconds are printed for that reason.
 `convert_no_sync` is the same conversion with `--no-sync` (no durable fsync before the rename: the
-rate of the converter itself, data left in the page cache); plain_copy_ratio_to_read shows what writing the bytes once durably costs on this disk by itself.
+rate of the converter itself, data left in the page cache); plain_copy_ratio_to_read shows what writing the
+bytes once durably costs on this disk by itself.
 Targets (issue 3): peak RSS <= 2 x largest tensor + 500 MB; throughput >= 50 % of the plain read.
 Prints one JSON line. Run: python benchmarks/convert.py [--keep DIR] [--repeats 5]
 """
@@ -47,13 +48,25 @@ MB = 1e6
 def widened_config():
   """~1.1 GB in bf16: tiny's structure with a 2048-wide, 8-layer LLM and a 1024-wide, 4-block EVA at 224 px."""
   from kangaroo_jax.config import KangarooConfig, LlamaConfig, ProjectorConfig, VisionConfig
+
   return KangarooConfig(
-      llm=LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16,
-                      num_kv_heads=4, head_dim=128, max_position_embeddings=4096, bos_token_id=1,
-                      eos_token_ids=(2,)),
-      vision=VisionConfig(image_size=224, patch_size=14, width=1024, num_layers=4, head_width=64, mlp_hidden=2730,
-                          pt_hw_seq_len=16),
-      projector=ProjectorConfig())  # written in bf16: the import's --dtype default
+      llm=LlamaConfig(
+          vocab_size=32000,
+          hidden_size=2048,
+          intermediate_size=5632,
+          num_layers=8,
+          num_heads=16,
+          num_kv_heads=4,
+          head_dim=128,
+          max_position_embeddings=4096,
+          bos_token_id=1,
+          eos_token_ids=(2,),
+      ),
+      vision=VisionConfig(
+          image_size=224, patch_size=14, width=1024, num_layers=4, head_width=64, mlp_hidden=2730, pt_hw_seq_len=16
+      ),
+      projector=ProjectorConfig(),
+  )  # written in bf16: the import's --dtype default
 
 
 # Runs `-m module args...` or `-c code args...` and prints the process's peak RSS (VmHWM), run time and
@@ -83,8 +96,13 @@ sys.exit(code)
 def _run_child(mode: str, target: str, *args: str) -> tuple[float, int, str]:
   """(seconds in the child, peak RSS bytes, output); the child's CPU seconds are `_cpu_seconds(output)`."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", _WRAPPER, mode, target, *args], stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+  proc = subprocess.run(
+      [sys.executable, "-c", _WRAPPER, mode, target, *args],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      env=env,
+      cwd=ROOT,
+  )
   out = proc.stdout.decode(errors="replace")
   if proc.returncode != 0:
     raise RuntimeError(f"{mode} {target[:60]} {args} failed ({proc.returncode}):\n{out[-4000:]}")
@@ -143,8 +161,9 @@ _IMPORT_FLOOR = "import tools.convert_weights.convert, kangaroo_jax.pretrained, 
 
 def _convert(src: str, dst: str, cfg_path: str, *extra: str) -> dict:
   shutil.rmtree(dst, ignore_errors=True)
-  proc_s, rss, out = _run_child("-m", "tools.convert_weights", "import", src, dst, "--config-json", cfg_path, "--quiet",
-                                *extra)
+  proc_s, rss, out = _run_child(
+      "-m", "tools.convert_weights", "import", src, dst, "--config-json", cfg_path, "--quiet", *extra
+  )
   seconds = float(re.search(r"dtype \w+, ([0-9.]+)s;", out).group(1))
   return {"seconds": seconds, "process_seconds": round(proc_s, 2), "peak_rss": rss, "cpu_seconds": _cpu_seconds(out)}
 
@@ -179,9 +198,14 @@ def _bin_run(src: str, work: str, cfg_path: str, size: int, largest: int) -> dic
   _run_child("-c", _SAVE_BIN, src, bin_src)
   _, floor_rss, _ = _run_child("-c", _IMPORT_FLOOR)
   run = _convert(bin_src, bin_dst, cfg_path)
-  return {"file_bytes": os.path.getsize(os.path.join(bin_src, "pytorch_model.bin")), "peak_rss_bytes": run["peak_rss"],
-          "import_floor_rss_bytes": floor_rss, "peak_rss_above_floor_bytes": run["peak_rss"] - floor_rss,
-          "peak_rss_ok": run["peak_rss"] <= 2 * largest + 500 * MB, "convert_mb_s": round(size / MB / run["seconds"], 1)}
+  return {
+      "file_bytes": os.path.getsize(os.path.join(bin_src, "pytorch_model.bin")),
+      "peak_rss_bytes": run["peak_rss"],
+      "import_floor_rss_bytes": floor_rss,
+      "peak_rss_above_floor_bytes": run["peak_rss"] - floor_rss,
+      "peak_rss_ok": run["peak_rss"] <= 2 * largest + 500 * MB,
+      "convert_mb_s": round(size / MB / run["seconds"], 1),
+  }
 
 
 def _median(xs):
@@ -253,19 +277,27 @@ def main() -> None:
         "import_floor_rss_bytes": floor_rss,
         "peak_rss_above_floor_bytes": peak - floor_rss,
         "cold_median_of": args.repeats,
-        "cold": {"convert_mb_s": rate(cold["convert"]), "plain_read_mb_s": rate(cold["read"]),
-                 "plain_copy_mb_s": rate(cold["copy"]),
-                 "ratio_to_read": round(cold["read"] / cold["convert"], 3),
-                 "ratio_to_copy": round(cold["copy"] / cold["convert"], 3),
-                 "plain_copy_ratio_to_read": round(cold["read"] / cold["copy"], 3),
-                 "convert_no_sync_mb_s": rate(cold["convert_no_sync"]),
-                 "no_sync_ratio_to_read": round(cold["read"] / cold["convert_no_sync"], 3),
-                 "convert_no_sync_s_runs": runs["convert_no_sync"],
-                 "convert_s_runs": runs["convert"], "read_s_runs": [round(x, 3) for x in runs["read"]],
-                 "copy_s_runs": [round(x, 3) for x in runs["copy"]],
-                 "convert_process_cpu_s_runs": [round(x, 2) for x in cpu]},
-        "warm": {"convert_mb_s": rate(warm["seconds"]), "plain_read_mb_s": rate(warm_read),
-                 "ratio_to_read": round(warm_read / warm["seconds"], 3), "process_s": warm["process_seconds"]},
+        "cold": {
+            "convert_mb_s": rate(cold["convert"]),
+            "plain_read_mb_s": rate(cold["read"]),
+            "plain_copy_mb_s": rate(cold["copy"]),
+            "ratio_to_read": round(cold["read"] / cold["convert"], 3),
+            "ratio_to_copy": round(cold["copy"] / cold["convert"], 3),
+            "plain_copy_ratio_to_read": round(cold["read"] / cold["copy"], 3),
+            "convert_no_sync_mb_s": rate(cold["convert_no_sync"]),
+            "no_sync_ratio_to_read": round(cold["read"] / cold["convert_no_sync"], 3),
+            "convert_no_sync_s_runs": runs["convert_no_sync"],
+            "convert_s_runs": runs["convert"],
+            "read_s_runs": [round(x, 3) for x in runs["read"]],
+            "copy_s_runs": [round(x, 3) for x in runs["copy"]],
+            "convert_process_cpu_s_runs": [round(x, 2) for x in cpu],
+        },
+        "warm": {
+            "convert_mb_s": rate(warm["seconds"]),
+            "plain_read_mb_s": rate(warm_read),
+            "ratio_to_read": round(warm_read / warm["seconds"], 3),
+            "process_s": warm["process_seconds"],
+        },
         "throughput_ok": cold["read"] / cold["convert"] >= 0.5,
         "synthesize_s": round(synth_s, 1),
         "cpu_count": os.cpu_count(),

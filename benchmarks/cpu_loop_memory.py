@@ -51,11 +51,18 @@ print(before * 1024, after * 1024, compiled.memory_analysis().temp_size_in_bytes
 
 def measure(iterations: int, devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  out = subprocess.run([sys.executable, "-c", _CHILD, str(iterations), str(devices)], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
+  out = subprocess.run(
+      [sys.executable, "-c", _CHILD, str(iterations), str(devices)], env=env, check=True, capture_output=True, text=True
+  ).stdout.split()
   before, after, temp = (int(v) for v in out[-3:])
-  return dict(iterations=iterations, devices=devices, peak_rss_after_compile=before, peak_rss_after_run=after,
-              run_growth_bytes=after - before, compiled_temp_bytes_per_device=temp)
+  return dict(
+      iterations=iterations,
+      devices=devices,
+      peak_rss_after_compile=before,
+      peak_rss_after_run=after,
+      run_growth_bytes=after - before,
+      compiled_temp_bytes_per_device=temp,
+  )
 
 
 def main() -> None:
@@ -65,8 +72,15 @@ def main() -> None:
   for d in (1, 8):
     a, b = (r for r in rows if r["devices"] == d)
     per_iteration[d] = round((b["run_growth_bytes"] - a["run_growth_bytes"]) / ((long - short) * 8 * d))
-  print(json.dumps(dict(benchmark="cpu_loop_memory", runs=rows,
-                        retained_bytes_per_iteration_per_device={str(k): v for k, v in per_iteration.items()})))
+  print(
+      json.dumps(
+          dict(
+              benchmark="cpu_loop_memory",
+              runs=rows,
+              retained_bytes_per_iteration_per_device={str(k): v for k, v in per_iteration.items()},
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

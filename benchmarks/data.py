@@ -49,6 +49,7 @@ def _videos() -> list[str]:
 
 def bench_decode(videos, frames: int, repeats: int, size: int) -> dict:
   from kangaroo_jax.data.video import load_video, normalize_frames, preprocess_frames
+
   raw_t = full_t = 0.0
   n = 0
   for _ in range(repeats):
@@ -61,8 +62,11 @@ def bench_decode(videos, frames: int, repeats: int, size: int) -> dict:
       normalize_frames(preprocess_frames(dec.frames, size))
       full_t += time.perf_counter() - t
       n += len(dec.frames)
-  return {"raw_decode_frames_per_s": n / raw_t, "decode_resize_normalize_frames_per_s": n / full_t,
-          "ratio": raw_t / full_t}
+  return {
+      "raw_decode_frames_per_s": n / raw_t,
+      "decode_resize_normalize_frames_per_s": n / full_t,
+      "ratio": raw_t / full_t,
+  }
 
 
 def bench_pipeline(videos, frames: int, batches: int, workers: int, tmp: str) -> float:
@@ -73,19 +77,38 @@ def bench_pipeline(videos, frames: int, batches: int, workers: int, tmp: str) ->
   from kangaroo_jax.data.records import pack_record
   from kangaroo_jax.data.tiny_tokenizer import build_chat_sentencepiece
   from kangaroo_jax.tokenizer import load_tokenizer
+
   path = os.path.join(tmp, "ref.array_record")
   if not os.path.exists(path):
     w = ArrayRecordWriter(path, "group_size:1")
     for i in range(64):
-      w.write(pack_record({"id": str(i), "video": {"path": videos[i % len(videos)]},
-                           "messages": [{"role": "user", "content": "<video>Describe the video."},
-                                        {"role": "assistant", "content": f"Clip {i}: things move around."}]}))
+      w.write(
+          pack_record(
+              {
+                  "id": str(i),
+                  "video": {"path": videos[i % len(videos)]},
+                  "messages": [
+                      {"role": "user", "content": "<video>Describe the video."},
+                      {"role": "assistant", "content": f"Clip {i}: things move around."},
+                  ],
+              }
+          )
+      )
     w.close()
-  tok = load_tokenizer(build_chat_sentencepiece(["Describe the video. Clip: things move around."] * 20,
-                                                os.path.join(tmp, "tok"), 300))
-  cfg = DataConfig(dataset=path, seq_len=4 * (frames // 2 * 256 + 64), batch_size=1, frame_size=448,
-                   max_frames=4 * frames, num_frames=frames, packing_bins=1, worker_count=workers,
-                   worker_buffer_size=1)
+  tok = load_tokenizer(
+      build_chat_sentencepiece(["Describe the video. Clip: things move around."] * 20, os.path.join(tmp, "tok"), 300)
+  )
+  cfg = DataConfig(
+      dataset=path,
+      seq_len=4 * (frames // 2 * 256 + 64),
+      batch_size=1,
+      frame_size=448,
+      max_frames=4 * frames,
+      num_frames=frames,
+      packing_bins=1,
+      worker_count=workers,
+      worker_buffer_size=1,
+  )
   it = make_train_iterator(cfg, kangaroo_8b(), tok)
   next(it)  # worker start-up and the first window
   t = time.perf_counter()
@@ -106,15 +129,17 @@ def _clip_frames(num_frames: int, height: int, width: int):
   a gradient, and a disc moving across it; no abrupt changes, so x264's scene-cut does not add keyframes
   and its default GOP (keyint 250) holds. Yields uint8 [height, width, 3]."""
   from PIL import Image
+
   rng = np.random.default_rng(0)
   coarse = rng.integers(0, 256, (height // 16 + 6, width // 16 + 6, 3), dtype=np.uint8)
-  texture = np.asarray(Image.fromarray(coarse).resize((coarse.shape[1] * 16, coarse.shape[0] * 16),
-                                                      Image.Resampling.BICUBIC)).astype(np.int16)
+  texture = np.asarray(
+      Image.fromarray(coarse).resize((coarse.shape[1] * 16, coarse.shape[0] * 16), Image.Resampling.BICUBIC)
+  ).astype(np.int16)
   yy, xx = np.mgrid[0:height, 0:width]
   ramp = (xx * 128 // width)[..., None]
   for i in range(num_frames):
     dx, dy = abs(i % 128 - 64), abs(i // 3 % 128 - 64)  # panning back and forth: no jumps
-    frame = texture[dy:dy + height, dx:dx + width] // 2 + ramp + abs(i % 128 - 64)
+    frame = texture[dy : dy + height, dx : dx + width] // 2 + ramp + abs(i % 128 - 64)
     cx, cy = width / 2 + width / 3 * np.sin(i / 20), height / 2 + height / 3 * np.cos(i / 27)
     frame[(xx - cx) ** 2 + (yy - cy) ** 2 < (height // 6) ** 2] = 64 + abs(i % 256 - 128)
     yield np.clip(frame, 0, 255).astype(np.uint8)
@@ -124,6 +149,7 @@ def cached_clip(name: str, cache_dir: str, *, fps: int = 30, height: int = 448, 
   """Path of clip `name` (see CLIPS), encoded once with PyAV's libx264 at its defaults (preset medium, keyint
   250, B-frames) and kept in `cache_dir`; written to a temporary name and renamed when complete."""
   import av
+
   path = os.path.join(cache_dir, f"clip_{name}_{height}p{fps}.mp4")
   if os.path.exists(path):
     return path
@@ -147,6 +173,7 @@ def _legacy_load(path: str, num_frames: int, threads: int = 0) -> tuple[np.ndarr
   it; the frame-rate and frame-count handling is load_video's."""
   import av
   from kangaroo_jax.data.video import sample_indices
+
   with av.open(path) as container:
     stream = container.streams.video[0]
     stream.thread_type, stream.codec_context.thread_count = "AUTO", threads
@@ -174,24 +201,26 @@ def _legacy_load(path: str, num_frames: int, threads: int = 0) -> tuple[np.ndarr
 
 def _decord_load(path: str, indices: np.ndarray, threads: int = 0) -> np.ndarray:
   import decord
+
   reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
   return reader.get_batch([int(i) for i in indices]).asnumpy()
 
 
 def _cpu_seconds() -> float:
   import resource
+
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
 
 
 def _stats(seconds: list[float]) -> dict:
-  return {"min": round(min(seconds), 3), "median": round(statistics.median(seconds), 3),
-          "max": round(max(seconds), 3)}
+  return {"min": round(min(seconds), 3), "median": round(statistics.median(seconds), 3), "max": round(max(seconds), 3)}
 
 
 def bench_versus_decord(clip: str, path: str, count: int, rounds: int, threads: int = 0) -> dict:
   """Alternating timed runs of decord, the previous algorithm and load_video on `count` sampled frames."""
   from kangaroo_jax.data.video import load_video
+
   indices = load_video(path, num_frames=2).indices  # warms the page cache and the imports for every method
   runners = {
       "decord": lambda: _decord_load(path, indices, threads),
@@ -204,18 +233,25 @@ def bench_versus_decord(clip: str, path: str, count: int, rounds: int, threads: 
   frames: dict[str, np.ndarray] = {}
   names = list(runners)
   for r in range(rounds):
-    for name in names[r % 3:] + names[:r % 3]:  # rotate the order: no method always runs first or last
+    for name in names[r % 3 :] + names[: r % 3]:  # rotate the order: no method always runs first or last
       t, c = time.perf_counter(), _cpu_seconds()
       frames[name] = runners[name]()
       times[name].append(time.perf_counter() - t)
       cpu[name].append(_cpu_seconds() - c)
   new = frames["new"][:count]  # load_video pads an odd count; the others do not
   from kangaroo_jax.data.video import _thread_count
-  row = {"clip": clip, "frames": count, "rounds": rounds, "keyframes": _keyframe_count(path),
-         "threads_new": _thread_count(threads or None), "threads_decord_and_old": threads or "auto",
-         "identical_decord": bool(np.array_equal(frames["decord"], new)),
-         "identical_old": bool(np.array_equal(frames["old"], new)),
-         "indices_equal_old": bool(np.array_equal(_legacy_load(path, count)[1], indices[:count]))}
+
+  row = {
+      "clip": clip,
+      "frames": count,
+      "rounds": rounds,
+      "keyframes": _keyframe_count(path),
+      "threads_new": _thread_count(threads or None),
+      "threads_decord_and_old": threads or "auto",
+      "identical_decord": bool(np.array_equal(frames["decord"], new)),
+      "identical_old": bool(np.array_equal(frames["old"], new)),
+      "indices_equal_old": bool(np.array_equal(_legacy_load(path, count)[1], indices[:count])),
+  }
   for name in names:
     row[f"{name}_s"] = _stats(times[name])
     row[f"{name}_cpu_s"] = _stats(cpu[name])  # user + system seconds of all threads: the work, whatever the load
@@ -229,19 +265,25 @@ def bench_versus_decord(clip: str, path: str, count: int, rounds: int, threads: 
 
 def _keyframe_count(path: str) -> int:
   import av
+
   with av.open(path) as container:
     return sum(1 for p in container.demux(video=0) if p.size and p.is_keyframe)
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| clip | frames | decord s | old s | new s | decord/new | old/new | CPU s decord / new | identical "
-           "| rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+      "| clip | frames | decord s | old s | new s | decord/new | old/new | CPU s decord / new | identical "
+      "| rounds |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   fmt = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
   for r in rows:
     same = "yes" if r["identical_decord"] and r["identical_old"] else "NO"
-    lines.append(f"| {r['clip']} | {r['frames']} | {fmt(r['decord_s'])} | {fmt(r['old_s'])} | {fmt(r['new_s'])} "
-                 f"| {r['ratio_decord_over_new']} | {r['ratio_old_over_new']} "
-                 f"| {r['decord_cpu_s']['median']:.2f} / {r['new_cpu_s']['median']:.2f} | {same} | {r['rounds']} |")
+    lines.append(
+        f"| {r['clip']} | {r['frames']} | {fmt(r['decord_s'])} | {fmt(r['old_s'])} | {fmt(r['new_s'])} "
+        f"| {r['ratio_decord_over_new']} | {r['ratio_old_over_new']} "
+        f"| {r['decord_cpu_s']['median']:.2f} / {r['new_cpu_s']['median']:.2f} | {same} | {r['rounds']} |"
+    )
   return "\n".join(lines)
 
 
@@ -270,15 +312,24 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--clips", default="10s,1min,5min")
   p.add_argument("--counts", default="64,160")
-  p.add_argument("--threads", type=int, default=0, help="decoding threads for all three (0: each one's automatic "
-                 "count); 1 compares single-threaded work, which a loaded machine shares out alike")
+  p.add_argument(
+      "--threads",
+      type=int,
+      default=0,
+      help="decoding threads for all three (0: each one's automatic "
+      "count); 1 compares single-threaded work, which a loaded machine shares out alike",
+  )
   p.add_argument("--cache", default=os.path.join(".cache", "bench_videos"), help="where generated clips are kept")
   a = p.parse_args()
   if a.versus_decord:
     return main_versus_decord(a)
   videos = [v for v in _videos() if "distorted" not in v]
-  out = {"videos": [os.path.basename(v) for v in videos], "frames_per_video": a.frames, "size": a.size,
-         "cpu_count": os.cpu_count()}
+  out = {
+      "videos": [os.path.basename(v) for v in videos],
+      "frames_per_video": a.frames,
+      "size": a.size,
+      "cpu_count": os.cpu_count(),
+  }
   out.update(bench_decode(videos, a.frames, a.repeats, a.size))
   with tempfile.TemporaryDirectory() as tmp:
     for w in (0, 2):

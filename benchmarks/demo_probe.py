@@ -78,18 +78,20 @@ class ArrayIterator:
     per_epoch = self.n // self.batch
     epoch, k = divmod(self.step, per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-    idx = order[k * self.batch:(k + 1) * self.batch]
+    idx = order[k * self.batch : (k + 1) * self.batch]
     self.step += 1
     return {key: v[idx] for key, v in self.rows.items()}
 
 
 def _frames(clips: list[dict], frames: int, via_mp4: bool, tmp: str) -> list[np.ndarray]:
   from train import demo_data
+
   out = []
   for i, c in enumerate(clips):
     f = demo_data.render(c["kind"], frames)
     if via_mp4:
       from kangaroo_jax.data.video import load_video
+
       path = os.path.join(tmp, f"clip_{i}.mp4")
       demo_data.write_mp4(path, f)
       f = load_video(path, num_frames=frames).frames
@@ -102,14 +104,18 @@ def build_rows(clips, frames_list, prepare, cfg) -> dict:
   """Clips -> packed rows (one sample per row, as the demo's packer gives at 8 frames per row)."""
   from kangaroo_jax.data.packing import make_row
   from kangaroo_jax.inference.mcq import MCItem, format_prompt
+
   rows = []
   ts = np.arange(cfg.data.max_frames, dtype=np.float32) / FPS
   for c, f in zip(clips, frames_list):
-    item = MCItem(id="x", task=c["task"], video="x", question=c["question"], options=tuple(c["options"]),
-                  answer=c["answer"])
-    messages = [{"role": "user", "content": "<video>" + format_prompt(item)},
-                {"role": "assistant", "content": c["options"][c["answer"]]}]
-    s = prepare.finish("probe", messages, f, ts[:len(f)])
+    item = MCItem(
+        id="x", task=c["task"], video="x", question=c["question"], options=tuple(c["options"]), answer=c["answer"]
+    )
+    messages = [
+        {"role": "user", "content": "<video>" + format_prompt(item)},
+        {"role": "assistant", "content": c["options"][c["answer"]]},
+    ]
+    s = prepare.finish("probe", messages, f, ts[: len(f)])
     if "skip" in s:
       raise SystemExit(f"probe sample skipped (reason {int(s['skip'])}): raise seq_len in configs/demo.py")
     rows.append(make_row([s], cfg.data.seq_len, cfg.data.max_frames, (cfg.data.frame_size, cfg.data.frame_size)))
@@ -130,9 +136,10 @@ def exact_match(model, rows: dict, batch: int = 50) -> np.ndarray:
 
   out = []
   for i in range(0, len(rows["input_ids"]), batch):
-    sl = {k: v[i:i + batch] for k, v in rows.items()}
-    pred = np.asarray(predict(model, *(jnp.asarray(sl[k]) for k in
-                                       ("input_ids", "frames", "timestamps", "positions", "segment_ids"))))
+    sl = {k: v[i : i + batch] for k, v in rows.items()}
+    pred = np.asarray(
+        predict(model, *(jnp.asarray(sl[k]) for k in ("input_ids", "frames", "timestamps", "positions", "segment_ids")))
+    )
     mask = sl["loss_mask"] > 0
     out.append(((pred == sl["targets"]) | ~mask).all(-1))
   return np.concatenate(out)
@@ -145,10 +152,17 @@ def main(argv=None) -> int:
   ap.add_argument("--arg", default="", help="extra configs/demo.py arg, e.g. lr=3e-3,batch=16 (default none)")
   ap.add_argument("--train", type=int, default=3000, help="training clips (default 3000, as the demo)")
   ap.add_argument("--test", type=int, default=400, help="held-out clips (default 400, as the demo)")
-  ap.add_argument("--weights", default="", help="question mix, e.g. direction=0.4,order=0.2,shape=0.25,color=0.15 "
-                  "(default: train/demo_data.py TYPE_WEIGHTS)")
-  ap.add_argument("--radius", default="", help="shape radius range as frame fractions, e.g. 0.2,0.25 "
-                  "(default: train/demo_data.py RADIUS)")
+  ap.add_argument(
+      "--weights",
+      default="",
+      help="question mix, e.g. direction=0.4,order=0.2,shape=0.25,color=0.15 "
+      "(default: train/demo_data.py TYPE_WEIGHTS)",
+  )
+  ap.add_argument(
+      "--radius",
+      default="",
+      help="shape radius range as frame fractions, e.g. 0.2,0.25 " "(default: train/demo_data.py RADIUS)",
+  )
   ap.add_argument("--eval-only", default="", help="a kept probe folder (--keep): evaluate its export, no training")
   ap.add_argument("--keep", action="store_true", help="keep the probe folder (tokenizer, export); it is printed")
   ap.add_argument("--via-mp4", action="store_true", help="round-trip frames through MP4 like the demo's files")
@@ -176,16 +190,23 @@ def main(argv=None) -> int:
   test_clips = demo_data.sample(args.test, seed=args.seed + 1_000_003, size=size, frames=frames)
   texts = []
   for c in train_clips + test_clips:
-    item = MCItem(id="x", task=c["task"], video="x", question=c["question"], options=tuple(c["options"]),
-                  answer=c["answer"])
+    item = MCItem(
+        id="x", task=c["task"], video="x", question=c["question"], options=tuple(c["options"]), answer=c["answer"]
+    )
     texts += [format_prompt(item), c["options"][c["answer"]]]
   tok_dir = os.path.join(tmp, "tokenizer")
   if not args.eval_only:
     build_chat_sentencepiece(texts + ["<video><vi_start><vi_end><eof><eov>"], tok_dir, vocab_size=512)
   base_cfg.data.update(source="synthetic", tokenizer=tok_dir)  # the rows come from here, not from shards
   cfg = from_configdict(base_cfg)
-  dcfg = DataConfig(dataset=tmp, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                    frame_size=(size, size), max_frames=frames, num_frames=frames)
+  dcfg = DataConfig(
+      dataset=tmp,
+      seq_len=cfg.data.seq_len,
+      batch_size=cfg.data.batch_size,
+      frame_size=(size, size),
+      max_frames=frames,
+      num_frames=frames,
+  )
   prepare = PrepareSample(dcfg, cfg.model, load_tokenizer(tok_dir))
   train_rows = build_rows(train_clips, _frames(train_clips, frames, args.via_mp4, tmp), prepare, cfg)
   test_rows = build_rows(test_clips, _frames(test_clips, frames, args.via_mp4, tmp), prepare, cfg)
@@ -199,22 +220,41 @@ def main(argv=None) -> int:
   t_train = time.perf_counter() - t1
 
   from kangaroo_jax import from_pretrained
+
   model, _ = from_pretrained(os.path.join(tmp, "run", "export"))
   n_sub = min(args.test, args.train)
   report = {}
-  for split, rows, clips in (("test", test_rows, test_clips),
-                             ("train", {k: v[:n_sub] for k, v in train_rows.items()}, train_clips[:n_sub])):
+  for split, rows, clips in (
+      ("test", test_rows, test_clips),
+      ("train", {k: v[:n_sub] for k, v in train_rows.items()}, train_clips[:n_sub]),
+  ):
     ok = exact_match(model, rows)
     tasks = np.array([c["task"] for c in clips])
     report[split] = {t: round(float(ok[tasks == t].mean()), 3) for t in demo_data.TYPES if (tasks == t).any()}
   hist = history
   losses = [h["loss"] for h in hist]
-  curve = {str(s): round(float(np.mean(losses[max(0, s - 50):s])), 3) for s in range(100, len(losses) + 1, 100)}
-  print(json.dumps(dict(benchmark="demo_probe", arg=args.arg, seed=args.seed, steps=args.steps,
-                        weights=demo_data.TYPE_WEIGHTS, radius=demo_data.RADIUS,
-                        via_mp4=args.via_mp4, test=report["test"], train=report["train"], loss_curve=curve,
-                        steps_per_s=round((len(hist) - 1) / max(t_train, 1e-9), 2), data_s=round(t_data),
-                        train_s=round(t_train), xla_flags=os.environ.get("XLA_FLAGS", ""))), flush=True)
+  curve = {str(s): round(float(np.mean(losses[max(0, s - 50) : s])), 3) for s in range(100, len(losses) + 1, 100)}
+  print(
+      json.dumps(
+          dict(
+              benchmark="demo_probe",
+              arg=args.arg,
+              seed=args.seed,
+              steps=args.steps,
+              weights=demo_data.TYPE_WEIGHTS,
+              radius=demo_data.RADIUS,
+              via_mp4=args.via_mp4,
+              test=report["test"],
+              train=report["train"],
+              loss_curve=curve,
+              steps_per_s=round((len(hist) - 1) / max(t_train, 1e-9), 2),
+              data_s=round(t_data),
+              train_s=round(t_train),
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
+          )
+      ),
+      flush=True,
+  )
   if args.keep or args.eval_only:
     print(f"kept: {tmp}", flush=True)
   else:

@@ -34,12 +34,18 @@ HEADS = 4
 def shape_frames(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
   """uint8 frames [n, size, size, 3] (one random frame of a demo move clip each), labels [n] (SHAPES index)."""
   from train import demo_data
+
   rng = np.random.default_rng(seed)
   frames, labels = [], []
   for i in range(n):
     label = i % len(demo_data.SHAPES)
-    kind = demo_data._move(rng, size, str(rng.choice(list(demo_data.DIRECTIONS))), demo_data.SHAPES[label],
-                           str(rng.choice(list(demo_data.COLORS))))
+    kind = demo_data._move(
+        rng,
+        size,
+        str(rng.choice(list(demo_data.DIRECTIONS))),
+        demo_data.SHAPES[label],
+        str(rng.choice(list(demo_data.COLORS))),
+    )
     frames.append(demo_data.render(kind, 8)[rng.integers(0, 8)])
     labels.append(label)
   return np.stack(frames), np.asarray(labels)
@@ -72,6 +78,7 @@ def main(argv=None) -> int:
   x_test, y_test = shape_frames(args.test, args.seed + 1_000_003, size)
 
   class Classifier(nnx.Module):
+
     def __init__(self, rngs: nnx.Rngs):
       self.tower = EvaVisionTransformer(vision, rngs=rngs)
       self.keys = nnx.Linear(width, width, rngs=rngs)
@@ -93,13 +100,15 @@ def main(argv=None) -> int:
 
   model = Classifier(nnx.Rngs(args.seed))
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), args.steps, args.lr * 0.05)
-  opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)),
-                      wrt=nnx.Param)
+  opt = nnx.Optimizer(
+      model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)), wrt=nnx.Param
+  )
 
   @nnx.jit
   def step(m, o, x, y):
     def loss_fn(m):
       return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn)(m)
     o.update(m, grads)
     return loss
@@ -109,7 +118,7 @@ def main(argv=None) -> int:
     return m(x).argmax(-1)
 
   def accuracy(x, y):
-    pred = np.concatenate([np.asarray(predict(model, jnp.asarray(x[i:i + 100]))) for i in range(0, len(x), 100)])
+    pred = np.concatenate([np.asarray(predict(model, jnp.asarray(x[i : i + 100]))) for i in range(0, len(x), 100)])
     return round(float((pred == y).mean()), 3)
 
   rng = np.random.default_rng([args.seed, 1])
@@ -118,11 +127,24 @@ def main(argv=None) -> int:
     idx = rng.integers(0, len(x_train), args.batch)
     losses.append(float(step(model, opt, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))))
   train_s = time.perf_counter() - t0
-  curve = {str(s): round(float(np.mean(losses[max(0, s - 50):s])), 3) for s in range(50, args.steps + 1, 50)}
-  print(json.dumps(dict(benchmark="demo_vit_pooling", pool=args.pool, steps=args.steps, batch=args.batch,
-                        lr=args.lr, seed=args.seed, loss_curve=curve, test=accuracy(x_test, y_test),
-                        train=accuracy(x_train[:args.test], y_train[:args.test]), train_s=round(train_s))),
-        flush=True)
+  curve = {str(s): round(float(np.mean(losses[max(0, s - 50) : s])), 3) for s in range(50, args.steps + 1, 50)}
+  print(
+      json.dumps(
+          dict(
+              benchmark="demo_vit_pooling",
+              pool=args.pool,
+              steps=args.steps,
+              batch=args.batch,
+              lr=args.lr,
+              seed=args.seed,
+              loss_curve=curve,
+              test=accuracy(x_test, y_test),
+              train=accuracy(x_train[: args.test], y_train[: args.test]),
+              train_s=round(train_s),
+          )
+      ),
+      flush=True,
+  )
   return 0
 
 

@@ -38,9 +38,18 @@ from tools.convert_weights.hf_config import transformers_llama_config  # noqa: E
 CONFIGS = {
     "tiny": lambda: kangaroo_jax.preset("tiny").llm,
     # ~101M parameters: Llama-3 structure (GQA 12/4, untied head) at GPT-2-small width.
-    "100m": lambda: LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
-                                num_kv_heads=4, head_dim=64, max_position_embeddings=8192, bos_token_id=1,
-                                eos_token_ids=(2,)),
+    "100m": lambda: LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=8,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
 }
 
 
@@ -101,7 +110,7 @@ def _ours(engine: Engine, prompt, new_tokens, repeats):
   t = time.perf_counter()
   engine.generate([prompt], max_new_tokens=new_tokens + 1, stop_ids=())  # compiles every shape of this run
   compile_s = time.perf_counter() - t
-  first, dec, toks = _best(lambda c: run(c)[:new_tokens + 1], repeats)
+  first, dec, toks = _best(lambda c: run(c)[: new_tokens + 1], repeats)
   return first, dec, toks, compile_s
 
 
@@ -111,9 +120,16 @@ def _hf(hf, prompt, new_tokens, repeats):
 
   def run(clock):
     with torch.no_grad():
-      out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                        do_sample=False, pad_token_id=0, streamer=_HFStreamer(clock))
-    return out[0, len(prompt):].tolist()
+      out = hf.generate(
+          ids,
+          attention_mask=mask,
+          max_new_tokens=new_tokens + 1,
+          min_new_tokens=new_tokens + 1,
+          do_sample=False,
+          pad_token_id=0,
+          streamer=_HFStreamer(clock),
+      )
+    return out[0, len(prompt) :].tolist()
 
   run(_Clock())  # warm-up
   return _best(run, repeats)
@@ -134,9 +150,15 @@ def main(argv=None):
   p.add_argument("--prefill-chunk", type=int, default=512)
   p.add_argument("--repeats", type=int, default=2)
   args = p.parse_args(argv)
-  results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-             "machine": platform.machine(), "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk,
-             "runs": []}
+  results = {
+      "device": jax.devices()[0].device_kind,
+      "cpu_count": os.cpu_count(),
+      "torch_threads": torch.get_num_threads(),
+      "machine": platform.machine(),
+      "new_tokens": args.new_tokens,
+      "prefill_chunk": args.prefill_chunk,
+      "runs": [],
+  }
   for name in args.configs:
     cfg = CONFIGS[name]()
     ours, hf = _pair(cfg)
@@ -147,18 +169,29 @@ def main(argv=None):
       prompt = np.random.RandomState(ctx).randint(3, cfg.vocab_size, size=ctx).tolist()
       o_first, o_dec, o_toks, compile_s = _ours(engine, prompt, args.new_tokens, args.repeats)
       h_first, h_dec, h_toks = _hf(hf, prompt, args.new_tokens, args.repeats)
-      run = {"config": name, "params": int(n_params), "context": ctx,
-             "ours": {"prefill_tok_s": round(ctx / o_first, 1), "decode_tok_s": round(args.new_tokens / o_dec, 2),
-                      "decode_ms_per_tok": round(1e3 * o_dec / args.new_tokens, 2), "compile_s": round(compile_s, 1)},
-             "transformers": {"prefill_tok_s": round(ctx / h_first, 1),
-                              "decode_tok_s": round(args.new_tokens / h_dec, 2),
-                              "decode_ms_per_tok": round(1e3 * h_dec / args.new_tokens, 2)},
-             # Greedy tokens equal to transformers' before the first difference (random weights give
-             # near-tied logits, so a late float32 rounding flip is possible and not an error).
-             "tokens_agreeing": f"{_agree(o_toks, h_toks)}/{len(h_toks)}"}
+      run = {
+          "config": name,
+          "params": int(n_params),
+          "context": ctx,
+          "ours": {
+              "prefill_tok_s": round(ctx / o_first, 1),
+              "decode_tok_s": round(args.new_tokens / o_dec, 2),
+              "decode_ms_per_tok": round(1e3 * o_dec / args.new_tokens, 2),
+              "compile_s": round(compile_s, 1),
+          },
+          "transformers": {
+              "prefill_tok_s": round(ctx / h_first, 1),
+              "decode_tok_s": round(args.new_tokens / h_dec, 2),
+              "decode_ms_per_tok": round(1e3 * h_dec / args.new_tokens, 2),
+          },
+          # Greedy tokens equal to transformers' before the first difference (random weights give
+          # near-tied logits, so a late float32 rounding flip is possible and not an error).
+          "tokens_agreeing": f"{_agree(o_toks, h_toks)}/{len(h_toks)}",
+      }
       run["ratio_ours_over_transformers"] = {
           "prefill": round(run["ours"]["prefill_tok_s"] / run["transformers"]["prefill_tok_s"], 2),
-          "decode": round(run["ours"]["decode_tok_s"] / run["transformers"]["decode_tok_s"], 2)}
+          "decode": round(run["ours"]["decode_tok_s"] / run["transformers"]["decode_tok_s"], 2),
+      }
       results["runs"].append(run)
       per_ctx[ctx] = run
     lo, hi = min(args.contexts), max(args.contexts)
@@ -167,7 +200,9 @@ def main(argv=None):
         slope = (per_ctx[hi][who]["decode_ms_per_tok"] - per_ctx[lo][who]["decode_ms_per_tok"]) / ((hi - lo) / 1000)
         results.setdefault("decode_slope_ms_per_1k_ctx", {}).setdefault(name, {})[who] = round(slope, 3)
       # What recomputing the whole prefix per token (no cache) would cost, from our own prefill rate at `hi`.
-      results.setdefault("no_cache_ms_per_tok_at_max_ctx", {})[name] = round(1e3 * hi / per_ctx[hi]["ours"]["prefill_tok_s"], 1)
+      results.setdefault("no_cache_ms_per_tok_at_max_ctx", {})[name] = round(
+          1e3 * hi / per_ctx[hi]["ours"]["prefill_tok_s"], 1
+      )
   print(json.dumps(results))
 
 

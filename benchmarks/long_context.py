@@ -83,19 +83,35 @@ def balance(seq: int = 16384, n: int = 8) -> dict:
   block = pick_block(seq // n, BLOCK)
   tile = jax.ShapeDtypeStruct((1, block, HEADS, HEAD_DIM), jnp.float32)
   kv = jax.ShapeDtypeStruct((1, block, KV_HEADS, HEAD_DIM), jnp.float32)
-  flops_per_tile = jax.jit(lambda q, k, v: reference_attention(q, k, v, causal=False)).lower(
-      tile, kv, kv).cost_analysis()["flops"]
+  flops_per_tile = (
+      jax.jit(lambda q, k, v: reference_attention(q, k, v, causal=False)).lower(tile, kv, kv).cost_analysis()["flops"]
+  )
   contiguous = _live_tiles(np.arange(seq), n, block)
   zigzag = _live_tiles(zigzag_order(seq, n), n, block)
-  return dict(seq=seq, devices=n, block=block, flops_per_tile=flops_per_tile,
-              contiguous_max_flops=max(contiguous) * flops_per_tile, zigzag_max_flops=max(zigzag) * flops_per_tile,
-              contiguous_tiles_per_device=contiguous, zigzag_tiles_per_device=zigzag,
-              zigzag_over_contiguous=round(max(zigzag) / max(contiguous), 4))
+  return dict(
+      seq=seq,
+      devices=n,
+      block=block,
+      flops_per_tile=flops_per_tile,
+      contiguous_max_flops=max(contiguous) * flops_per_tile,
+      zigzag_max_flops=max(zigzag) * flops_per_tile,
+      contiguous_tiles_per_device=contiguous,
+      zigzag_tiles_per_device=zigzag,
+      zigzag_over_contiguous=round(max(zigzag) / max(contiguous), 4),
+  )
 
 
 def _model_bytes(seq: int, mesh) -> int:
-  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=16, max_position_embeddings=seq)
+  cfg = LlamaConfig(
+      vocab_size=256,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      max_position_embeddings=seq,
+  )
   run = RunOptions(attention_impl="ring", remat_policy="full")
   model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -131,10 +147,20 @@ def execute(seq: int, mesh, remat: str = "full", block: int = 512) -> dict:
   """
   import resource
   import time
-  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=16, max_position_embeddings=seq)
+
+  cfg = LlamaConfig(
+      vocab_size=256,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      max_position_embeddings=seq,
+  )
   with jax.set_mesh(mesh):
     from kangaroo_jax.model_tree import init_sharded
+
     run = RunOptions(attention_impl="ring", remat_policy=remat, attention_block=block)
     model = init_sharded(lambda: LlamaForCausalLM(cfg, run, rngs=nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -148,8 +174,13 @@ def execute(seq: int, mesh, remat: str = "full", block: int = 512) -> dict:
     start = time.perf_counter()
     value, grads = step(params, ids)
     jax.block_until_ready(grads)
-  return dict(seq=seq, block=block, seconds=round(time.perf_counter() - start, 1), loss=float(value),
-              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  return dict(
+      seq=seq,
+      block=block,
+      seconds=round(time.perf_counter() - start, 1),
+      loss=float(value),
+      peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+  )
 
 
 def main():
@@ -157,11 +188,17 @@ def main():
   if len(sys.argv) > 2 and sys.argv[1] == "--run":
     remat = sys.argv[3] if len(sys.argv) > 3 else "full"
     block = int(sys.argv[4]) if len(sys.argv) > 4 else 512
-    print(json.dumps(dict(benchmark="long_context_run", remat=remat, **execute(int(sys.argv[2]), mesh, remat,
-                                                                                 block))))
+    print(json.dumps(dict(benchmark="long_context_run", remat=remat, **execute(int(sys.argv[2]), mesh, remat, block))))
     return
-  result = dict(benchmark="long_context", backend=jax.default_backend(), devices=len(jax.devices()),
-                mesh=dict(mesh.shape), memory=memory_table(mesh), balance=balance(), max_sequence=max_sequence(mesh))
+  result = dict(
+      benchmark="long_context",
+      backend=jax.default_backend(),
+      devices=len(jax.devices()),
+      mesh=dict(mesh.shape),
+      memory=memory_table(mesh),
+      balance=balance(),
+      max_sequence=max_sequence(mesh),
+  )
   print(json.dumps(result))
 
 

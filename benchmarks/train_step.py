@@ -35,10 +35,21 @@ import ml_collections  # noqa: E402
 from configs.common import base  # noqa: E402
 from train.config import from_configdict  # noqa: E402
 
-_100M = dict(llm=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-                      num_kv_heads=4, head_dim=64, max_position_embeddings=4096, bos_token_id=1, eos_token_ids=[2]),
-             vision=dict(image_size=112, patch_size=14, width=256, num_layers=4, head_width=64, mlp_hidden=683,
-                         pt_hw_seq_len=8))
+_100M = dict(
+    llm=dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_ids=[2],
+    ),
+    vision=dict(image_size=112, patch_size=14, width=256, num_layers=4, head_width=64, mlp_hidden=683, pt_hw_seq_len=8),
+)
 
 
 class UnknownTripCount(ValueError):
@@ -125,15 +136,21 @@ def _step_and_inputs(cfg):
   tsh, fsh = partition(md.shardings(mesh), pred)
   abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(md.shapes(), pred))
   ssh = state_shardings(abstract, tsh, fsh, rep)
-  it = SyntheticIterator(cfg.model, global_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-                         frame_size=cfg.data.frame_size, max_frames=cfg.data.max_frames)
+  it = SyntheticIterator(
+      cfg.model,
+      global_batch=cfg.data.batch_size,
+      seq_len=cfg.data.seq_len,
+      frame_size=cfg.data.frame_size,
+      max_frames=cfg.data.max_frames,
+  )
   host = next(it)
   batch = make_global_batch(host, mesh)
   with jax.set_mesh(mesh):
     state = jax.jit(lambda p: init_state(*partition(p, pred), tx), out_shardings=ssh)(params)
     step = jax.jit(make_train_step(md, tx, sched, normalize_frames, 1), donate_argnums=0, out_shardings=(ssh, None))
-  model_flops = FlopModel.build(cfg.model, {p: s.shape for p, s in flatten(md.shapes()).items()}, set(paths),
-                                cfg.data.frame_size).train_flops(*batch_stats(host))
+  model_flops = FlopModel.build(
+      cfg.model, {p: s.shape for p, s in flatten(md.shapes()).items()}, set(paths), cfg.data.frame_size
+  ).train_flops(*batch_stats(host))
   return mesh, md, step, state, host, batch, model_flops
 
 
@@ -163,18 +180,31 @@ def bench(name: str, remat: str, steps: int) -> dict:
   times = times if steps == 1 else times[1:]
   tokens = float((host["segment_ids"] > 0).sum())
   step_s = sorted(times)[len(times) // 2]
-  out = dict(config=name, remat=remat, params_m=round(md.num_params() / 1e6, 2), batch=cfg.data.batch_size,
-             seq_len=cfg.data.seq_len, frames_per_row=cfg.data.max_frames, timed_steps=len(times),
-             step_s=round(step_s, 4), tokens_per_s=round(tokens / step_s, 1), compile_s=round(compile_s, 1),
-             model_tflops=round(model_flops / 1e12, 5), executed_matmul_tflops=round(executed / 1e12, 5),
-             flop_utilisation=round(model_flops / executed, 3),
-             xla_tflops_loop_body_once=round(xla_flops / 1e12, 5),
-             achieved_model_tflops_per_s=round(model_flops / step_s / 1e12, 4))
+  out = dict(
+      config=name,
+      remat=remat,
+      params_m=round(md.num_params() / 1e6, 2),
+      batch=cfg.data.batch_size,
+      seq_len=cfg.data.seq_len,
+      frames_per_row=cfg.data.max_frames,
+      timed_steps=len(times),
+      step_s=round(step_s, 4),
+      tokens_per_s=round(tokens / step_s, 1),
+      compile_s=round(compile_s, 1),
+      model_tflops=round(model_flops / 1e12, 5),
+      executed_matmul_tflops=round(executed / 1e12, 5),
+      flop_utilisation=round(model_flops / executed, 3),
+      xla_tflops_loop_body_once=round(xla_flops / 1e12, 5),
+      achieved_model_tflops_per_s=round(model_flops / step_s / 1e12, 4),
+  )
   if name == "tiny":
     mesh1, _, step1, state1, _, batch1, model1 = _step_and_inputs(_config(name, remat, one_layer=True))
     _, executed1, xla1 = _counts(mesh1, step1, state1, batch1)
-    out["check_one_layer"] = dict(model_tflops=round(model1 / 1e12, 6), executed_matmul_tflops=round(executed1 / 1e12, 6),
-                                  xla_tflops=round(xla1 / 1e12, 6))
+    out["check_one_layer"] = dict(
+        model_tflops=round(model1 / 1e12, 6),
+        executed_matmul_tflops=round(executed1 / 1e12, 6),
+        xla_tflops=round(xla1 / 1e12, 6),
+    )
   return out
 
 

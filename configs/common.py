@@ -20,7 +20,7 @@ _BOOL = {"true": True, "false": False, "1": True, "0": False}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """"a=1,b=x" -> ConfigDict with the types of `defaults`; unknown keys are an error."""
+  """ "a=1,b=x" -> ConfigDict with the types of `defaults`; unknown keys are an error."""
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     if "=" not in item:
@@ -47,14 +47,43 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.sharding_check = "warn"  # "warn" | "error" | "off"
   c.model = ml_collections.ConfigDict(dict(preset="kangaroo-8b", overrides={}))
   c.run = ml_collections.ConfigDict(RunOptions().to_dict())  # every field present, so --config.run.X= works
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1,
-                                          dcn_context=1, dcn_tensor=1))
-  c.data = ml_collections.ConfigDict(dict(
-      source="grain", batch_size=256, seq_len=4096, frame_size=224, max_frames=16, num_frames=16,
-      dataset="", tokenizer="", worker_count=8, shuffle_seed=0, max_skip_rate=0.05, tfds_data_dir="", tfds_mapping=""))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-4, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-      grad_accum=1, trainable=(".*",), frozen=(), lr_scales=(), max_nonfinite=5))
+  c.mesh = ml_collections.ConfigDict(
+      dict(data=1, fsdp=-1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1)
+  )
+  c.data = ml_collections.ConfigDict(
+      dict(
+          source="grain",
+          batch_size=256,
+          seq_len=4096,
+          frame_size=224,
+          max_frames=16,
+          num_frames=16,
+          dataset="",
+          tokenizer="",
+          worker_count=8,
+          shuffle_seed=0,
+          max_skip_rate=0.05,
+          tfds_data_dir="",
+          tfds_mapping="",
+      )
+  )
+  c.optim = ml_collections.ConfigDict(
+      dict(
+          lr=1e-4,
+          warmup_steps=100,
+          min_lr_ratio=0.1,
+          b1=0.9,
+          b2=0.95,
+          eps=1e-8,
+          weight_decay=0.0,
+          clip_norm=1.0,
+          grad_accum=1,
+          trainable=(".*",),
+          frozen=(),
+          lr_scales=(),
+          max_nonfinite=5,
+      )
+  )
   c.ckpt = ml_collections.ConfigDict(dict(every=500, keep=3, keep_best=1, async_save=True))
   return c
 
@@ -65,10 +94,26 @@ PROJECTOR = r"mm_projector/.*|patchify/.*"
 LLM = r"llm/.*"
 
 
-def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: int, batch: int, lr: float,
-          trainable: tuple[str, ...], lr_scales: tuple = (), steps: int, context: int = 1,
-          attention: str = "reference", remat: str = "full", rope_theta: float | None = None,
-          vision_chunk_frames: int = 0, ulysses_degree: int = 0, fsdp: int = -1) -> ml_collections.ConfigDict:
+def stage(
+    name: str,
+    arg: str | None,
+    *,
+    frame_size: int,
+    frames: int,
+    seq_len: int,
+    batch: int,
+    lr: float,
+    trainable: tuple[str, ...],
+    lr_scales: tuple = (),
+    steps: int,
+    context: int = 1,
+    attention: str = "reference",
+    remat: str = "full",
+    rope_theta: float | None = None,
+    vision_chunk_frames: int = 0,
+    ulysses_degree: int = 0,
+    fsdp: int = -1,
+) -> ml_collections.ConfigDict:
   """One curriculum stage. `mode=cpu` keeps the stage's structure (trainable modules, frame/sequence
   ratios, LR) on the tiny model so the whole curriculum can be run end to end on a CPU.
 
@@ -90,8 +135,13 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
   c.data.dataset = a.data
   c.data.tokenizer = a.tokenizer
   if a.mode == "full":
-    c.run.update(compute_dtype="bfloat16", remat_policy=remat, attention_impl=attention,
-                 vision_chunk_frames=vision_chunk_frames, ulysses_degree=ulysses_degree)
+    c.run.update(
+        compute_dtype="bfloat16",
+        remat_policy=remat,
+        attention_impl=attention,
+        vision_chunk_frames=vision_chunk_frames,
+        ulysses_degree=ulysses_degree,
+    )
     if rope_theta is not None:
       c.model.overrides["llm"] = dict(rope_theta=rope_theta, max_position_embeddings=seq_len)
     c.mesh.update(context=context, fsdp=fsdp)
@@ -102,8 +152,15 @@ def stage(name: str, arg: str | None, *, frame_size: int, frames: int, seq_len: 
     small = 28 if frame_size < 448 else 56
     c.run.attention_impl = ("usp" if attention == "usp" else "ring") if context != 1 else "reference"
     c.mesh.update(fsdp=-1, context=2 if context == -1 else min(context, 2))
-    c.data.update(source="synthetic", frame_size=small, max_frames=min(frames, 8), num_frames=min(frames, 8),
-                  seq_len=128, batch_size=8, worker_count=0)
+    c.data.update(
+        source="synthetic",
+        frame_size=small,
+        max_frames=min(frames, 8),
+        num_frames=min(frames, 8),
+        seq_len=128,
+        batch_size=8,
+        worker_count=0,
+    )
     c.log_every = 1
     c.ckpt.every = max(1, c.total_steps)
   else:

@@ -9,17 +9,38 @@ from configs.common import PROJECTOR, VISION, base, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, data="", tokenizer="", steps=1500, frame_size=112, batch=8, lr=2e-3, tpe="none",
-                 seed=0, seq_len=160, patchify="conv3d", spatial_patch=2, tap="last_prenorm", vision_lr=1.0,
-                 warmup=0.1)
+  a = parse_arg(
+      arg,
+      data="",
+      tokenizer="",
+      steps=1500,
+      frame_size=112,
+      batch=8,
+      lr=2e-3,
+      tpe="none",
+      seed=0,
+      seq_len=160,
+      patchify="conv3d",
+      spatial_patch=2,
+      tap="last_prenorm",
+      vision_lr=1.0,
+      warmup=0.1,
+  )
   c = base("demo")
   c.model.preset = "tiny"
   # Wider than `tiny` and at 112 px: an 8x8 patch grid leaves 16 visual tokens per frame pair after the
   # 2x2 spatial pooling, enough to tell where a shape is in each pair (56 px gives 4, too coarse for motion).
   grid = a.frame_size // 14
   c.model.overrides = dict(
-      vision=dict(image_size=a.frame_size, width=96, num_layers=2, head_width=32, mlp_hidden=256,
-                  pt_hw_seq_len=grid, feature_tap=a.tap),
+      vision=dict(
+          image_size=a.frame_size,
+          width=96,
+          num_layers=2,
+          head_width=32,
+          mlp_hidden=256,
+          pt_hw_seq_len=grid,
+          feature_tap=a.tap,
+      ),
       llm=dict(hidden_size=128, intermediate_size=320, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32),
       # No TPE: at 2 s per clip the fixed sinusoidal TPE is a unit-amplitude vector (norm ~7 at width
       # 96) nearly equal for every frame, large next to a from-scratch ViT's features. `make demo` with
@@ -29,14 +50,26 @@ def get_config(arg=None):
       # token can hold where the shape went inside the pair, which the parameter-free mean erases. In the
       # probe (benchmarks/demo_probe.py, seed 1, 1,000 steps) held-out direction was 99.4% with it, 40.0%
       # with "avg".
-      projector=dict(tpe=a.tpe, patchify=a.patchify, spatial_patch=a.spatial_patch))
+      projector=dict(tpe=a.tpe, patchify=a.patchify, spatial_patch=a.spatial_patch),
+  )
   c.seed = a.seed  # model init; the batch order below
   c.total_steps = a.steps
   c.log_every = 25
-  c.data.update(source="grain", dataset=a.data, tokenizer=a.tokenizer, batch_size=a.batch, seq_len=a.seq_len,
-                frame_size=a.frame_size, max_frames=8, num_frames=8, worker_count=0, shuffle_seed=a.seed)
-  c.optim.update(lr=a.lr, warmup_steps=max(1, int(a.steps * a.warmup)), min_lr_ratio=0.05, weight_decay=0.0,
-                 clip_norm=1.0)
+  c.data.update(
+      source="grain",
+      dataset=a.data,
+      tokenizer=a.tokenizer,
+      batch_size=a.batch,
+      seq_len=a.seq_len,
+      frame_size=a.frame_size,
+      max_frames=8,
+      num_frames=8,
+      worker_count=0,
+      shuffle_seed=a.seed,
+  )
+  c.optim.update(
+      lr=a.lr, warmup_steps=max(1, int(a.steps * a.warmup)), min_lr_ratio=0.05, weight_decay=0.0, clip_norm=1.0
+  )
   if a.vision_lr != 1.0:
     c.optim.lr_scales = ((VISION, a.vision_lr), (PROJECTOR, a.vision_lr))
   c.ckpt.update(every=max(1, a.steps), keep=1, keep_best=0)

@@ -8,5 +8,14 @@ from configs.common import PROJECTOR, stage
 
 
 def get_config(arg=None):
-  return stage("image_pretrain", arg, frame_size=224, frames=2, seq_len=1024, batch=1024, lr=1e-3,
-               trainable=(PROJECTOR,), steps=20000)
+  return stage(
+      "image_pretrain",
+      arg,
+      frame_size=224,
+      frames=2,
+      seq_len=1024,
+      batch=1024,
+      lr=1e-3,
+      trainable=(PROJECTOR,),
+      steps=20000,
+  )

@@ -5,5 +5,15 @@ from configs.common import PROJECTOR, VISION, stage
 
 
 def get_config(arg=None):
-  return stage("video_pretrain", arg, frame_size=224, frames=16, seq_len=4096, batch=512, lr=2e-4,
-               trainable=(PROJECTOR, VISION), lr_scales=((VISION, 0.1),), steps=20000)
+  return stage(
+      "video_pretrain",
+      arg,
+      frame_size=224,
+      frames=16,
+      seq_len=4096,
+      batch=512,
+      lr=2e-4,
+      trainable=(PROJECTOR, VISION),
+      lr_scales=((VISION, 0.1),),
+      steps=20000,
+  )

@@ -6,5 +6,16 @@ from configs.common import LLM, PROJECTOR, stage
 
 
 def get_config(arg=None):
-  return stage("long_video_tuning", arg, frame_size=448, frames=160, seq_len=22528, batch=64, lr=1e-5,
-               trainable=(PROJECTOR, LLM), steps=2000, context=4, attention="all_gather")
+  return stage(
+      "long_video_tuning",
+      arg,
+      frame_size=448,
+      frames=160,
+      seq_len=22528,
+      batch=64,
+      lr=1e-5,
+      trainable=(PROJECTOR, LLM),
+      steps=2000,
+      context=4,
+      attention="all_gather",
+  )

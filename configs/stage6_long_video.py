@@ -15,6 +15,20 @@ from configs.common import LLM, PROJECTOR, stage
 
 
 def get_config(arg=None):
-  return stage("long_video", arg, frame_size=448, frames=1024, seq_len=135168, batch=16, lr=5e-6,
-               trainable=(PROJECTOR, LLM), steps=1000, context=16, attention="usp", ulysses_degree=2, remat="full",
-               rope_theta=1e7, vision_chunk_frames=1024)
+  return stage(
+      "long_video",
+      arg,
+      frame_size=448,
+      frames=1024,
+      seq_len=135168,
+      batch=16,
+      lr=5e-6,
+      trainable=(PROJECTOR, LLM),
+      steps=1000,
+      context=16,
+      attention="usp",
+      ulysses_degree=2,
+      remat="full",
+      rope_theta=1e7,
+      vision_chunk_frames=1024,
+  )

@@ -18,6 +18,21 @@ SEQ_LEN = VISUAL_TOKENS + 4096
 
 
 def get_config(arg=None):
-  return stage("million", arg, frame_size=448, frames=FRAMES, seq_len=SEQ_LEN, batch=1, lr=2e-6,
-               trainable=(PROJECTOR, LLM), steps=200, context=-1, fsdp=1, attention="usp", ulysses_degree=8,
-               remat="full", rope_theta=5e7, vision_chunk_frames=1024)
+  return stage(
+      "million",
+      arg,
+      frame_size=448,
+      frames=FRAMES,
+      seq_len=SEQ_LEN,
+      batch=1,
+      lr=2e-6,
+      trainable=(PROJECTOR, LLM),
+      steps=200,
+      context=-1,
+      fsdp=1,
+      attention="usp",
+      ulysses_degree=8,
+      remat="full",
+      rope_theta=5e7,
+      vision_chunk_frames=1024,
+  )

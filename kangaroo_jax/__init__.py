@@ -11,5 +11,15 @@ from kangaroo_jax.run_options import RunOptions  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Chat", "Kangaroo", "KangarooConfig", "LlamaConfig", "PretrainedKangaroo", "ProjectorConfig", "RunOptions",
-           "VisionConfig", "from_pretrained", "preset"]
+__all__ = [
+    "Chat",
+    "Kangaroo",
+    "KangarooConfig",
+    "LlamaConfig",
+    "PretrainedKangaroo",
+    "ProjectorConfig",
+    "RunOptions",
+    "VisionConfig",
+    "from_pretrained",
+    "preset",
+]

@@ -23,13 +23,23 @@ import sys
 
 from kangaroo_jax import compile_cache
 from kangaroo_jax.cli_help import HelpFormatter
-from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
-                                            check_generation_args, error_line, load_from_args, report_input_error)
+from kangaroo_jax.inference.loading import (
+    EXIT_INTERRUPTED,
+    INPUT_ERRORS,
+    UsageError,
+    add_loading_args,
+    check_generation_args,
+    error_line,
+    load_from_args,
+    report_input_error,
+)
 
 # The interactive commands, as `/help` and the --help epilog list them.
-COMMANDS = (("/help", "list these commands"),
-            ("/reset", "forget the conversation so far (the video stays loaded)"),
-            ("/quit", "end the chat (also /exit or Ctrl-D)"))
+COMMANDS = (
+    ("/help", "list these commands"),
+    ("/reset", "forget the conversation so far (the video stays loaded)"),
+    ("/quit", "end the chat (also /exit or Ctrl-D)"),
+)
 QUIT = ("/quit", "/exit")
 _COMMAND_WORD = re.compile(r"^/\w+$")
 
@@ -39,26 +49,35 @@ def commands_text() -> str:
 
 
 def _epilog() -> str:
-  return (f"interactive commands:\n{commands_text()}\n\n"
-          "compiled programs are cached between runs in $XDG_CACHE_HOME/kangaroo_jax/jax (~/.cache/kangaroo_jax/jax);\n"
-          f"{compile_cache.DIR_ENV}=DIR moves the cache, {compile_cache.DIR_ENV}= (empty) turns it off, and an\n"
-          f"existing {compile_cache.JAX_DIR_ENV} is used as it is.")
+  return (
+      f"interactive commands:\n{commands_text()}\n\n"
+      "compiled programs are cached between runs in $XDG_CACHE_HOME/kangaroo_jax/jax (~/.cache/kangaroo_jax/jax);\n"
+      f"{compile_cache.DIR_ENV}=DIR moves the cache, {compile_cache.DIR_ENV}= (empty) turns it off, and an\n"
+      f"existing {compile_cache.JAX_DIR_ENV} is used as it is."
+  )
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m kangaroo_jax.chat", description=__doc__.split("\n\n")[0],
-                              epilog=_epilog(), formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m kangaroo_jax.chat",
+      description=__doc__.split("\n\n")[0],
+      epilog=_epilog(),
+      formatter_class=HelpFormatter,
+  )
   p.add_argument("ckpt_dir", help="from_pretrained folder (kangaroo_config.json, state/, tokenizer files)")
   p.add_argument("--video", help="video file, image file or folder of frames (default: none, a text-only chat)")
-  p.add_argument("--query", help="ask this one question, print the answer and exit (default: none, an interactive "
-                 "chat)")
-  p.add_argument("--num-frames", type=int, default=64, help="an even number of frames sampled uniformly "
-                 "from the video")
+  p.add_argument(
+      "--query", help="ask this one question, print the answer and exit (default: none, an interactive " "chat)"
+  )
+  p.add_argument(
+      "--num-frames", type=int, default=64, help="an even number of frames sampled uniformly " "from the video"
+  )
   p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
   p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (default: sampling)")
   p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
-  p.add_argument("--top-p", type=float, default=0.9, help="sample from the most likely tokens holding this much "
-                 "probability")
+  p.add_argument(
+      "--top-p", type=float, default=0.9, help="sample from the most likely tokens holding this much " "probability"
+  )
   p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: no limit")
   p.add_argument("--seed", type=int, default=0, help="sampling seed of the first answer; answer i uses seed + i")
   p.add_argument("--system", help="system prompt (default: none)")
@@ -74,6 +93,7 @@ def check_args(args: argparse.Namespace) -> None:
   if args.video is not None and not os.path.exists(args.video):
     raise UsageError(f"--video {args.video}: no such file or folder")
   from kangaroo_jax.inference.sampling import SamplingConfig
+
   try:  # SamplingConfig holds the rules; its messages start with the field, here spelt as the option
     SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
   except ValueError as e:
@@ -132,13 +152,25 @@ def _enable_line_editing() -> bool:
 def _session(args, model, tokenizer, say, cache_dir) -> int:
   from kangaroo_jax.inference.chat import Chat, PromptTooLong
 
-  chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, system=args.system,
-              max_positions=args.max_positions, warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True))
+  chat = Chat(
+      model,
+      tokenizer,
+      prefill_chunk=args.prefill_chunk,
+      system=args.system,
+      max_positions=args.max_positions,
+      warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True),
+  )
   if args.video is not None:
     say(f"reading {args.video} ({args.num_frames} frames)...")
     chat.load_visual(args.video, args.num_frames)  # a broken video fails now, not at the first question
-  opts = dict(num_frames=args.num_frames, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  opts = dict(
+      num_frames=args.num_frames,
+      max_new_tokens=args.max_new_tokens,
+      do_sample=not args.greedy,
+      temperature=args.temperature,
+      top_p=args.top_p,
+      top_k=args.top_k,
+  )
   compiled = []
 
   def ask(query, history, turn):

@@ -49,8 +49,9 @@ def check_positive_ints(obj: Any, where: str, *fields: str) -> None:
     check_int(obj, where, f, lo=1, what="a positive int")
 
 
-def check_float(obj: Any, where: str, field: str, lo: float | None = None, hi: float | None = None,
-                open_lo: bool = False) -> None:
+def check_float(
+    obj: Any, where: str, field: str, lo: float | None = None, hi: float | None = None, open_lo: bool = False
+) -> None:
   """A finite number in [lo, hi] ((lo, hi] with open_lo)."""
   v = getattr(obj, field)
   check(isinstance(v, (int, float)) and not isinstance(v, bool), where, field, f"expected a number, got {v!r}")

@@ -24,8 +24,10 @@ JAX_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
 MIN_SECS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 DEFAULT_MIN_COMPILE_SECS = 0.5
 # --help epilog of the CLIs other than chat (whose --help documents the cache in full).
-HELP_EPILOG = ("compiled programs are cached between runs as for python -m kangaroo_jax.chat\n"
-               f"(see its --help; {DIR_ENV}= turns the cache off)")
+HELP_EPILOG = (
+    "compiled programs are cached between runs as for python -m kangaroo_jax.chat\n"
+    f"(see its --help; {DIR_ENV}= turns the cache off)"
+)
 
 
 def default_dir(environ: Mapping[str, str] = os.environ) -> str:
@@ -64,8 +66,10 @@ def _usable(folder: str) -> str | None:
   return None
 
 
-def enable(environ: Mapping[str, str] = os.environ,
-           warn: Callable[[str], None] = lambda s: print(f"warning: {s}", file=sys.stderr, flush=True)) -> str | None:
+def enable(
+    environ: Mapping[str, str] = os.environ,
+    warn: Callable[[str], None] = lambda s: print(f"warning: {s}", file=sys.stderr, flush=True),
+) -> str | None:
   """Turns the persistent cache on for this process; returns its folder, or None when it stays off.
 
   Call it at the start of a CLI, before anything is compiled: JAX opens the cache at the first compile,
@@ -79,8 +83,10 @@ def enable(environ: Mapping[str, str] = os.environ,
   if source != JAX_DIR_ENV:
     problem = _usable(folder)
     if problem is not None:
-      warn(f"compilation cache {folder} ({source if source != 'default' else 'the default folder'}): {problem}; "
-           f"running without it (set {DIR_ENV} to another folder, or to '' to silence this)")
+      warn(
+          f"compilation cache {folder} ({source if source != 'default' else 'the default folder'}): {problem}; "
+          f"running without it (set {DIR_ENV} to another folder, or to '' to silence this)"
+      )
       return None
     jax.config.update("jax_compilation_cache_dir", folder)
   if MIN_SECS_ENV not in environ:

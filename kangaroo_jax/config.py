@@ -36,8 +36,12 @@ class RopeScaling:
   def __post_init__(self):
     c = "RopeScaling"
     check(self.factor >= 1.0, c, "factor", f"expected >= 1, got {self.factor}")
-    check(self.high_freq_factor > self.low_freq_factor > 0, c, "high_freq_factor",
-          f"expected high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor}, {self.low_freq_factor}")
+    check(
+        self.high_freq_factor > self.low_freq_factor > 0,
+        c,
+        "high_freq_factor",
+        f"expected high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor}, {self.low_freq_factor}",
+    )
     check(self.original_max_position_embeddings > 0, c, "original_max_position_embeddings", "expected > 0")
 
 
@@ -62,15 +66,33 @@ class LlamaConfig:
 
   def __post_init__(self):
     c = "LlamaConfig"
-    check_positive_ints(self, c, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                        "num_kv_heads", "head_dim", "max_position_embeddings")
-    check(self.num_heads % self.num_kv_heads == 0, c, "num_kv_heads",
-          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    check_positive_ints(
+        self,
+        c,
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "max_position_embeddings",
+    )
+    check(
+        self.num_heads % self.num_kv_heads == 0,
+        c,
+        "num_kv_heads",
+        f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+    )
     check(self.head_dim % 2 == 0, c, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
     check(self.rms_norm_eps > 0, c, "rms_norm_eps", "expected > 0")
     check(self.rope_theta > 0, c, "rope_theta", "expected > 0")
-    check(not self.tie_word_embeddings, c, "tie_word_embeddings",
-          "Kangaroo uses an untied lm_head; tied embeddings are not implemented")
+    check(
+        not self.tie_word_embeddings,
+        c,
+        "tie_word_embeddings",
+        "Kangaroo uses an untied lm_head; tied embeddings are not implemented",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +133,45 @@ class VisionConfig:
 
   def __post_init__(self):
     c = "VisionConfig"
-    check_positive_ints(self, c, "image_size", "patch_size", "num_channels", "width", "num_layers", "head_width",
-                        "mlp_hidden", "pt_hw_seq_len")
-    check(self.width % self.head_width == 0, c, "head_width",
-          f"width ({self.width}) must be a multiple of head_width ({self.head_width})")
-    check(self.head_width % 4 == 0, c, "head_width",
-          f"2-D RoPE splits each head into h/w halves of rotated pairs; need head_width % 4 == 0, "
-          f"got {self.head_width}")
-    check(self.image_size % self.patch_size == 0, c, "image_size",
-          f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+    check_positive_ints(
+        self,
+        c,
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "width",
+        "num_layers",
+        "head_width",
+        "mlp_hidden",
+        "pt_hw_seq_len",
+    )
+    check(
+        self.width % self.head_width == 0,
+        c,
+        "head_width",
+        f"width ({self.width}) must be a multiple of head_width ({self.head_width})",
+    )
+    check(
+        self.head_width % 4 == 0,
+        c,
+        "head_width",
+        f"2-D RoPE splits each head into h/w halves of rotated pairs; need head_width % 4 == 0, "
+        f"got {self.head_width}",
+    )
+    check(
+        self.image_size % self.patch_size == 0,
+        c,
+        "image_size",
+        f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})",
+    )
     check(self.layer_norm_eps > 0, c, "layer_norm_eps", "expected > 0")
     check_choice(self, c, "feature_tap", get_args(FeatureTap))
-    check(self.feature_tap != "penultimate" or self.num_layers >= 2, c, "feature_tap",
-          "penultimate tap needs at least 2 layers")
+    check(
+        self.feature_tap != "penultimate" or self.num_layers >= 2,
+        c,
+        "feature_tap",
+        "penultimate tap needs at least 2 layers",
+    )
     check_choice(self, c, "pos_embed_interpolation", get_args(PosEmbedInterpolation))
 
 
@@ -176,12 +224,20 @@ class KangarooConfig:
 
   def __post_init__(self):
     c = "KangarooConfig"
-    check(self.visual_token_id < 0, c, "visual_token_id",
-          f"must be negative so it never collides with a token id, got {self.visual_token_id}")
+    check(
+        self.visual_token_id < 0,
+        c,
+        "visual_token_id",
+        f"must be negative so it never collides with a token id, got {self.visual_token_id}",
+    )
     if self.projector.patchify != "none":
       g = self.vision.trained_grid
-      check(g % self.projector.spatial_patch == 0, c, "projector.spatial_patch",
-            f"the trained patch grid {g}x{g} is not divisible by spatial_patch {self.projector.spatial_patch}")
+      check(
+          g % self.projector.spatial_patch == 0,
+          c,
+          "projector.spatial_patch",
+          f"the trained patch grid {g}x{g} is not divisible by spatial_patch {self.projector.spatial_patch}",
+      )
 
   def replace(self, **changes) -> "KangarooConfig":
     return dataclasses.replace(self, **changes)
@@ -218,8 +274,9 @@ def _build(cls, values: dict, where: str):
   unknown = sorted(set(values) - known)
   if unknown:
     prefix = f"{where}." if where else ""
-    raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
-                      f"known keys: {sorted(known)}")
+    raise ConfigError(
+        f"unknown config key(s) {[prefix + k for k in unknown]} for {cls.__name__}; " f"known keys: {sorted(known)}"
+    )
   return cls(**values)
 
 
@@ -231,11 +288,21 @@ def kangaroo_8b() -> KangarooConfig:
 def tiny() -> KangarooConfig:
   """A few-hundred-thousand-parameter model with every structural feature of the real one (tests, demo)."""
   return KangarooConfig(
-      llm=LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=1,
-                      eos_token_ids=(2,)),
-      vision=VisionConfig(image_size=56, patch_size=14, width=32, num_layers=2, head_width=16, mlp_hidden=64,
-                          pt_hw_seq_len=2),
+      llm=LlamaConfig(
+          vocab_size=512,
+          hidden_size=64,
+          intermediate_size=160,
+          num_layers=2,
+          num_heads=4,
+          num_kv_heads=2,
+          head_dim=16,
+          max_position_embeddings=4096,
+          bos_token_id=1,
+          eos_token_ids=(2,),
+      ),
+      vision=VisionConfig(
+          image_size=56, patch_size=14, width=32, num_layers=2, head_width=16, mlp_hidden=64, pt_hw_seq_len=2
+      ),
       projector=ProjectorConfig(),
   )
 

@@ -47,11 +47,28 @@ from kangaroo_jax import compile_cache
 from kangaroo_jax.cli_help import HelpFormatter
 from kangaroo_jax.data.video import VideoError
 from kangaroo_jax.inference.chat import Chat, PromptTooLong
-from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
-                                            check_generation_args, load_from_args, report_input_error)
+from kangaroo_jax.inference.loading import (
+    EXIT_INTERRUPTED,
+    INPUT_ERRORS,
+    UsageError,
+    add_loading_args,
+    check_generation_args,
+    load_from_args,
+    report_input_error,
+)
 from kangaroo_jax.pretrained import load_config
-from kangaroo_jax.inference.mcq import (LETTERS, BenchmarkError, MCItem, SubtitleError, extract_choice, format_prompt,
-                                        load_benchmark, read_srt, resolve_video, subtitles_at)
+from kangaroo_jax.inference.mcq import (
+    LETTERS,
+    BenchmarkError,
+    MCItem,
+    SubtitleError,
+    extract_choice,
+    format_prompt,
+    load_benchmark,
+    read_srt,
+    resolve_video,
+    subtitles_at,
+)
 from kangaroo_jax.inference.recipes import DEFAULT, RECIPES, Recipe, RecipeError, get_recipe
 
 PREDICTIONS = "predictions.jsonl"
@@ -73,6 +90,7 @@ def _item_errors() -> tuple[type[BaseException], ...]:
   errors: tuple[type[BaseException], ...] = (VideoError, OSError, PromptTooLong, SubtitleError)
   try:
     import av
+
     errors += (av.error.FFmpegError,)  # a decoder error the video reader did not turn into a VideoError
   except ImportError:
     pass
@@ -101,8 +119,10 @@ def read_predictions(path: str) -> dict[str, dict]:
         continue
       rec = None
     if not (isinstance(rec, dict) and all(k in rec for k in RECORD_KEYS)):
-      raise OutputError(f"{path}: line {i + 1} is not a prediction record of this tool (expected a JSON object "
-                        f"with {', '.join(RECORD_KEYS)}); use another --output folder")
+      raise OutputError(
+          f"{path}: line {i + 1} is not a prediction record of this tool (expected a JSON object "
+          f"with {', '.join(RECORD_KEYS)}); use another --output folder"
+      )
     done[str(rec["id"])] = rec
   return done
 
@@ -112,8 +132,10 @@ def prior_predictions(items: list[MCItem], pred_path: str) -> dict[str, dict]:
   done = read_predictions(pred_path)
   stale = sorted(set(done) - {it.id for it in items})
   if stale:
-    raise OutputError(f"{pred_path} holds predictions for ids not in this benchmark ({stale[:5]}"
-                      f"{'...' if len(stale) > 5 else ''}); use another --output folder")
+    raise OutputError(
+        f"{pred_path} holds predictions for ids not in this benchmark ({stale[:5]}"
+        f"{'...' if len(stale) > 5 else ''}); use another --output folder"
+    )
   return done
 
 
@@ -131,23 +153,27 @@ def _rewrite_clean(path: str, done: dict[str, dict]) -> None:
 
 # ---- provenance: which code, checkpoint and settings produced a predictions file
 
+
 def code_version() -> dict:
   """{"commit": HEAD of the git checkout this package runs from, "dirty": uncommitted changes to tracked files,
   "version": the package version}. commit / dirty are None outside a checkout of this project (installed
   package, no git binary, git failing): provenance never fails a run."""
   import kangaroo_jax
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(kangaroo_jax.__file__)))
   info = {"commit": None, "dirty": None, "version": kangaroo_jax.__version__}
   try:
-    head = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
-                          text=True, timeout=20)
+    head = subprocess.run(
+        ["git", "-C", root, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=20
+    )
     lines = head.stdout.splitlines()
     # A package installed inside some other repository's tree must not report that repository's commit.
     if head.returncode != 0 or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(root):
       return info
     info["commit"] = lines[1].strip()
-    status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                            capture_output=True, text=True, timeout=20)
+    status = subprocess.run(
+        ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=20
+    )
     if status.returncode == 0:
       info["dirty"] = bool(status.stdout.strip())
   except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
@@ -201,8 +227,12 @@ def checkpoint_hash(ckpt_dir: str, cached: dict | None = None) -> dict:
   path = os.path.abspath(ckpt_dir)
   files = checkpoint_files(ckpt_dir)
   stat_sha, total = _stat_digest(ckpt_dir, files)
-  if (isinstance(cached, dict) and cached.get("path") == path and cached.get("stat_sha256") == stat_sha
-      and isinstance(cached.get("sha256"), str)):
+  if (
+      isinstance(cached, dict)
+      and cached.get("path") == path
+      and cached.get("stat_sha256") == stat_sha
+      and isinstance(cached.get("sha256"), str)
+  ):
     return dict(cached)
   h = hashlib.sha256()
   for rel in files:
@@ -232,20 +262,32 @@ def run_record(recipe: Recipe | None, settings: Recipe, overrides: dict, checkpo
   """What run.json and results.json["run"] hold: the recipe as named (None without --recipe), the settings
   actually used (the recipe with overrides applied), the overrides ({field: {"recipe", "used"}}), the code
   version and the checkpoint hash."""
-  return {"tool": TOOL, "recipe": None if recipe is None else recipe.to_dict(), "settings": settings.to_dict(),
-          "overrides": overrides, "code": code_version(), "checkpoint": checkpoint}
+  return {
+      "tool": TOOL,
+      "recipe": None if recipe is None else recipe.to_dict(),
+      "settings": settings.to_dict(),
+      "overrides": overrides,
+      "code": code_version(),
+      "checkpoint": checkpoint,
+  }
 
 
 def _line_fields(run: dict) -> dict:
   # Cheap per-line copies, so a predictions file says what made each line even without run.json.
-  return {"recipe": run["recipe"] and run["recipe"]["name"], "num_frames": run["settings"]["num_frames"],
-          "max_new_tokens": run["settings"]["max_new_tokens"], "checkpoint_sha256": run["checkpoint"]["sha256"],
-          "commit": run["code"]["commit"]}
+  return {
+      "recipe": run["recipe"] and run["recipe"]["name"],
+      "num_frames": run["settings"]["num_frames"],
+      "max_new_tokens": run["settings"]["max_new_tokens"],
+      "checkpoint_sha256": run["checkpoint"]["sha256"],
+      "commit": run["code"]["commit"],
+  }
 
 
 def _describe(fields: dict) -> str:
-  return (f"recipe {fields['recipe'] or 'none'}, {fields['num_frames']} frames, "
-          f"{fields['max_new_tokens']} new tokens, checkpoint sha256 {str(fields['checkpoint_sha256'])[:12]}")
+  return (
+      f"recipe {fields['recipe'] or 'none'}, {fields['num_frames']} frames, "
+      f"{fields['max_new_tokens']} new tokens, checkpoint sha256 {str(fields['checkpoint_sha256'])[:12]}"
+  )
 
 
 def check_resumable(done: dict[str, dict], prior_run: dict | None, run: dict, pred_path: str) -> None:
@@ -260,13 +302,20 @@ def check_resumable(done: dict[str, dict], prior_run: dict | None, run: dict, pr
   for rec in done.values():
     got = {k: rec[k] for k in RUN_LINE_KEYS if k in rec}
     if any(got[k] != want[k] for k in got):
-      raise OutputError(f"{pred_path} holds predictions made with {_describe({**want, **got})}; this run uses "
-                        f"{_describe(want)}{hint}")
+      raise OutputError(
+          f"{pred_path} holds predictions made with {_describe({**want, **got})}; this run uses "
+          f"{_describe(want)}{hint}"
+      )
   if prior_run is not None and prior_run.get("settings") != run["settings"]:
-    changed = sorted(k for k in set(run["settings"]) | set(prior_run.get("settings") or {})
-                     if (prior_run.get("settings") or {}).get(k) != run["settings"].get(k))
-    raise OutputError(f"{pred_path} was made with other settings ({', '.join(changed)} differ from "
-                      f"{os.path.join(os.path.dirname(pred_path), RUN)}){hint}")
+    changed = sorted(
+        k
+        for k in set(run["settings"]) | set(prior_run.get("settings") or {})
+        if (prior_run.get("settings") or {}).get(k) != run["settings"].get(k)
+    )
+    raise OutputError(
+        f"{pred_path} was made with other settings ({', '.join(changed)} differ from "
+        f"{os.path.join(os.path.dirname(pred_path), RUN)}){hint}"
+    )
 
 
 def set_aside(output_dir: str) -> list[str]:
@@ -311,11 +360,22 @@ def summarize(items: list[MCItem], done: dict[str, dict]) -> dict:
   correct, total = sum(c for c, _ in per.values()), sum(t for _, t in per.values())
   failed = sum(failed_per_task.values())
   acc = lambda c, t: round(100.0 * c / t, 2) if t else None  # noqa: E731
-  return {"overall": {"accuracy": acc(correct, total), "correct": correct, "total": total, "failed": failed,
-                      "answered": total - failed, "accuracy_answered": acc(correct, total - failed)},
-          "per_task": {k: {"accuracy": acc(c, t), "correct": c, "total": t} for k, (c, t) in sorted(per.items())},
-          "failed_per_task": dict(sorted(failed_per_task.items())),
-          "unanswered": unanswered, "short_videos": short, "items": len(items), "complete": total == len(items)}
+  return {
+      "overall": {
+          "accuracy": acc(correct, total),
+          "correct": correct,
+          "total": total,
+          "failed": failed,
+          "answered": total - failed,
+          "accuracy_answered": acc(correct, total - failed),
+      },
+      "per_task": {k: {"accuracy": acc(c, t), "correct": c, "total": t} for k, (c, t) in sorted(per.items())},
+      "failed_per_task": dict(sorted(failed_per_task.items())),
+      "unanswered": unanswered,
+      "short_videos": short,
+      "items": len(items),
+      "complete": total == len(items),
+  }
 
 
 def table(summary: dict) -> str:
@@ -328,13 +388,21 @@ def table(summary: dict) -> str:
   o = summary["overall"]
   if o["failed"]:
     a = "-" if o["accuracy_answered"] is None else f"{o['accuracy_answered']:.2f}%"
-    lines.append(f"{o['failed']} failed items (counted as wrong; reasons in {PREDICTIONS}); "
-                 f"accuracy over the {o['answered']} answered: {a}")
+    lines.append(
+        f"{o['failed']} failed items (counted as wrong; reasons in {PREDICTIONS}); "
+        f"accuracy over the {o['answered']} answered: {a}"
+    )
   return "\n".join(lines)
 
 
-def prepare_output(items: list[MCItem], output_dir: str, run: dict | None, *, force_new: bool = False,
-                   log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+def prepare_output(
+    items: list[MCItem],
+    output_dir: str,
+    run: dict | None,
+    *,
+    force_new: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, dict]:
   """The predictions to continue from, after checking the folder holds only this tool's files made with the
   same settings and checkpoint as `run` (OutputError otherwise). force_new: set the old files aside first."""
   pred_path = os.path.join(output_dir, PREDICTIONS)
@@ -350,10 +418,19 @@ def prepare_output(items: list[MCItem], output_dir: str, run: dict | None, *, fo
   return done
 
 
-def evaluate(answer_fn: Callable[[MCItem, str, str], object], items: list[MCItem], video_root: str,
-             output_dir: str, *, max_items: int | None = None, retry_failed: bool = False,
-             log: Callable[[str], None] = lambda s: None, run: dict | None = None,
-             prompt_fn: Callable[[MCItem], str] = format_prompt, force_new: bool = False) -> dict:
+def evaluate(
+    answer_fn: Callable[[MCItem, str, str], object],
+    items: list[MCItem],
+    video_root: str,
+    output_dir: str,
+    *,
+    max_items: int | None = None,
+    retry_failed: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+    run: dict | None = None,
+    prompt_fn: Callable[[MCItem], str] = format_prompt,
+    force_new: bool = False,
+) -> dict:
   """Runs `answer_fn(item, video_path, prompt)` on every item without a stored prediction.
 
   answer_fn returns the answer text, or (text, extra fields for the item's line), e.g. the frame counts of
@@ -380,8 +457,10 @@ def evaluate(answer_fn: Callable[[MCItem, str, str], object], items: list[MCItem
     _rewrite_clean(pred_path, done)
   if done:
     failed = sum(rec.get("error") is not None for rec in done.values())
-    log(f"resuming: {len(done)} of {len(items)} items already predicted"
-        + (f" ({failed} recorded as failed; --retry-failed runs them again)" if failed else ""))
+    log(
+        f"resuming: {len(done)} of {len(items)} items already predicted"
+        + (f" ({failed} recorded as failed; --retry-failed runs them again)" if failed else "")
+    )
   if retry:
     log(f"retrying {len(retry)} failed items")
   item_errors = _item_errors()
@@ -428,8 +507,10 @@ def short_video_warning(summary: dict, frames: int) -> str | None:
   n = summary.get("short_videos", 0)
   if not n:
     return None
-  return (f"warning: {n} of {summary['overall']['total']} items had fewer distinct frames than the {frames} "
-          f"requested (frames repeated by uniform sampling); see frames_unique in {PREDICTIONS}")
+  return (
+      f"warning: {n} of {summary['overall']['total']} items had fewer distinct frames than the {frames} "
+      f"requested (frames repeated by uniform sampling); see frames_unique in {PREDICTIONS}"
+  )
 
 
 def distinct_frames(timestamps) -> int:
@@ -437,9 +518,13 @@ def distinct_frames(timestamps) -> int:
   return int(np.unique(np.asarray(timestamps).ravel()).size)
 
 
-def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int,
-                    prompt_for: Callable[[MCItem, np.ndarray], tuple[str, dict]] | None = None
-                    ) -> Callable[[MCItem, str, str], tuple]:
+def model_answer_fn(
+    chat,
+    *,
+    num_frames: int,
+    max_new_tokens: int,
+    prompt_for: Callable[[MCItem, np.ndarray], tuple[str, dict]] | None = None,
+) -> Callable[[MCItem, str, str], tuple]:
   """Greedy answers from a `kangaroo_jax.inference.chat.Chat`: (text, {"frames_requested", "frames_unique"}
   when the video gave fewer distinct frames than `num_frames`, else {}).
 
@@ -453,8 +538,16 @@ def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int,
     extra = {}
     if prompt_for is not None:
       prompt, extra = prompt_for(item, np.asarray(timestamps).ravel())
-    text, _ = chat.chat(video, prompt, None, num_frames=num_frames, max_new_tokens=max_new_tokens, do_sample=False,
-                        start=item.start, end=item.end)
+    text, _ = chat.chat(
+        video,
+        prompt,
+        None,
+        num_frames=num_frames,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        start=item.start,
+        end=item.end,
+    )
     unique = distinct_frames(timestamps)
     if unique < num_frames:
       extra = {**extra, "frames_requested": num_frames, "frames_unique": unique}
@@ -464,28 +557,53 @@ def model_answer_fn(chat, *, num_frames: int, max_new_tokens: int,
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m kangaroo_jax.evaluate", description=__doc__.split("\n\n")[0],
-                              epilog=compile_cache.HELP_EPILOG,
-                              formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m kangaroo_jax.evaluate",
+      description=__doc__.split("\n\n")[0],
+      epilog=compile_cache.HELP_EPILOG,
+      formatter_class=HelpFormatter,
+  )
   p.add_argument("ckpt_dir", help="from_pretrained folder")
   p.add_argument("--benchmark", required=True, help="benchmark JSON (MVBench / Video-MME shapes)")
   p.add_argument("--video-root", required=True, help="folder the items' video paths are relative to")
-  p.add_argument("--output", help="folder for predictions.jsonl and results.json (default: next to the "
-                 "benchmark, <name>_predictions/)")
-  p.add_argument("--recipe", metavar="NAME", help=f"a benchmark recipe ({', '.join(RECIPES)}): its frames, prompt "
-                 "template and answer length (default: the mcq prompt, 64 frames, 16 new tokens)")
-  p.add_argument("--subtitle-root", metavar="DIR", help="folder of <video name>.srt subtitle files, for a recipe "
-                 "with subtitles (videomme_subtitles)")
-  p.add_argument("--num-frames", type=int, help="an even number of frames sampled uniformly from each video "
-                 "(default: the recipe's, else 64; overriding a recipe is recorded)")
-  p.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens, greedy decoding (default: the "
-                 "recipe's, else 16)")
+  p.add_argument(
+      "--output",
+      help="folder for predictions.jsonl and results.json (default: next to the " "benchmark, <name>_predictions/)",
+  )
+  p.add_argument(
+      "--recipe",
+      metavar="NAME",
+      help=f"a benchmark recipe ({', '.join(RECIPES)}): its frames, prompt "
+      "template and answer length (default: the mcq prompt, 64 frames, 16 new tokens)",
+  )
+  p.add_argument(
+      "--subtitle-root",
+      metavar="DIR",
+      help="folder of <video name>.srt subtitle files, for a recipe " "with subtitles (videomme_subtitles)",
+  )
+  p.add_argument(
+      "--num-frames",
+      type=int,
+      help="an even number of frames sampled uniformly from each video "
+      "(default: the recipe's, else 64; overriding a recipe is recorded)",
+  )
+  p.add_argument(
+      "--max-new-tokens",
+      type=int,
+      help="longest answer, in tokens, greedy decoding (default: the " "recipe's, else 16)",
+  )
   p.add_argument("--max-items", type=int, help="stop after this many new items and resume later (default: no limit)")
-  p.add_argument("--retry-failed", action="store_true",
-                 help="run the items a previous run recorded as failed again (default: keep them as failed)")
-  p.add_argument("--force-new-output", action="store_true",
-                 help="start over in --output even if its predictions were made with other settings or another "
-                      "checkpoint; the old files are kept, renamed with a UTC time stamp")
+  p.add_argument(
+      "--retry-failed",
+      action="store_true",
+      help="run the items a previous run recorded as failed again (default: keep them as failed)",
+  )
+  p.add_argument(
+      "--force-new-output",
+      action="store_true",
+      help="start over in --output even if its predictions were made with other settings or another "
+      "checkpoint; the old files are kept, renamed with a UTC time stamp",
+  )
   add_loading_args(p)
   return p
 
@@ -500,21 +618,27 @@ def subtitle_prompter(recipe: Recipe, subtitle_root: str) -> Callable[[MCItem, n
     path = os.path.join(subtitle_root, os.path.splitext(os.path.basename(item.video))[0] + ".srt")
     lines = subtitles_at(read_srt(path), timestamps) if os.path.isfile(path) else None
     text = None if lines is None else "\n".join(lines)
-    return (recipe.format_prompt(item.question, item.options, subtitles=text),
-            {"subtitle_lines": None if lines is None else len(lines)})
+    return (
+        recipe.format_prompt(item.question, item.options, subtitles=text),
+        {"subtitle_lines": None if lines is None else len(lines)},
+    )
 
   return prompt_for
 
 
-def resolve_settings(recipe_name: str | None, num_frames: int | None,
-                     max_new_tokens: int | None) -> tuple[Recipe | None, Recipe, dict]:
+def resolve_settings(
+    recipe_name: str | None, num_frames: int | None, max_new_tokens: int | None
+) -> tuple[Recipe | None, Recipe, dict]:
   """(the named recipe or None, the settings used, {field: {"recipe": value, "used": value}} for flags that
   changed the recipe). Without a recipe the settings are recipes.DEFAULT with the flags applied."""
   recipe = None if recipe_name is None else get_recipe(recipe_name)
   base = recipe or DEFAULT
   given = {k: v for k, v in (("num_frames", num_frames), ("max_new_tokens", max_new_tokens)) if v is not None}
-  overrides = {k: {"recipe": getattr(base, k), "used": v} for k, v in given.items()
-               if recipe is not None and getattr(base, k) != v}
+  overrides = {
+      k: {"recipe": getattr(base, k), "used": v}
+      for k, v in given.items()
+      if recipe is not None and getattr(base, k) != v
+  }
   return recipe, base.replace(**given), overrides
 
 
@@ -538,8 +662,9 @@ def main(argv=None) -> int:
     if settings.subtitles and args.subtitle_root is None:
       raise UsageError(f"--recipe {settings.name} needs --subtitle-root (the folder of the <video name>.srt files)")
     if args.subtitle_root is not None and not settings.subtitles:
-      raise UsageError(f"--subtitle-root is only used by a recipe with subtitles (e.g. videomme_subtitles), "
-                       f"not {settings.name}")
+      raise UsageError(
+          f"--subtitle-root is only used by a recipe with subtitles (e.g. videomme_subtitles), " f"not {settings.name}"
+      )
     if args.subtitle_root is not None and not os.path.isdir(args.subtitle_root):
       raise UsageError(f"--subtitle-root {args.subtitle_root}: no such folder")
     items = load_benchmark(args.benchmark)
@@ -560,14 +685,29 @@ def main(argv=None) -> int:
       log(f"recipe {recipe.name}: {field} {change['recipe']} overridden to {change['used']} (recorded in {RUN})")
     model, tokenizer, scope = load_from_args(args)
     with scope:
-      chat = Chat(model, tokenizer, prefill_chunk=args.prefill_chunk, max_positions=args.max_positions,
-                  warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True))
+      chat = Chat(
+          model,
+          tokenizer,
+          prefill_chunk=args.prefill_chunk,
+          max_positions=args.max_positions,
+          warn=lambda s: print(f"warning: {s}", file=sys.stderr, flush=True),
+      )
       prompt_fn = format_prompt if recipe is None else (lambda it: settings.format_prompt(it.question, it.options))
       prompt_for = subtitle_prompter(settings, args.subtitle_root) if settings.subtitles else None
-      answer_fn = model_answer_fn(chat, num_frames=settings.num_frames, max_new_tokens=settings.max_new_tokens,
-                                  prompt_for=prompt_for)
-      summary = evaluate(answer_fn, items, args.video_root, output, max_items=args.max_items,
-                         retry_failed=args.retry_failed, log=log, run=run, prompt_fn=prompt_fn)
+      answer_fn = model_answer_fn(
+          chat, num_frames=settings.num_frames, max_new_tokens=settings.max_new_tokens, prompt_for=prompt_for
+      )
+      summary = evaluate(
+          answer_fn,
+          items,
+          args.video_root,
+          output,
+          max_items=args.max_items,
+          retry_failed=args.retry_failed,
+          log=log,
+          run=run,
+          prompt_fn=prompt_fn,
+      )
   except INPUT_ERRORS + (BenchmarkError, OutputError, RecipeError) as e:
     return report_input_error(e)
   except KeyboardInterrupt:
@@ -575,8 +715,11 @@ def main(argv=None) -> int:
       saved = len(read_predictions(pred_path))
     except OutputError:  # the run was stopped before it checked this file
       saved = 0
-    print(f"\ninterrupted: {saved} items are saved in {pred_path}; run the same command again to resume",
-          file=sys.stderr, flush=True)
+    print(
+        f"\ninterrupted: {saved} items are saved in {pred_path}; run the same command again to resume",
+        file=sys.stderr,
+        flush=True,
+    )
     return EXIT_INTERRUPTED
   print(table(summary))
   print(json.dumps(summary))

@@ -106,10 +106,25 @@ def _config(path: str, config: KangarooConfig | None, preset: str) -> tuple[Reso
 
   same_model = config.vision == resolved.cfg.vision and config.projector == resolved.cfg.projector
   origins = {f: o for f, o in resolved.origins.items() if same(f)}
-  origins.update({f: resolved.default_origin for f in ("vision.head_width", "vision.pt_hw_seq_len", "projector.tpe")
-                  if f not in resolved.origins and same(f)})
-  return ResolvedConfig(config, "config passed to from_pretrained", origins, "the config passed in", resolved.notes,
-                        exported=resolved.exported and same_model, run_keys=resolved.run_keys), torch_dtype
+  origins.update(
+      {
+          f: resolved.default_origin
+          for f in ("vision.head_width", "vision.pt_hw_seq_len", "projector.tpe")
+          if f not in resolved.origins and same(f)
+      }
+  )
+  return (
+      ResolvedConfig(
+          config,
+          "config passed to from_pretrained",
+          origins,
+          "the config passed in",
+          resolved.notes,
+          exported=resolved.exported and same_model,
+          run_keys=resolved.run_keys,
+      ),
+      torch_dtype,
+  )
 
 
 def released_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
@@ -121,14 +136,17 @@ def released_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
   return resolved.cfg
 
 
-def _run_options(path: str, resolved: ResolvedConfig, torch_dtype, run: RunOptions | None,
-                 overrides: dict) -> RunOptions:
+def _run_options(
+    path: str, resolved: ResolvedConfig, torch_dtype, run: RunOptions | None, overrides: dict
+) -> RunOptions:
   """`run`, else the folder's defaults (weights and compute in the stored dtype, the rest as an old
   export's kangaroo_config.json says or RunOptions' defaults), with `overrides` (None: unset) on top."""
   if run is None:
     stored = _param_dtype(path, None, resolved, torch_dtype)
-    run = RunOptions.from_dict({"param_dtype": stored, "compute_dtype": stored, **resolved.run_keys},
-                               where=os.path.join(path, "kangaroo_config.json"))
+    run = RunOptions.from_dict(
+        {"param_dtype": stored, "compute_dtype": stored, **resolved.run_keys},
+        where=os.path.join(path, "kangaroo_config.json"),
+    )
   given = {k: v for k, v in overrides.items() if v is not None}
   if "param_dtype" in given:
     given["param_dtype"] = dtype_name(given["param_dtype"])
@@ -152,8 +170,11 @@ def _zeros(shape: tuple[int, ...], dtype: str, sharding: Sharding):
 @functools.lru_cache(maxsize=None)
 def _set_layer(sharding: Sharding):
   """stacked[i] = layer, in place (the stack is donated): one layer's worth of device memory in flight."""
-  return jax.jit(lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0),
-                 donate_argnums=0, out_shardings=sharding)
+  return jax.jit(
+      lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0),
+      donate_argnums=0,
+      out_shardings=sharding,
+  )
 
 
 def _layer_sharding(sharding: Sharding) -> Sharding:
@@ -162,13 +183,16 @@ def _layer_sharding(sharding: Sharding) -> Sharding:
     return sharding  # one device
   spec = tuple(sharding.spec)
   if spec and spec[0] is not None:
-    raise ValueError(f"direct loading builds stacked parameters layer by layer and needs their layers axis "
-                     f"unsharded (kangaroo_jax.parallel.rules: layers -> ()), got {sharding.spec}")
+    raise ValueError(
+        f"direct loading builds stacked parameters layer by layer and needs their layers axis "
+        f"unsharded (kangaroo_jax.parallel.rules: layers -> ()), got {sharding.spec}"
+    )
   return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
 
 
-def _put(view: np.ndarray, shape: tuple[int, ...], sharding: Sharding, dtype: np.dtype,
-         scan: Callable[[np.ndarray], None]) -> jax.Array:
+def _put(
+    view: np.ndarray, shape: tuple[int, ...], sharding: Sharding, dtype: np.dtype, scan: Callable[[np.ndarray], None]
+) -> jax.Array:
   """`view` (our layout, any float dtype) cast to `dtype` and placed by `sharding`, one device block at a time."""
   if tuple(view.shape) != tuple(shape):
     raise AssertionError(f"produced shape {view.shape}, expected {shape}")
@@ -225,9 +249,16 @@ def _load_params(source: Source, asm, rules, sharding_of, flagged: dict[str, np.
   return out
 
 
-def load_released(path: str, mesh=None, *, config: KangarooConfig | None = None, run: RunOptions | None = None,
-                  preset: str = "kangaroo-8b", warn: Callable[[str], None] | None = None,
-                  **run_overrides) -> tuple[PretrainedKangaroo, Tokenizer | None, LoadReport]:
+def load_released(
+    path: str,
+    mesh=None,
+    *,
+    config: KangarooConfig | None = None,
+    run: RunOptions | None = None,
+    preset: str = "kangaroo-8b",
+    warn: Callable[[str], None] | None = None,
+    **run_overrides,
+) -> tuple[PretrainedKangaroo, Tokenizer | None, LoadReport]:
   """Loads a released Hugging Face folder onto `mesh` (None: one device); see the module docstring.
 
   `config`, `run`, `run_overrides` as in `kangaroo_jax.from_pretrained` (e.g. param_dtype="float32").
@@ -262,14 +293,23 @@ def load_released(path: str, mesh=None, *, config: KangarooConfig | None = None,
       flagged: dict[str, np.dtype] = {}
       values = _load_params(source, asm, rules, shardings_of(abstract, mesh), flagged)
       # Only the flagged tensors are read again, to say what is wrong with them (as the converter does).
-      nonfinite = {key: describe(source.read(key), flagged[key]) or "not finite after conversion"
-                   for key in sorted(flagged)}
+      nonfinite = {
+          key: describe(source.read(key), flagged[key]) or "not finite after conversion" for key in sorted(flagged)
+      }
       check_unchanged(stamps)
     except (ConversionError, SourceError) as e:
       raise _checkpoint_error(path, e) from None
   for key, what in nonfinite.items():
     warn(f"{key}: {what}")
   model = loaded_model(abstract, lambda p: values[tuple(map(str, p))], tokenizer)
-  report = LoadReport(resolved.note, dtype, asm.report.mapped, asm.report.bytes_read, dict(asm.report.ignored),
-                      dict(asm.report.defaulted), nonfinite, unverified)
+  report = LoadReport(
+      resolved.note,
+      dtype,
+      asm.report.mapped,
+      asm.report.bytes_read,
+      dict(asm.report.ignored),
+      dict(asm.report.defaulted),
+      nonfinite,
+      unverified,
+  )
   return model, tokenizer, report

@@ -83,8 +83,7 @@ def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
   graphdef, abstract_state = abstract_split(create)
   param_sh = dict(nnx.to_flat_state(param_shardings(nnx.merge(graphdef, abstract_state), mesh)))
   replicated = NamedSharding(mesh, PartitionSpec())  # non-param state (RNG counters) is tiny
-  out = nnx.from_flat_state([(p, param_sh.get(p, v.replace(replicated)))
-                             for p, v in nnx.to_flat_state(abstract_state)])
+  out = nnx.from_flat_state([(p, param_sh.get(p, v.replace(replicated))) for p, v in nnx.to_flat_state(abstract_state)])
   with jax.set_mesh(mesh):
     state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out)()
   return nnx.merge(graphdef, state)
@@ -105,8 +104,9 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
   graphdef, state = nnx.split(model)
   others = [path_key(p) for p, v in nnx.to_flat_state(state) if not isinstance(v, nnx.Param)]
   if others:
-    raise NotImplementedError(f"{type(model).__name__} holds non-parameter state {others[:4]}; "
-                              "only parameters are carried")
+    raise NotImplementedError(
+        f"{type(model).__name__} holds non-parameter state {others[:4]}; " "only parameters are carried"
+    )
   return graphdef, nnx.to_pure_dict(state)
 
 

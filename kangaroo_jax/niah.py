@@ -37,11 +37,17 @@ import numpy as np
 
 from kangaroo_jax import compile_cache
 from kangaroo_jax.cli_help import HelpFormatter
-from kangaroo_jax.data.video import (IMAGE_EXTENSIONS, VideoError, load_video, normalize_frames,
-                                     preprocess_frames)
+from kangaroo_jax.data.video import (IMAGE_EXTENSIONS, VideoError, load_video, normalize_frames, preprocess_frames)
 from kangaroo_jax.inference.chat import Chat, PromptTooLong
-from kangaroo_jax.inference.loading import (EXIT_INTERRUPTED, INPUT_ERRORS, UsageError, add_loading_args,
-                                            check_generation_args, load_from_args, report_input_error)
+from kangaroo_jax.inference.loading import (
+    EXIT_INTERRUPTED,
+    INPUT_ERRORS,
+    UsageError,
+    add_loading_args,
+    check_generation_args,
+    load_from_args,
+    report_input_error,
+)
 from kangaroo_jax.inference.mcq import LETTERS, BenchmarkError, _parse_item, extract_choice, format_prompt
 from kangaroo_jax.inference.niah_layout import needle_indices, place_needle
 
@@ -60,6 +66,7 @@ class OutputError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What decides a cell's answer; every record stores it, and a resumed run must match it."""
+
   checkpoint: str
   haystack: str
   needle: str
@@ -101,6 +108,7 @@ class FramesChat(Chat):
 
 # --- frames -------------------------------------------------------------------------------------------------------
 
+
 def to_model_size(frames_uint8: np.ndarray, model_cfg) -> np.ndarray:
   """uint8 [f, h, w, 3] -> uint8 [f, S, S, 3], resized as chat resizes a video for this model."""
   return preprocess_frames(frames_uint8, model_cfg.vision.image_size, patch_size=model_cfg.vision.patch_size)
@@ -118,6 +126,7 @@ def load_needle(path: str, needle_frames: int) -> np.ndarray:
 class Haystack:
   """frames uint8 [length, h, w, 3], timestamps float32 [length]; `available`: the video's frame count when
   it has fewer than `length` (every frame was used, some more than once), else None (at least `length`)."""
+
   frames: np.ndarray
   timestamps: np.ndarray
   available: int | None
@@ -135,6 +144,7 @@ def load_haystack(path: str, length: int) -> Haystack:
 
 
 # --- scoring ------------------------------------------------------------------------------------------------------
+
 
 def _normalise(text: str) -> str:
   return " ".join(text.casefold().split())
@@ -154,8 +164,12 @@ def score(prediction: str, setup: Setup) -> dict:
 
 def mc_item(setup: Setup):
   """The multiple-choice item of --question / --options / --answer (answer: a letter or an option's text)."""
-  return _parse_item({"question": setup.question, "options": list(setup.options), "answer": setup.answer,
-                      "video": setup.haystack}, where="--options / --answer", task="niah", index=0)
+  return _parse_item(
+      {"question": setup.question, "options": list(setup.options), "answer": setup.answer, "video": setup.haystack},
+      where="--options / --answer",
+      task="niah",
+      index=0,
+  )
 
 
 def prompt_for(setup: Setup) -> str:
@@ -163,6 +177,7 @@ def prompt_for(setup: Setup) -> str:
 
 
 # --- the output folder --------------------------------------------------------------------------------------------
+
 
 def _write_atomic(out_dir: str, name: str, write: Callable) -> None:
   """write(file object) into a fresh temporary file in out_dir, then renamed to `name`; never a half file."""
@@ -218,8 +233,10 @@ def read_results(out_dir: str, setup: Setup) -> dict[tuple[int, float], dict]:
         raise OutputError(f"{path}: line {i} is not a record of {TOOL}; use another --output folder")
       differ = _differences(rec["setup"], want) if isinstance(rec["setup"], dict) else ["setup"]
       if differ:
-        raise OutputError(f"{path}: line {i} was computed with other settings (differing: {', '.join(differ)}); "
-                          "use another --output folder or the same settings")
+        raise OutputError(
+            f"{path}: line {i} was computed with other settings (differing: {', '.join(differ)}); "
+            "use another --output folder or the same settings"
+        )
       done[(int(rec["length"]), float(rec["depth"]))] = rec
   return done
 
@@ -240,6 +257,7 @@ def _check_own_heatmap(path: str) -> None:
   if not os.path.lexists(path):
     return
   from PIL import Image
+
   try:
     with Image.open(path) as im:
       ours = im.format == "PNG" and im.text.get(PNG_SOURCE_KEY) == TOOL
@@ -255,6 +273,7 @@ def write_results(out_dir: str, done: dict[tuple[int, float], dict]) -> None:
 
 
 # --- summary and heatmap ------------------------------------------------------------------------------------------
+
 
 def _percent(correct: int, total: int) -> float | None:
   return round(100.0 * correct / total, 2) if total else None
@@ -278,12 +297,18 @@ def summarize(done: dict[tuple[int, float], dict], setup: Setup) -> dict:
 
   correct = sum(bool(r["correct"]) for r in answered.values())
   return {
-      "tool": TOOL, "setup": setup.as_json(), "lengths": lengths, "depths": depths,
+      "tool": TOOL,
+      "setup": setup.as_json(),
+      "lengths": lengths,
+      "depths": depths,
       "grid": {str(n): {str(d): _cell_percent(done[(n, d)]) for d in depths if (n, d) in done} for n in lengths},
       "by_length": {str(n): over([(n, d) for d in depths]) for n in lengths},
       "by_depth": {str(d): over([(n, d) for n in lengths]) for d in depths},
-      "accuracy": _percent(correct, len(done)), "accuracy_answered": _percent(correct, len(answered)),
-      "correct": correct, "cells": len(done), "failed": len(done) - len(answered),
+      "accuracy": _percent(correct, len(done)),
+      "accuracy_answered": _percent(correct, len(answered)),
+      "correct": correct,
+      "cells": len(done),
+      "failed": len(done) - len(answered),
       "duplicated_lengths": sorted({k[0] for k, r in done.items() if r.get("duplicated")}),
   }
 
@@ -330,11 +355,15 @@ def draw_heatmap(summary: dict, out_dir: str) -> None:
   ax.set_xlabel("haystack length (frames)")
   ax.set_ylabel("needle depth")
   acc, failed_cells = summary["accuracy"], summary["failed"]
-  ax.set_title(f"V-NIAH: {'-' if acc is None else f'{acc:.1f}%'} of {summary['cells']} cells correct"
-               + (f", {failed_cells} failed" if failed_cells else ""), fontsize=9)
+  ax.set_title(
+      f"V-NIAH: {'-' if acc is None else f'{acc:.1f}%'} of {summary['cells']} cells correct"
+      + (f", {failed_cells} failed" if failed_cells else ""),
+      fontsize=9,
+  )
   fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
-  _write_atomic(out_dir, HEATMAP, lambda f: fig.savefig(f, format="png", dpi=HEATMAP_DPI,
-                                                        metadata={PNG_SOURCE_KEY: TOOL}))
+  _write_atomic(
+      out_dir, HEATMAP, lambda f: fig.savefig(f, format="png", dpi=HEATMAP_DPI, metadata={PNG_SOURCE_KEY: TOOL})
+  )
 
 
 def write_outputs(out_dir: str, done: dict, setup: Setup, *, plot: bool = True) -> dict:
@@ -347,10 +376,12 @@ def write_outputs(out_dir: str, done: dict, setup: Setup, *, plot: bool = True) 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
+
 def _cell_errors() -> tuple[type[BaseException], ...]:
   """What fails one cell (or one length's cells) without ending the run."""
   import av
   import jax
+
   return (VideoError, OSError, PromptTooLong, av.error.FFmpegError, jax.errors.JaxRuntimeError)
 
 
@@ -361,28 +392,49 @@ def _reason(e: BaseException) -> str:
   return text
 
 
-def _answer_cell(chat: FramesChat, setup: Setup, prompt: str, needle: np.ndarray, hay: Haystack, length: int,
-                 depth: float, errors: tuple) -> dict:
+def _answer_cell(
+    chat: FramesChat,
+    setup: Setup,
+    prompt: str,
+    needle: np.ndarray,
+    hay: Haystack,
+    length: int,
+    depth: float,
+    errors: tuple,
+) -> dict:
   """One cell's record fields past its key: where the needle went, and the answer and its score (or the error).
 
   needle uint8 [n, S, S, 3] and hay.frames uint8 [length, S, S, 3] are at the model's frame size.
   """
   where = needle_indices(length, depth, setup.needle_frames, setup.align)
-  rec = {"needle_indices": where,
-         "needle_seconds": [round(float(hay.timestamps[where[0]]), 4), round(float(hay.timestamps[where[-1]]), 4)],
-         "duplicated": hay.available is not None, "haystack_frames_available": hay.available}
+  rec = {
+      "needle_indices": where,
+      "needle_seconds": [round(float(hay.timestamps[where[0]]), 4), round(float(hay.timestamps[where[-1]]), 4)],
+      "duplicated": hay.available is not None,
+      "haystack_frames_available": hay.available,
+  }
   try:
     chat.show(("niah", length, depth), normalize_frames(place_needle(hay.frames, needle, where[0])), hay.timestamps)
-    text, _ = chat.chat(f"niah:{length}@{depth}", prompt, None, num_frames=length,
-                        max_new_tokens=setup.max_new_tokens, do_sample=False)
+    text, _ = chat.chat(
+        f"niah:{length}@{depth}", prompt, None, num_frames=length, max_new_tokens=setup.max_new_tokens, do_sample=False
+    )
   except errors as e:
     return {**rec, "prediction": None, "correct": False, "error": _reason(e)}
   return {**rec, "prediction": text, "prompt_tokens": chat.last_prefill_tokens, **score(text, setup)}
 
 
-def run(chat: FramesChat, setup: Setup, lengths: list[int], depths: list[float], out_dir: str, *,
-        retry_failed: bool = False, plot: bool = True, log: Callable[[str], None] = lambda s: None,
-        warn: Callable[[str], None] = lambda s: None) -> dict:
+def run(
+    chat: FramesChat,
+    setup: Setup,
+    lengths: list[int],
+    depths: list[float],
+    out_dir: str,
+    *,
+    retry_failed: bool = False,
+    plot: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+    warn: Callable[[str], None] = lambda s: None,
+) -> dict:
   """Answers every (length, depth) cell not yet in out_dir/results.jsonl; returns the summary of all cells there.
 
   results.jsonl is rewritten after each cell, summary.json and heatmap.png at the end (also when interrupted).
@@ -413,13 +465,19 @@ def run(chat: FramesChat, setup: Setup, lengths: list[int], depths: list[float],
       except errors as e:
         hay, failure = None, _reason(e)
       if hay is not None and hay.available is not None:
-        warn(f"{setup.haystack} has only {hay.available} frames; the {length}-frame haystack repeats frames "
-             "(recorded as duplicated)")
+        warn(
+            f"{setup.haystack} has only {hay.available} frames; the {length}-frame haystack repeats frames "
+            "(recorded as duplicated)"
+        )
       for depth in cells:
         rec = {"tool": TOOL, "length": length, "depth": depth}
         if hay is None:
-          rec.update(needle_indices=needle_indices(length, depth, setup.needle_frames, setup.align),
-                     prediction=None, correct=False, error=failure)
+          rec.update(
+              needle_indices=needle_indices(length, depth, setup.needle_frames, setup.align),
+              prediction=None,
+              correct=False,
+              error=failure,
+          )
         else:
           rec.update(_answer_cell(chat, setup, prompt, needle, hay, length, depth, errors))
         rec["setup"] = setup.as_json()
@@ -435,14 +493,16 @@ def run(chat: FramesChat, setup: Setup, lengths: list[int], depths: list[float],
 
 # --- command line -------------------------------------------------------------------------------------------------
 
+
 def parse_lengths(text: str) -> list[int]:
   try:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
     values = []
   if not values or any(v < 2 or v % 2 for v in values):
-    raise UsageError(f"--lengths must be comma-separated positive even frame counts (frames are encoded in "
-                     f"pairs), got {text!r}")
+    raise UsageError(
+        f"--lengths must be comma-separated positive even frame counts (frames are encoded in " f"pairs), got {text!r}"
+    )
   return sorted(dict.fromkeys(values))
 
 
@@ -457,27 +517,50 @@ def parse_depths(text: str) -> list[float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n\n")[0],
-                              epilog=compile_cache.HELP_EPILOG,
-                              formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(
+      prog=f"python -m {TOOL}",
+      description=__doc__.split("\n\n")[0],
+      epilog=compile_cache.HELP_EPILOG,
+      formatter_class=HelpFormatter,
+  )
   p.add_argument("ckpt_dir", help="from_pretrained folder")
   p.add_argument("--haystack", required=True, help="video (or folder of frames) the needle is hidden in")
   p.add_argument("--needle", required=True, help="image, or short clip, to hide")
   p.add_argument("--question", required=True, help="question about the needle")
-  p.add_argument("--answer", required=True, help="expected answer: text that must appear in the model's answer, "
-                 "or with --options a letter or an option's text")
-  p.add_argument("--options", nargs="+", metavar="TEXT", help="answer options: a multiple-choice question "
-                 "(default: none, an open question)")
+  p.add_argument(
+      "--answer",
+      required=True,
+      help="expected answer: text that must appear in the model's answer, "
+      "or with --options a letter or an option's text",
+  )
+  p.add_argument(
+      "--options",
+      nargs="+",
+      metavar="TEXT",
+      help="answer options: a multiple-choice question " "(default: none, an open question)",
+  )
   p.add_argument("--lengths", default="64,256,1024", help="haystack lengths in frames, comma-separated, even")
   p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma-separated")
-  p.add_argument("--needle-frames", type=int, default=2, help="frames the needle occupies (an image is "
-                 "repeated, a clip sampled uniformly); patchify averages frame pairs, so keep it even")
-  p.add_argument("--align", type=int, default=1, help="round the needle's first frame to a multiple of this "
-                 "(2 keeps a 2-frame needle in one patchify group)")
+  p.add_argument(
+      "--needle-frames",
+      type=int,
+      default=2,
+      help="frames the needle occupies (an image is "
+      "repeated, a clip sampled uniformly); patchify averages frame pairs, so keep it even",
+  )
+  p.add_argument(
+      "--align",
+      type=int,
+      default=1,
+      help="round the needle's first frame to a multiple of this " "(2 keeps a 2-frame needle in one patchify group)",
+  )
   p.add_argument("--output", required=True, help="folder for results.jsonl, summary.json and heatmap.png")
   p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (greedy decoding)")
-  p.add_argument("--retry-failed", action="store_true",
-                 help="compute the cells a previous run recorded as failed again (default: keep them)")
+  p.add_argument(
+      "--retry-failed",
+      action="store_true",
+      help="compute the cells a previous run recorded as failed again (default: keep them)",
+  )
   p.add_argument("--no-plot", action="store_true", help="skip heatmap.png (then matplotlib is not needed)")
   add_loading_args(p)
   return p
@@ -495,11 +578,18 @@ def _check_args(args) -> tuple[Setup, list[int], list[float]]:
     raise UsageError(f"--align must be >= 1, got {args.align}")
   if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
     raise UsageError("the heatmap needs matplotlib (pip install 'kangaroo-jax[plot]'), or pass --no-plot")
-  setup = Setup(checkpoint=os.path.abspath(args.ckpt_dir), haystack=os.path.abspath(args.haystack),
-                needle=os.path.abspath(args.needle), needle_frames=args.needle_frames, align=args.align,
-                question=args.question, answer=args.answer,
-                options=None if args.options is None else tuple(args.options), max_new_tokens=args.max_new_tokens,
-                param_dtype=args.param_dtype)
+  setup = Setup(
+      checkpoint=os.path.abspath(args.ckpt_dir),
+      haystack=os.path.abspath(args.haystack),
+      needle=os.path.abspath(args.needle),
+      needle_frames=args.needle_frames,
+      align=args.align,
+      question=args.question,
+      answer=args.answer,
+      options=None if args.options is None else tuple(args.options),
+      max_new_tokens=args.max_new_tokens,
+      param_dtype=args.param_dtype,
+  )
   if setup.options is not None:
     mc_item(setup)  # BenchmarkError naming --answer when it is no option
   load_video(setup.haystack, num_frames=2)  # a missing or unreadable haystack fails now, not per length
@@ -516,21 +606,43 @@ def main(argv=None) -> int:
     compile_cache.enable()
     model, tokenizer, scope = load_from_args(args)
     with scope:
-      chat = FramesChat(model, tokenizer, prefill_chunk=args.prefill_chunk, max_positions=args.max_positions,
-                        warn=lambda s: stderr(f"warning: {s}"))
+      chat = FramesChat(
+          model,
+          tokenizer,
+          prefill_chunk=args.prefill_chunk,
+          max_positions=args.max_positions,
+          warn=lambda s: stderr(f"warning: {s}"),
+      )
       try:
-        summary = run(chat, setup, lengths, depths, args.output, retry_failed=args.retry_failed,
-                      plot=not args.no_plot, log=stderr, warn=lambda s: stderr(f"warning: {s}"))
+        summary = run(
+            chat,
+            setup,
+            lengths,
+            depths,
+            args.output,
+            retry_failed=args.retry_failed,
+            plot=not args.no_plot,
+            log=stderr,
+            warn=lambda s: stderr(f"warning: {s}"),
+        )
       except OSError as e:  # cells catch their own read errors: this is the output folder (read-only, disk full)
         raise OutputError(f"--output {args.output}: cannot write: {e.strerror or e}") from None
   except INPUT_ERRORS + (BenchmarkError, OutputError) as e:
     return report_input_error(e)
   except KeyboardInterrupt:
-    stderr(f"\ninterrupted: finished cells are saved in {os.path.join(args.output, RESULTS)}; run the same command "
-           "again to resume")
+    stderr(
+        f"\ninterrupted: finished cells are saved in {os.path.join(args.output, RESULTS)}; run the same command "
+        "again to resume"
+    )
     return EXIT_INTERRUPTED
-  print(json.dumps({k: summary[k] for k in ("accuracy", "accuracy_answered", "correct", "cells", "failed",
-                                            "by_length", "by_depth")}))
+  print(
+      json.dumps(
+          {
+              k: summary[k]
+              for k in ("accuracy", "accuracy_answered", "correct", "cells", "failed", "by_length", "by_depth")
+          }
+      )
+  )
   return 0
 
 

@@ -47,8 +47,9 @@ from kangaroo_jax.tokenizer import Tokenizer, check_fits_vocab, has_tokenizer, l
 CONFIG_FILE = "kangaroo_config.json"
 STATE_DIR = "state"
 REPORT_FILE = "conversion_report.json"
-_EXPECTED = (f"a from_pretrained folder ({CONFIG_FILE}, {STATE_DIR}/, tokenizer files): a converted release or "
-             "WORKDIR/export")
+_EXPECTED = (
+    f"a from_pretrained folder ({CONFIG_FILE}, {STATE_DIR}/, tokenizer files): a converted release or " "WORKDIR/export"
+)
 
 
 class CheckpointError(ValueError):
@@ -59,8 +60,10 @@ def _use_export(workdir: str) -> str:
   export = os.path.join(workdir, "export")
   if os.path.isfile(os.path.join(export, CONFIG_FILE)):
     return f"pass the run's export {export}"
-  return (f"pass the run's export {export} once it exists (the trainer writes it when the run ends), or a "
-          "release converted with `python -m tools.convert_weights import`")
+  return (
+      f"pass the run's export {export} once it exists (the trainer writes it when the run ends), or a "
+      "release converted with `python -m tools.convert_weights import`"
+  )
 
 
 def _not_a_checkpoint(path: str) -> CheckpointError:
@@ -73,16 +76,20 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
   here = os.path.abspath(path)
   parent = os.path.dirname(here)
   if {"state", "iter"} <= entries or (os.path.basename(parent) == "checkpoints" and os.path.basename(here).isdigit()):
-    return CheckpointError(f"{path}: is a training checkpoint (WORKDIR/checkpoints/N), not a from_pretrained folder; "
-                           + _use_export(os.path.dirname(parent)))
+    return CheckpointError(
+        f"{path}: is a training checkpoint (WORKDIR/checkpoints/N), not a from_pretrained folder; "
+        + _use_export(os.path.dirname(parent))
+    )
   if os.path.basename(here) == "checkpoints" and any(e.isdigit() for e in entries):
     return CheckpointError(f"{path}: is the trainer's checkpoints folder; " + _use_export(parent))
   if "checkpoints" in entries:
     return CheckpointError(f"{path}: is a training run folder; " + _use_export(here))
   if "config.json" in entries and not any(name in entries for name in RELEASED_WEIGHTS):
-    return CheckpointError(f"{path}: has a config.json but no weights; expected {RELEASED_WEIGHTS[0]}, "
-                           f"{RELEASED_WEIGHTS[1]} or {' / '.join(RELEASED_WEIGHTS[2:])} next to it, or "
-                           f"{_EXPECTED}")
+    return CheckpointError(
+        f"{path}: has a config.json but no weights; expected {RELEASED_WEIGHTS[0]}, "
+        f"{RELEASED_WEIGHTS[1]} or {' / '.join(RELEASED_WEIGHTS[2:])} next to it, or "
+        f"{_EXPECTED}"
+    )
   return CheckpointError(f"{path}: no {CONFIG_FILE}; expected {_EXPECTED}")
 
 
@@ -109,6 +116,7 @@ def load_config(path: str, preset: str = "kangaroo-8b") -> KangarooConfig:
   """
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(path) and is_released_folder(path):
     from kangaroo_jax.hf_direct import released_config
+
     return released_config(path, preset)
   file, data = _read_config_file(path)
   shapes, _ = split_legacy_keys(data)
@@ -127,8 +135,10 @@ def stored_dtype(state_dir: str) -> str:
       meta = ckptr.metadata(state_dir)
   except Exception as e:  # Orbax raises many types for a missing or damaged checkpoint
     lines = str(e).strip().splitlines()
-    raise CheckpointError(f"{state_dir}: cannot restore the weights (no readable metadata: {type(e).__name__}: "
-                          f"{lines[0][:300] if lines else ''})") from e
+    raise CheckpointError(
+        f"{state_dir}: cannot restore the weights (no readable metadata: {type(e).__name__}: "
+        f"{lines[0][:300] if lines else ''})"
+    ) from e
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   nbytes: dict[str, int] = {}
@@ -147,6 +157,7 @@ def run_defaults(path: str, preset: str = "kangaroo-8b") -> RunOptions:
   """The RunOptions a folder loads with when the caller passes none (see the module docstring)."""
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(path) and is_released_folder(path):
     from kangaroo_jax.hf_direct import released_run_defaults
+
     return released_run_defaults(path, preset)
   file, data = _read_config_file(path)
   _, legacy = split_legacy_keys(data)
@@ -167,14 +178,21 @@ def resolve_run(path: str, run: RunOptions | None, overrides: dict, preset: str 
 
 
 # Weight files of a released Hugging Face folder (tools.convert_weights.sources.open_source reads them all).
-RELEASED_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                    "pytorch_model.bin")
+RELEASED_WEIGHTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 
 
 def is_released_folder(path: str) -> bool:
   """A Hugging Face folder to load directly: config.json and weight files, no converted `state/`."""
-  return (os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, STATE_DIR))
-          and any(os.path.exists(os.path.join(path, name)) for name in RELEASED_WEIGHTS))
+  return (
+      os.path.isfile(os.path.join(path, "config.json"))
+      and not os.path.isdir(os.path.join(path, STATE_DIR))
+      and any(os.path.exists(os.path.join(path, name)) for name in RELEASED_WEIGHTS)
+  )
 
 
 class PretrainedKangaroo(Kangaroo):
@@ -198,8 +216,16 @@ class PretrainedKangaroo(Kangaroo):
       self._chat = current
     return current
 
-  def chat(self, video_path: str | None = None, query: str | None = None, tokenizer: Tokenizer | None = None,
-           history=None, num_frames: int | None = None, num_segments: int | None = None, **kwargs):
+  def chat(
+      self,
+      video_path: str | None = None,
+      query: str | None = None,
+      tokenizer: Tokenizer | None = None,
+      history=None,
+      num_frames: int | None = None,
+      num_segments: int | None = None,
+      **kwargs,
+  ):
     """The released API: `answer, history = model.chat(video_path=..., query=..., history=None, num_frames=64,
     max_new_tokens=512, do_sample=True, temperature=0.6, top_p=0.9)` (`num_segments`: the release's name for
     num_frames); the rest as kangaroo_jax.inference.chat.Chat.chat."""
@@ -215,9 +241,16 @@ def loaded_model(abstract: PretrainedKangaroo, value_of, tokenizer: Tokenizer | 
   return model
 
 
-def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConfig | None = None,
-                    run: RunOptions | None = None, preset: str = "kangaroo-8b", warn=None,
-                    **run_overrides) -> tuple[PretrainedKangaroo, Tokenizer | None]:
+def from_pretrained(
+    path: str,
+    mesh: Mesh | None = None,
+    *,
+    config: KangarooConfig | None = None,
+    run: RunOptions | None = None,
+    preset: str = "kangaroo-8b",
+    warn=None,
+    **run_overrides,
+) -> tuple[PretrainedKangaroo, Tokenizer | None]:
   """Loads a released Hugging Face folder or a converted checkpoint onto `mesh`.
 
   Args:
@@ -243,8 +276,8 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConf
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)) or not os.path.isdir(os.path.join(path, STATE_DIR)):
     if os.path.isdir(path) and is_released_folder(path):
       from kangaroo_jax.hf_direct import load_released
-      model, tokenizer, _ = load_released(path, mesh, config=config, run=run, preset=preset, warn=warn,
-                                          **run_overrides)
+
+      model, tokenizer, _ = load_released(path, mesh, config=config, run=run, preset=preset, warn=warn, **run_overrides)
       return model, tokenizer
   import orbax.checkpoint as ocp
 
@@ -265,8 +298,9 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, config: KangarooConf
       restored = ckptr.restore(state_dir, unflatten(targets))
   except Exception as e:  # Orbax / tensorstore raise many types for a damaged or mismatched checkpoint
     lines = str(e).strip().splitlines()
-    raise CheckpointError(f"{state_dir}: cannot restore the weights ({type(e).__name__}: "
-                          f"{lines[0][:300] if lines else ''})") from e
+    raise CheckpointError(
+        f"{state_dir}: cannot restore the weights ({type(e).__name__}: " f"{lines[0][:300] if lines else ''})"
+    ) from e
 
   def leaf(p):
     node = restored

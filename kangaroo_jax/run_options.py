@@ -97,8 +97,12 @@ class RunOptions:
   def check_for_training(self, where: str = "run") -> None:
     """ConfigError naming `where.param_dtype` unless the weights the optimizer updates are float32."""
     if self.param_dtype != "float32":
-      raise fail(where, "param_dtype", f"training keeps float32 master weights, got {self.param_dtype!r} "
-                 f"(set {where}.compute_dtype for bf16 matmuls)")
+      raise fail(
+          where,
+          "param_dtype",
+          f"training keeps float32 master weights, got {self.param_dtype!r} "
+          f"(set {where}.compute_dtype for bf16 matmuls)",
+      )
 
   @property
   def dtype(self):

@@ -21,8 +21,13 @@ from typing import Iterable, Sequence
 END_OF_TEXT = "<|end_of_text|>"
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 
 class TokenizerError(ValueError):
@@ -130,8 +135,10 @@ class Tokenizer:
     self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-            f"stop_ids={self.stop_ids})")
+    return (
+        f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+        f"stop_ids={self.stop_ids})"
+    )
 
 
 class HFTokenizer(Tokenizer):
@@ -139,6 +146,7 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, path: str, *, extra_stop_ids: Iterable[int] = ()):
     from tokenizers import Tokenizer as _Tok
+
     self.path = path
     spec = _read_json(path)  # corrupt files fail here, naming the file, before the library sees them
     try:
@@ -146,21 +154,28 @@ class HFTokenizer(Tokenizer):
     except Exception as e:  # tokenizers raises a bare Exception for any malformed spec
       raise TokenizerError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
     folder = os.path.dirname(os.path.abspath(path))
-    cfg = {**_read_json(os.path.join(folder, "special_tokens_map.json")),
-           **_read_json(os.path.join(folder, "tokenizer_config.json"))}
+    cfg = {
+        **_read_json(os.path.join(folder, "special_tokens_map.json")),
+        **_read_json(os.path.join(folder, "tokenizer_config.json")),
+    }
     gen = _read_json(os.path.join(folder, "generation_config.json"))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     added = spec.get("added_tokens") or []
-    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
-                                              and isinstance(t.get("id"), int) for t in added):
-      raise TokenizerError(f"{path}: 'added_tokens' must be a list of objects with a string 'content' and an "
-                           "int 'id'")
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int) for t in added
+    ):
+      raise TokenizerError(
+          f"{path}: 'added_tokens' must be a list of objects with a string 'content' and an " "int 'id'"
+      )
     self.special_tokens = {t["content"]: int(t["id"]) for t in added if t.get("special")}
     self.bos_id = self.eos_id = None
     pad = _token_text(cfg.get("pad_token"))
     self.pad_id = self.token_to_id(pad) if pad else None
-    self._finish_specials(_token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")),
-                          list(extra_stop_ids) + _ids(gen.get("eos_token_id")))
+    self._finish_specials(
+        _token_text(cfg.get("bos_token")),
+        _token_text(cfg.get("eos_token")),
+        list(extra_stop_ids) + _ids(gen.get("eos_token_id")),
+    )
     if self.vocab_size <= max(self.special_tokens.values(), default=-1):
       self.vocab_size = max(self.special_tokens.values()) + 1
 
@@ -182,6 +197,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str, *, extra_stop_ids: Iterable[int] = ()):
     import sentencepiece as spm
+
     self.path = path
     try:
       self._sp = spm.SentencePieceProcessor(model_file=path)
@@ -189,8 +205,11 @@ class SentencePieceTokenizer(Tokenizer):
       raise TokenizerError(f"{path}: not a valid sentencepiece model ({_first_line(e)})") from None
     sp = self._sp
     self.vocab_size = sp.get_piece_size()
-    self.special_tokens = {sp.id_to_piece(i): i for i in range(self.vocab_size)
-                           if sp.is_control(i) or sp.is_unknown(i) or self._user_defined(i)}
+    self.special_tokens = {
+        sp.id_to_piece(i): i
+        for i in range(self.vocab_size)
+        if sp.is_control(i) or sp.is_unknown(i) or self._user_defined(i)
+    }
 
     def opt(i):
       return None if i < 0 else int(i)
@@ -261,9 +280,11 @@ def check_fits_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) ->
   """
   limit = id_limit(tokenizer)
   if limit > model_vocab_size:
-    raise TokenizerError(f"{getattr(tokenizer, 'path', 'tokenizer')}: the tokenizer has ids up to {limit - 1} "
-                         f"({limit} ids) but the model's vocabulary ({where}) has only {model_vocab_size} rows; "
-                         "use the tokenizer the model was trained with")
+    raise TokenizerError(
+        f"{getattr(tokenizer, 'path', 'tokenizer')}: the tokenizer has ids up to {limit - 1} "
+        f"({limit} ids) but the model's vocabulary ({where}) has only {model_vocab_size} rows; "
+        "use the tokenizer the model was trained with"
+    )
 
 
 def has_tokenizer(folder: str) -> bool:

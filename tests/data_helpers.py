@@ -33,10 +33,12 @@ def frame_index_of(frame: np.ndarray) -> int:
   return int(round((g * 256 + r) / 7))
 
 
-def write_video(path: str, num_frames: int, *, fps: int = 10, h: int = 48, w: int = 64, gop: int = 8,
-                codec: str = "libx264") -> str:
+def write_video(
+    path: str, num_frames: int, *, fps: int = 10, h: int = 48, w: int = 64, gop: int = 8, codec: str = "libx264"
+) -> str:
   """Writes an H.264 mp4 whose frame i has `index_frame(i)` content; keyframes every `gop` frames."""
   import av
+
   with av.open(path, "w") as out:
     s = out.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = w, h, "yuv420p"
@@ -53,6 +55,7 @@ def write_video(path: str, num_frames: int, *, fps: int = 10, h: int = 48, w: in
 def sequential_frames(path: str) -> np.ndarray:
   """Every frame of a video, decoded front to back without seeking: uint8 [n, h, w, 3]."""
   import av
+
   with av.open(path) as c:
     return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
@@ -68,24 +71,39 @@ CHAT_TEXTS = [
 def tiny_tokenizer(tmp_dir: str, vocab_size: int = 400):
   from kangaroo_jax.data.tiny_tokenizer import build_chat_sentencepiece
   from kangaroo_jax.tokenizer import load_tokenizer
+
   return load_tokenizer(build_chat_sentencepiece(CHAT_TEXTS, tmp_dir, vocab_size))
 
 
-def write_records(out_dir: str, n: int, *, shards: int = 2, size: int = 56, extra: dict | None = None,
-                  frames_for=lambda i: 2 + 2 * (i % 3)) -> list[str]:
+def write_records(
+    out_dir: str,
+    n: int,
+    *,
+    shards: int = 2,
+    size: int = 56,
+    extra: dict | None = None,
+    frames_for=lambda i: 2 + 2 * (i % 3),
+) -> list[str]:
   """n raw-frame records whose frames' colour encodes the record number i (see `frame_index_of`);
   sample i has `frames_for(i)` frames and an answer of i % 5 + 1 words. Returns the shard paths."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from kangaroo_jax.data.records import encode_frames, pack_record
+
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"data-{s:05d}-of-{shards:05d}.array_record") for s in range(shards)]
   writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
   for i in range(n):
     f = frames_for(i)
     frames = np.stack([index_frame(i, size, size)] * f)
-    rec = {"id": f"s{i}", "frames": encode_frames(frames, "raw"), "timestamps": [0.5 * k + i for k in range(f)],
-           "messages": [{"role": "user", "content": "<video>What happens?"},
-                        {"role": "assistant", "content": " ".join(["apples"] * (i % 5 + 1))}]}
+    rec = {
+        "id": f"s{i}",
+        "frames": encode_frames(frames, "raw"),
+        "timestamps": [0.5 * k + i for k in range(f)],
+        "messages": [
+            {"role": "user", "content": "<video>What happens?"},
+            {"role": "assistant", "content": " ".join(["apples"] * (i % 5 + 1))},
+        ],
+    }
     writers[i % shards].write(pack_record(rec))
   for w in writers:
     w.close()

@@ -20,20 +20,43 @@ from tests.test_context_parallel import _check
 pytestmark = pytest.mark.xdist_group("splash_interpret")
 
 
-@pytest.mark.parametrize("mesh_cfg,zigzag", [(MeshConfig(fsdp=2, context=4), True),
-                                             (MeshConfig(data=2, context=2, tensor=2), False)])
+@pytest.mark.parametrize(
+    "mesh_cfg,zigzag", [(MeshConfig(fsdp=2, context=4), True), (MeshConfig(data=2, context=2, tensor=2), False)]
+)
 def test_splash_ring_matches_reference(mesh_cfg, zigzag):
   """Per-step splash kernels merged by log-sum-exp; zigzag (step cases j<i / j>i) and contiguous layouts,
   packed segments, GQA, heads split over `tensor`."""
   n = mesh_cfg.context
-  _check(ring_attention, mesh_cfg, causal=True, packed=True, zigzag=zigzag, s=256 * n, h=4, kvh=2, d=32,
-         kernel="splash", layout="zigzag" if zigzag else "natural")
+  _check(
+      ring_attention,
+      mesh_cfg,
+      causal=True,
+      packed=True,
+      zigzag=zigzag,
+      s=256 * n,
+      h=4,
+      kvh=2,
+      d=32,
+      kernel="splash",
+      layout="zigzag" if zigzag else "natural",
+  )
 
 
 def test_splash_all_gather_matches_reference():
   """Kernel built for the global mask with q_seq_shards = context, its mask tables sharded like the queries."""
-  _check(all_gather_attention, MeshConfig(fsdp=2, context=4), causal=True, packed=True, zigzag=False, s=512, h=4,
-         kvh=1, d=32, kernel="splash", layout="natural")
+  _check(
+      all_gather_attention,
+      MeshConfig(fsdp=2, context=4),
+      causal=True,
+      packed=True,
+      zigzag=False,
+      s=512,
+      h=4,
+      kvh=1,
+      d=32,
+      kernel="splash",
+      layout="natural",
+  )
 
 
 def test_splash_dense_without_mesh_matches_reference():
@@ -66,7 +89,9 @@ def test_kernel_choice_follows_the_mesh_platform():
 
 
 def test_splash_block_obeys_mosaic_rules():
-  assert splash_block(8448) == 384 and splash_block(4224) == 384 and splash_block(1024) == 512 and splash_block(640) == 128
+  assert (
+      splash_block(8448) == 384 and splash_block(4224) == 384 and splash_block(1024) == 512 and splash_block(640) == 128
+  )
   assert splash_block(1000) is None and splash_block(64) is None
 
 

@@ -25,8 +25,9 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "accelerator.py")
 
 def _run(*args, timeout=150):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                     cwd=ROOT)
+  p = subprocess.run(
+      [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   lines = [line for line in p.stdout.splitlines() if line.strip()]
   assert len(lines) == 1, p.stdout  # exactly one line on stdout: the JSON
@@ -128,8 +129,9 @@ def test_a_failing_section_is_recorded_and_the_next_still_runs():
     put("bad_case", budget.guarded(0, lambda out: out.update(before=1) or 1 / 0))
     put("late_case", budget.guarded(1e9, lambda out: out.update(value=3)))
 
-  acc.run_sections(report, ["train", "attention"], acc.SMOKE, None, acc.Budget(100.0),
-                   runners={"train": broken, "attention": fine})
+  acc.run_sections(
+      report, ["train", "attention"], acc.SMOKE, None, acc.Budget(100.0), runners={"train": broken, "attention": fine}
+  )
   data = report.data
   assert data["train"]["error"] == "RuntimeError: device lost" and data["train"]["partial"] == 1
   assert data["attention"]["case"] == {"value": 2}
@@ -146,18 +148,28 @@ def test_train_flop_model_matches_the_matmuls_of_the_step():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(1e-4)
   step = acc.make_train_step(graphdef, tx)
-  executed = matmul_flops(jax.make_jaxpr(step)((params, tx.init(params)), rest,
-                                               acc.token_batch(cfg.vocab_size, rows, seq)))
+  executed = matmul_flops(
+      jax.make_jaxpr(step)((params, tx.init(params)), rest, acc.token_batch(cfg.vocab_size, rows, seq))
+  )
   masked_half = 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq * seq * rows
   assert acc.train_flops(cfg, rows, seq) == executed - masked_half
-  n_matmul = sum(x.size for x in jax.tree.leaves(params)) - cfg.vocab_size * cfg.hidden_size - cfg.hidden_size * (
-      2 * cfg.num_layers + 1)  # all params minus the embedding table and the norm scales
+  n_matmul = (
+      sum(x.size for x in jax.tree.leaves(params))
+      - cfg.vocab_size * cfg.hidden_size
+      - cfg.hidden_size * (2 * cfg.num_layers + 1)
+  )  # all params minus the embedding table and the norm scales
   assert acc.matmul_weights(cfg) == n_matmul
 
 
 def test_bad_sections_flag_is_a_one_line_usage_error():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, SCRIPT, "--sections", "train,bogus"], capture_output=True, text=True, env=env,
-                     timeout=60, cwd=ROOT)
+  p = subprocess.run(
+      [sys.executable, SCRIPT, "--sections", "train,bogus"],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=60,
+      cwd=ROOT,
+  )
   assert p.returncode == 2 and p.stdout == ""
   assert "argument --sections: unknown sections ['bogus']" in p.stderr and "Traceback" not in p.stderr

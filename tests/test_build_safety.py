@@ -55,8 +55,14 @@ def _count(shard: str) -> int:
 def _cli(*args, extra_code: str = ""):
   """Runs the CLI in a fresh process; `extra_code` runs first (to inject a fault into the module)."""
   code = f"import sys, tools.build_dataset as b\n{extra_code}\nsys.exit(b.main({list(args)!r}))"
-  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                        env=dict(os.environ, PYTHONPATH=REPO))
+  return subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=120,
+      env=dict(os.environ, PYTHONPATH=REPO),
+  )
 
 
 def _summary(folder) -> dict:
@@ -72,11 +78,13 @@ def _leftovers(out) -> list[str]:
 # ---- item 3: the output folder -------------------------------------------------------------------------------
 
 
-def test_interrupted_rebuild_keeps_the_previous_dataset_and_the_next_run_cleans_up(tmp_path, video, monkeypatch,
-                                                                                   caplog):
+def test_interrupted_rebuild_keeps_the_previous_dataset_and_the_next_run_cleans_up(
+    tmp_path, video, monkeypatch, caplog
+):
   """Was: the rebuild rewrote the shard in place, so after the failure it held 1 record while the old
   summary.json still said 20."""
   import tools.build_dataset as b
+
   out = tmp_path / "ds"
   build(_manifest(tmp_path / "m20.jsonl", video, 20), str(out), REF, progress=False)
   shard = str(out / "data-00000-of-00001.array_record")
@@ -106,8 +114,10 @@ def test_a_killed_build_leaves_the_old_dataset_intact(tmp_path, video):
   """A real crash (no finally blocks run): the old dataset is untouched, the next run removes the leftover."""
   out = tmp_path / "ds"
   build(_manifest(tmp_path / "m20.jsonl", video, 20), str(out), REF, progress=False)
-  kill = ("real = b._convert\nn = []\ndef crash(a):\n  n.append(1)\n  if len(n) == 3:\n    import os; os._exit(9)\n"
-          "  return real(a)\nb._convert = crash")
+  kill = (
+      "real = b._convert\nn = []\ndef crash(a):\n  n.append(1)\n  if len(n) == 3:\n    import os; os._exit(9)\n"
+      "  return real(a)\nb._convert = crash"
+  )
   r = _cli(_manifest(tmp_path / "m5.jsonl", video, 5), str(out), "--reference", "--overwrite", extra_code=kill)
   assert r.returncode == 9
   assert _count(str(out / "data-00000-of-00001.array_record")) == 20 and _summary(out)["written"] == 20
@@ -134,8 +144,18 @@ def test_the_pipeline_ignores_stale_shards_an_old_build_left(tmp_path, caplog):
   out = tmp_path / "old"
   write_records(str(out), 20, shards=2)
   write_records(str(out), 2, shards=1)
-  (out / "summary.json").write_text(json.dumps({"manifest": "m", "rows": 2, "written": 2, "skipped": {},
-                                                "shards": ["data-00000-of-00001.array_record"], "options": {}}))
+  (out / "summary.json").write_text(
+      json.dumps(
+          {
+              "manifest": "m",
+              "rows": 2,
+              "written": 2,
+              "skipped": {},
+              "shards": ["data-00000-of-00001.array_record"],
+              "options": {},
+          }
+      )
+  )
   with caplog.at_level(logging.WARNING, "kangaroo_jax.data"):
     files, _ = readable_shards(DataConfig(dataset=str(out)))
   assert [os.path.basename(f) for f in files] == ["data-00000-of-00001.array_record"]
@@ -177,8 +197,9 @@ def test_a_build_running_into_the_same_folder_is_not_disturbed(tmp_path, video):
   out = tmp_path / "ds"
   running = tmp_path / f".ds.building-{os.getppid()}"  # the pid of a live process (pytest's parent)
   running.mkdir()
-  (running / "summary.json").write_text(json.dumps({"tool": "tools.build_dataset", "status": "building",
-                                                    "host": socket.gethostname(), "shards": []}))
+  (running / "summary.json").write_text(
+      json.dumps({"tool": "tools.build_dataset", "status": "building", "host": socket.gethostname(), "shards": []})
+  )
   with pytest.raises(OutputError, match=f"another build into this folder is running \\(pid {os.getppid()}"):
     build(_manifest(tmp_path / "m.jsonl", video, 2), str(out), REF, progress=False)
   assert os.listdir(running) == ["summary.json"] and not out.exists()
@@ -215,8 +236,9 @@ def test_rows_that_used_to_abort_the_build_are_skipped_with_a_reason(tmp_path, v
   m = tmp_path / "m.jsonl"
   m.write_bytes("\n".join(rows).encode() + b'\n{"id": "latin-1 \xe9", "video": "v.mp4"}\n')  # not UTF-8
   out = tmp_path / "out"
-  s = build(str(m), str(out), BuildOptions(size=28, num_frames=2, frame_format="raw"), max_skip_rate=1.0,
-            progress=False)
+  s = build(
+      str(m), str(out), BuildOptions(size=28, num_frames=2, frame_format="raw"), max_skip_rate=1.0, progress=False
+  )
   assert s["written"] == 1 and s["processed"] == s["rows"] == 9
   assert s["skipped"] == {"bad_video": 1, "malformed_row": 5, "start_past_end": 2}
   ex = s["skip_examples"]
@@ -268,6 +290,7 @@ def test_every_stop_writes_a_summary_with_its_reason(tmp_path, video, monkeypatc
   from array_record.python import array_record_module
 
   class FullDisk:
+
     def __init__(self, *a):
       self.n = 0
 
@@ -295,6 +318,7 @@ def _rotated_video(path, degrees, h=32, w=48, n=4) -> str:
   """A video whose display matrix rotates it `degrees` counter-clockwise; its coded frames carry a bright
   square at the top-left corner."""
   import av
+
   with av.open(path, "w") as out:
     s = out.add_stream("libx264", rate=10)
     s.width, s.height, s.pix_fmt = w, h, "yuv420p"
@@ -310,8 +334,10 @@ def _rotated_video(path, degrees, h=32, w=48, n=4) -> str:
   return path
 
 
-@pytest.mark.parametrize("degrees,shape,corner", [(None, (32, 48), (0, 0)), (90, (48, 32), (1, 0)),
-                                                  (-90, (48, 32), (0, 1)), (180, (32, 48), (1, 1))])
+@pytest.mark.parametrize(
+    "degrees,shape,corner",
+    [(None, (32, 48), (0, 0)), (90, (48, 32), (1, 0)), (-90, (48, 32), (0, 1)), (180, (32, 48), (1, 1))],
+)
 def test_rotated_videos_are_decoded_upright(tmp_path, degrees, shape, corner):
   """90 degrees counter-clockwise moves the coded top-left corner to the bottom-left, and so on."""
   v = load_video(_rotated_video(str(tmp_path / "r.mp4"), degrees), num_frames=2)
@@ -343,8 +369,17 @@ def tok(tmp_path_factory):
 
 
 def _pipe_cfg(data, **kw):
-  return DataConfig(dataset=data, seq_len=160, batch_size=1, frame_size=56, max_frames=8,
-                    packing_bins=1, num_epochs=1, shuffle=False, **kw)
+  return DataConfig(
+      dataset=data,
+      seq_len=160,
+      batch_size=1,
+      frame_size=56,
+      max_frames=8,
+      packing_bins=1,
+      num_epochs=1,
+      shuffle=False,
+      **kw,
+  )
 
 
 def test_truncated_and_empty_shards_are_skipped_counted_and_named(tmp_path, tok, caplog):

@@ -31,8 +31,9 @@ def test_chunked_loss_matches_plain_values_and_grads(chunks):
   got = chunked_cross_entropy(h, w, t, mask, dtype=jnp.float32, num_chunks=chunks)
   want = _plain(h, w, t, mask)
   assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0])) and float(got[1]) == float(want[1])
-  g = jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, mask, dtype=jnp.float32, num_chunks=chunks)[0],
-               argnums=(0, 1))(h, w)
+  g = jax.grad(
+      lambda h, w: chunked_cross_entropy(h, w, t, mask, dtype=jnp.float32, num_chunks=chunks)[0], argnums=(0, 1)
+  )(h, w)
   gw = jax.grad(lambda h, w: _plain(h, w, t, mask)[0], argnums=(0, 1))(h, w)
   for a, b in zip(g, gw):
     assert max_rel_error(a, b) <= 1e-5
@@ -44,6 +45,14 @@ def test_vocab_chunks_divide_the_vocab():
 
 def test_no_full_logits_in_the_compiled_gradient():
   h, w, t, mask = _inputs(l=64, v=4096)
-  hlo = jax.jit(jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, mask, dtype=jnp.float32, num_chunks=8)[0],
-                         argnums=(0, 1))).lower(h, w).compile().as_text()
+  hlo = (
+      jax.jit(
+          jax.grad(
+              lambda h, w: chunked_cross_entropy(h, w, t, mask, dtype=jnp.float32, num_chunks=8)[0], argnums=(0, 1)
+          )
+      )
+      .lower(h, w)
+      .compile()
+      .as_text()
+  )
   assert "f32[2,64,4096]" not in hlo and "f32[2,64,512]" in hlo

@@ -31,14 +31,18 @@ ARGPARSE_CLIS = {
     "tools.build_dataset": "_parser",
     "train.demo": "main",  # builds its parser inside main(): caught at parse_args
 }
-EXCEPTIONS = {"train.__main__": "absl flags and --config.x field paths", "train.compile": "absl, hyphenated accepted",
-              "kangaroo_jax.lmms_eval_plugin.__main__": "lmms-eval's own --output_path / --model"}
+EXCEPTIONS = {
+    "train.__main__": "absl flags and --config.x field paths",
+    "train.compile": "absl, hyphenated accepted",
+    "kangaroo_jax.lmms_eval_plugin.__main__": "lmms-eval's own --output_path / --model",
+}
 # train/demo.py belongs to the demo's owner: its --workdir, --steps, --train-videos and --test-videos have no help
 # yet. Strict, so the test says when that is fixed and this mark must go.
 PENDING: dict[str, str] = {}  # module -> why it does not meet the style yet (a strict xfail)
 
 
 class _Parsed(Exception):
+
   def __init__(self, parser):
     super().__init__("parser captured")
     self.parser = parser
@@ -110,9 +114,13 @@ def test_every_console_script_is_checked_or_a_documented_exception():
   assert _console_script_modules() == set(ARGPARSE_CLIS) | set(EXCEPTIONS)
 
 
-@pytest.mark.parametrize("module_name", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=PENDING[m])) if m in PENDING else m
-    for m in sorted(ARGPARSE_CLIS)])
+@pytest.mark.parametrize(
+    "module_name",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=PENDING[m])) if m in PENDING else m
+        for m in sorted(ARGPARSE_CLIS)
+    ],
+)
 def test_long_flags_are_kebab_case_with_help_and_default(module_name):
   problems = _problems(_parser_of(module_name))
   assert not problems, "\n".join(problems)
@@ -128,9 +136,14 @@ def test_the_check_finds_each_kind_of_problem():
   p.add_argument("-s", help="short only (default: none)")
   p.add_argument("--hidden_alias", dest="snake_case", help=argparse.SUPPRESS)  # hidden: an old spelling may stay
   problems = "\n".join(_problems(p))
-  for expected in ("bad --snake_case: not --kebab-case", "bad --no-help: no help text",
-                   "bad --no-default: help shows no default", "bad --wrong-default: help shows a default other",
-                   "bad --needed: required, but its help does not say so", "bad -s: no long flag"):
+  for expected in (
+      "bad --snake_case: not --kebab-case",
+      "bad --no-help: no help text",
+      "bad --no-default: help shows no default",
+      "bad --wrong-default: help shows a default other",
+      "bad --needed: required, but its help does not say so",
+      "bad -s: no long flag",
+  ):
     assert expected in problems, problems
   assert "hidden_alias" not in problems
 
@@ -139,9 +152,14 @@ def test_train_compile_accepts_every_flag_hyphenated():
   from absl import flags
 
   import train.compile as compile_cli
+
   ours = [f.name for f in flags.FLAGS.get_flags_for_module(compile_cli)]
   assert "llm_layers" in ours
   missing = [n for n in ours if "_" in n and f"--{n.replace('_', '-')}" not in compile_cli._HYPHENATED]
   assert not missing, f"train.compile flags without a hyphenated spelling: {missing}"
-  assert compile_cli._normalise_argv(["x", "--prompt-tokens=8", "--hlo-out", "f"]) == ["x", "--prompt_tokens=8",
-                                                                                     "--hlo_out", "f"]
+  assert compile_cli._normalise_argv(["x", "--prompt-tokens=8", "--hlo-out", "f"]) == [
+      "x",
+      "--prompt_tokens=8",
+      "--hlo_out",
+      "f",
+  ]

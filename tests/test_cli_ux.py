@@ -46,6 +46,7 @@ def _cache_entries(folder: str) -> set[str]:
 
 # --- A: the persistent compilation cache ----------------------------------------------------------------------------
 
+
 def test_cache_folder_rules():
   home = os.path.expanduser("~")
   assert compile_cache.resolve_dir({}) == (os.path.join(home, ".cache", "kangaroo_jax", "jax"), "default")
@@ -60,12 +61,13 @@ def test_cache_folder_rules():
 
 def test_enable_in_a_fresh_process(tmp_path):
   """What enable() leaves in jax.config: (returned folder, jax_compilation_cache_dir, min compile seconds)."""
-  probe = ("import jax; from kangaroo_jax import compile_cache as c; d = c.enable(); "
-           "print(d, jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)")
+  probe = (
+      "import jax; from kangaroo_jax import compile_cache as c; d = c.enable(); "
+      "print(d, jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)"
+  )
 
   def run(env):
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split(), done.stderr
 
@@ -73,7 +75,10 @@ def test_enable_in_a_fresh_process(tmp_path):
   assert run(_env(mine))[0] == [mine, mine, str(compile_cache.DEFAULT_MIN_COMPILE_SECS)] and os.path.isdir(mine)
   theirs = str(tmp_path / "theirs")  # JAX's own variables are kept as they are
   assert run(_env(mine, JAX_COMPILATION_CACHE_DIR=theirs, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="3"))[0] == [
-      theirs, theirs, "3.0"]
+      theirs,
+      theirs,
+      "3.0",
+  ]
   assert run(_env(""))[0] == ["None", "None", "1.0"]  # off: JAX's defaults untouched
   # A folder that cannot be made: one warning line, no cache.
   (tmp_path / "file").write_text("x")
@@ -87,8 +92,17 @@ def test_second_chat_run_reads_every_program_from_the_cache(assets, tmp_path):
   cache = str(tmp_path / "cache")
   # Threshold 0: every program is written, so the second run must find all of them (no timing-dependent misses).
   env = _env(cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DEBUG_LOG_MODULES="jax._src.compiler")
-  cmd = [sys.executable, "-m", "kangaroo_jax.chat", assets["ckpt"], "--video", assets["video"], "--query",
-         "What happens?", *FLAGS]
+  cmd = [
+      sys.executable,
+      "-m",
+      "kangaroo_jax.chat",
+      assets["ckpt"],
+      "--video",
+      assets["video"],
+      "--query",
+      "What happens?",
+      *FLAGS,
+  ]
   runs, entries, seconds = [], [], []
   for _ in range(2):
     start = time.monotonic()
@@ -103,11 +117,14 @@ def test_second_chat_run_reads_every_program_from_the_cache(assets, tmp_path):
   assert second.stderr.count(MISS) == 0, [ln for ln in second.stderr.splitlines() if MISS in ln][:5]
   assert second.stderr.count(HIT) >= first.stderr.count(MISS) > 0
   assert entries[1] == entries[0]
-  print(f"chat --query: first run {seconds[0]:.1f} s ({len(entries[0])} programs compiled), "
-        f"second {seconds[1]:.1f} s (all from the cache)")
+  print(
+      f"chat --query: first run {seconds[0]:.1f} s ({len(entries[0])} programs compiled), "
+      f"second {seconds[1]:.1f} s (all from the cache)"
+  )
 
 
 # --- B: the interactive chat ----------------------------------------------------------------------------------------
+
 
 def _drive_terminal(cmd, env, lines, timeout=120.0):
   """Runs `cmd` with stdin and stdout on a pseudo-terminal, typing each of `lines` once the next `you> ` prompt
@@ -134,8 +151,10 @@ def _drive_terminal(cmd, env, lines, timeout=120.0):
         break
     else:
       proc.kill()
-      pytest.fail(f"interactive chat did not finish; screen so far: {screen[-2000:]!r}; stderr: "
-                  f"{proc.stderr.read().decode()[-2000:]}")
+      pytest.fail(
+          f"interactive chat did not finish; screen so far: {screen[-2000:]!r}; stderr: "
+          f"{proc.stderr.read().decode()[-2000:]}"
+      )
     rc = proc.wait(timeout=30)
   finally:
     os.close(master)
@@ -148,8 +167,9 @@ def test_interactive_chat_on_a_terminal(assets):
   # readline it would stay "reset\x01/" and be asked as a question.
   reset = "reset\x01/\n" if editing else "/reset\n"
   cmd = [sys.executable, "-m", "kangaroo_jax.chat", assets["ckpt"], "--video", assets["video"], *FLAGS]
-  rc, screen, err = _drive_terminal(cmd, _env(assets["cache"]), ["/help\n", reset, "What happens?\n", "/nope\n",
-                                                                 "/quit\n"])
+  rc, screen, err = _drive_terminal(
+      cmd, _env(assets["cache"]), ["/help\n", reset, "What happens?\n", "/nope\n", "/quit\n"]
+  )
   assert rc == 0, err[-3000:]
   assert chat_cli.commands_text() in screen
   assert "history cleared" in screen and "kangaroo> B\n" in screen
@@ -161,15 +181,22 @@ def test_interactive_chat_on_a_terminal(assets):
 
 
 def test_piped_chat_prints_only_answers(assets):
-  run = subprocess.run([sys.executable, "-m", "kangaroo_jax.chat", assets["ckpt"], "--video", assets["video"],
-                        *FLAGS], input="/help\n/reset\nWhat happens?\n/quit\nnever asked\n", capture_output=True,
-                       text=True, env=_env(assets["cache"]), cwd=ROOT, timeout=300)
+  run = subprocess.run(
+      [sys.executable, "-m", "kangaroo_jax.chat", assets["ckpt"], "--video", assets["video"], *FLAGS],
+      input="/help\n/reset\nWhat happens?\n/quit\nnever asked\n",
+      capture_output=True,
+      text=True,
+      env=_env(assets["cache"]),
+      cwd=ROOT,
+      timeout=300,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout == "B\n"  # one answer: /help and /reset are commands, nothing after /quit is read
   assert run.stderr.strip() == chat_cli.commands_text().strip()  # /help goes to stderr; no phase lines in a pipe
 
 
 # --- B: --help of chat and evaluate -------------------------------------------------------------------------------
+
 
 def _option_entries(help_text: str) -> dict[str, str]:
   """{first option string: its whole help entry} from the `options:` section of argparse's --help."""
@@ -213,8 +240,14 @@ def test_train_turns_the_cache_on_before_it_starts(tmp_path):
   cache = tmp_path / "cache"
   config = os.path.join(ROOT, "configs/stage2_video_pretrain.py") + ":mode=cpu,steps=1"
   workdir = str(tmp_path / "not_a_folder")
-  proc = subprocess.run([sys.executable, "-m", "train", "--config", config, "--workdir", workdir], cwd=ROOT,
-                        env=_env(str(cache)), capture_output=True, text=True, timeout=240)
+  proc = subprocess.run(
+      [sys.executable, "-m", "train", "--config", config, "--workdir", workdir],
+      cwd=ROOT,
+      env=_env(str(cache)),
+      capture_output=True,
+      text=True,
+      timeout=240,
+  )
   assert proc.returncode == 2 and "not_a_folder" in proc.stderr, proc.stderr[-2000:]
   assert cache.is_dir()
 
@@ -225,8 +258,24 @@ def test_evaluate_turns_the_cache_on_before_loading(tmp_path):
   bench = tmp_path / "bench.json"
   bench.write_text('[{"question_id": "q", "video": "v.mp4", "question": "?", "options": ["a", "b"], "answer": "A"}]')
   cache = tmp_path / "cache"
-  proc = subprocess.run([sys.executable, "-m", "kangaroo_jax.evaluate", str(tmp_path), "--benchmark", str(bench),
-                         "--video-root", str(tmp_path), "--output", str(tmp_path / "out")],
-                        cwd=ROOT, env=_env(str(cache)), capture_output=True, text=True, timeout=240)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "kangaroo_jax.evaluate",
+          str(tmp_path),
+          "--benchmark",
+          str(bench),
+          "--video-root",
+          str(tmp_path),
+          "--output",
+          str(tmp_path / "out"),
+      ],
+      cwd=ROOT,
+      env=_env(str(cache)),
+      capture_output=True,
+      text=True,
+      timeout=240,
+  )
   assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path}"), proc.stderr[-2000:]
   assert cache.is_dir()

@@ -14,8 +14,7 @@ LM_HEAD = "llm/lm_head/kernel"  # [embed, vocab]: fsdp=8 splits its embed dim un
 
 def _param_specs(step) -> dict:
   """Parameter path -> PartitionSpec of the lowered train state (trained and frozen parameters)."""
-  return {path: leaf.sharding.spec for part in ("params", "frozen")
-          for path, leaf in flatten(step.state[part]).items()}
+  return {path: leaf.sharding.spec for part in ("params", "frozen") for path, leaf in flatten(step.state[part]).items()}
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,16 @@ def _scripts() -> dict[str, str]:
 
 def test_every_cli_module_has_a_script():
   targets = set(_scripts().values())
-  for module in ("kangaroo_jax.chat", "kangaroo_jax.evaluate", "kangaroo_jax.niah", "kangaroo_jax.serve.__main__",
-                 "train.__main__", "train.compile", "tools.convert_weights.__main__", "tools.build_dataset"):
+  for module in (
+      "kangaroo_jax.chat",
+      "kangaroo_jax.evaluate",
+      "kangaroo_jax.niah",
+      "kangaroo_jax.serve.__main__",
+      "train.__main__",
+      "train.compile",
+      "tools.convert_weights.__main__",
+      "tools.build_dataset",
+  ):
     assert any(t.split(":")[0] == module for t in targets), module
 
 

@@ -65,8 +65,9 @@ MESHES = {
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
-@pytest.mark.parametrize("causal,packed,zigzag", [(True, False, False), (True, True, True), (False, True, False),
-                                                  (True, False, True)])
+@pytest.mark.parametrize(
+    "causal,packed,zigzag", [(True, False, False), (True, True, True), (False, True, False), (True, False, True)]
+)
 def test_ring_matches_reference(mesh, causal, packed, zigzag):
   # s=48 (not a power of two) and block sizes that force several tiles per shard.
   s = 48 if mesh != "ctx8" else 80
@@ -77,7 +78,9 @@ def test_ring_matches_reference(mesh, causal, packed, zigzag):
 @pytest.mark.parametrize("mesh", ["ctx8", "fsdp2_ctx2_tp2"])
 @pytest.mark.parametrize("causal,packed,zigzag", [(True, True, True), (False, False, False)])
 def test_all_gather_matches_reference(mesh, causal, packed, zigzag):
-  _check(all_gather_attention, MESHES[mesh], causal=causal, packed=packed, zigzag=zigzag, s=80 if mesh == "ctx8" else 48)
+  _check(
+      all_gather_attention, MESHES[mesh], causal=causal, packed=packed, zigzag=zigzag, s=80 if mesh == "ctx8" else 48
+  )
 
 
 def test_ring_gqa_single_kv_head():
@@ -129,9 +132,16 @@ def test_decode_against_context_sharded_cache(mesh):
   valid = jnp.asarray(np.arange(t)[None] < filled[:, None])
   q_pos = jnp.asarray(filled - 1)[:, None]
   # Reference: causal attention of the last filled token over the filled prefix.
-  ref = np.stack([np.asarray(reference_attention(q[i:i + 1], k[i:i + 1, :filled[i]], v[i:i + 1, :filled[i]],
-                                                 causal=False))[0] for i in range(b)])
+  ref = np.stack(
+      [
+          np.asarray(
+              reference_attention(q[i : i + 1], k[i : i + 1, : filled[i]], v[i : i + 1, : filled[i]], causal=False)
+          )[0]
+          for i in range(b)
+      ]
+  )
   with jax.set_mesh(make_mesh(MESHES[mesh])):
     got = jax.jit(lambda *a: decode_attention(*a[:3], q_positions=a[3], cache_positions=a[4], cache_valid=a[5]))(
-        q, k, v, q_pos, cache_pos, valid)
+        q, k, v, q_pos, cache_pos, valid
+    )
   assert max_rel_error(got, ref) <= TOL

@@ -56,13 +56,29 @@ CFG = preset("tiny")
 
 def _hf_config_json(llm) -> dict:
   """config.json as released (transformers 4.41 layout, docs/model.md section 4), tiny sizes."""
-  return {"architectures": ["KangarooForCausalLM"], "model_type": "llama", "vocab_size": llm.vocab_size,
-          "hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
-          "num_hidden_layers": llm.num_layers, "num_attention_heads": llm.num_heads,
-          "num_key_value_heads": llm.num_kv_heads, "hidden_act": "silu", "rms_norm_eps": llm.rms_norm_eps,
-          "rope_theta": llm.rope_theta, "rope_scaling": None, "max_position_embeddings": llm.max_position_embeddings,
-          "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 1,
-          "eos_token_id": 2, "torch_dtype": "bfloat16", "pretraining_tp": 1, "use_flash_attention_2": True}
+  return {
+      "architectures": ["KangarooForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": llm.vocab_size,
+      "hidden_size": llm.hidden_size,
+      "intermediate_size": llm.intermediate_size,
+      "num_hidden_layers": llm.num_layers,
+      "num_attention_heads": llm.num_heads,
+      "num_key_value_heads": llm.num_kv_heads,
+      "hidden_act": "silu",
+      "rms_norm_eps": llm.rms_norm_eps,
+      "rope_theta": llm.rope_theta,
+      "rope_scaling": None,
+      "max_position_embeddings": llm.max_position_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "tie_word_embeddings": False,
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+      "torch_dtype": "bfloat16",
+      "pretraining_tp": 1,
+      "use_flash_attention_2": True,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +147,12 @@ def test_safetensors_import_matches_references(released, imported_f32):
   assert tokenizer is not None and tokenizer.stop_ids == (1, 4)
   report = json.load(open(os.path.join(imported_f32, "conversion_report.json")))
   assert report["mapped"] == len(released_entries(CFG, extras=False))
-  assert sorted(report["ignored"]) == ["vision_tower.head.bias", "vision_tower.head.weight",
-                                       "vision_tower.rope.freqs_cos", "vision_tower.rope.freqs_sin"]
+  assert sorted(report["ignored"]) == [
+      "vision_tower.head.bias",
+      "vision_tower.head.weight",
+      "vision_tower.rope.freqs_cos",
+      "vision_tower.rope.freqs_sin",
+  ]
   ids = np.random.RandomState(0).randint(0, CFG.llm.vocab_size, size=(2, 12))
   with torch.no_grad():
     ref = released["hf"](torch.from_numpy(ids)).logits.numpy()
@@ -141,8 +161,9 @@ def test_safetensors_import_matches_references(released, imported_f32):
   assert err <= TOL
 
   reference = Kangaroo(CFG, rngs=nnx.Rngs(0))
-  load_released_tensors(reference, {k: v for k, v in released["tensors"].items() if ".rope." not in k
-                                    and ".head." not in k})
+  load_released_tensors(
+      reference, {k: v for k, v in released["tensors"].items() if ".rope." not in k and ".head." not in k}
+  )
   ids, frames, ts = _visual_inputs(model, np.random.default_rng(0))
   got = np.asarray(model(ids, frames, ts))
   want = np.asarray(reference(ids, frames, ts))
@@ -197,8 +218,9 @@ def test_early_readahead_predicts_the_writers_order(released, tmp_path, monkeypa
 
   hints = []
   real = sources.SafetensorsSource.prefetch
-  monkeypatch.setattr(sources.SafetensorsSource, "prefetch", lambda self, order: (hints.append(list(order)),
-                                                                                    real(self, order))[1])
+  monkeypatch.setattr(
+      sources.SafetensorsSource, "prefetch", lambda self, order: (hints.append(list(order)), real(self, order))[1]
+  )
   result = import_checkpoint(released["dir"], str(tmp_path / "out"), preset="tiny", progress=False)
   assert len(hints) == 2 and hints[0] == hints[1] and len(hints[0]) == result.mapped
 
@@ -208,8 +230,9 @@ def test_round_trip_is_bit_identical_bf16(released, tmp_path):
   src = tmp_path / "bf16src"
   os.makedirs(src)
   shutil.copy(os.path.join(released["dir"], "config.json"), src / "config.json")
-  torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in released["tensors"].items()},
-             src / "pytorch_model.bin")
+  torch.save(
+      {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in released["tensors"].items()}, src / "pytorch_model.bin"
+  )
   first, exported, second = tmp_path / "a", tmp_path / "exp", tmp_path / "b"
   import_checkpoint(str(src), str(first), preset="tiny", progress=False)
   assert cli(["export", str(first), str(exported), "--quiet"]) == 0
@@ -232,8 +255,9 @@ def test_round_trip_is_bit_identical_bf16(released, tmp_path):
   model, _ = kangaroo_jax.from_pretrained(str(second), param_dtype="float32")
   kernel = model.llm.model.layers.mlp.down_proj.kernel[...]
   assert kernel.dtype == np.float32
-  assert np.array_equal(np.asarray(kernel), b.read(("llm", "model", "layers", "mlp", "down_proj", "kernel"))
-                        .astype(np.float32))
+  assert np.array_equal(
+      np.asarray(kernel), b.read(("llm", "model", "layers", "mlp", "down_proj", "kernel")).astype(np.float32)
+  )
 
 
 def _write_modified(released, tmp_path, change) -> str:
@@ -244,11 +268,14 @@ def _write_modified(released, tmp_path, change) -> str:
   return src
 
 
-@pytest.mark.parametrize("case", ["extra_key", "missing_key", "wrong_shape", "truncated", "corrupt_header",
-                                  "truncated_bin"])
+@pytest.mark.parametrize(
+    "case", ["extra_key", "missing_key", "wrong_shape", "truncated", "corrupt_header", "truncated_bin"]
+)
 def test_bad_checkpoints_fail_clearly_and_leave_nothing(released, tmp_path, case):
   if case == "extra_key":
-    src = _write_modified(released, tmp_path, lambda t: t.update({"vision_tower.time_embed.weight": torch.zeros(7, 32)}))
+    src = _write_modified(
+        released, tmp_path, lambda t: t.update({"vision_tower.time_embed.weight": torch.zeros(7, 32)})
+    )
     error, match = ConversionError, r"1 unmapped key\(s\):\n  vision_tower.time_embed.weight \(7, 32\) float32 \(hint:"
   elif case == "missing_key":
     src = _write_modified(released, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
@@ -325,15 +352,19 @@ def test_failure_while_writing_leaves_nothing(released, tmp_path, monkeypatch):
 
 def test_wrong_preset_names_the_fields(released, tmp_path):
   dst = tmp_path / "out"
-  with pytest.raises(ConversionError, match=r"vision.width = 1024 but the checkpoint has 32 "
-                                            r"\(vision_tower.patch_embed.proj.weight \(32, 3, 14, 14\)\)"):
+  with pytest.raises(
+      ConversionError,
+      match=r"vision.width = 1024 but the checkpoint has 32 "
+      r"\(vision_tower.patch_embed.proj.weight \(32, 3, 14, 14\)\)",
+  ):
     import_checkpoint(released["dir"], str(dst), preset="kangaroo-8b", progress=False)
   _no_output(dst)
 
 
 def test_absent_vision_norm_is_defaulted_only_when_unused(released, tmp_path):
-  src = _write_modified(released, tmp_path, lambda t: [t.pop(k) for k in ("vision_tower.norm.weight",
-                                                                         "vision_tower.norm.bias")])
+  src = _write_modified(
+      released, tmp_path, lambda t: [t.pop(k) for k in ("vision_tower.norm.weight", "vision_tower.norm.bias")]
+  )
   r = import_checkpoint(src, str(tmp_path / "ok"), preset="tiny", progress=False)
   assert sorted(r.defaulted) == ["vision_tower.norm.bias", "vision_tower.norm.weight"]
   stored = StoredParams(str(tmp_path / "ok" / "state"))
@@ -407,8 +438,11 @@ def test_inspect_reads_headers_only(released, tmp_path, monkeypatch, capsys):
   assert result["total_bytes"] == sum(v.nbytes for v in released["tensors"].values())
   assert cli(["inspect", src]) == 0
   out = capsys.readouterr().out
-  assert re.search(r"\nmodel\.layers\.1\.self_attn\.k_proj\.weight +F32 +\(32, 64\) +8,192 +"
-                   r"llm\.model\.layers\.self_attn\.k_proj\.kernel\[1\]\n", out), out
+  assert re.search(
+      r"\nmodel\.layers\.1\.self_attn\.k_proj\.weight +F32 +\(32, 64\) +8,192 +"
+      r"llm\.model\.layers\.self_attn\.k_proj\.kernel\[1\]\n",
+      out,
+  ), out
   assert "ignored: CLIP projection head" in out
   bin_result = inspect_checkpoint(_variant(released, tmp_path / "b", files=("pytorch_model.bin",)))
   assert bin_result["counts"]["ignored"] == 4 + 2 * CFG.vision.num_layers
@@ -441,8 +475,9 @@ def test_released_8b_layout_plans_cleanly(tmp_path):
   assert cfg.llm == cfg8.llm and cfg.llm.eos_token_ids == (128001, 128009)
   bf16 = np.dtype(ml_dtypes.bfloat16)
   entries = released_entries(cfg8)
-  entries += [(f"vision_tower.blocks.{i}.attn.rope.{n}", (1024, 64)) for i in range(24) for n in ("freqs_cos",
-                                                                                                   "freqs_sin")]
+  entries += [
+      (f"vision_tower.blocks.{i}.attn.rope.{n}", (1024, 64)) for i in range(24) for n in ("freqs_cos", "freqs_sin")
+  ]
   infos = {k: TensorInfo(k, tuple(s), bf16, "model.safetensors") for k, s in entries}
   check_against_header(cfg, infos, note)
   asm = plan_import(types.SimpleNamespace(infos=infos), cfg, dtype="bfloat16")
@@ -502,12 +537,22 @@ def test_streaming_writer_overlaps_within_the_memory_bound(tmp_path):
 
   def tree():
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    return {"stacked": LazyParam((5, 40, 48), bf16, lambda: ((i, source(x).T) for i, x in enumerate(layers)),
-                                 stacked=True, slice_bytes=layers[0].nbytes, reads=("a",)),
-            "big": LazyParam((80, 96), np.float32, lambda: iter([(None, source(big).T)]), stacked=False,
-                             slice_bytes=big.nbytes),
-            "id": LazyParam((48, 40), np.float32, lambda: iter([(None, source(layers[1]))]), stacked=False,
-                            slice_bytes=layers[1].nbytes)}
+    return {
+        "stacked": LazyParam(
+            (5, 40, 48),
+            bf16,
+            lambda: ((i, source(x).T) for i, x in enumerate(layers)),
+            stacked=True,
+            slice_bytes=layers[0].nbytes,
+            reads=("a",),
+        ),
+        "big": LazyParam(
+            (80, 96), np.float32, lambda: iter([(None, source(big).T)]), stacked=False, slice_bytes=big.nbytes
+        ),
+        "id": LazyParam(
+            (48, 40), np.float32, lambda: iter([(None, source(layers[1]))]), stacked=False, slice_bytes=layers[1].nbytes
+        ),
+    }
 
   order = []
   # 2 KB chunks: several blocks per tensor, so copies and writes of one tensor overlap the next read.
@@ -555,10 +600,18 @@ def test_unsharded_drops_only_a_one_chunk_sharding_codec():
   index = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
   def spec(grid, inner_chunk):
-    return {"driver": "zarr3", "metadata": {
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid}},
-        "codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": inner_chunk, "codecs": inner,
-                                                                  "index_codecs": index}}]}}
+    return {
+        "driver": "zarr3",
+        "metadata": {
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid}},
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {"chunk_shape": inner_chunk, "codecs": inner, "index_codecs": index},
+                }
+            ],
+        },
+    }
 
   one = spec([1, 64, 32], [1, 64, 32])
   assert _unsharded(one)["metadata"]["codecs"] == inner

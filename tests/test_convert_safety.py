@@ -101,13 +101,21 @@ def test_import_refuses_an_output_that_is_holds_or_lies_in_the_source(base, tmp_
   src = _copy(base["src"], tmp_path / "release")
   (tmp_path / "unrelated.txt").write_text("a file of the user's, beside the release")
   os.symlink(src, tmp_path / "link")
-  dst = {"same": src, "parent": str(tmp_path), "inside": os.path.join(src, "converted"),
-         "symlink": str(tmp_path / "link")}[where]
+  dst = {
+      "same": src,
+      "parent": str(tmp_path),
+      "inside": os.path.join(src, "converted"),
+      "symlink": str(tmp_path / "link"),
+  }[where]
   before = _digest(str(tmp_path))
   assert _import(src, dst, "--overwrite") == 2
   err = _one_error_line(capsys)
-  assert {"same": "would replace the input", "parent": "contains the input", "inside": "is inside the input",
-          "symlink": "would replace the input"}[where] in err
+  assert {
+      "same": "would replace the input",
+      "parent": "contains the input",
+      "inside": "is inside the input",
+      "symlink": "would replace the input",
+  }[where] in err
   assert _digest(str(tmp_path)) == before and sorted(os.listdir(tmp_path)) == ["link", "release", "unrelated.txt"]
 
 
@@ -190,9 +198,29 @@ sys.exit(main(sys.argv[3:]))
 
 def _killed_run(mode: str, src: str, dst: str) -> None:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _KILL, mode, dst, "import", src, dst, "--preset", "tiny", "--quiet",
-                         "--overwrite", "--dtype", "float32"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          _KILL,
+          mode,
+          dst,
+          "import",
+          src,
+          dst,
+          "--preset",
+          "tiny",
+          "--quiet",
+          "--overwrite",
+          "--dtype",
+          "float32",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
@@ -223,9 +251,11 @@ def test_a_run_killed_while_writing_leaves_a_partial_the_next_run_removes(base, 
 def test_leftovers_of_live_or_unknown_runs_are_reported_not_removed(base, tmp_path, capsys):
   dst = tmp_path / "out"
   host = output_dir._host()
-  leftovers = [tmp_path / ".out.partial-k3j2_x9",  # an older converter's name: no owner in it
-               tmp_path / f".out.partial-{host}-1-abc",  # pid 1 is alive
-               tmp_path / ".out.old-otherhost.example-12345-abc"]  # another host's
+  leftovers = [
+      tmp_path / ".out.partial-k3j2_x9",  # an older converter's name: no owner in it
+      tmp_path / f".out.partial-{host}-1-abc",  # pid 1 is alive
+      tmp_path / ".out.old-otherhost.example-12345-abc",
+  ]  # another host's
   for path in leftovers:
     path.mkdir()
     (path / "f").write_text("x")
@@ -258,10 +288,12 @@ def test_all_finite_agrees_with_isfinite():
 def test_describe_says_what_is_not_finite():
   x = np.array([1.0, np.nan, np.inf, -np.inf, 3.4e38, -3.4e38], np.float32)
   assert describe(x, np.float32) == "1 NaN and 2 Inf in the source"
-  assert describe(x, ml_dtypes.bfloat16) == ("1 NaN and 2 Inf in the source; 2 finite values overflow to Inf in "
-                                             "bfloat16 (largest |x| 3.4e+38)")
-  assert describe(np.array([1e5], np.float32), np.float16) == ("1 finite value overflows to Inf in float16 "
-                                                               "(largest |x| 1e+05)")
+  assert describe(x, ml_dtypes.bfloat16) == (
+      "1 NaN and 2 Inf in the source; 2 finite values overflow to Inf in " "bfloat16 (largest |x| 3.4e+38)"
+  )
+  assert describe(np.array([1e5], np.float32), np.float16) == (
+      "1 finite value overflows to Inf in float16 " "(largest |x| 1e+05)"
+  )
   assert describe(np.ones(3, np.float32), ml_dtypes.bfloat16) is None
 
 
@@ -278,14 +310,17 @@ def test_nonfinite_weights_are_reported_by_tensor_name(base, tmp_path, capsys):
   assert result.nonfinite == {
       "mm_projector.2.weight": "1 finite value overflows to Inf in bfloat16 (largest |x| 3.4e+38)",
       "model.layers.1.mlp.down_proj.weight": "1 NaN in the source",
-      "model.norm.weight": "1 Inf in the source"}
+      "model.norm.weight": "1 Inf in the source",
+  }
   report = json.load(open(tmp_path / "bf16" / REPORT_FILE))
   assert report["nonfinite"] == result.nonfinite
   assert _import(src, tmp_path / "f32", "--dtype", "float32") == 0  # a warning, not an error
   # Only the tensor warnings: the vision settings no shape checks are warned about too (one line each).
   err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: model.")]
-  assert err == ["warning: model.layers.1.mlp.down_proj.weight: 1 NaN in the source",
-                 "warning: model.norm.weight: 1 Inf in the source"]
+  assert err == [
+      "warning: model.layers.1.mlp.down_proj.weight: 1 NaN in the source",
+      "warning: model.norm.weight: 1 Inf in the source",
+  ]
   clean = import_checkpoint(base["src"], str(tmp_path / "clean"), preset="tiny", progress=False)
   assert clean.nonfinite == {}
 
@@ -301,8 +336,9 @@ def test_export_reports_values_that_overflow_the_exported_dtype(base, tmp_path):
 def test_a_tensor_listed_twice_in_a_header_is_refused(tmp_path, capsys):
   # json.loads (and the safetensors library) would silently read this as one float32 at offset 0.
   entry = b'{"dtype":"F32","shape":[%d],"data_offsets":[0,%d]}'
-  path = _raw_safetensors(tmp_path / "model.safetensors", b'{"w":' + entry % (2, 8) + b',"w":' + entry % (1, 4) + b"}",
-                          b"\0" * 4)
+  path = _raw_safetensors(
+      tmp_path / "model.safetensors", b'{"w":' + entry % (2, 8) + b',"w":' + entry % (1, 4) + b"}", b"\0" * 4
+  )
   with pytest.raises(SafetensorsError, match=r"model.safetensors: the header lists 'w' twice; the file is corrupt"):
     safetensors_io.read_header(path)
   assert cli(["inspect", str(tmp_path)]) == 2
@@ -318,28 +354,45 @@ def test_a_tensor_listed_twice_in_a_header_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("metadata", [b'["format"]', b'"pt"', b"7"])
 def test_a_non_dict_metadata_is_refused(tmp_path, capsys, metadata):
-  path = _raw_safetensors(tmp_path / "model.safetensors", b'{"__metadata__":' + metadata +
-                          b',"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4)
+  path = _raw_safetensors(
+      tmp_path / "model.safetensors",
+      b'{"__metadata__":' + metadata + b',"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+      b"\0" * 4,
+  )
   with pytest.raises(SafetensorsError, match=r"model.safetensors: '__metadata__' is .*; expected an object of strings"):
     safetensors_io.read_header(path)
   assert cli(["inspect", path]) == 2
   assert "'__metadata__'" in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("hidden_size", "64", "field 'hidden_size' is \"64\" (a string); expected an integer"),
-    ("num_hidden_layers", 2.5, "field 'num_hidden_layers' is 2.5 (a number); expected an integer"),
-    ("rms_norm_eps", "1e-5", "field 'rms_norm_eps' is \"1e-5\" (a string); expected a number"),
-    ("tie_word_embeddings", "false", "field 'tie_word_embeddings' is \"false\" (a string); expected true or false"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0},
-     "rope_scaling lacks 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4,
-                      "original_max_position_embeddings": 8192},
-     "config.json rope_scaling: field 'factor' is \"8\" (a string); expected a number"),
-    ("rope_scaling", 8, "field 'rope_scaling' is 8 (an integer); expected an object or null"),
-    ("vocab_size", None, "required field 'vocab_size' is missing"),
-    ("eos_token_id", [2, "</s>"], "field 'eos_token_id' holds \"</s>\"; expected integer token ids"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("hidden_size", "64", "field 'hidden_size' is \"64\" (a string); expected an integer"),
+        ("num_hidden_layers", 2.5, "field 'num_hidden_layers' is 2.5 (a number); expected an integer"),
+        ("rms_norm_eps", "1e-5", "field 'rms_norm_eps' is \"1e-5\" (a string); expected a number"),
+        ("tie_word_embeddings", "false", "field 'tie_word_embeddings' is \"false\" (a string); expected true or false"),
+        (
+            "rope_scaling",
+            {"rope_type": "llama3", "factor": 8.0},
+            "rope_scaling lacks 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'",
+        ),
+        (
+            "rope_scaling",
+            {
+                "rope_type": "llama3",
+                "factor": "8",
+                "low_freq_factor": 1,
+                "high_freq_factor": 4,
+                "original_max_position_embeddings": 8192,
+            },
+            "config.json rope_scaling: field 'factor' is \"8\" (a string); expected a number",
+        ),
+        ("rope_scaling", 8, "field 'rope_scaling' is 8 (an integer); expected an object or null"),
+        ("vocab_size", None, "required field 'vocab_size' is missing"),
+        ("eos_token_id", [2, "</s>"], "field 'eos_token_id' holds \"</s>\"; expected integer token ids"),
+    ],
+)
 def test_config_json_fields_of_the_wrong_type_are_refused(base, tmp_path, capsys, field, value, expected):
   src = _copy(base["src"], tmp_path / "src")
   path = os.path.join(src, "config.json")
@@ -356,11 +409,13 @@ def test_config_json_fields_of_the_wrong_type_are_refused(base, tmp_path, capsys
 def test_wrong_or_damaged_paths_are_one_line_errors(base, tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   (tmp_path / "notes.txt").write_text("x")
-  cases = [(["import", str(tmp_path / "missing"), str(tmp_path / "o")], "missing: no such file or folder"),
-           (["import", str(tmp_path / "notes.txt"), str(tmp_path / "o")], "expected a .safetensors or .bin file"),
-           (["import", str(tmp_path / "empty"), str(tmp_path / "o")], "empty: no checkpoint found"),
-           (["inspect", str(tmp_path / "missing")], "no such file or folder"),
-           (["export", base["src"], str(tmp_path / "o")], "not a converted checkpoint")]
+  cases = [
+      (["import", str(tmp_path / "missing"), str(tmp_path / "o")], "missing: no such file or folder"),
+      (["import", str(tmp_path / "notes.txt"), str(tmp_path / "o")], "expected a .safetensors or .bin file"),
+      (["import", str(tmp_path / "empty"), str(tmp_path / "o")], "empty: no checkpoint found"),
+      (["inspect", str(tmp_path / "missing")], "no such file or folder"),
+      (["export", base["src"], str(tmp_path / "o")], "not a converted checkpoint"),
+  ]
   broken_config = _copy(base["out"], tmp_path / "broken_config")
   open(os.path.join(broken_config, CONFIG_FILE), "w").write("{not json")
   cases.append((["export", broken_config, str(tmp_path / "o")], f"broken_config/{CONFIG_FILE}: "))
@@ -419,6 +474,7 @@ def test_a_full_disk_is_named_and_leaves_no_partial_output(base, tmp_path, monke
   monkeypatch.undo()
 
   class FullAfterHeader:  # the header goes in, the first tensor's bytes do not
+
     def __init__(self, path, mode):
       self.f, self.writes = builtins.open(path, mode), 0
 

@@ -31,9 +31,23 @@ TINY = preset("tiny")
 # A fine-tuned tower the tiny preset does not describe: wider, deeper, another MLP width.
 WIDE = TINY.replace(vision=dataclasses.replace(TINY.vision, width=48, num_layers=3, head_width=16, mlp_hidden=128))
 # EVA-CLIP's own names and switches, as the release's EVA02-CLIP-L-14-448.json holds them.
-WIDE_EVA = {"image_size": 56, "layers": 3, "width": 48, "drop_path_rate": 0, "head_width": 16, "mlp_ratio": 2.6667,
-            "patch_size": 14, "eva_model_name": "eva-clip-l-14-448", "xattn": True, "fusedLN": True, "rope": True,
-            "pt_hw_seq_len": 2, "intp_freq": True, "naiveswiglu": True, "subln": True}
+WIDE_EVA = {
+    "image_size": 56,
+    "layers": 3,
+    "width": 48,
+    "drop_path_rate": 0,
+    "head_width": 16,
+    "mlp_ratio": 2.6667,
+    "patch_size": 14,
+    "eva_model_name": "eva-clip-l-14-448",
+    "xattn": True,
+    "fusedLN": True,
+    "rope": True,
+    "pt_hw_seq_len": 2,
+    "intp_freq": True,
+    "naiveswiglu": True,
+    "subln": True,
+}
 
 
 def _folder(root, *, extras: bool = True, vision_config: dict | None = None, eva: dict | None = None) -> str:
@@ -64,8 +78,9 @@ def test_preset_alone_still_fails_on_another_width(tmp_path):
 def test_vision_config_with_another_width_imports_and_loads(wide, tmp_path):
   result = import_checkpoint(wide, str(tmp_path / "out"), preset="tiny", dtype="float32", progress=False)
   assert result.config.vision == WIDE.vision  # mlp_ratio 2.6667 floors to 128 as in EVA (int(48 * 2.6667))
-  assert result.config_source == ("LLM from config.json, vision from config.json vision_config, projector from "
-                                  "the preset")
+  assert result.config_source == (
+      "LLM from config.json, vision from config.json vision_config, projector from " "the preset"
+  )
   converted, _ = kangaroo_jax.from_pretrained(str(tmp_path / "out"))
   direct, _ = kangaroo_jax.from_pretrained(wide, preset="tiny", warn=lambda s: None)
   assert direct.cfg == converted.cfg and direct.cfg.vision.width == 48
@@ -100,12 +115,18 @@ def test_settings_no_shape_checks_are_warned_one_line_each(tmp_path, capsys):
   no_rope = _folder(tmp_path / "no_rope", extras=False, vision_config=WIDE_EVA)
   assert cli(["import", no_rope, str(tmp_path / "a"), "--preset", "tiny", "--quiet"]) == 0
   lines = _stderr_lines(capsys)
-  assert [line.split(" = ")[0] for line in lines] == ["warning: vision.head_width", "warning: vision.pt_hw_seq_len",
-                                                      "warning: projector.tpe"]
-  assert lines[0].startswith("warning: vision.head_width = 16 (config.json vision_config.head_width) is not checked: "
-                             "only the vision_tower.rope.freqs_cos table shows it and this checkpoint has none")
-  assert lines[1].startswith("warning: vision.pt_hw_seq_len = 2 (config.json vision_config.pt_hw_seq_len) is not "
-                             "checked")
+  assert [line.split(" = ")[0] for line in lines] == [
+      "warning: vision.head_width",
+      "warning: vision.pt_hw_seq_len",
+      "warning: projector.tpe",
+  ]
+  assert lines[0].startswith(
+      "warning: vision.head_width = 16 (config.json vision_config.head_width) is not checked: "
+      "only the vision_tower.rope.freqs_cos table shows it and this checkpoint has none"
+  )
+  assert lines[1].startswith(
+      "warning: vision.pt_hw_seq_len = 2 (config.json vision_config.pt_hw_seq_len) is not " "checked"
+  )
   assert lines[2].startswith("warning: projector.tpe = 'sinusoidal' (base 10000.0) (preset 'tiny') is not checked")
   report = json.load(open(tmp_path / "a" / "conversion_report.json"))
   assert ["warning: " + line for line in report["unverified"]] == lines
@@ -116,30 +137,41 @@ def test_settings_no_shape_checks_are_warned_one_line_each(tmp_path, capsys):
   # With EVA's RoPE table in the checkpoint, head_width is checked by its shape: no warning for it.
   with_rope = _folder(tmp_path / "rope", vision_config=WIDE_EVA)
   assert cli(["import", with_rope, str(tmp_path / "b"), "--preset", "tiny", "--quiet"]) == 0
-  assert [line.split(" = ")[0] for line in _stderr_lines(capsys)] == ["warning: vision.pt_hw_seq_len",
-                                                                      "warning: projector.tpe"]
+  assert [line.split(" = ")[0] for line in _stderr_lines(capsys)] == [
+      "warning: vision.pt_hw_seq_len",
+      "warning: projector.tpe",
+  ]
 
 
 def test_wrong_head_width_is_refused_by_the_rope_table_and_only_warned_without_it(tmp_path):
   """Why the warning: without EVA's RoPE table nothing shows a wrong head_width, and it loads (another head
   count: the issue measured logits 1e-3 off)."""
   wrong = {**WIDE_EVA, "head_width": 8}
-  with pytest.raises(ConversionError, match=r"vision.head_width = 8 but the checkpoint has 16 "
-                                            r"\(vision_tower.rope.freqs_cos"):
-    import_checkpoint(_folder(tmp_path / "rope", vision_config=wrong), str(tmp_path / "x"), preset="tiny",
-                      progress=False)
+  with pytest.raises(
+      ConversionError, match=r"vision.head_width = 8 but the checkpoint has 16 " r"\(vision_tower.rope.freqs_cos"
+  ):
+    import_checkpoint(
+        _folder(tmp_path / "rope", vision_config=wrong), str(tmp_path / "x"), preset="tiny", progress=False
+    )
   said = []
-  bad, _ = kangaroo_jax.from_pretrained(_folder(tmp_path / "wrong", extras=False, vision_config=wrong), preset="tiny",
-                                        warn=said.append)
+  bad, _ = kangaroo_jax.from_pretrained(
+      _folder(tmp_path / "wrong", extras=False, vision_config=wrong), preset="tiny", warn=said.append
+  )
   assert bad.cfg.vision.num_heads == 6  # 48 / 8 instead of 48 / 16
   assert said[0].startswith("vision.head_width = 8 (config.json vision_config.head_width) is not checked")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"rope": False}, "config.json vision_config: rope=false is not supported (the EVA tower here has rope=true)"),
-    ({"width": "48"}, "config.json vision_config: field 'width' is \"48\" (a string); expected an integer"),
-    ({"head_width": 20}, "describe a tower we cannot build: VisionConfig.head_width: width (48) must be a multiple"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope": False}, "config.json vision_config: rope=false is not supported (the EVA tower here has rope=true)"),
+        ({"width": "48"}, "config.json vision_config: field 'width' is \"48\" (a string); expected an integer"),
+        (
+            {"head_width": 20},
+            "describe a tower we cannot build: VisionConfig.head_width: width (48) must be a multiple",
+        ),
+    ],
+)
 def test_unusable_vision_settings_are_one_line_errors(tmp_path, capsys, change, message):
   src = _folder(tmp_path / "src", vision_config={**WIDE_EVA, **change})
   assert cli(["import", src, str(tmp_path / "out"), "--preset", "tiny", "--quiet"]) == 2
@@ -151,8 +183,9 @@ def test_unusable_vision_settings_are_one_line_errors(tmp_path, capsys, change, 
 def test_unknown_vision_key_is_ignored_with_a_warning(tmp_path, capsys):
   src = _folder(tmp_path / "src", vision_config={**WIDE_EVA, "use_fancy_pool": True})
   assert cli(["import", src, str(tmp_path / "out"), "--preset", "tiny", "--quiet"]) == 0
-  assert _stderr_lines(capsys)[0] == ("warning: config.json vision_config.use_fancy_pool = true is not a setting the "
-                                      "converter knows: ignored")
+  assert _stderr_lines(capsys)[0] == (
+      "warning: config.json vision_config.use_fancy_pool = true is not a setting the " "converter knows: ignored"
+  )
 
 
 def test_export_writes_the_vision_config_and_reimport_matches(wide, tmp_path, capsys):

@@ -29,8 +29,15 @@ def manifest(tmp_path_factory):
   (d / "empty.mp4").write_bytes(b"")
   rows = [
       json.dumps({"id": "a", "video": "good.mp4", "conversations": CONV}),
-      json.dumps({"id": "b", "video": "good2.mp4", "start": 0.5, "end": 1.5,
-                  "conversations": [{"from": "human", "value": "<video>Hm?"}, {"from": "gpt", "value": "Yes."}]}),
+      json.dumps(
+          {
+              "id": "b",
+              "video": "good2.mp4",
+              "start": 0.5,
+              "end": 1.5,
+              "conversations": [{"from": "human", "value": "<video>Hm?"}, {"from": "gpt", "value": "Yes."}],
+          }
+      ),
       json.dumps({"id": "c", "video": "missing.mp4", "conversations": CONV}),
       json.dumps({"id": "d", "video": "truncated.mp4", "conversations": CONV}),
       json.dumps({"id": "e", "video": "corrupt.mp4", "conversations": CONV}),
@@ -71,8 +78,23 @@ def test_build_skips_and_counts_every_bad_kind(manifest, tmp_path):
 
 def test_cli_jpeg_progress_and_max_skip_rate(manifest, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "tools.build_dataset", str(manifest / "m.jsonl"), str(tmp_path / "o"), "--size", "56",
-         "--fps", "4", "--max-frames", "6", "--shards", "1", "--max-skip-rate", "1"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "tools.build_dataset",
+      str(manifest / "m.jsonl"),
+      str(tmp_path / "o"),
+      "--size",
+      "56",
+      "--fps",
+      "4",
+      "--max-frames",
+      "6",
+      "--shards",
+      "1",
+      "--max-skip-rate",
+      "1",
+  ]
   r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["written"] == 2
@@ -80,6 +102,5 @@ def test_cli_jpeg_progress_and_max_skip_rate(manifest, tmp_path):
   recs = _read_all([str(tmp_path / "o" / "data-00000-of-00001.array_record")])
   frames = decode_frames(recs[0]["frames"])
   assert recs[0]["frames"]["format"] == "jpeg" and frames.shape == (6, 56, 56, 3)
-  r = subprocess.run(cmd[:-1] + ["0.5", "--overwrite"], capture_output=True, text=True, env=env, cwd=REPO,
-                     timeout=120)
+  r = subprocess.run(cmd[:-1] + ["0.5", "--overwrite"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert r.returncode == 1 and "max-skip-rate" in r.stderr and "summary.json" in r.stderr

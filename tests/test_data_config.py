@@ -16,19 +16,22 @@ def test_the_trainer_and_the_pipeline_share_one_class():
   assert (cfg.data.packing_bins, cfg.data.keep_aspect, cfg.data.frame_hw) == (2, True, (56, 56))
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(seq_len=0), "data.seq_len: expected >= 1, got 0"),
-    (dict(batch_size="8"), "data.batch_size: expected an int, got '8'"),
-    (dict(source="files"), "data.source: got 'files', expected one of ('synthetic', 'grain')"),
-    (dict(max_frames=5), "data.max_frames: frame counts must be even (patchify pairs frames), got max_frames=5"),
-    (dict(num_frames=10), "data.num_frames: 10 frames per video exceed max_frames=8"),
-    (dict(fps=1.0), "data.fps: set num_frames or fps, not both (num_frames=8)"),
-    (dict(max_skip_rate=float("nan")), "data.max_skip_rate: expected a finite number, got nan"),
-    (dict(frame_size=(56,)), "data.frame_size: expected a positive int or (H, W), got (56,)"),
-    (dict(source="grain", dataset="d"), "data.tokenizer: required when data.source='grain'"),
-    (dict(tfds_mapping="video_caption"), "data.tfds_mapping: only for a TFDS dataset"),
-    (dict(dataset="tfds:"), "data.dataset='tfds:': expected tfds:NAME[/CONFIG][:VERSION][:SPLIT]"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(seq_len=0), "data.seq_len: expected >= 1, got 0"),
+        (dict(batch_size="8"), "data.batch_size: expected an int, got '8'"),
+        (dict(source="files"), "data.source: got 'files', expected one of ('synthetic', 'grain')"),
+        (dict(max_frames=5), "data.max_frames: frame counts must be even (patchify pairs frames), got max_frames=5"),
+        (dict(num_frames=10), "data.num_frames: 10 frames per video exceed max_frames=8"),
+        (dict(fps=1.0), "data.fps: set num_frames or fps, not both (num_frames=8)"),
+        (dict(max_skip_rate=float("nan")), "data.max_skip_rate: expected a finite number, got nan"),
+        (dict(frame_size=(56,)), "data.frame_size: expected a positive int or (H, W), got (56,)"),
+        (dict(source="grain", dataset="d"), "data.tokenizer: required when data.source='grain'"),
+        (dict(tfds_mapping="video_caption"), "data.tfds_mapping: only for a TFDS dataset"),
+        (dict(dataset="tfds:"), "data.dataset='tfds:': expected tfds:NAME[/CONFIG][:VERSION][:SPLIT]"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_the_field(changes, message):
   with pytest.raises(ConfigError) as e:
     DataConfig(**changes)

@@ -70,11 +70,23 @@ def _free_port() -> int:
 def test_two_processes_read_disjoint_shards(tmp_path):
   write_records(str(tmp_path / "data"), 20, shards=2, frames_for=lambda i: 2)
   script = tmp_path / "worker.py"
-  script.write_text(WORKER.format(tests=os.path.join(REPO, "tests"), port=_free_port(), tok=str(tmp_path / "tok"),
-                                  data=str(tmp_path / "data")))
+  script.write_text(
+      WORKER.format(
+          tests=os.path.join(REPO, "tests"), port=_free_port(), tok=str(tmp_path / "tok"), data=str(tmp_path / "data")
+      )
+  )
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen([sys.executable, str(script), str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=REPO) for p in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(script), str(p)],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env=env,
+          cwd=REPO,
+      )
+      for p in range(2)
+  ]
   results = []
   for p in procs:
     out, err = p.communicate(timeout=240)

@@ -29,14 +29,23 @@ def env(tmp_path_factory):
 
 
 def _cfg(d, **kw):
-  base = dict(dataset=str(d / "data"), seq_len=160, batch_size=2, frame_size=56, max_frames=8,
-              packing_bins=3, num_epochs=1, shuffle_seed=3)
+  base = dict(
+      dataset=str(d / "data"),
+      seq_len=160,
+      batch_size=2,
+      frame_size=56,
+      max_frames=8,
+      packing_bins=3,
+      num_epochs=1,
+      shuffle_seed=3,
+  )
   return DataConfig(**{**base, **kw})
 
 
 def _raw(cfg):
   """Every record's bytes, shard by shard."""
   from array_record.python.array_record_module import ArrayRecordReader
+
   raw = []
   for p in cfg.shard_files():
     r = ArrayRecordReader(p)
@@ -53,9 +62,16 @@ def _segments(batch):
       sel = seg == s
       n_vis = int((batch["input_ids"][b][sel] < 0).sum())
       f = n_vis // 4 * 2  # tiny at 56 px: 4 visual tokens per frame pair
-      frames = batch["frames"][b, fo:fo + f]
-      yield (frame_index_of(frames[0]), batch["input_ids"][b][sel], batch["loss_mask"][b][sel],
-             batch["targets"][b][sel], frames, batch["timestamps"][b, fo:fo + f], batch["positions"][b][sel])
+      frames = batch["frames"][b, fo : fo + f]
+      yield (
+          frame_index_of(frames[0]),
+          batch["input_ids"][b][sel],
+          batch["loss_mask"][b][sel],
+          batch["targets"][b][sel],
+          frames,
+          batch["timestamps"][b, fo : fo + f],
+          batch["positions"][b][sel],
+      )
       fo += f
     assert fo == batch["num_frames"][b]
     assert not batch["frames"][b, fo:].any() and not batch["timestamps"][b, fo:].any()
@@ -67,9 +83,16 @@ def test_batches_follow_the_contract_and_account_for_every_sample(env):
   it = make_train_iterator(cfg, model_cfg, tok)
   batches = list(it)
   b0 = batches[0]
-  want = {"input_ids": (np.int32, (2, 160)), "targets": (np.int32, (2, 160)), "loss_mask": (np.float32, (2, 160)),
-          "positions": (np.int32, (2, 160)), "segment_ids": (np.int32, (2, 160)),
-          "frames": (np.uint8, (2, 8, 56, 56, 3)), "timestamps": (np.float32, (2, 8)), "num_frames": (np.int32, (2,))}
+  want = {
+      "input_ids": (np.int32, (2, 160)),
+      "targets": (np.int32, (2, 160)),
+      "loss_mask": (np.float32, (2, 160)),
+      "positions": (np.int32, (2, 160)),
+      "segment_ids": (np.int32, (2, 160)),
+      "frames": (np.uint8, (2, 8, 56, 56, 3)),
+      "timestamps": (np.float32, (2, 8)),
+      "num_frames": (np.int32, (2,)),
+  }
   assert {k: (v.dtype.type, v.shape) for k, v in b0.items()} == want
   prep = PrepareSample(cfg, model_cfg, tok)
   expected = {}
@@ -107,6 +130,7 @@ def test_packed_row_logits_equal_each_sample_alone(env):
   from flax import nnx
   from kangaroo_jax.data.video import normalize_frames
   from kangaroo_jax.models.kangaroo import Kangaroo
+
   d, tok = env
   it = make_train_iterator(_cfg(d, batch_size=1, packing_bins=1, seq_len=160), tiny(), tok)
   batch = next(b for b in it if b["segment_ids"].max() >= 2)
@@ -125,17 +149,23 @@ def test_packed_row_logits_equal_each_sample_alone(env):
 
   @nnx.jit
   def fwd(m, x):
-    return m(x["input_ids"], normalize_frames(x["frames"]), x["timestamps"], positions=x["positions"],
-             segment_ids=x["segment_ids"])
+    return m(
+        x["input_ids"],
+        normalize_frames(x["frames"]),
+        x["timestamps"],
+        positions=x["positions"],
+        segment_ids=x["segment_ids"],
+    )
 
   logits = np.asarray(fwd(model, x))
   seg = batch["segment_ids"][0]
   for s, (_, ids, *_rest) in enumerate(segs, start=1):
-    np.testing.assert_allclose(logits[0][seg == s], logits[s][:len(ids)], atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(logits[0][seg == s], logits[s][: len(ids)], atol=2e-4, rtol=2e-4)
   # The check can fail: without segment ids the later segments see the earlier ones.
-  leaky = np.asarray(nnx.jit(lambda m, x: m(x["input_ids"][:1], normalize_frames(x["frames"][:1]),
-                                            x["timestamps"][:1]))(model, x))
-  assert not np.allclose(leaky[0][seg == 2], logits[2][:int((seg == 2).sum())], atol=2e-4)
+  leaky = np.asarray(
+      nnx.jit(lambda m, x: m(x["input_ids"][:1], normalize_frames(x["frames"][:1]), x["timestamps"][:1]))(model, x)
+  )
+  assert not np.allclose(leaky[0][seg == 2], logits[2][: int((seg == 2).sum())], atol=2e-4)
 
 
 RESUME_SCRIPT = r"""
@@ -173,11 +203,24 @@ def test_resume_in_a_new_process_gives_identical_batches(env, tmp_path, workers)
     b = next(it)
     want.append({k: v.tolist() for k, v in b.items() if k != "frames"} | {"frames_sum": int(b["frames"].sum())})
   it.close()
-  cfg_json = json.dumps({"dataset": cfg.dataset, "seq_len": 160, "batch_size": 2, "frame_size": [56, 56],
-                         "max_frames": 8, "packing_bins": 3, "shuffle_seed": 3, "worker_count": workers})
+  cfg_json = json.dumps(
+      {
+          "dataset": cfg.dataset,
+          "seq_len": 160,
+          "batch_size": 2,
+          "frame_size": [56, 56],
+          "max_frames": 8,
+          "packing_bins": 3,
+          "shuffle_seed": 3,
+          "worker_count": workers,
+      }
+  )
   script = tmp_path / "resume.py"
-  script.write_text(RESUME_SCRIPT.format(tests=os.path.join(REPO, "tests"), cfg=cfg_json, tok=str(d / "tok2"),
-                                         state=str(tmp_path / "state.json")))
+  script.write_text(
+      RESUME_SCRIPT.format(
+          tests=os.path.join(REPO, "tests"), cfg=cfg_json, tok=str(d / "tok2"), state=str(tmp_path / "state.json")
+      )
+  )
   envv = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=envv, cwd=REPO, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -188,6 +231,7 @@ def test_resume_in_a_new_process_gives_identical_batches(env, tmp_path, workers)
 def test_bad_samples_are_skipped_counted_and_the_rate_is_enforced(env, tmp_path):
   from array_record.python.array_record_module import ArrayRecordWriter
   from kangaroo_jax.data.records import encode_frames
+
   d, tok = env
   good = write_video(str(tmp_path / "good.mp4"), 20, fps=10)
   data = open(good, "rb").read()
@@ -195,35 +239,69 @@ def test_bad_samples_are_skipped_counted_and_the_rate_is_enforced(env, tmp_path)
   (tmp_path / "junk.mp4").write_bytes(os.urandom(2000))
   (tmp_path / "empty.mp4").write_bytes(b"")
   conv = [{"role": "user", "content": "<video>What?"}, {"role": "assistant", "content": "A ball."}]
-  recs = [pack_record({"id": "ok", "video": {"path": good}, "messages": conv}),
-          pack_record({"id": "missing", "video": {"path": str(tmp_path / "nope.mp4")}, "messages": conv}),
-          pack_record({"id": "cut", "video": {"path": str(tmp_path / "cut.mp4")}, "messages": conv}),
-          pack_record({"id": "junk", "video": {"path": str(tmp_path / "junk.mp4")}, "messages": conv}),
-          pack_record({"id": "empty", "video": {"path": str(tmp_path / "empty.mp4")}, "messages": conv}),
-          b"\xc1garbage",
-          pack_record({"id": "noframes", "frames": {"format": "raw", "count": 2, "height": 4, "width": 4,
-                                                    "data": b"x"}, "messages": conv}),
-          pack_record({"id": "nomarker", "video": {"path": good},
-                       "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "x"}]}),
-          pack_record({"id": "long", "video": {"path": good},
-                       "messages": [conv[0], {"role": "assistant", "content": "word " * 400}]}),
-          pack_record({"id": "many", "frames": encode_frames(np.zeros((10, 56, 56, 3), np.uint8), "raw"),
-                       "messages": conv})]
+  recs = [
+      pack_record({"id": "ok", "video": {"path": good}, "messages": conv}),
+      pack_record({"id": "missing", "video": {"path": str(tmp_path / "nope.mp4")}, "messages": conv}),
+      pack_record({"id": "cut", "video": {"path": str(tmp_path / "cut.mp4")}, "messages": conv}),
+      pack_record({"id": "junk", "video": {"path": str(tmp_path / "junk.mp4")}, "messages": conv}),
+      pack_record({"id": "empty", "video": {"path": str(tmp_path / "empty.mp4")}, "messages": conv}),
+      b"\xc1garbage",
+      pack_record(
+          {
+              "id": "noframes",
+              "frames": {"format": "raw", "count": 2, "height": 4, "width": 4, "data": b"x"},
+              "messages": conv,
+          }
+      ),
+      pack_record(
+          {
+              "id": "nomarker",
+              "video": {"path": good},
+              "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "x"}],
+          }
+      ),
+      pack_record(
+          {
+              "id": "long",
+              "video": {"path": good},
+              "messages": [conv[0], {"role": "assistant", "content": "word " * 400}],
+          }
+      ),
+      pack_record(
+          {"id": "many", "frames": encode_frames(np.zeros((10, 56, 56, 3), np.uint8), "raw"), "messages": conv}
+      ),
+  ]
   w = ArrayRecordWriter(str(tmp_path / "bad.array_record"), "group_size:1")
   for r in recs:
     w.write(r)
   w.close()
-  cfg = DataConfig(dataset=str(tmp_path / "bad.array_record"), seq_len=200, batch_size=1, frame_size=56,
-                   max_frames=8, num_frames=4, num_epochs=1, shuffle=False, max_skip_rate=1.0)
+  cfg = DataConfig(
+      dataset=str(tmp_path / "bad.array_record"),
+      seq_len=200,
+      batch_size=1,
+      frame_size=56,
+      max_frames=8,
+      num_frames=4,
+      num_epochs=1,
+      shuffle=False,
+      max_skip_rate=1.0,
+  )
   it = make_train_iterator(cfg, tiny(), tok)
   rows = list(it)
   assert len(rows) == 1 and rows[0]["segment_ids"].max() == 1
-  assert it.skipped == {"bad_record": 2, "missing_video": 1, "bad_video": 3, "bad_conversation": 1, "too_long": 1,
-                        "too_many_frames": 1}
+  assert it.skipped == {
+      "bad_record": 2,
+      "missing_video": 1,
+      "bad_video": 3,
+      "bad_conversation": 1,
+      "too_long": 1,
+      "too_many_frames": 1,
+  }
   m = it.metrics()
   assert m["data/seen"] == 10 and m["data/skip_rate"] == pytest.approx(0.9)
-  strict = make_train_iterator(DataConfig(**{**cfg.__dict__, "max_skip_rate": 0.5, "skip_check_min_samples": 5}),
-                               tiny(), tok)
+  strict = make_train_iterator(
+      DataConfig(**{**cfg.__dict__, "max_skip_rate": 0.5, "skip_check_min_samples": 5}), tiny(), tok
+  )
   with pytest.raises(SkipRateExceeded, match=r"9 of 10 samples skipped .*max_skip_rate 50.0%.*bad_video"):
     list(strict)
 
@@ -255,15 +333,26 @@ def test_every_sample_too_long_raises_instead_of_hanging(env, tmp_path, workers,
   d, tok = env
   shortest = min(len(PrepareSample(_cfg(d), tiny(), tok)(i, rb)["input_ids"]) for i, rb in enumerate(_raw(_cfg(d))))
   seq_len = shortest - 1
-  cfg_json = json.dumps({"dataset": str(d / "data"), "seq_len": seq_len, "batch_size": 2, "frame_size": [56, 56],
-                         "max_frames": 8, "packing_bins": 3, "shuffle_seed": 3, "num_epochs": None,
-                         "worker_count": workers, "max_skip_rate": rate, "skip_check_min_samples": 10})
+  cfg_json = json.dumps(
+      {
+          "dataset": str(d / "data"),
+          "seq_len": seq_len,
+          "batch_size": 2,
+          "frame_size": [56, 56],
+          "max_frames": 8,
+          "packing_bins": 3,
+          "shuffle_seed": 3,
+          "num_epochs": None,
+          "worker_count": workers,
+          "max_skip_rate": rate,
+          "skip_check_min_samples": 10,
+      }
+  )
   script = tmp_path / "too_long.py"
   script.write_text(TOO_LONG_SCRIPT.format(tests=os.path.join(REPO, "tests"), cfg=cfg_json, tok=str(d / "tok3")))
   envv = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   try:
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=envv, cwd=REPO,
-                       timeout=180)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=envv, cwd=REPO, timeout=180)
   except subprocess.TimeoutExpired:
     pytest.fail("the pipeline hung instead of raising SkipRateExceeded")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -287,17 +376,38 @@ def test_keep_aspect_rows_use_a_non_square_grid_through_the_model(tmp_path, env)
   from kangaroo_jax.data.records import encode_frames
   from kangaroo_jax.data.video import normalize_frames
   from kangaroo_jax.models.kangaroo import Kangaroo
+
   _, tok = env
   path = str(tmp_path / "wide.array_record")
   w = ArrayRecordWriter(path, "group_size:1")
   for i in range(3):
     frames = np.stack([index_frame(i, 56, 112)] * 2)
-    w.write(pack_record({"id": f"w{i}", "frames": encode_frames(frames, "raw"), "timestamps": [0.0, 0.5],
-                         "messages": [{"role": "user", "content": "<video>What happens?"},
-                                      {"role": "assistant", "content": "apples"}]}))
+    w.write(
+        pack_record(
+            {
+                "id": f"w{i}",
+                "frames": encode_frames(frames, "raw"),
+                "timestamps": [0.0, 0.5],
+                "messages": [
+                    {"role": "user", "content": "<video>What happens?"},
+                    {"role": "assistant", "content": "apples"},
+                ],
+            }
+        )
+    )
   w.close()
-  cfg = DataConfig(dataset=path, seq_len=64, batch_size=1, frame_size=(56, 84), keep_aspect=True,
-                   max_frames=2, num_frames=2, packing_bins=1, num_epochs=1, shuffle=False)
+  cfg = DataConfig(
+      dataset=path,
+      seq_len=64,
+      batch_size=1,
+      frame_size=(56, 84),
+      keep_aspect=True,
+      max_frames=2,
+      num_frames=2,
+      packing_bins=1,
+      num_epochs=1,
+      shuffle=False,
+  )
   batch = next(iter(make_train_iterator(cfg, tiny(), tok)))
   assert batch["frames"].shape == (1, 2, 56, 84, 3)
   frame = batch["frames"][0, 0]
@@ -309,7 +419,13 @@ def test_keep_aspect_rows_use_a_non_square_grid_through_the_model(tmp_path, env)
   n_vis = int((batch["input_ids"][0] < 0).sum())
   assert n_vis == tiny().projector.tokens_per_group(gh, gw) == 6
   model = Kangaroo(tiny(), rngs=nnx.Rngs(0))
-  logits = nnx.jit(lambda m, b: m(b["input_ids"], normalize_frames(b["frames"]), b["timestamps"],
-                                  positions=b["positions"], segment_ids=b["segment_ids"]))(
-      model, {k: jnp.asarray(batch[k]) for k in ("input_ids", "frames", "timestamps", "positions", "segment_ids")})
+  logits = nnx.jit(
+      lambda m, b: m(
+          b["input_ids"],
+          normalize_frames(b["frames"]),
+          b["timestamps"],
+          positions=b["positions"],
+          segment_ids=b["segment_ids"],
+      )
+  )(model, {k: jnp.asarray(batch[k]) for k in ("input_ids", "frames", "timestamps", "positions", "segment_ids")})
   assert logits.shape == (1, 64, tiny().llm.vocab_size) and bool(jnp.isfinite(logits).all())

@@ -8,8 +8,16 @@ import pytest
 from PIL import Image
 
 from data_helpers import bundled_videos, frame_index_of, index_frame, sequential_frames, write_video
-from kangaroo_jax.data.video import (CLIP_MEAN, CLIP_STD, VideoError, frame_size_for, load_video, normalize_frames,
-                                     preprocess_frames, sample_indices)
+from kangaroo_jax.data.video import (
+    CLIP_MEAN,
+    CLIP_STD,
+    VideoError,
+    frame_size_for,
+    load_video,
+    normalize_frames,
+    preprocess_frames,
+    sample_indices,
+)
 from kangaroo_jax.layers.resize import resize_weights
 
 
@@ -100,8 +108,12 @@ def test_bad_inputs_raise_video_error_naming_the_path(tmp_path, synth):
   cut = tmp_path / "cut.mp4"
   data = open(synth, "rb").read()
   cut.write_bytes(data[: len(data) // 2])
-  for path, match in ((tmp_path / "missing.mp4", "no such file"), (empty, "empty"), (junk, "cannot open"),
-                      (cut, "cannot open|truncated|decoding failed")):
+  for path, match in (
+      (tmp_path / "missing.mp4", "no such file"),
+      (empty, "empty"),
+      (junk, "cannot open"),
+      (cut, "cannot open|truncated|decoding failed"),
+  ):
     with pytest.raises(VideoError, match=match) as e:
       load_video(str(path), num_frames=8)
     assert str(path) in str(e.value)

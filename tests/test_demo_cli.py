@@ -13,9 +13,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_short_run_prints_seed_rate_wall_and_targets(tmp_path):
   work = tmp_path / "demo"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as `make demo` runs
-  proc = subprocess.run([sys.executable, "-m", "train.demo", "--workdir", str(work), "--seed", "5", "--steps", "2",
-                         "--train-videos", "12", "--test-videos", "8"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "train.demo",
+          "--workdir",
+          str(work),
+          "--seed",
+          "5",
+          "--steps",
+          "2",
+          "--train-videos",
+          "12",
+          "--test-videos",
+          "8",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert "[demo] seed 5;" in out

@@ -60,10 +60,12 @@ def test_order_answer_is_the_colour_that_appears_first(dataset):
       continue
     frames = _decoded(out, it.video)
     colour, other = it.options[it.answer], it.options[1 - it.answer]  # the two shapes' colours
+
     def first_frame(name):
       rgb = np.array(demo_data.COLORS[name])
       hit = [(np.abs(f.astype(np.int32) - rgb).max(-1) < 60).sum() > 20 for f in frames]
       return hit.index(True) if any(hit) else len(frames)
+
     assert first_frame(colour) < first_frame(other) < len(frames), it.id
     assert _foreground(frames[-1]).sum() > 0  # both shapes are still there at the end
     checked += 1
@@ -128,6 +130,7 @@ def test_demo_config_validates_and_overrides(tmp_path):
   import pytest
   from configs.demo import get_config
   from train.config import from_configdict
+
   cfg = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},steps=7"))
   assert cfg.total_steps == 7 and cfg.model.projector.tpe == "none"
   assert cfg.model.vision.image_size == 112 and cfg.data.num_frames == 8

@@ -49,19 +49,49 @@ MLP_HIDDEN = int(WIDTH * MLP_RATIO)  # 128
 
 def _timm_eva(dynamic_img_size: bool) -> Eva:
   return Eva(
-      img_size=IMG, patch_size=PATCH, in_chans=3, num_classes=0, embed_dim=WIDTH, depth=DEPTH,
-      num_heads=WIDTH // HEAD_DIM, qkv_bias=True, qkv_fused=False, mlp_ratio=MLP_RATIO, swiglu_mlp=True,
-      scale_mlp=True, scale_attn_inner=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-      init_values=None, class_token=True, use_abs_pos_emb=True, use_rot_pos_emb=True, rope_type="cat",
-      rope_rotate_half=False, ref_feat_shape=REF_GRID, use_fc_norm=False, use_post_transformer_norm=True,
-      dynamic_img_size=dynamic_img_size).eval()
+      img_size=IMG,
+      patch_size=PATCH,
+      in_chans=3,
+      num_classes=0,
+      embed_dim=WIDTH,
+      depth=DEPTH,
+      num_heads=WIDTH // HEAD_DIM,
+      qkv_bias=True,
+      qkv_fused=False,
+      mlp_ratio=MLP_RATIO,
+      swiglu_mlp=True,
+      scale_mlp=True,
+      scale_attn_inner=True,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+      init_values=None,
+      class_token=True,
+      use_abs_pos_emb=True,
+      use_rot_pos_emb=True,
+      rope_type="cat",
+      rope_rotate_half=False,
+      ref_feat_shape=REF_GRID,
+      use_fc_norm=False,
+      use_post_transformer_norm=True,
+      dynamic_img_size=dynamic_img_size,
+  ).eval()
 
 
 def _our_config(tap: str, antialias: bool = True) -> VisionConfig:
-  return VisionConfig(image_size=IMG, patch_size=PATCH, num_channels=3, width=WIDTH, num_layers=DEPTH,
-                      head_width=HEAD_DIM, mlp_hidden=MLP_HIDDEN, layer_norm_eps=1e-6, pt_hw_seq_len=REF_GRID,
-                      rope_theta=10000.0, feature_tap=tap, pos_embed_interpolation="bicubic",
-                      pos_embed_antialias=antialias)
+  return VisionConfig(
+      image_size=IMG,
+      patch_size=PATCH,
+      num_channels=3,
+      width=WIDTH,
+      num_layers=DEPTH,
+      head_width=HEAD_DIM,
+      mlp_hidden=MLP_HIDDEN,
+      layer_norm_eps=1e-6,
+      pt_hw_seq_len=REF_GRID,
+      rope_theta=10000.0,
+      feature_tap=tap,
+      pos_embed_interpolation="bicubic",
+      pos_embed_antialias=antialias,
+  )
 
 
 _RENAMES = (  # timm suffix -> released EVA-CLIP suffix
@@ -136,8 +166,12 @@ def _timm_taps(model: Eva, frames: np.ndarray) -> dict:
       h = blk(h, rope=rope)
     post = model.forward_features(x)
     manual_post = model.norm(h)
-  return {"penultimate": outs[-1][:, 1:].numpy(), "last_prenorm": h[:, 1:].numpy(),
-          "last_postnorm": post[:, 1:].numpy(), "_manual_postnorm": manual_post[:, 1:].numpy()}
+  return {
+      "penultimate": outs[-1][:, 1:].numpy(),
+      "last_prenorm": h[:, 1:].numpy(),
+      "last_postnorm": post[:, 1:].numpy(),
+      "_manual_postnorm": manual_post[:, 1:].numpy(),
+  }
 
 
 def _check_taps(timm_model: Eva, frames: np.ndarray, label: str):
@@ -190,8 +224,9 @@ def test_eva_rope_negative_control(monkeypatch, patch):
     monkeypatch.setattr(eva_vit, "apply_interleaved_rope", _half_split_rope)
   else:
     real = eva_vit.eva_rope_tables
-    monkeypatch.setattr(eva_vit, "eva_rope_tables",
-                        lambda gh, gw, hd, pt, theta=10000.0: real(gh, gw, hd, max(gh, gw), theta))
+    monkeypatch.setattr(
+        eva_vit, "eva_rope_tables", lambda gh, gw, hd, pt, theta=10000.0: real(gh, gw, hd, max(gh, gw), theta)
+    )
   err = max_rel_error(np.asarray(model(jnp.asarray(frames))), ref)
   print(f"eva parity negative control {patch}: {err:.2e}")
   assert err > 1e-3, err

@@ -12,8 +12,14 @@ from flax import nnx
 from kangaroo_jax import evaluate as ev
 from kangaroo_jax.data.prompt import encode_conversation
 from kangaroo_jax.inference.chat import Chat
-from kangaroo_jax.inference.mcq import (BenchmarkError, SubtitleError, extract_choice, load_benchmark, read_srt,
-                                        subtitles_at)
+from kangaroo_jax.inference.mcq import (
+    BenchmarkError,
+    SubtitleError,
+    extract_choice,
+    load_benchmark,
+    read_srt,
+    subtitles_at,
+)
 from kangaroo_jax.inference.recipes import get_recipe
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.pretrained import save_pretrained
@@ -47,32 +53,67 @@ def bigram_model(tokenizer, chain: list[int], seed: int = 0) -> Kangaroo:
 
 def answering(tokenizer, letter: str) -> Kangaroo:
   """A model that answers `letter` then <|eot_id|> after any prompt ending with the assistant header."""
-  prompt = encode_conversation(tokenizer, [{"role": "user", "content": "q"}], num_groups=0, tokens_per_group=1,
-                               visual_token_id=-200, add_generation_prompt=True).input_ids
+  prompt = encode_conversation(
+      tokenizer,
+      [{"role": "user", "content": "q"}],
+      num_groups=0,
+      tokens_per_group=1,
+      visual_token_id=-200,
+      add_generation_prompt=True,
+  ).input_ids
   eot = tokenizer.token_to_id("<|eot_id|>")
   return bigram_model(tokenizer, [int(prompt[-1])] + tokenizer.encode(letter) + [eot])
 
 
 MVBENCH = {  # MVBench shape: {task: [items]}, candidates + answer text
     "action_sequence": [
-        {"video": "clip.mp4", "question": "What did the person do first?", "candidates": ["sit", "run", "jump"],
-         "answer": "run"},
-        {"video": "clip.mp4", "question": "What did the person do last?", "candidates": ["sit", "run", "jump"],
-         "answer": "sit", "start": 0.5, "end": 2.5},
+        {
+            "video": "clip.mp4",
+            "question": "What did the person do first?",
+            "candidates": ["sit", "run", "jump"],
+            "answer": "run",
+        },
+        {
+            "video": "clip.mp4",
+            "question": "What did the person do last?",
+            "candidates": ["sit", "run", "jump"],
+            "answer": "sit",
+            "start": 0.5,
+            "end": 2.5,
+        },
     ],
     "object_count": [
         {"video": "clip", "question": "How many balls?", "candidates": ["1", "2", "3", "4"], "answer": "2"},
     ],
 }
 VIDEOMME = [  # Video-MME shape: one entry per video with nested questions, "A. text" options, letter answers
-    {"videoID": "clip", "duration": "short", "questions": [
-        {"question_id": "001-1", "task_type": "Counting Problem", "question": "How many cars?",
-         "options": ["A. one", "B. two", "C. three", "D. four"], "answer": "B"},
-        {"question_id": "001-2", "task_type": "Counting Problem", "question": "How many people?",
-         "options": ["A. one", "B. two", "C. three", "D. four"], "answer": "D"},
-        {"question_id": "001-3", "task_type": "Object Recognition", "question": "What is shown?",
-         "options": ["A. a dog", "B. a cat", "C. a car", "D. a tree"], "answer": "C"},
-    ]},
+    {
+        "videoID": "clip",
+        "duration": "short",
+        "questions": [
+            {
+                "question_id": "001-1",
+                "task_type": "Counting Problem",
+                "question": "How many cars?",
+                "options": ["A. one", "B. two", "C. three", "D. four"],
+                "answer": "B",
+            },
+            {
+                "question_id": "001-2",
+                "task_type": "Counting Problem",
+                "question": "How many people?",
+                "options": ["A. one", "B. two", "C. three", "D. four"],
+                "answer": "D",
+            },
+            {
+                "question_id": "001-3",
+                "task_type": "Object Recognition",
+                "question": "What is shown?",
+                "options": ["A. a dog", "B. a cat", "C. a car", "D. a tree"],
+                "answer": "C",
+            },
+        ],
+    },
 ]
 
 
@@ -92,9 +133,20 @@ def setup(tmp_path_factory):
 
 def test_extract_choice():
   opts = ("red car", "blue car", "car", "green")
-  cases = {"B": 1, "(C) car": 2, "A. red car": 0, "The answer is (D).": 3, "answer: b": None,
-           "I think the answer is B": 1, "It is the blue car.": 1, "Best option: (A)": 0, "car": 2,
-           "no idea": None, "E": None, "Option C because": 2}
+  cases = {
+      "B": 1,
+      "(C) car": 2,
+      "A. red car": 0,
+      "The answer is (D).": 3,
+      "answer: b": None,
+      "I think the answer is B": 1,
+      "It is the blue car.": 1,
+      "Best option: (A)": 0,
+      "car": 2,
+      "no idea": None,
+      "E": None,
+      "Option C because": 2,
+  }
   for text, want in cases.items():
     assert extract_choice(text, opts) == want, text
 
@@ -102,12 +154,17 @@ def test_extract_choice():
 def test_load_benchmark_shapes_and_errors(setup, tmp_path):
   mv = load_benchmark(setup["mvbench"])
   assert [(i.task, i.answer, i.options[i.answer]) for i in mv] == [
-      ("action_sequence", 1, "run"), ("action_sequence", 0, "sit"), ("object_count", 1, "2")]
+      ("action_sequence", 1, "run"),
+      ("action_sequence", 0, "sit"),
+      ("object_count", 1, "2"),
+  ]
   assert (mv[1].start, mv[1].end) == (0.5, 2.5)
   vm = load_benchmark(setup["videomme"])
   assert [(i.id, i.task, i.video, i.answer) for i in vm] == [
-      ("001-1", "Counting Problem", "clip", 1), ("001-2", "Counting Problem", "clip", 3),
-      ("001-3", "Object Recognition", "clip", 2)]
+      ("001-1", "Counting Problem", "clip", 1),
+      ("001-2", "Counting Problem", "clip", 3),
+      ("001-3", "Object Recognition", "clip", 2),
+  ]
   assert vm[2].options == ("a dog", "a cat", "a car", "a tree")
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps([{"video": "v.mp4", "question": "q?", "options": ["x", "y"], "answer": "Z"}]))
@@ -159,19 +216,43 @@ def test_cli_with_another_answer(setup, capsys):
   tok = setup["tok"]
   ckpt = save_pretrained(answering(tok, "C"), setup["tok_dir"], str(setup["dir"] / "ckpt_c"))
   out = str(setup["dir"] / "run_c")
-  rc = ev.main([ckpt, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--output", out,
-                "--num-frames", str(NUM_FRAMES), "--max-new-tokens", "4"])
+  rc = ev.main(
+      [
+          ckpt,
+          "--benchmark",
+          setup["videomme"],
+          "--video-root",
+          str(setup["dir"]),
+          "--output",
+          out,
+          "--num-frames",
+          str(NUM_FRAMES),
+          "--max-new-tokens",
+          "4",
+      ]
+  )
   assert rc == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert summary["per_task"] == {"Counting Problem": {"accuracy": 0.0, "correct": 0, "total": 2},
-                                 "Object Recognition": {"accuracy": 100.0, "correct": 1, "total": 1}}
+  assert summary["per_task"] == {
+      "Counting Problem": {"accuracy": 0.0, "correct": 0, "total": 2},
+      "Object Recognition": {"accuracy": 100.0, "correct": 1, "total": 1},
+  }
   assert summary["overall"]["accuracy"] == pytest.approx(33.33)
 
 
 def test_cli_needs_a_tokenizer(setup, capsys):
   ckpt = save_pretrained(answering(setup["tok"], "C"), None, str(setup["dir"] / "ckpt_no_tok"))
-  rc = ev.main([ckpt, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]),
-                "--output", str(setup["dir"] / "run_no_tok")])
+  rc = ev.main(
+      [
+          ckpt,
+          "--benchmark",
+          setup["videomme"],
+          "--video-root",
+          str(setup["dir"]),
+          "--output",
+          str(setup["dir"] / "run_no_tok"),
+      ]
+  )
   assert rc == 2
   assert f"{ckpt} holds no tokenizer.json or tokenizer.model" in capsys.readouterr().err
 
@@ -185,9 +266,18 @@ def _content_sha256(folder):
   """The checkpoint hash computed independently: sha256 over (relative path, size, bytes) of the config,
   state/ and tokenizer files, sorted by path."""
   import hashlib
-  rels = ["kangaroo_config.json"] + [n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                                "tokenizer.model", "generation_config.json")
-                                     if os.path.isfile(os.path.join(folder, n))]
+
+  rels = ["kangaroo_config.json"] + [
+      n
+      for n in (
+          "tokenizer.json",
+          "tokenizer_config.json",
+          "special_tokens_map.json",
+          "tokenizer.model",
+          "generation_config.json",
+      )
+      if os.path.isfile(os.path.join(folder, n))
+  ]
   for here, _, names in os.walk(os.path.join(folder, "state")):
     rels += [os.path.relpath(os.path.join(here, n), folder).replace(os.sep, "/") for n in names]
   h = hashlib.sha256()
@@ -199,9 +289,14 @@ def _content_sha256(folder):
 
 def _git_head():
   import subprocess
+
   try:
-    r = subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(ev.__file__)), "rev-parse", "HEAD"],
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        ["git", "-C", os.path.dirname(os.path.dirname(ev.__file__)), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
   except OSError:
     return None
   return r.stdout.strip() if r.returncode == 0 else None
@@ -214,8 +309,23 @@ def ckpt_b(setup):
 
 def test_cli_recipe_records_recipe_commit_and_checkpoint_hash(setup, ckpt_b, capsys):
   out = str(setup["dir"] / "run_recipe")
-  rc = ev.main([ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--output", out,
-                "--recipe", "videomme", "--num-frames", str(NUM_FRAMES), "--max-new-tokens", "4"])
+  rc = ev.main(
+      [
+          ckpt_b,
+          "--benchmark",
+          setup["videomme"],
+          "--video-root",
+          str(setup["dir"]),
+          "--output",
+          out,
+          "--recipe",
+          "videomme",
+          "--num-frames",
+          str(NUM_FRAMES),
+          "--max-new-tokens",
+          "4",
+      ]
+  )
   assert rc == 0
   cap = capsys.readouterr()
   assert "recipe videomme: num_frames 64 overridden to 4" in cap.err
@@ -226,8 +336,10 @@ def test_cli_recipe_records_recipe_commit_and_checkpoint_hash(setup, ckpt_b, cap
   run = results["run"]
   assert run["recipe"] == get_recipe("videomme").to_dict()  # the recipe as named, every setting
   assert run["settings"] == get_recipe("videomme").replace(num_frames=NUM_FRAMES, max_new_tokens=4).to_dict()
-  assert run["overrides"] == {"num_frames": {"recipe": 64, "used": NUM_FRAMES},
-                              "max_new_tokens": {"recipe": 16, "used": 4}}
+  assert run["overrides"] == {
+      "num_frames": {"recipe": 64, "used": NUM_FRAMES},
+      "max_new_tokens": {"recipe": 16, "used": 4},
+  }
   assert run["checkpoint"]["sha256"] == _content_sha256(ckpt_b)
   assert run["code"]["commit"] == _git_head() and run["code"]["version"]
   with open(os.path.join(out, ev.RUN)) as f:
@@ -235,23 +347,41 @@ def test_cli_recipe_records_recipe_commit_and_checkpoint_hash(setup, ckpt_b, cap
   lines = _lines(os.path.join(out, ev.PREDICTIONS))
   assert len(lines) == 3 and all(
       (p["recipe"], p["num_frames"], p["max_new_tokens"], p["checkpoint_sha256"], p["commit"])
-      == ("videomme", NUM_FRAMES, 4, run["checkpoint"]["sha256"], run["code"]["commit"]) for p in lines)
+      == ("videomme", NUM_FRAMES, 4, run["checkpoint"]["sha256"], run["code"]["commit"])
+      for p in lines
+  )
 
 
 def test_recipe_prompt_reaches_the_model(setup):
   items = load_benchmark(setup["videomme"])
   seen = []
   recipe = get_recipe("videomme")
-  ev.evaluate(lambda it, video, prompt: seen.append(prompt) or "B", items, str(setup["dir"]),
-              str(setup["dir"] / "run_prompt"), prompt_fn=lambda it: recipe.format_prompt(it.question, it.options))
+  ev.evaluate(
+      lambda it, video, prompt: seen.append(prompt) or "B",
+      items,
+      str(setup["dir"]),
+      str(setup["dir"] / "run_prompt"),
+      prompt_fn=lambda it: recipe.format_prompt(it.question, it.options),
+  )
   assert seen[0] == recipe.format_prompt("How many cars?", ["one", "two", "three", "four"])
   assert seen[0].endswith("D. four\nThe best answer is:")
 
 
 def test_resume_refuses_other_recipe_or_checkpoint(setup, ckpt_b, capsys):
   out = str(setup["dir"] / "run_refuse")
-  common = [ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--output", out,
-            "--num-frames", str(NUM_FRAMES), "--max-new-tokens", "4"]
+  common = [
+      ckpt_b,
+      "--benchmark",
+      setup["videomme"],
+      "--video-root",
+      str(setup["dir"]),
+      "--output",
+      out,
+      "--num-frames",
+      str(NUM_FRAMES),
+      "--max-new-tokens",
+      "4",
+  ]
   assert ev.main(common + ["--recipe", "mvbench", "--max-items", "1"]) == 0
   pred = os.path.join(out, ev.PREDICTIONS)
   before = open(pred).read()
@@ -275,6 +405,7 @@ def test_resume_refuses_other_recipe_or_checkpoint(setup, ckpt_b, capsys):
 
 def test_checkpoint_hash_cache_and_changes(setup, ckpt_b, tmp_path):
   import shutil
+
   ckpt = str(tmp_path / "ck")
   shutil.copytree(ckpt_b, ckpt)
   first = ev.checkpoint_hash(ckpt)
@@ -295,6 +426,7 @@ def test_code_version_without_git(monkeypatch):
 
   monkeypatch.setattr(subprocess, "run", no_git)
   from kangaroo_jax import __version__
+
   assert ev.code_version() == {"commit": None, "dirty": None, "version": __version__}
 
 
@@ -304,12 +436,32 @@ def test_short_video_recorded_and_counted(setup, capsys):
   write_video(str(setup["dir"] / "long.mp4"), frames=40, fps=8)
   bench = str(setup["dir"] / "short.json")
   with open(bench, "w") as f:
-    json.dump([{"id": "s", "video": "short.mp4", "question": "q?", "options": ["x", "y"], "answer": "B"},
-               {"id": "l", "video": "long.mp4", "question": "q?", "options": ["x", "y"], "answer": "A"}], f)
+    json.dump(
+        [
+            {"id": "s", "video": "short.mp4", "question": "q?", "options": ["x", "y"], "answer": "B"},
+            {"id": "l", "video": "long.mp4", "question": "q?", "options": ["x", "y"], "answer": "A"},
+        ],
+        f,
+    )
   ckpt = save_pretrained(answering(setup["tok"], "B"), setup["tok_dir"], str(setup["dir"] / "ckpt_short"))
   out = str(setup["dir"] / "run_short")
-  rc = ev.main([ckpt, "--benchmark", bench, "--video-root", str(setup["dir"]), "--output", out,
-                "--recipe", "egoschema", "--num-frames", "16", "--max-new-tokens", "3"])
+  rc = ev.main(
+      [
+          ckpt,
+          "--benchmark",
+          bench,
+          "--video-root",
+          str(setup["dir"]),
+          "--output",
+          out,
+          "--recipe",
+          "egoschema",
+          "--num-frames",
+          "16",
+          "--max-new-tokens",
+          "3",
+      ]
+  )
   assert rc == 0
   err = capsys.readouterr().err
   lines = {p["id"]: p for p in _lines(os.path.join(out, ev.PREDICTIONS))}
@@ -318,13 +470,26 @@ def test_short_video_recorded_and_counted(setup, capsys):
   with open(os.path.join(out, ev.RESULTS)) as f:
     assert json.load(f)["short_videos"] == 1
   warning = [line for line in err.splitlines() if "fewer distinct frames" in line]
-  assert warning == [f"warning: 1 of 2 items had fewer distinct frames than the 16 requested (frames repeated by "
-                     f"uniform sampling); see frames_unique in {ev.PREDICTIONS}"]
+  assert warning == [
+      f"warning: 1 of 2 items had fewer distinct frames than the 16 requested (frames repeated by "
+      f"uniform sampling); see frames_unique in {ev.PREDICTIONS}"
+  ]
 
 
 def test_unknown_recipe_is_one_line(setup, ckpt_b, capsys):
-  rc = ev.main([ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--recipe", "nextqa",
-                "--output", str(setup["dir"] / "run_bad_recipe")])
+  rc = ev.main(
+      [
+          ckpt_b,
+          "--benchmark",
+          setup["videomme"],
+          "--video-root",
+          str(setup["dir"]),
+          "--recipe",
+          "nextqa",
+          "--output",
+          str(setup["dir"] / "run_bad_recipe"),
+      ]
+  )
   assert rc == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: unknown recipe 'nextqa'; valid names: mvbench,") and "\n" not in err
@@ -332,9 +497,11 @@ def test_unknown_recipe_is_one_line(setup, ckpt_b, capsys):
 
 def test_srt_reading(tmp_path):
   srt = tmp_path / "v.srt"
-  srt.write_text('\ufeff1\r\n00:00:00,000 --> 00:00:00,500\r\n<font color="white" size=".72c">alpha</font>\r\n\r\n'
-                 "2\n00:00:00,500 --> 00:00:00,900\nbeta\n\n3\n00:00:01,500 --> 00:00:02,000\ngam\nma\n",
-                 encoding="utf-8")
+  srt.write_text(
+      '\ufeff1\r\n00:00:00,000 --> 00:00:00,500\r\n<font color="white" size=".72c">alpha</font>\r\n\r\n'
+      "2\n00:00:00,500 --> 00:00:00,900\nbeta\n\n3\n00:00:01,500 --> 00:00:02,000\ngam\nma\n",
+      encoding="utf-8",
+  )
   cues = read_srt(str(srt))
   assert cues == [(0.0, 0.5, "alpha"), (0.5, 0.9, "beta"), (1.5, 2.0, "gam ma")]
   assert subtitles_at(cues, [0.25, 1.0, 1.75, 2.5]) == ["alpha", "gam ma"]  # beta is between the frames
@@ -347,10 +514,23 @@ def test_cli_videomme_with_subtitles(setup, ckpt_b, tmp_path, capsys):
   """Subtitle lines at the sampled frames' times (4 frames of the 12-frame, 4 fps clip: 0.25, 1, 1.75, 2.5 s)."""
   subs = tmp_path / "subtitle"
   subs.mkdir()
-  (subs / "clip.srt").write_text("1\n00:00:00,000 --> 00:00:00,500\nalpha\n\n2\n00:00:00,500 --> 00:00:00,900\n"
-                                 "beta\n\n3\n00:00:01,500 --> 00:00:02,000\ngamma\n")
-  common = [ckpt_b, "--benchmark", setup["videomme"], "--video-root", str(setup["dir"]), "--num-frames",
-            str(NUM_FRAMES), "--max-new-tokens", "4", "--recipe", "videomme_subtitles"]
+  (subs / "clip.srt").write_text(
+      "1\n00:00:00,000 --> 00:00:00,500\nalpha\n\n2\n00:00:00,500 --> 00:00:00,900\n"
+      "beta\n\n3\n00:00:01,500 --> 00:00:02,000\ngamma\n"
+  )
+  common = [
+      ckpt_b,
+      "--benchmark",
+      setup["videomme"],
+      "--video-root",
+      str(setup["dir"]),
+      "--num-frames",
+      str(NUM_FRAMES),
+      "--max-new-tokens",
+      "4",
+      "--recipe",
+      "videomme_subtitles",
+  ]
   assert ev.main(common + ["--output", str(tmp_path / "no_root")]) == 2
   assert "needs --subtitle-root" in capsys.readouterr().err
   out = str(tmp_path / "run")

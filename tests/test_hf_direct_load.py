@@ -36,8 +36,9 @@ INDEX = "model.safetensors.index.json"
 
 
 def _mesh(data: int, tensor: int):
-  return jax.make_mesh((data, 1, 1, tensor), ("data", "fsdp", "context", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  return jax.make_mesh(
+      (data, 1, 1, tensor), ("data", "fsdp", "context", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 4
+  )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,10 @@ def released(tmp_path_factory) -> str:
 def converted(released, tmp_path_factory) -> dict[str, str]:
   """{dtype: the folder imported by the converter in that dtype}."""
   root = tmp_path_factory.mktemp("converted")
-  return {dtype: import_checkpoint(released, str(root / dtype), preset="tiny", dtype=dtype, progress=False).dst
-          for dtype in ("float32", "bfloat16")}
+  return {
+      dtype: import_checkpoint(released, str(root / dtype), preset="tiny", dtype=dtype, progress=False).dst
+      for dtype in ("float32", "bfloat16")
+  }
 
 
 def _params(model) -> dict:
@@ -75,8 +78,9 @@ def _rewrite(folder: str, change) -> None:
     os.remove(os.path.join(folder, name))
   change(tensors)
   entries = [(k, v.shape, v.dtype) for k, v in sorted(tensors.items())]
-  safetensors_io.write_file(os.path.join(folder, "model-00001-of-00001.safetensors"), entries,
-                            ((k, tensors[k]) for k, _, _ in entries))
+  safetensors_io.write_file(
+      os.path.join(folder, "model-00001-of-00001.safetensors"), entries, ((k, tensors[k]) for k, _, _ in entries)
+  )
   index["weight_map"] = {k: "model-00001-of-00001.safetensors" for k in tensors}
   json.dump(index, open(os.path.join(folder, INDEX), "w"))
 
@@ -188,8 +192,11 @@ def test_host_memory_stays_per_tensor(tmp_path):
   """numpy's allocations at the peak of a direct load (tracemalloc: the host copies the loader makes; the
   source is memory-mapped and the devices' buffers are XLA's) stay within a few released tensors, far
   below the parameters' total; a full host copy of the stacked MLP kernels alone would exceed it."""
-  cfg = CFG.replace(llm=dataclasses.replace(CFG.llm, hidden_size=128, intermediate_size=1024, num_layers=6,
-                                            num_heads=4, num_kv_heads=2, head_dim=32))
+  cfg = CFG.replace(
+      llm=dataclasses.replace(
+          CFG.llm, hidden_size=128, intermediate_size=1024, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=32
+      )
+  )
   info = write_checkpoint(str(tmp_path / "src"), cfg, shards=2)
   total = info["bytes"]
   largest = info["largest_tensor_bytes"]
@@ -202,8 +209,10 @@ def test_host_memory_stays_per_tensor(tmp_path):
   finally:
     tracemalloc.stop()
   stacked_mlp = 3 * cfg.llm.num_layers * cfg.llm.hidden_size * cfg.llm.intermediate_size * 4
-  print(f"direct load: peak numpy host memory {peak / 1e6:.2f} MB; parameters {total / 1e6:.2f} MB, largest "
-        f"tensor {largest / 1e6:.2f} MB, stacked MLP kernels {stacked_mlp / 1e6:.2f} MB")
+  print(
+      f"direct load: peak numpy host memory {peak / 1e6:.2f} MB; parameters {total / 1e6:.2f} MB, largest "
+      f"tensor {largest / 1e6:.2f} MB, stacked MLP kernels {stacked_mlp / 1e6:.2f} MB"
+  )
   assert peak <= 2 * largest + (1 << 20)
   assert peak < stacked_mlp / 4 and peak < total / 5
   assert model.llm.model.layers.mlp.up_proj.kernel[...].shape == (6, 128, 1024)

@@ -22,9 +22,12 @@ from kangaroo_jax.pretrained import from_pretrained, save_pretrained
 from kangaroo_jax.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = ["What happens in the video? The kangaroo jumps over the fence.",
-          "Question: what colour is the car?\nOptions:\n(A) red\n(B) blue\n(C) green\n(D) black",
-          "Answer with the option's letter from the given choices directly.", "<vi_start> <eof> <eov> <vi_end>"]
+CORPUS = [
+    "What happens in the video? The kangaroo jumps over the fence.",
+    "Question: what colour is the car?\nOptions:\n(A) red\n(B) blue\n(C) green\n(D) black",
+    "Answer with the option's letter from the given choices directly.",
+    "<vi_start> <eof> <eov> <vi_end>",
+]
 NUM_FRAMES = 4  # tiny preset at 56 px: 2 frame groups x 4 visual tokens
 
 
@@ -82,8 +85,14 @@ def test_follow_up_reuses_cache_and_equals_full_conversation(assets, loaded):
   loads = chat.video_loads
   a2, h2 = model.chat(video_path=assets["video"], query="What colour is the car?", history=h1, **GREEDY)
   reused = chat.last_prefill_tokens
-  full = encode_conversation(tok, list(h2[:3]), num_groups=NUM_FRAMES // 2, tokens_per_group=4,
-                             visual_token_id=model.cfg.visual_token_id, add_generation_prompt=True).input_ids
+  full = encode_conversation(
+      tok,
+      list(h2[:3]),
+      num_groups=NUM_FRAMES // 2,
+      tokens_per_group=4,
+      visual_token_id=model.cfg.visual_token_id,
+      add_generation_prompt=True,
+  ).input_ids
   n_vis = int((full == model.cfg.visual_token_id).sum())
   assert n_vis == 8
   # Only the tail after the first turn's common prefix ran; the video was neither decoded nor encoded again.
@@ -102,8 +111,14 @@ def test_follow_up_reuses_cache_and_equals_full_conversation(assets, loaded):
 def test_streaming_pieces_make_the_answer(assets, loaded):
   model, tok = loaded
   pieces = []
-  answer, _ = model.chat(video_path=assets["video"], query="What happens?", stream=pieces.append, seed=1,
-                         num_frames=NUM_FRAMES, max_new_tokens=10)
+  answer, _ = model.chat(
+      video_path=assets["video"],
+      query="What happens?",
+      stream=pieces.append,
+      seed=1,
+      num_frames=NUM_FRAMES,
+      max_new_tokens=10,
+  )
   assert len(pieces) >= 2 and "".join(pieces) == answer
 
 
@@ -131,8 +146,15 @@ def test_image_and_bad_inputs(assets, loaded):
 
 def _cli(args, stdin=""):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", "kangaroo_jax.chat", *args], input=stdin, capture_output=True,
-                        text=True, cwd=ROOT, env=env, timeout=300)
+  return subprocess.run(
+      [sys.executable, "-m", "kangaroo_jax.chat", *args],
+      input=stdin,
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+      timeout=300,
+  )
 
 
 def test_cli_interactive_and_one_shot(assets, loaded):

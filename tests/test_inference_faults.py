@@ -35,21 +35,49 @@ def assets(tmp_path_factory):
   write_video(str(videos / "clip.mp4"))
   (videos / "broken.mp4").write_bytes(b"\x00not a video" * 50)
   items = [  # one good, one missing, one undecodable, one good: the run must reach the last one
-      {"question_id": "good-1", "video": "clip.mp4", "question": "How many cars?", "options": ["one", "two"],
-       "answer": "B"},
-      {"question_id": "missing", "video": "gone.mp4", "question": "How many cars?", "options": ["one", "two"],
-       "answer": "B"},
-      {"question_id": "broken", "video": "broken.mp4", "question": "How many cars?", "options": ["one", "two"],
-       "answer": "A"},
-      {"question_id": "good-2", "video": "clip", "question": "How many people?", "options": ["one", "two"],
-       "answer": "A"},
+      {
+          "question_id": "good-1",
+          "video": "clip.mp4",
+          "question": "How many cars?",
+          "options": ["one", "two"],
+          "answer": "B",
+      },
+      {
+          "question_id": "missing",
+          "video": "gone.mp4",
+          "question": "How many cars?",
+          "options": ["one", "two"],
+          "answer": "B",
+      },
+      {
+          "question_id": "broken",
+          "video": "broken.mp4",
+          "question": "How many cars?",
+          "options": ["one", "two"],
+          "answer": "A",
+      },
+      {
+          "question_id": "good-2",
+          "video": "clip",
+          "question": "How many people?",
+          "options": ["one", "two"],
+          "answer": "A",
+      },
   ]
   bench = d / "bench.json"
   bench.write_text(json.dumps(items))
   videomme = d / "videomme.json"
   videomme.write_text(json.dumps(VIDEOMME))
-  return dict(dir=d, tok=tok, tok_dir=tok_dir, model=model, ckpt=ckpt, videos=str(videos), bench=str(bench),
-              videomme=str(videomme))
+  return dict(
+      dir=d,
+      tok=tok,
+      tok_dir=tok_dir,
+      model=model,
+      ckpt=ckpt,
+      videos=str(videos),
+      bench=str(bench),
+      videomme=str(videomme),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +100,7 @@ def _one_error_line(capsys) -> str:
 
 # --- item 6: a missing or undecodable video fails its item, the run goes on, reruns do not retry ------------------
 
+
 def test_bad_videos_are_recorded_as_failed_and_the_run_goes_on(assets, chat, tmp_path):
   items = ev.load_benchmark(assets["bench"])
   calls = []
@@ -88,8 +117,14 @@ def test_bad_videos_are_recorded_as_failed_and_the_run_goes_on(assets, chat, tmp
   assert "gone.mp4" in preds["missing"]["error"] and "not found" in preds["missing"]["error"]
   assert "broken.mp4" in preds["broken"]["error"]
   assert preds["good-1"]["choice"] == "B" and "error" not in preds["good-1"]
-  assert summary["overall"] == {"accuracy": 25.0, "correct": 1, "total": 4, "failed": 2, "answered": 2,
-                                "accuracy_answered": 50.0}
+  assert summary["overall"] == {
+      "accuracy": 25.0,
+      "correct": 1,
+      "total": 4,
+      "failed": 2,
+      "answered": 2,
+      "accuracy_answered": 50.0,
+  }
   assert summary["complete"] and summary["failed_per_task"] == {"all": 2}
   with open(os.path.join(out, ev.RESULTS)) as f:
     assert json.load(f) == summary
@@ -113,14 +148,16 @@ def test_foreign_predictions_file_is_refused_and_left_alone(assets, capsys, tmp_
   out.mkdir()
   text = '{"note": "my own results"}\n{"id": 3, "choice": "A", "correct": true}\n'
   (out / ev.PREDICTIONS).write_text(text)
-  rc = ev.main([assets["ckpt"], "--benchmark", assets["bench"], "--video-root", assets["videos"],
-                "--output", str(out), *FLAGS])
+  rc = ev.main(
+      [assets["ckpt"], "--benchmark", assets["bench"], "--video-root", assets["videos"], "--output", str(out), *FLAGS]
+  )
   assert rc == 2
   assert "predictions.jsonl: line 1 is not a prediction record" in _one_error_line(capsys)
   assert (out / ev.PREDICTIONS).read_text() == text and not (out / ev.RESULTS).exists()
 
 
 # --- item 7: tokenizer ids beyond the model's vocab, prompts past the position limit ---------------------------------
+
 
 def _checkpoint_without_weights(folder, cfg) -> str:
   """kangaroo_config.json and an empty state/: any attempt to read weights fails, so a tokenizer
@@ -134,8 +171,11 @@ def _checkpoint_without_weights(folder, cfg) -> str:
 def test_tokenizer_with_ids_beyond_the_vocab_is_refused_before_the_weights(assets, capsys, tmp_path):
   ckpt = _checkpoint_without_weights(tmp_path / "ckpt", tiny_config(assets["tok"]))
   build_bpe_tokenizer(ckpt, llama3_ids=True)  # specials at 128000.. against a 360-row embedding
-  with pytest.raises(TokenizerError, match=r"tokenizer.json: the tokenizer has ids up to 128009 \(128010 ids\) "
-                                           r"but the model's vocabulary \(llm.vocab_size in .*\) has only 360 rows"):
+  with pytest.raises(
+      TokenizerError,
+      match=r"tokenizer.json: the tokenizer has ids up to 128009 \(128010 ids\) "
+      r"but the model's vocabulary \(llm.vocab_size in .*\) has only 360 rows",
+  ):
     from_pretrained(ckpt)
   assert chat_cli.main([ckpt, "--query", "hi"]) == 2
   assert "128010 ids" in _one_error_line(capsys)
@@ -161,8 +201,14 @@ def test_corrupt_tokenizer_json_is_reported_before_the_weights(assets, capsys, t
 
 
 def _prompt(tok, query: str) -> np.ndarray:
-  return encode_conversation(tok, [{"role": "user", "content": "<video>" + query}], num_groups=NUM_FRAMES // 2,
-                             tokens_per_group=4, visual_token_id=-200, add_generation_prompt=True).input_ids
+  return encode_conversation(
+      tok,
+      [{"role": "user", "content": "<video>" + query}],
+      num_groups=NUM_FRAMES // 2,
+      tokens_per_group=4,
+      visual_token_id=-200,
+      add_generation_prompt=True,
+  ).input_ids
 
 
 def test_prompt_past_the_position_limit(assets):
@@ -185,8 +231,20 @@ def test_prompt_past_the_position_limit(assets):
 
 def test_evaluate_records_over_long_prompts_as_failed(assets, capsys, tmp_path):
   out = str(tmp_path / "run")
-  rc = ev.main([assets["ckpt"], "--benchmark", assets["videomme"], "--video-root", assets["videos"],
-                "--output", out, "--max-positions", "30", *FLAGS])
+  rc = ev.main(
+      [
+          assets["ckpt"],
+          "--benchmark",
+          assets["videomme"],
+          "--video-root",
+          assets["videos"],
+          "--output",
+          out,
+          "--max-positions",
+          "30",
+          *FLAGS,
+      ]
+  )
   assert rc == 0
   preds = ev.read_predictions(os.path.join(out, ev.PREDICTIONS))
   assert len(preds) == 3 and all("more than the 30 positions allowed" in p["error"] for p in preds.values())
@@ -201,8 +259,15 @@ def test_interactive_chat_reports_an_over_long_turn_and_continues(assets, capsys
   limit = len(_prompt(tok, q)) + 3  # the first turn fits; the follow-up (first turn + answer + question) does not
   lines = iter([f"{q}\n", "And then?\n", "/reset\n", f"{q}\n", "/quit\n"])
   monkeypatch.setattr(sys, "stdin", _FakeStdin(lambda: next(lines)))
-  args = [assets["ckpt"], "--video", os.path.join(assets["videos"], "clip.mp4"), "--greedy",
-          "--max-positions", str(limit), *FLAGS]
+  args = [
+      assets["ckpt"],
+      "--video",
+      os.path.join(assets["videos"], "clip.mp4"),
+      "--greedy",
+      "--max-positions",
+      str(limit),
+      *FLAGS,
+  ]
   assert chat_cli.main(args) == 0
   captured = capsys.readouterr()
   assert captured.out == "B\nB\n"
@@ -212,6 +277,7 @@ def test_interactive_chat_reports_an_over_long_turn_and_continues(assets, capsys
 
 # --- item 8: wrong paths and option values: exit 2, one line naming the path / option -------------------------------
 
+
 def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
   from train.checkpoint import Checkpointer
   from train.config import CheckpointConfig
@@ -219,6 +285,7 @@ def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
   import jax.numpy as jnp
 
   class _Iterator:
+
     def get_state(self):
       return {"position": 0}
 
@@ -251,7 +318,7 @@ def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
   (empty_state / "state").mkdir()
   cases = {
       step_dir: f"{step_dir}: is a training checkpoint (WORKDIR/checkpoints/N), not a from_pretrained folder; "
-                f"pass the run's export {workdir}/export once it exists",
+      f"pass the run's export {workdir}/export once it exists",
       str(workdir): f"{workdir}: is a training run folder; pass the run's export {workdir}/export",
       str(workdir / "checkpoints"): "is the trainer's checkpoints folder",
       str(tmp_path / "nowhere"): "nowhere: no such folder; expected a from_pretrained folder",
@@ -274,36 +341,53 @@ def test_wrong_checkpoint_paths(assets, capsys, tmp_path):
   assert _one_error_line(capsys).endswith(f"pass the run's export {workdir}/export")
 
 
-@pytest.mark.parametrize("flags, want", [
-    (["--num-frames", "0"], "--num-frames must be a positive even number (frames are encoded in pairs), got 0"),
-    (["--num-frames", "-4"], "--num-frames must be a positive even number"),
-    (["--num-frames", "3"], "--num-frames must be a positive even number (frames are encoded in pairs), got 3"),
-    (["--query", ""], "--query is empty"),
-    (["--query", "   "], "--query is empty"),
-    (["--video", "/nonexistent/v.mp4"], "--video /nonexistent/v.mp4: no such file or folder"),
-    (["--context-parallel", "3", "--tensor-parallel", "4"], "a mesh of context=3 x tensor=4 "
-     "(--context-parallel x --tensor-parallel) needs 12 devices; 8 available"),
-    (["--context-parallel", "0"], "context (--context-parallel) must be an int >= 1, got 0"),
-    (["--tensor-parallel", "-1"], "tensor (--tensor-parallel) must be an int >= 1, got -1"),
-    (["--prefill-chunk", "4"], "--prefill-chunk must be >= 16"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        (["--num-frames", "0"], "--num-frames must be a positive even number (frames are encoded in pairs), got 0"),
+        (["--num-frames", "-4"], "--num-frames must be a positive even number"),
+        (["--num-frames", "3"], "--num-frames must be a positive even number (frames are encoded in pairs), got 3"),
+        (["--query", ""], "--query is empty"),
+        (["--query", "   "], "--query is empty"),
+        (["--video", "/nonexistent/v.mp4"], "--video /nonexistent/v.mp4: no such file or folder"),
+        (
+            ["--context-parallel", "3", "--tensor-parallel", "4"],
+            "a mesh of context=3 x tensor=4 " "(--context-parallel x --tensor-parallel) needs 12 devices; 8 available",
+        ),
+        (["--context-parallel", "0"], "context (--context-parallel) must be an int >= 1, got 0"),
+        (["--tensor-parallel", "-1"], "tensor (--tensor-parallel) must be an int >= 1, got -1"),
+        (["--prefill-chunk", "4"], "--prefill-chunk must be >= 16"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    ],
+)
 def test_chat_bad_options(assets, capsys, flags, want):
   args = [assets["ckpt"], "--query", "hi", *flags] if "--query" not in flags else [assets["ckpt"], *flags]
   assert chat_cli.main(args) == 2
   assert want in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("flags, want", [
-    (["--num-frames", "5"], "--num-frames must be a positive even number"),
-    (["--video-root", "/nonexistent"], "--video-root /nonexistent: no such folder"),
-    (["--benchmark", "/nonexistent.json"], "/nonexistent.json: no such benchmark file"),
-    (["--max-items", "-1"], "--max-items must be >= 0"),
-    (["--context-parallel", "16"], "needs 16 devices; 8 available"),
-])
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        (["--num-frames", "5"], "--num-frames must be a positive even number"),
+        (["--video-root", "/nonexistent"], "--video-root /nonexistent: no such folder"),
+        (["--benchmark", "/nonexistent.json"], "/nonexistent.json: no such benchmark file"),
+        (["--max-items", "-1"], "--max-items must be >= 0"),
+        (["--context-parallel", "16"], "needs 16 devices; 8 available"),
+    ],
+)
 def test_evaluate_bad_options(assets, capsys, tmp_path, flags, want):
-  args = [assets["ckpt"], "--benchmark", assets["bench"], "--video-root", assets["videos"], "--output",
-          str(tmp_path / "out"), *FLAGS, *flags]
+  args = [
+      assets["ckpt"],
+      "--benchmark",
+      assets["bench"],
+      "--video-root",
+      assets["videos"],
+      "--output",
+      str(tmp_path / "out"),
+      *FLAGS,
+      *flags,
+  ]
   assert ev.main(args) == 2
   assert want in _one_error_line(capsys)
   assert not os.path.exists(tmp_path / "out")  # nothing written for a run that never started
@@ -311,7 +395,9 @@ def test_evaluate_bad_options(assets, capsys, tmp_path, flags, want):
 
 # --- item 8: Ctrl-C ------------------------------------------------------------------------------------------------
 
+
 class _FakeStdin:
+
   def __init__(self, readline):
     self.readline = readline
 
@@ -345,6 +431,7 @@ def test_ctrl_c_in_evaluate_saves_progress_and_says_how_to_resume(assets, capsys
         raise KeyboardInterrupt
       calls.append(item.id)
       return answer(item, video, prompt)
+
     return fn
 
   monkeypatch.setattr(ev, "model_answer_fn", interrupted_after_one)
@@ -353,8 +440,9 @@ def test_ctrl_c_in_evaluate_saves_progress_and_says_how_to_resume(assets, capsys
   assert _main(ev, args) == 130
   err = capsys.readouterr().err
   assert "Traceback" not in err
-  assert err.strip().splitlines()[-1] == (f"interrupted: 1 items are saved in {out}/{ev.PREDICTIONS}; "
-                                          "run the same command again to resume")
+  assert err.strip().splitlines()[-1] == (
+      f"interrupted: 1 items are saved in {out}/{ev.PREDICTIONS}; " "run the same command again to resume"
+  )
   with open(os.path.join(out, ev.RESULTS)) as f:
     partial = json.load(f)
   assert partial["overall"]["total"] == 1 and not partial["complete"]
@@ -373,11 +461,30 @@ def test_sigint_to_a_running_evaluate_process(assets, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   # SIGINT -> KeyboardInterrupt set explicitly: a shell running tests in the background may hand its
   # children SIGINT ignored, and then Python would not install its handler.
-  launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "sys.argv[0] = 'evaluate'; runpy.run_module('kangaroo_jax.evaluate', run_name='__main__')")
-  proc = subprocess.Popen([sys.executable, "-c", launch, assets["ckpt"], "--benchmark", str(bench),
-                           "--video-root", assets["videos"], "--output", out, *FLAGS], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  launch = (
+      "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+      "sys.argv[0] = 'evaluate'; runpy.run_module('kangaroo_jax.evaluate', run_name='__main__')"
+  )
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          "-c",
+          launch,
+          assets["ckpt"],
+          "--benchmark",
+          str(bench),
+          "--video-root",
+          assets["videos"],
+          "--output",
+          out,
+          *FLAGS,
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     seen = []
     for line in proc.stderr:

@@ -28,7 +28,7 @@ def _check_greedy_steps(forward, prompts, tokens):
   for r, (p, toks) in enumerate(zip(prompts, tokens)):
     seq = list(p) + list(toks)
     logits = np.asarray(forward(r, np.array([seq], np.int32)))[0]
-    want = logits[len(p) - 1:len(seq) - 1].argmax(-1)
+    want = logits[len(p) - 1 : len(seq) - 1].argmax(-1)
     np.testing.assert_array_equal(np.asarray(toks), want, err_msg=f"row {r}")
 
 
@@ -65,7 +65,7 @@ def test_greedy_cache_equals_full_forward_video():
   ts = np.sort(rs.uniform(0, 20, size=(3, F)), axis=1).astype(np.float32)
   eng = Engine(model, prefill_chunk=16)
   gen = eng.generate(prompts, frames=frames, timestamps=ts, max_new_tokens=8)
-  _check_greedy_steps(lambda r, ids: model(ids, frames[r:r + 1], ts[r:r + 1]), prompts, gen.tokens)
+  _check_greedy_steps(lambda r, ids: model(ids, frames[r : r + 1], ts[r : r + 1]), prompts, gen.tokens)
 
 
 def test_greedy_matches_transformers_generate():
@@ -74,9 +74,15 @@ def test_greedy_matches_transformers_generate():
   gen = Engine(ours, prefill_chunk=16).generate(prompts, max_new_tokens=12)
   for p, toks in zip(prompts, gen.tokens):
     with torch.no_grad():
-      out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                        max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert out[0, len(p):].tolist() == toks
+      out = hf.generate(
+          torch.tensor([p]),
+          attention_mask=torch.ones(1, len(p), dtype=torch.long),
+          max_new_tokens=12,
+          min_new_tokens=12,
+          do_sample=False,
+          pad_token_id=0,
+      )
+    assert out[0, len(p) :].tolist() == toks
 
 
 def test_decode_compiles_once_per_bucket(llm):

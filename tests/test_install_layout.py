@@ -45,20 +45,24 @@ def test_the_installed_top_level_names_are_the_documented_ones():
 
 def test_outside_the_checkout_each_top_level_name_is_this_checkouts(tmp_path):
   """As a console script sees them: from another folder, so the checkout is not on sys.path first."""
-  probe = ("import importlib.util, json; print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
-           f"for n in {_top_level_packages()!r}}}))")
+  probe = (
+      "import importlib.util, json; print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+      f"for n in {_top_level_packages()!r}}}))"
+  )
   env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
-  r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                     timeout=60)
+  r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stderr[-2000:]
   found = json.loads(r.stdout)
   if all(origin is None for origin in found.values()):
     pytest.skip(f"{DIST} is not installed in {sys.prefix} (pip install -e .)")
   for name, origin in found.items():
     assert origin is not None and os.path.realpath(os.path.dirname(origin)) == os.path.realpath(
-        os.path.join(ROOT, name)), (f"`import {name}` outside the checkout finds {origin}, not this checkout's "
-                                    f"{name}/: another installed package named {name!r} shadows it "
-                                    "(docs/architecture.md, Install layout)")
+        os.path.join(ROOT, name)
+    ), (
+        f"`import {name}` outside the checkout finds {origin}, not this checkout's "
+        f"{name}/: another installed package named {name!r} shadows it "
+        "(docs/architecture.md, Install layout)"
+    )
 
 
 @pytest.mark.parametrize("script", sorted(_console_scripts()))

@@ -16,9 +16,19 @@ TOL = 1e-4
 
 
 def _configs(rope_scaling: RopeScaling | None):
-  ours = LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=112, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rope_theta=500000.0, rope_scaling=rope_scaling,
-                     max_position_embeddings=4096, rms_norm_eps=1e-5)
+  ours = LlamaConfig(
+      vocab_size=211,
+      hidden_size=48,
+      intermediate_size=112,
+      num_layers=3,
+      num_heads=6,
+      num_kv_heads=2,
+      head_dim=8,
+      rope_theta=500000.0,
+      rope_scaling=rope_scaling,
+      max_position_embeddings=4096,
+      rms_norm_eps=1e-5,
+  )
   hf = transformers_llama_config(ours, attn_implementation="eager")
   return ours, hf
 
@@ -38,9 +48,11 @@ def _pair(rope_scaling=None, seed=0):
   return ours, hf, ours_cfg
 
 
-@pytest.mark.parametrize("rope_scaling", [None, RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                            original_max_position_embeddings=64)],
-                         ids=["plain", "llama3_scaling"])
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [None, RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)],
+    ids=["plain", "llama3_scaling"],
+)
 def test_logits_match_transformers_text_only(rope_scaling):
   ours, hf, cfg = _pair(rope_scaling)
   # Long enough (300 > 64 original positions) that llama3 scaling changes the result.

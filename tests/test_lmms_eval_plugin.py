@@ -34,15 +34,17 @@ LMMS_EVAL = os.path.join(EVAL_ENV, "bin", "lmms-eval")
 NUM_FRAMES = 4
 LETTERS = "ABCD"
 # (frames in the clip, question, options); the 2-frame clip is shorter than NUM_FRAMES (a short video).
-ITEMS = [(12, "What colour is the car?", ["red", "blue", "green", "black"]),
-         (20, "What happens in the video?", ["jumps", "sits", "runs", "sleeps"]),
-         (2, "What colour is the fence?", ["red", "blue", "green", "black"]),
-         (16, "What is the kangaroo doing?", ["jumps", "eats", "runs", "waits"])]
+ITEMS = [
+    (12, "What colour is the car?", ["red", "blue", "green", "black"]),
+    (20, "What happens in the video?", ["jumps", "sits", "runs", "sleeps"]),
+    (2, "What colour is the fence?", ["red", "blue", "green", "black"]),
+    (16, "What is the kangaroo doing?", ["jumps", "eats", "runs", "waits"]),
+]
 TASK_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 RECIPE = "mvbench"
 pytestmark = pytest.mark.xdist_group("lmms_eval")  # one worker builds the checkpoint and runs both CLI runs
 
-UTILS = '''
+UTILS = """
 def doc_to_visual(doc):
   return [doc["video"]]
 
@@ -54,7 +56,7 @@ def doc_to_text(doc):
 
 def process_results(doc, results):
   return {"exact": float(results[0].strip() == doc["answer_text"])}
-'''
+"""
 
 
 def task_yaml(name: str, data_file: str, output_type: str) -> str:
@@ -115,14 +117,18 @@ def forward_loglikelihood(assets, context: str, continuation: str, video: str) -
   model, tok, chat = assets["model"], assets["tok"], assets["chat"]
   _, frames, timestamps = chat.load_visual(video, NUM_FRAMES)
   f, h, w = frames.shape[1:4]
-  ids = encode_conversation(tok, [{"role": "user", "content": "<video>" + context}],
-                            num_groups=f // model.cfg.projector.frames_per_group,
-                            tokens_per_group=model.visual_tokens_per_frame_group(h, w),
-                            visual_token_id=model.cfg.visual_token_id, add_generation_prompt=True).input_ids
+  ids = encode_conversation(
+      tok,
+      [{"role": "user", "content": "<video>" + context}],
+      num_groups=f // model.cfg.projector.frames_per_group,
+      tokens_per_group=model.visual_tokens_per_frame_group(h, w),
+      visual_token_id=model.cfg.visual_token_id,
+      add_generation_prompt=True,
+  ).input_ids
   cont = tok.encode(continuation)
   full = np.concatenate([ids, np.asarray(cont, np.int32)])[None]
   logp = np.asarray(jax.nn.log_softmax(model(full, frames, timestamps), axis=-1))[0]
-  rows = logp[len(ids) - 1:len(ids) - 1 + len(cont)]
+  rows = logp[len(ids) - 1 : len(ids) - 1 + len(cont)]
   greedy = all(rows[i].argmax() == t for i, t in enumerate(cont))
   return float(sum(rows[i, t] for i, t in enumerate(cont))), bool(greedy)
 
@@ -144,21 +150,31 @@ def test_runner_loglikelihood_matches_a_plain_forward_pass(assets):
 
 
 def test_runner_batches_equal_single_answers_and_count_short_videos(assets):
-  runner = Runner(assets["ckpt"], num_frames=NUM_FRAMES, batch_size=3,
-                  model_and_tokenizer=(assets["model"], assets["tok"]))
-  requests = [GenerationRequest([{"role": "user", "content": task_text(q, o)}], video, max_new_tokens=6)
-              for (_, q, o), video in zip(ITEMS, assets["videos"])]
+  runner = Runner(
+      assets["ckpt"], num_frames=NUM_FRAMES, batch_size=3, model_and_tokenizer=(assets["model"], assets["tok"])
+  )
+  requests = [
+      GenerationRequest([{"role": "user", "content": task_text(q, o)}], video, max_new_tokens=6)
+      for (_, q, o), video in zip(ITEMS, assets["videos"])
+  ]
   requests.append(GenerationRequest([{"role": "user", "content": "What happens in the video?"}], None, 6))
   requests.append(GenerationRequest([{"role": "user", "content": "q"}], str(assets["dir"] / "missing.mp4"), 6))
   from kangaroo_jax.data.video import VideoError
+
   got = runner.generate(requests, errors=(VideoError, OSError))
   for req, text in zip(requests[:5], got):
     content = req.messages[0]["content"]
     want, _ = assets["chat"].chat(req.visual, content, num_frames=NUM_FRAMES, max_new_tokens=6, do_sample=False)
     assert text == want, content
   assert got[5] is None
-  assert runner.stats == {"answered": 5, "failed": 1, "short_videos": 1, "recipe_rendered": 0,
-                          "recipe_passthrough": 0, "recipe_dropped_text": 0}
+  assert runner.stats == {
+      "answered": 5,
+      "failed": 1,
+      "short_videos": 1,
+      "recipe_rendered": 0,
+      "recipe_passthrough": 0,
+      "recipe_dropped_text": 0,
+  }
   with pytest.raises(ValueError, match="num_frames must be an even integer"):
     Runner(assets["ckpt"], num_frames=3, model_and_tokenizer=(assets["model"], assets["tok"]))
 
@@ -166,10 +182,15 @@ def test_runner_batches_equal_single_answers_and_count_short_videos(assets):
 def test_recipe_render_and_stop_strings():
   videomme = get_recipe("videomme")
   # lmms-eval's videomme text: its own instruction line, the question, "A. ..." options, its answer cue.
-  text = ("Select the best answer to the following multiple-choice question based on the video and the subtitles."
-          "\nHow many cars?\nA. one\nB. two\nC. three\nThe best answer is:")
-  assert recipe_prompt.render(videomme, text) == (videomme.format_prompt("How many cars?", ["one", "two", "three"]),
-                                                  True, 1)
+  text = (
+      "Select the best answer to the following multiple-choice question based on the video and the subtitles."
+      "\nHow many cars?\nA. one\nB. two\nC. three\nThe best answer is:"
+  )
+  assert recipe_prompt.render(videomme, text) == (
+      videomme.format_prompt("How many cars?", ["one", "two", "three"]),
+      True,
+      1,
+  )
   mvbench = get_recipe("mvbench")
   # lmms-eval's mvbench text: "Question:" without a space, an "Option:" header, "(A) ..." options.
   rendered = recipe_prompt.render(mvbench, "Question:Why?\nOption:\n(A) x\n(B) y\nPick one.")
@@ -182,8 +203,10 @@ def test_recipe_render_and_stop_strings():
 
 
 def test_import_kangaroo_jax_loads_no_lmms_eval():
-  code = ("import sys, kangaroo_jax, kangaroo_jax.lmms_eval_plugin, kangaroo_jax.lmms_eval_plugin.runner; "
-          "sys.exit(1 if any(m.split('.')[0] == 'lmms_eval' for m in sys.modules) else 0)")
+  code = (
+      "import sys, kangaroo_jax, kangaroo_jax.lmms_eval_plugin, kangaroo_jax.lmms_eval_plugin.runner; "
+      "sys.exit(1 if any(m.split('.')[0] == 'lmms_eval' for m in sys.modules) else 0)"
+  )
   assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
@@ -200,9 +223,17 @@ def eval_env():
 
 
 def _run_cli(cmd: list[str], workdir, timeout: int = 300, expect: int = 0) -> subprocess.CompletedProcess:
-  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             HF_HOME=str(workdir / "hf"), JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-             WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+  env = dict(
+      os.environ,
+      HF_DATASETS_OFFLINE="1",
+      HF_HUB_OFFLINE="1",
+      TRANSFORMERS_OFFLINE="1",
+      HF_HOME=str(workdir / "hf"),
+      JAX_PLATFORMS="cpu",
+      JAX_DEFAULT_MATMUL_PRECISION="highest",
+      WANDB_MODE="disabled",
+      TOKENIZERS_PARALLELISM="false",
+  )
   env.pop("PYTHONPATH", None)  # the eval env resolves its own packages (PyAV 15), not the main env's
   proc = subprocess.run(cmd, cwd=str(workdir), env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == expect, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
@@ -244,17 +275,37 @@ def test_lmms_eval_cli_generate_until_with_recipe(eval_env, assets):
   recipe = get_recipe(RECIPE).replace(num_frames=NUM_FRAMES)
   ours = []
   for (_, q, o), video in zip(ITEMS, assets["videos"]):
-    text, _ = assets["chat"].chat(video, recipe.format_prompt(q, o), num_frames=NUM_FRAMES,
-                                  max_new_tokens=recipe.max_new_tokens, do_sample=False)
+    text, _ = assets["chat"].chat(
+        video, recipe.format_prompt(q, o), num_frames=NUM_FRAMES, max_new_tokens=recipe.max_new_tokens, do_sample=False
+    )
     ours.append(text)
-  docs = [{"video": video, "question": q, "options": o, "answer_text": text if i % 2 == 0 else text + " (not this)"}
-          for i, ((_, q, o), video, text) in enumerate(zip(ITEMS, assets["videos"], ours))]
+  docs = [
+      {"video": video, "question": q, "options": o, "answer_text": text if i % 2 == 0 else text + " (not this)"}
+      for i, ((_, q, o), video, text) in enumerate(zip(ITEMS, assets["videos"], ours))
+  ]
   include = _write_task(assets, "kj_local_gen", "generate_until", docs)
   out = assets["dir"] / "out_gen"
-  _run_cli([EVAL_PY, "-m", "kangaroo_jax.lmms_eval_plugin", "--model", "kangaroo_jax", "--model_args",
-            f"pretrained={assets['ckpt']},recipe={RECIPE},num_frames={NUM_FRAMES}", "--tasks", "kj_local_gen",
-            "--include_path", str(include), "--batch_size", "2", "--output_path", str(out), "--log_samples"],
-           assets["dir"])
+  _run_cli(
+      [
+          EVAL_PY,
+          "-m",
+          "kangaroo_jax.lmms_eval_plugin",
+          "--model",
+          "kangaroo_jax",
+          "--model_args",
+          f"pretrained={assets['ckpt']},recipe={RECIPE},num_frames={NUM_FRAMES}",
+          "--tasks",
+          "kj_local_gen",
+          "--include_path",
+          str(include),
+          "--batch_size",
+          "2",
+          "--output_path",
+          str(out),
+          "--log_samples",
+      ],
+      assets["dir"],
+  )
   summary, samples = _results(out)
   assert sorted(samples) == list(range(len(ITEMS)))
   for i, text in enumerate(ours):
@@ -266,8 +317,14 @@ def test_lmms_eval_cli_generate_until_with_recipe(eval_env, assets):
   assert prov["recipe_overrides"] == {"num_frames": NUM_FRAMES}
   assert prov["model_class"].endswith(".KangarooJax")
   assert prov["checkpoint"]["sha256"] == checkpoint_hash(assets["ckpt"])["sha256"]
-  assert prov["counts"] == {"answered": 4, "failed": 0, "short_videos": 1, "recipe_rendered": 4,
-                            "recipe_passthrough": 0, "recipe_dropped_text": 0}
+  assert prov["counts"] == {
+      "answered": 4,
+      "failed": 0,
+      "short_videos": 1,
+      "recipe_rendered": 4,
+      "recipe_passthrough": 0,
+      "recipe_dropped_text": 0,
+  }
 
 
 def test_lmms_eval_cli_multiple_choice_loglikelihood(eval_env, assets):
@@ -278,13 +335,30 @@ def test_lmms_eval_cli_multiple_choice_loglikelihood(eval_env, assets):
   for (_, q, o), video in zip(ITEMS, assets["videos"]):
     scores = [forward_loglikelihood(assets, task_text(q, o), " " + letter, video)[0] for letter in LETTERS]
     best.append((scores, int(np.argmax(scores))))
-  docs = [{"video": video, "question": q, "options": o, "answer_index": arg if i < 2 else (arg + 1) % 4}
-          for i, ((_, q, o), video, (_, arg)) in enumerate(zip(ITEMS, assets["videos"], best))]
+  docs = [
+      {"video": video, "question": q, "options": o, "answer_index": arg if i < 2 else (arg + 1) % 4}
+      for i, ((_, q, o), video, (_, arg)) in enumerate(zip(ITEMS, assets["videos"], best))
+  ]
   include = _write_task(assets, "kj_local_mc", "multiple_choice", docs)
   out = assets["dir"] / "out_mc"
-  _run_cli([LMMS_EVAL, "--model", "kangaroo_jax", "--force_simple", "--model_args",
-            f"pretrained={assets['ckpt']},num_frames={NUM_FRAMES}", "--tasks", "kj_local_mc",
-            "--include_path", str(include), "--output_path", str(out), "--log_samples"], assets["dir"])
+  _run_cli(
+      [
+          LMMS_EVAL,
+          "--model",
+          "kangaroo_jax",
+          "--force_simple",
+          "--model_args",
+          f"pretrained={assets['ckpt']},num_frames={NUM_FRAMES}",
+          "--tasks",
+          "kj_local_mc",
+          "--include_path",
+          str(include),
+          "--output_path",
+          str(out),
+          "--log_samples",
+      ],
+      assets["dir"],
+  )
   summary, samples = _results(out)
   assert _metric(summary, "kj_local_mc", "acc") == 0.5
   assert sorted(samples) == list(range(len(ITEMS)))
@@ -298,8 +372,24 @@ def test_wrapper_fails_when_lmms_eval_wrote_no_results(eval_env, assets):
   include = assets["dir"] / "tasks_kj_local_gen"
   if not include.exists():
     include = _write_task(assets, "kj_local_gen", "generate_until", [])
-  proc = _run_cli([EVAL_PY, "-m", "kangaroo_jax.lmms_eval_plugin", "--model", "kangaroo_jax", "--model_args",
-                   f"pretrained={assets['ckpt']},num_frames=3", "--tasks", "kj_local_gen", "--include_path",
-                   str(include), "--output_path", str(assets["dir"] / "out_bad")], assets["dir"], expect=1)
+  proc = _run_cli(
+      [
+          EVAL_PY,
+          "-m",
+          "kangaroo_jax.lmms_eval_plugin",
+          "--model",
+          "kangaroo_jax",
+          "--model_args",
+          f"pretrained={assets['ckpt']},num_frames=3",
+          "--tasks",
+          "kj_local_gen",
+          "--include_path",
+          str(include),
+          "--output_path",
+          str(assets["dir"] / "out_bad"),
+      ],
+      assets["dir"],
+      expect=1,
+  )
   assert "model_args num_frames=3: expected an even number" in proc.stdout + proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("kangaroo_jax: lmms-eval wrote no results under")

@@ -27,13 +27,16 @@ def test_dcn_axes_are_slice_major():
   assert set(ids[0].ravel()) == {0, 1, 2, 3} and set(ids[1].ravel()) == {4, 5, 6, 7}
 
 
-@pytest.mark.parametrize("cfg,match", [
-    (MeshConfig(fsdp=-1, context=-1), "only one mesh axis may be -1"),
-    (MeshConfig(fsdp=3, context=-1), "not divisible by the fixed axes"),
-    (MeshConfig(fsdp=4, context=4), "needs 16 devices per slice, but 8 are available"),
-    (MeshConfig(fsdp=0), "expected a positive size or -1"),
-    (MeshConfig(fsdp=-1, dcn_data=3), "cannot be split into 3 slices"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (MeshConfig(fsdp=-1, context=-1), "only one mesh axis may be -1"),
+        (MeshConfig(fsdp=3, context=-1), "not divisible by the fixed axes"),
+        (MeshConfig(fsdp=4, context=4), "needs 16 devices per slice, but 8 are available"),
+        (MeshConfig(fsdp=0), "expected a positive size or -1"),
+        (MeshConfig(fsdp=-1, dcn_data=3), "cannot be split into 3 slices"),
+    ],
+)
 def test_invalid_mesh_configs(cfg, match):
   with pytest.raises(MeshError, match=match):
     make_mesh(cfg)
@@ -41,14 +44,18 @@ def test_invalid_mesh_configs(cfg, match):
 
 def test_model_mesh_validation_lists_every_problem():
   from kangaroo_jax.run_options import RunOptions
+
   cfg, run = preset("tiny"), RunOptions(attention_impl="ring")  # heads 4, kv 2, vocab 512
   validate_mesh_for_model(cfg, run, {"fsdp": 2, "context": 2, "tensor": 2}, batch=4, seq_len=32, frames_per_row=4)
   with pytest.raises(MeshError) as err:
     validate_mesh_for_model(cfg, run, {"fsdp": 2, "context": 4, "tensor": 4}, batch=3, seq_len=36, frames_per_row=3)
   msg = str(err.value)
-  for part in ("global batch 3 must be divisible by data*fsdp = 2", "llm.num_kv_heads 2 must be divisible by tensor=4",
-               "sequence length 36 must be divisible by 8 (2*context for zigzag",
-               "frames per row 3 must be a multiple of ProjectorConfig.temporal_patch"):
+  for part in (
+      "global batch 3 must be divisible by data*fsdp = 2",
+      "llm.num_kv_heads 2 must be divisible by tensor=4",
+      "sequence length 36 must be divisible by 8 (2*context for zigzag",
+      "frames per row 3 must be a multiple of ProjectorConfig.temporal_patch",
+  ):
     assert part in msg, (part, msg)
   with pytest.raises(MeshError, match="needs attention_impl 'ring', 'all_gather' or 'usp'"):
     validate_mesh_for_model(preset("tiny"), RunOptions(), {"context": 2}, batch=2, seq_len=32)

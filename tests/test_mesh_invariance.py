@@ -21,8 +21,9 @@ def _batch(model, cfg):
   size = cfg.vision.image_size
   n_vis = model.num_visual_tokens(FRAMES, size, size)
   rng = np.random.default_rng(0)
-  ids = np.concatenate([np.full((BATCH, n_vis), cfg.visual_token_id),
-                        rng.integers(0, cfg.llm.vocab_size, (BATCH, TEXT))], 1)  # 8 + 24 = 32 tokens
+  ids = np.concatenate(
+      [np.full((BATCH, n_vis), cfg.visual_token_id), rng.integers(0, cfg.llm.vocab_size, (BATCH, TEXT))], 1
+  )  # 8 + 24 = 32 tokens
   pixels = rng.normal(size=(BATCH, FRAMES, size, size, 3)).astype(np.float32)
   ts = np.tile(np.arange(FRAMES, dtype=np.float32) * 0.5, (BATCH, 1))
   targets = np.roll(ids.clip(0), -1, axis=1)
@@ -34,6 +35,7 @@ def _loss_fn(graphdef, rest):
     logits = nnx.merge(graphdef, params, rest)(ids, pixels, ts)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)), logits
+
   return loss
 
 
@@ -59,12 +61,16 @@ def single_device():
   return _run(preset("tiny"), None)
 
 
-@pytest.mark.parametrize("impl,mesh_cfg", [
-    ("reference", MeshConfig(fsdp=8)),
-    ("ring", MeshConfig(fsdp=1, context=8)),
-    ("ring", MeshConfig(fsdp=2, context=2, tensor=2)),
-    ("all_gather", MeshConfig(fsdp=2, context=4)),
-], ids=["fsdp8", "ring_ctx8", "ring_fsdp2_ctx2_tp2", "allgather_fsdp2_ctx4"])
+@pytest.mark.parametrize(
+    "impl,mesh_cfg",
+    [
+        ("reference", MeshConfig(fsdp=8)),
+        ("ring", MeshConfig(fsdp=1, context=8)),
+        ("ring", MeshConfig(fsdp=2, context=2, tensor=2)),
+        ("all_gather", MeshConfig(fsdp=2, context=4)),
+    ],
+    ids=["fsdp8", "ring_ctx8", "ring_fsdp2_ctx2_tp2", "allgather_fsdp2_ctx4"],
+)
 def test_logits_and_grads_invariant_to_mesh(single_device, impl, mesh_cfg):
   loss0, logits0, grads0 = single_device
   loss, logits, grads = _run(preset("tiny"), mesh_cfg, RunOptions(attention_impl=impl))
@@ -87,8 +93,11 @@ def test_ring_with_small_tiles_is_invariant(single_device):
     assert max_rel_error(g.get_value(), flat0[path].get_value()) <= TOL, path
 
 
-@pytest.mark.parametrize("ulysses,mesh_cfg", [(2, MeshConfig(fsdp=1, context=8)), (0, MeshConfig(fsdp=2, context=4))],
-                         ids=["usp_2x4_ctx8", "usp_auto_fsdp2_ctx4"])
+@pytest.mark.parametrize(
+    "ulysses,mesh_cfg",
+    [(2, MeshConfig(fsdp=1, context=8)), (0, MeshConfig(fsdp=2, context=4))],
+    ids=["usp_2x4_ctx8", "usp_auto_fsdp2_ctx4"],
+)
 def test_usp_model_is_invariant(single_device, ulysses, mesh_cfg):
   # The whole model with USP attention (zigzag over the context axis, all-to-all groups of `ulysses`).
   loss0, logits0, grads0 = single_device

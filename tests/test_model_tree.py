@@ -13,8 +13,16 @@ from flax import nnx
 
 import kangaroo_jax
 from kangaroo_jax.inference.chat import Chat
-from kangaroo_jax.model_tree import (abstract_model, flatten, merge_params, param_tree, shardings_of, split_params,
-                                     unflatten, with_values)
+from kangaroo_jax.model_tree import (
+    abstract_model,
+    flatten,
+    merge_params,
+    param_tree,
+    shardings_of,
+    split_params,
+    unflatten,
+    with_values,
+)
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
 from kangaroo_jax.pretrained import PretrainedKangaroo, from_pretrained, save_pretrained
@@ -52,6 +60,7 @@ def test_param_tree_is_nnx_pure_dict_and_merges_back_bit_for_bit(model):
 
 def test_split_params_refuses_non_parameter_state():
   class WithCounter(nnx.Module):
+
     def __init__(self):
       self.w = nnx.Param(np.zeros((2,), np.float32))
       self.count = nnx.BatchStat(np.zeros((), np.int32))
@@ -110,6 +119,11 @@ def test_models_do_not_import_the_inference_layer():
     with open(os.path.join(folder, name)) as f:
       tree = ast.parse(f.read())
     for node in ast.walk(tree):
-      modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      modules = (
+          [a.name for a in node.names]
+          if isinstance(node, ast.Import)
+          else [node.module or ""]
+          if isinstance(node, ast.ImportFrom)
+          else []
+      )
       assert not any("inference" in m for m in modules), f"kangaroo_jax/models/{name} imports {modules}"

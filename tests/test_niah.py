@@ -42,8 +42,14 @@ def assets(tmp_path_factory):
   tok_dir = tiny_tokenizer_dir(str(d / "tok"))
   tok = load_tokenizer(tok_dir)
   model = answering(tok, "B")  # answers "B" after any prompt, so the score is fixed by the weights
-  return dict(dir=d, tok=tok, tok_dir=tok_dir, model=model, haystack=write_video(str(d / "hay.mp4")),
-              needle=needle_image(str(d / "needle.png")))
+  return dict(
+      dir=d,
+      tok=tok,
+      tok_dir=tok_dir,
+      model=model,
+      haystack=write_video(str(d / "hay.mp4")),
+      needle=needle_image(str(d / "needle.png")),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +63,17 @@ def chat(assets):
 
 
 def setup_for(assets, **overrides) -> niah.Setup:
-  fields = dict(checkpoint="tiny", haystack=assets["haystack"], needle=assets["needle"], needle_frames=2, align=1,
-                question="What colour is the card?", answer="blue", options=("red", "blue"), max_new_tokens=4)
+  fields = dict(
+      checkpoint="tiny",
+      haystack=assets["haystack"],
+      needle=assets["needle"],
+      needle_frames=2,
+      align=1,
+      question="What colour is the card?",
+      answer="blue",
+      options=("red", "blue"),
+      max_new_tokens=4,
+  )
   return niah.Setup(**{**fields, **overrides})
 
 
@@ -100,8 +115,17 @@ def test_placement_formula():
 
 
 def test_free_form_scoring():
-  s = niah.Setup(checkpoint="c", haystack="h", needle="n", needle_frames=2, align=1, question="q?",
-                 answer="Blue  Card", options=None, max_new_tokens=4)
+  s = niah.Setup(
+      checkpoint="c",
+      haystack="h",
+      needle="n",
+      needle_frames=2,
+      align=1,
+      question="q?",
+      answer="Blue  Card",
+      options=None,
+      max_new_tokens=4,
+  )
   assert niah.score("blue card.", s) == {"match": "exact", "correct": True}
   assert niah.score("It is a BLUE card held up", s) == {"match": "substring", "correct": True}
   assert niah.score("a blue hat", s) == {"match": None, "correct": False}
@@ -153,8 +177,9 @@ def test_needle_placed_scored_resumed_and_plotted(assets, chat, frames_seen, tmp
   assert len(warnings) == 1 and f"only {HAYSTACK_FRAMES} frames" in warnings[0]
   records = [json.loads(line) for line in open(os.path.join(out_a, niah.RESULTS))]
   assert _read(os.path.join(out_a, niah.RESULTS)).startswith(before)  # earlier records kept as they were
-  assert [(r["length"], r["duplicated"], r["haystack_frames_available"]) for r in records[-3:]] == \
-      [(16, True, HAYSTACK_FRAMES)] * 3
+  assert [(r["length"], r["duplicated"], r["haystack_frames_available"]) for r in records[-3:]] == [
+      (16, True, HAYSTACK_FRAMES)
+  ] * 3
   assert summary["duplicated_lengths"] == [16] and summary["lengths"] == [4, 8, 16]
 
   # The heatmap: a PNG of the documented size, marked as this tool's.
@@ -165,31 +190,53 @@ def test_needle_placed_scored_resumed_and_plotted(assets, chat, frames_seen, tmp
 
 
 def _cli(assets, out, *extra):
-  return ["ckpt-not-read", "--haystack", assets["haystack"], "--needle", assets["needle"], "--question", "Colour?",
-          "--answer", "blue", "--lengths", "4,8", "--depths", "0,1", "--output", str(out), *extra]
+  return [
+      "ckpt-not-read",
+      "--haystack",
+      assets["haystack"],
+      "--needle",
+      assets["needle"],
+      "--question",
+      "Colour?",
+      "--answer",
+      "blue",
+      "--lengths",
+      "4,8",
+      "--depths",
+      "0,1",
+      "--output",
+      str(out),
+      *extra,
+  ]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--lengths", "4,7"], "--lengths must be comma-separated positive even"),
-    (["--lengths", "0"], "--lengths must be comma-separated positive even"),
-    (["--depths", "0,1.5"], "--depths must be comma-separated numbers in [0, 1]"),
-    (["--depths", "nan"], "--depths must be comma-separated numbers in [0, 1]"),
-    (["--needle-frames", "6"], "--needle-frames must be in [1, 4]"),
-    (["--options", "red", "green", "--answer", "blue"], "--options / --answer: answer 'blue' is neither"),
-    (["--haystack", "/nonexistent/hay.mp4"], "/nonexistent/hay.mp4: no such file"),
-    (["--needle", "/nonexistent/needle.png"], "/nonexistent/needle.png: no such file"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lengths", "4,7"], "--lengths must be comma-separated positive even"),
+        (["--lengths", "0"], "--lengths must be comma-separated positive even"),
+        (["--depths", "0,1.5"], "--depths must be comma-separated numbers in [0, 1]"),
+        (["--depths", "nan"], "--depths must be comma-separated numbers in [0, 1]"),
+        (["--needle-frames", "6"], "--needle-frames must be in [1, 4]"),
+        (["--options", "red", "green", "--answer", "blue"], "--options / --answer: answer 'blue' is neither"),
+        (["--haystack", "/nonexistent/hay.mp4"], "/nonexistent/hay.mp4: no such file"),
+        (["--needle", "/nonexistent/needle.png"], "/nonexistent/needle.png: no such file"),
+    ],
+)
 def test_bad_input_is_one_error_line(assets, tmp_path, capsys, extra, message):
   assert niah.main(_cli(assets, tmp_path / "out", *extra)) == 2
   assert message in _one_error_line(capsys)
   assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name, content", [
-    (niah.RESULTS, b'{"note": "mine"}\n'),
-    (niah.SUMMARY, b'{"accuracy": 1}'),
-    (niah.HEATMAP, None),  # a PNG of someone else's
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        (niah.RESULTS, b'{"note": "mine"}\n'),
+        (niah.SUMMARY, b'{"accuracy": 1}'),
+        (niah.HEATMAP, None),  # a PNG of someone else's
+    ],
+)
 def test_files_not_ours_are_refused_and_left_alone(assets, tmp_path, capsys, name, content):
   out = tmp_path / "out"
   out.mkdir()

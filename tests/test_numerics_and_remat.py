@@ -16,8 +16,9 @@ def _inputs(model, cfg, batch=2, frames=2):
   size = cfg.vision.image_size
   n_vis = model.num_visual_tokens(frames, size, size)
   rng = np.random.default_rng(0)
-  ids = np.concatenate([np.full((batch, n_vis), cfg.visual_token_id),
-                        rng.integers(0, cfg.llm.vocab_size, (batch, 6))], 1)
+  ids = np.concatenate(
+      [np.full((batch, n_vis), cfg.visual_token_id), rng.integers(0, cfg.llm.vocab_size, (batch, 6))], 1
+  )
   pixels = rng.normal(size=(batch, frames, size, size, 3)).astype(np.float32)
   ts = np.tile(np.arange(frames, dtype=np.float32), (batch, 1))
   return jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(ts)

@@ -75,8 +75,7 @@ def test_sinusoidal_time_embedding_hand_values():
   np.testing.assert_allclose(emb[0], [0.0, 0.0, 1.0, 1.0], atol=1e-7)
   # half = 2: w = [1, 10000^(-1/2) = 1e-2]
   np.testing.assert_allclose(emb[1], [math.sin(1), math.sin(1e-2), math.cos(1), math.cos(1e-2)], rtol=1e-6)
-  np.testing.assert_allclose(emb[2], [math.sin(2.5), math.sin(2.5e-2), math.cos(2.5), math.cos(2.5e-2)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(emb[2], [math.sin(2.5), math.sin(2.5e-2), math.cos(2.5), math.cos(2.5e-2)], rtol=1e-6)
   # batch dims are kept; dim 6, base 100: w = [1, 100^(-1/3), 100^(-2/3)]
   t = jnp.asarray([[3.0, 4.0]])
   emb6 = np.asarray(sinusoidal_time_embedding(t, 6, 100.0))
@@ -107,7 +106,7 @@ def _np_window_mean(x, t=2, s=2):
   for g in range(f // t):
     for i in range(gh // s):
       for j in range(gw // s):
-        win = x[:, g * t:(g + 1) * t, i * s:(i + 1) * s, j * s:(j + 1) * s]
+        win = x[:, g * t : (g + 1) * t, i * s : (i + 1) * s, j * s : (j + 1) * s]
         out[:, g, i * (gw // s) + j] = win.mean(axis=(1, 2, 3))
   return out
 

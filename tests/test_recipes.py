@@ -37,13 +37,21 @@ def test_prompt_formats():
   assert get_recipe("videomme").format_prompt(q, opts) == (
       "Select the best answer to the following multiple-choice question based on the video. Respond with only "
       "the letter (A, B, C, or D) of the correct option.\nHow many cars?\nA. one\nB. two\nC. three\nD. four\n"
-      "The best answer is:")
+      "The best answer is:"
+  )
   assert get_recipe("mlvu").format_prompt(q, opts) == (
       "Question: How many cars?\nOptions:\n(A) one\n(B) two\n(C) three\n(D) four\nOnly give the best option.\n"
-      "Best option: (")
+      "Best option: ("
+  )
   five = ["a", "b", "c", "d", "e"]  # EgoSchema has five options
   assert get_recipe("egoschema").format_prompt("Why?", five).splitlines()[1:] == [
-      "A. a", "B. b", "C. c", "D. d", "E. e", "Answer with the option's letter from the given choices directly."]
+      "A. a",
+      "B. b",
+      "C. c",
+      "D. d",
+      "E. e",
+      "Answer with the option's letter from the given choices directly.",
+  ]
   # The MVBench recipe is the recipe-less default prompt of evaluate (mcq.format_prompt).
   item = MCItem("x", "t", "v.mp4", "How many cars?", tuple(opts), 1)
   assert get_recipe("mvbench").format_prompt(item.question, item.options) == format_prompt(item)
@@ -53,9 +61,11 @@ def test_subtitles_prompt():
   sub = get_recipe("videomme_subtitles")
   assert sub.subtitles and not get_recipe("videomme").subtitles
   text = sub.format_prompt("How many cars?", ["one", "two"], subtitles="hello\nworld")
-  assert text == ("This video's subtitles are listed below:\nhello\nworld\nSelect the best answer to the following "
-                  "multiple-choice question based on the video and the subtitles. Respond with only the letter (A, B, "
-                  "C, or D) of the correct option.\nHow many cars?\nA. one\nB. two\nThe best answer is:")
+  assert text == (
+      "This video's subtitles are listed below:\nhello\nworld\nSelect the best answer to the following "
+      "multiple-choice question based on the video and the subtitles. Respond with only the letter (A, B, "
+      "C, or D) of the correct option.\nHow many cars?\nA. one\nB. two\nThe best answer is:"
+  )
   assert sub.format_prompt("q?", ["a", "b"]).splitlines()[1] == "No subtitles available"  # no subtitle file
   assert sub.format_prompt("q?", ["a", "b"], subtitles="").splitlines()[1].startswith("Select")  # none at the frames
   with pytest.raises(RecipeError, match="takes no subtitles"):
@@ -64,9 +74,14 @@ def test_subtitles_prompt():
 
 def test_bad_settings_fail_naming_the_field():
   base = RECIPES["mvbench"]
-  for changes, field in (({"num_frames": 63}, "num_frames"), ({"num_frames": 0}, "num_frames"),
-                         ({"max_new_tokens": 0}, "max_new_tokens"), ({"do_sample": True}, "do_sample"),
-                         ({"option_style": "roman"}, "option_style"), ({"sampling": "fps"}, "sampling")):
+  for changes, field in (
+      ({"num_frames": 63}, "num_frames"),
+      ({"num_frames": 0}, "num_frames"),
+      ({"max_new_tokens": 0}, "max_new_tokens"),
+      ({"do_sample": True}, "do_sample"),
+      ({"option_style": "roman"}, "option_style"),
+      ({"sampling": "fps"}, "sampling"),
+  ):
     with pytest.raises(RecipeError, match=field):
       base.replace(**changes)
   assert base.replace(num_frames=16).num_frames == 16 and base.num_frames == 64  # frozen: copies only

@@ -77,8 +77,16 @@ def running_server(assets: dict, **options):
   import uvicorn
 
   from kangaroo_jax.serve.app import create_app
-  opts = dict(model_name="tiny-kangaroo", num_frames=NUM_FRAMES, max_batch=4, max_queue=32, batch_window_s=0.05,
-              examples_dir=assets["examples"], defaults=Defaults(max_tokens=6))
+
+  opts = dict(
+      model_name="tiny-kangaroo",
+      num_frames=NUM_FRAMES,
+      max_batch=4,
+      max_queue=32,
+      batch_window_s=0.05,
+      examples_dir=assets["examples"],
+      defaults=Defaults(max_tokens=6),
+  )
   service = Service(assets["chat"], ServeOptions(**dict(opts, **options)))
   port = _free_port()
   server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
@@ -103,8 +111,11 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(assets):
   with running_server(assets) as (url, service):
-    yield dict(url=url, service=service, client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
-                                                              timeout=120))
+    yield dict(
+        url=url,
+        service=service,
+        client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120),
+    )
 
 
 def _video_message(url: str, text: str, kind: str = "video_url") -> dict:
@@ -112,8 +123,11 @@ def _video_message(url: str, text: str, kind: str = "video_url") -> dict:
 
 
 def _ask(client, messages, **kw) -> str:
-  return client.chat.completions.create(model="tiny-kangaroo", messages=messages, **dict(GREEDY, **kw)) \
-    .choices[0].message.content
+  return (
+      client.chat.completions.create(model="tiny-kangaroo", messages=messages, **dict(GREEDY, **kw))
+      .choices[0]
+      .message.content
+  )
 
 
 def _chat_answer(assets, path, query, history=None) -> str:
@@ -139,8 +153,11 @@ def test_models_health_plain_and_streaming_video(assets, server):
   assert resp.model == "anything" and resp.choices[0].finish_reason in ("stop", "length")
   assert resp.usage.prompt_tokens > 8 and 1 <= resp.usage.completion_tokens <= 6  # 8 visual tokens in the prompt
   # Streaming: role first, then the same text in pieces, a finish reason, usage on request, [DONE] (the client ends).
-  chunks = list(client.chat.completions.create(model="anything", messages=messages, stream=True,
-                                               stream_options={"include_usage": True}, **GREEDY))
+  chunks = list(
+      client.chat.completions.create(
+          model="anything", messages=messages, stream=True, stream_options={"include_usage": True}, **GREEDY
+      )
+  )
   assert chunks[0].choices[0].delta.role == "assistant"
   pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
   assert len(pieces) >= 2 and "".join(pieces) == answer
@@ -164,12 +181,16 @@ def test_images_frames_and_text_only(assets, server):
   client = server["client"]
   expected = _chat_answer(assets, assets["image"], "Describe the picture.")
   assert _ask(client, [_video_message(assets["image"], "Describe the picture.", "image_url")]) == expected
-  assert _ask(client, [_video_message(_data_url(assets["image"], "image/png"), "Describe the picture.",
-                                      "image_url")]) == expected
+  assert (
+      _ask(client, [_video_message(_data_url(assets["image"], "image/png"), "Describe the picture.", "image_url")])
+      == expected
+  )
   # Several image_url parts = the frames of one video (lmms-eval's openai_compatible): as the frame folder.
   names = sorted(os.listdir(assets["frames"]))
-  parts = [{"type": "image_url", "image_url": {"url": _data_url(os.path.join(assets["frames"], n), "image/png")}}
-           for n in names]
+  parts = [
+      {"type": "image_url", "image_url": {"url": _data_url(os.path.join(assets["frames"], n), "image/png")}}
+      for n in names
+  ]
   frames_msg = {"role": "user", "content": [{"type": "text", "text": "What changes?"}] + parts}  # lmms-eval's order
   assert _ask(client, [frames_msg]) == _chat_answer(assets, assets["frames"], "What changes?")
   decoded = server["service"].cache.decodes
@@ -216,7 +237,7 @@ def test_padding_leaves_a_rows_logits_as_alone(assets):
     n = max(map(len, prompts))
     ids = np.zeros((len(prompts), n), np.int32)
     for r, p in enumerate(prompts):
-      ids[r, :len(p)] = p
+      ids[r, : len(p)] = p
     cache = engine.new_cache(len(prompts), 64)
     return np.asarray(engine.prefill(cache, engine.embed(ids, length=32), [len(p) for p in prompts])[1])
 
@@ -233,8 +254,11 @@ def test_multi_turn_equals_chat_history_and_reuses_the_video(assets, server):
   a1, h1 = assets["chat"].chat(assets["video"], q1, num_frames=NUM_FRAMES, max_new_tokens=6, do_sample=False)
   expected = _chat_answer(assets, assets["video"], q2, history=list(h1))
   decoded = service.cache.decodes
-  messages = [_video_message(assets["video"], q1), {"role": "assistant", "content": a1},
-               {"role": "user", "content": q2}]
+  messages = [
+      _video_message(assets["video"], q1),
+      {"role": "assistant", "content": a1},
+      {"role": "user", "content": q2},
+  ]
   assert _ask(client, messages) == expected
   assert service.cache.decodes == decoded  # the first turn's decoded video was reused
   with_system = [{"role": "system", "content": "Answer briefly."}] + messages
@@ -258,7 +282,7 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(server, monkeypatch):
   # Refused from its declared length before the body is read, and (without one) while the file is copied.
   resp = httpx.post(server["url"] + "/v1/uploads", files={"file": ("big.mp4", b"x" * 100_000, "video/mp4")})
   assert resp.status_code == 413 and "1000 bytes" in resp.json()["error"]["message"]
-  monkeypatch.setattr("kangaroo_jax.serve.app.UPLOAD_OVERHEAD", 10 ** 6)
+  monkeypatch.setattr("kangaroo_jax.serve.app.UPLOAD_OVERHEAD", 10**6)
   resp = httpx.post(server["url"] + "/v1/uploads", files={"file": ("big.mp4", b"x" * 3000, "video/mp4")})
   assert resp.status_code == 413 and resp.json()["error"]["code"] == "file_too_large"
   assert sorted(os.listdir(service.upload_dir)) == before
@@ -266,14 +290,20 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(server, monkeypatch):
   assert resp.status_code == 400 and "'file' field" in resp.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("content, field, words", [
-  ([{"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}], "content[0].video_url.url",
-   "remote URLs"),
-  ([{"type": "video_url", "video_url": {"url": "/no/such/clip.mp4"}}], "video_url.url", "no such file"),
-  ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}], "video_url.url", "video"),
-  ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,%%%"}}], "video_url.url", "base64"),
-  ([{"type": "audio_url", "audio_url": {"url": "x.wav"}}], "content[0]", "content part type"),
-])
+@pytest.mark.parametrize(
+    "content, field, words",
+    [
+        (
+            [{"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}],
+            "content[0].video_url.url",
+            "remote URLs",
+        ),
+        ([{"type": "video_url", "video_url": {"url": "/no/such/clip.mp4"}}], "video_url.url", "no such file"),
+        ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}], "video_url.url", "video"),
+        ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,%%%"}}], "video_url.url", "base64"),
+        ([{"type": "audio_url", "audio_url": {"url": "x.wav"}}], "content[0]", "content part type"),
+    ],
+)
 def test_bad_media_is_400_naming_the_field(server, content, field, words):
   with pytest.raises(openai.BadRequestError) as e:
     _ask(server["client"], [{"role": "user", "content": content + [{"type": "text", "text": "q"}]}])
@@ -284,17 +314,29 @@ def test_bad_media_is_400_naming_the_field(server, content, field, words):
 def test_bad_requests_are_400(assets, server):
   client = server["client"]
   user = {"role": "user", "content": "hi"}
-  cases = [(dict(temperature=5), "temperature"), (dict(max_tokens=0), "max_tokens"), (dict(n=2), "n"),
-           (dict(stop=["x"]), "stop")]
+  cases = [
+      (dict(temperature=5), "temperature"),
+      (dict(max_tokens=0), "max_tokens"),
+      (dict(n=2), "n"),
+      (dict(stop=["x"]), "stop"),
+  ]
   for extra, param in cases:
     with pytest.raises(openai.BadRequestError) as e:
       client.chat.completions.create(model="m", messages=[user], **extra)
     assert e.value.body["param"] == param, extra
-  for messages, words in (([], "non-empty"), ([{"role": "assistant", "content": "a"}], "last message"),
-                          ([user, {"role": "assistant", "content": [{"type": "image_url", "image_url": {
-                            "url": assets["image"]}}]}, user], "only user messages"),
-                          ([user, {"role": "assistant", "content": "a"}, _video_message(assets["video"], "q")],
-                           "first user message")):
+  for messages, words in (
+      ([], "non-empty"),
+      ([{"role": "assistant", "content": "a"}], "last message"),
+      (
+          [
+              user,
+              {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": assets["image"]}}]},
+              user,
+          ],
+          "only user messages",
+      ),
+      ([user, {"role": "assistant", "content": "a"}, _video_message(assets["video"], "q")], "first user message"),
+  ):
     with pytest.raises(openai.BadRequestError, match=words):
       client.chat.completions.create(model="m", messages=messages)
   resp = httpx.post(server["url"] + "/v1/chat/completions", content=b"{not json")
@@ -305,8 +347,13 @@ def test_bad_requests_are_400(assets, server):
 def test_a_client_that_goes_away_stops_its_decoding(server):
   batcher = server["service"].batcher
   cut, calls = batcher.stats.cut_short, batcher.stats.generate_calls
-  body = {"model": "m", "messages": [{"role": "user", "content": "Talk for a long time."}], "stream": True,
-          "temperature": 0, "max_tokens": 100}
+  body = {
+      "model": "m",
+      "messages": [{"role": "user", "content": "Talk for a long time."}],
+      "stream": True,
+      "temperature": 0,
+      "max_tokens": 100,
+  }
   with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60) as resp:
     for line in resp.iter_lines():
       if '"content": "' in line and '"content": ""' not in line:
@@ -366,10 +413,13 @@ def test_full_queue_is_503(server, monkeypatch):
 def test_sixteen_concurrent_clients_are_batched_and_answer_as_alone(assets, server):
   client, service = server["client"], server["service"]
   # Prompts of different lengths (rows of a batch are right-padded), with and without the video.
-  requests = [[_video_message(assets["video"], "What happens" + " in the end" * (i % 4) + "?")] for i in range(8)] + \
-             [[{"role": "user", "content": "Tell me" + " more" * i + " about kangaroos."}] for i in range(8)]
-  lengths = {len(service.chat.tokenizer.encode(m[0]["content"] if i >= 8 else m[0]["content"][1]["text"]))
-             for i, m in enumerate(requests)}
+  requests = [[_video_message(assets["video"], "What happens" + " in the end" * (i % 4) + "?")] for i in range(8)] + [
+      [{"role": "user", "content": "Tell me" + " more" * i + " about kangaroos."}] for i in range(8)
+  ]
+  lengths = {
+      len(service.chat.tokenizer.encode(m[0]["content"] if i >= 8 else m[0]["content"][1]["text"]))
+      for i, m in enumerate(requests)
+  }
   assert len(lengths) >= 8
   alone = [_ask(client, m) for m in requests]  # one at a time: each is a batch of one
   before = collections.Counter(service.batcher.stats.batch_sizes)
@@ -413,9 +463,24 @@ def test_cli_serves_until_interrupted(assets, tmp_path):
   """The real command: it listens, answers /health and /v1/models, and ends with status 0 on Ctrl-C."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "kangaroo_jax.serve", assets["ckpt"], "--port", str(port),
-                           "--num-frames", "4", "--served-model-name", "cli-model"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          "-m",
+          "kangaroo_jax.serve",
+          assets["ckpt"],
+          "--port",
+          str(port),
+          "--num-frames",
+          "4",
+          "--served-model-name",
+          "cli-model",
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   try:
     deadline = time.monotonic() + 120
     while True:

@@ -33,10 +33,19 @@ def browser():
     pytest.skip(reason)
   from selenium import webdriver
   from selenium.webdriver.chrome.service import Service as DriverService
+
   opts = webdriver.ChromeOptions()
   opts.binary_location = CHROMIUM
-  for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,800",
-               "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+  for flag in (
+      "--headless=new",
+      "--no-sandbox",
+      "--disable-dev-shm-usage",
+      "--disable-gpu",
+      "--window-size=1200,800",
+      "--no-first-run",
+      "--disable-extensions",
+      "--disable-background-networking",
+  ):
     opts.add_argument(flag)
   driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=opts)
   yield driver
@@ -55,13 +64,13 @@ def _ask(driver, question: str) -> str:
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support import expected_conditions as ec
   from selenium.webdriver.support.ui import WebDriverWait
+
   before = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
   box = driver.find_element(By.ID, "question")
   box.clear()
   box.send_keys(question)
   driver.find_element(By.ID, "ask").click()
-  WebDriverWait(driver, WAIT_S).until(
-    lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) > before)
+  WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) > before)
   WebDriverWait(driver, WAIT_S).until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
   errors = driver.find_elements(By.CSS_SELECTOR, ".msg.error")
   assert not errors, errors[0].text
@@ -71,6 +80,7 @@ def _ask(driver, question: str) -> str:
 def test_page_pick_ask_follow_up_and_upload(browser, page_server):
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support.ui import Select, WebDriverWait
+
   assets, service = page_server["assets"], page_server["service"]
   browser.get(page_server["url"] + "/")
   WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny-kangaroo")
@@ -86,13 +96,15 @@ def test_page_pick_ask_follow_up_and_upload(browser, page_server):
 
   calls = service.batcher.stats.generate_calls
   first = _ask(browser, "What happens in the video?")
-  expected, history = assets["chat"].chat(assets["video"], "What happens in the video?", num_frames=4,
-                                          max_new_tokens=6, do_sample=False)
+  expected, history = assets["chat"].chat(
+      assets["video"], "What happens in the video?", num_frames=4, max_new_tokens=6, do_sample=False
+  )
   assert service.batcher.stats.generate_calls == calls + 1
   assert first.strip() and first == expected.strip()  # the bubble's text, as the browser renders it
   follow_up = _ask(browser, "And then?")
-  expected, _ = assets["chat"].chat(assets["video"], "And then?", list(history), num_frames=4, max_new_tokens=6,
-                                    do_sample=False)
+  expected, _ = assets["chat"].chat(
+      assets["video"], "And then?", list(history), num_frames=4, max_new_tokens=6, do_sample=False
+  )
   assert follow_up.strip() and follow_up == expected.strip()  # the page sent the whole conversation
   assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
   pieces = [int(b.get_attribute("data-pieces")) for b in browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")]

@@ -77,12 +77,14 @@ def test_sharded_tiny_model_matches_single_device():
 
 def test_frames_are_spread_over_every_device():
   shape = {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}
-  assert logical_to_spec(("activation_frames", None, None, None), shape, (32, 56, 56, 3)) == \
-      PartitionSpec(("fsdp", "context", "tensor"), None, None, None)
+  assert logical_to_spec(("activation_frames", None, None, None), shape, (32, 56, 56, 3)) == PartitionSpec(
+      ("fsdp", "context", "tensor"), None, None, None
+  )
 
 
 def test_rules_override_changes_a_params_sharding_and_only_inside_use_rules():
   from kangaroo_jax.parallel.rules import active_rules, merge_rules, use_rules
+
   mesh = _mesh((1, 4, 1, 2))
   model = nnx.eval_shape(lambda: Kangaroo(preset("tiny"), rngs=nnx.Rngs(0)))
   path = ("llm", "model", "layers", "mlp", "up_proj", "kernel")  # [layers, embed, mlp]
@@ -100,11 +102,14 @@ def test_rules_override_changes_a_params_sharding_and_only_inside_use_rules():
 
 def test_rules_override_errors_are_one_line_and_name_the_entry():
   from kangaroo_jax.parallel.rules import RulesError, merge_rules
-  cases = {(("activation_embd", None),): "sharding_rules[0]: unknown logical axis 'activation_embd'",
-           (("embed", None), ("mlp", "model")): "sharding_rules[1] (mlp): mesh axes 'model' are not a subset",
-           (("embed", ("fsdp", "fsdp")),): "sharding_rules[0] (embed): mesh axis repeated",
-           (("embed",),): "sharding_rules[0]: expected a (logical axis, mesh axes) pair",
-           "embed": "sharding_rules: expected ((logical axis, mesh axes), ...)"}
+
+  cases = {
+      (("activation_embd", None),): "sharding_rules[0]: unknown logical axis 'activation_embd'",
+      (("embed", None), ("mlp", "model")): "sharding_rules[1] (mlp): mesh axes 'model' are not a subset",
+      (("embed", ("fsdp", "fsdp")),): "sharding_rules[0] (embed): mesh axis repeated",
+      (("embed",),): "sharding_rules[0]: expected a (logical axis, mesh axes) pair",
+      "embed": "sharding_rules: expected ((logical axis, mesh axes), ...)",
+  }
   for override, message in cases.items():
     with pytest.raises(RulesError) as e:
       merge_rules(override)
@@ -116,6 +121,7 @@ def test_mesh_validation_follows_the_rules_in_force():
   from kangaroo_jax.parallel.rules import merge_rules, use_rules
   from kangaroo_jax.parallel.validate import validate_mesh_for_model
   from kangaroo_jax.run_options import RunOptions
+
   mesh = {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
   with pytest.raises(MeshError, match=r"global batch 4 must be divisible by data\*fsdp = 8"):
     validate_mesh_for_model(preset("tiny"), RunOptions(), mesh, batch=4, seq_len=32)

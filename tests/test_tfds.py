@@ -33,6 +33,7 @@ UCF_LABELS = ["ApplyEyeMakeup", "BabyCrawling", "HorseRiding", "YoYo"]
 
 def _jpeg(frame: np.ndarray) -> bytes:
   from PIL import Image
+
   buf = io.BytesIO()
   Image.fromarray(frame).save(buf, format="JPEG", quality=95)
   return buf.getvalue()
@@ -42,6 +43,7 @@ with tfds.core.registered.skip_registration():  # the catalog's own classes keep
 
   class _Tiny(SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
     """Writes the examples it is given: {split: [example, ...]}; `FEATURES` builds the declared features."""
+
     FEATURES = None
 
     def __init__(self, *, examples=None, **kwargs):
@@ -59,50 +61,80 @@ with tfds.core.registered.skip_registration():  # the catalog's own classes keep
 
   class CocoCaptions(_Tiny):
     """coco_captions/2014 (object_detection/coco_captions.py): coco's features plus captions."""
+
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014", version=tfds.core.Version("1.1.0"))]
 
     @staticmethod
     def FEATURES():  # noqa: N802
       f = tfds.features
-      return {"image": f.Image(encoding_format="jpeg"), "image/filename": f.Text(), "image/id": np.int64,
-              "objects": f.Sequence({"id": np.int64, "area": np.int64, "bbox": f.BBoxFeature(),
-                                     "label": f.ClassLabel(num_classes=80), "is_crowd": np.bool_}),
-              "captions": f.Sequence({"text": np.str_, "id": np.int64})}
+      return {
+          "image": f.Image(encoding_format="jpeg"),
+          "image/filename": f.Text(),
+          "image/id": np.int64,
+          "objects": f.Sequence(
+              {
+                  "id": np.int64,
+                  "area": np.int64,
+                  "bbox": f.BBoxFeature(),
+                  "label": f.ClassLabel(num_classes=80),
+                  "is_crowd": np.bool_,
+              }
+          ),
+          "captions": f.Sequence({"text": np.str_, "id": np.int64}),
+      }
 
   class Ucf101(_Tiny):
     """ucf101/ucf101_1_256 (video/ucf101.py): a jpeg Video (stored as a Sequence of Images) and a ClassLabel."""
+
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="ucf101_1_256", version=tfds.core.Version("2.0.0"))]
 
     @staticmethod
     def FEATURES():  # noqa: N802
       f = tfds.features
-      return {"video": f.Sequence(f.Image(shape=(32, 32, 3), encoding_format="jpeg")),
-              "label": f.ClassLabel(names=UCF_LABELS)}
+      return {
+          "video": f.Sequence(f.Image(shape=(32, 32, 3), encoding_format="jpeg")),
+          "label": f.ClassLabel(names=UCF_LABELS),
+      }
 
   class Webvid(_Tiny):
     """webvid (datasets/webvid): a jpeg Video with its caption."""
+
     VERSION = tfds.core.Version("1.0.0")
 
     @staticmethod
     def FEATURES():  # noqa: N802
       f = tfds.features
-      return {"video": f.Sequence(f.Image(shape=(32, 32, 3), encoding_format="jpeg")), "id": f.Text(),
-              "caption": f.Text(), "url": f.Text()}
+      return {
+          "video": f.Sequence(f.Image(shape=(32, 32, 3), encoding_format="jpeg")),
+          "id": f.Text(),
+          "caption": f.Text(),
+          "url": f.Text(),
+      }
 
 
 def _write(cls, data_dir, examples, **kwargs) -> str:
   b = cls(data_dir=str(data_dir), file_format="array_record", examples=examples, **kwargs)
-  b.download_and_prepare(download_dir=str(data_dir / "downloads"),
-                         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  b.download_and_prepare(
+      download_dir=str(data_dir / "downloads"), download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
   return str(data_dir)
 
 
 def _coco(i: int, captions=("A red ball rolls across the table.",), image=None) -> dict:
   captions = list(captions)
-  return {"image": image if image is not None else _jpeg(index_frame(i, 40, 52)), "image/filename": f"{i}.jpg",
-          "image/id": 1000 + i, "objects": {"id": [i], "area": [9], "bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)],
-                                           "label": [i % 80], "is_crowd": [False]},
-          "captions": {"text": captions, "id": [100 * i + k for k in range(len(captions))]}}
+  return {
+      "image": image if image is not None else _jpeg(index_frame(i, 40, 52)),
+      "image/filename": f"{i}.jpg",
+      "image/id": 1000 + i,
+      "objects": {
+          "id": [i],
+          "area": [9],
+          "bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)],
+          "label": [i % 80],
+          "is_crowd": [False],
+      },
+      "captions": {"text": captions, "id": [100 * i + k for k in range(len(captions))]},
+  }
 
 
 def _clip(i: int, frames: int) -> list[bytes]:
@@ -112,14 +144,23 @@ def _clip(i: int, frames: int) -> list[bytes]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   from kangaroo_jax.data.tiny_tokenizer import build_chat_sentencepiece
+
   root = tmp_path_factory.mktemp("tfds")
   tok = os.path.dirname(build_chat_sentencepiece(CHAT_TEXTS, str(root / "tok"), 400))
   return root, tok
 
 
 def _row(i, video, answer="A red ball rolls across the table."):
-  return json.dumps({"id": f"r{i}", "video": video, "conversations": [
-      {"from": "human", "value": "<video>What happens in the video?"}, {"from": "gpt", "value": answer}]})
+  return json.dumps(
+      {
+          "id": f"r{i}",
+          "video": video,
+          "conversations": [
+              {"from": "human", "value": "<video>What happens in the video?"},
+              {"from": "gpt", "value": answer},
+          ],
+      }
+  )
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +168,7 @@ def built(env):
   """tools.build_dataset --tfds (through its CLI) of a train manifest with a malformed row and a too-long answer,
   plus a validation split; and the same train manifest built as shards, to compare with."""
   from tools.build_dataset import main
+
   root, _ = env
   videos = root / "videos"
   videos.mkdir()
@@ -153,6 +195,7 @@ def test_build_dataset_tfds_output_opens_with_tfds_data_source(built, capsys):
   # The same rows as the shard build, frame for frame (the JPEG bytes are stored as they were encoded).
   from array_record.python.array_record_module import ArrayRecordReader
   from kangaroo_jax.data.records import decode_frames, unpack_record
+
   reader = ArrayRecordReader(str(shards / "data-00000-of-00001.array_record"))
   want = {r["id"]: r for r in map(unpack_record, reader.read_all())}
   reader.close()
@@ -175,6 +218,7 @@ def test_build_dataset_tfds_output_opens_with_tfds_data_source(built, capsys):
 
   # A rebuild replaces it only with --overwrite, and never when a file it did not write lies in its tree.
   from tools.build_dataset import main
+
   argv = [str(out.parent / "val.jsonl"), str(out), "--size", "56", "--num-frames", "4", "--tfds"]
   assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
   stray = out / "kangaroo_video_qa" / "notes.txt"
@@ -190,6 +234,7 @@ def _leftovers(out) -> list[str]:
 
 def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_up(built, env, tmp_path, caplog):
   from tools.build_dataset import BuildOptions, SkipRateExceeded, build
+
   video = str(built[0].parent / "videos" / "v0.mp4")
   rows = lambda n, path=video: "\n".join(_row(i, path) for i in range(n))  # noqa: E731
   (tmp_path / "m20.jsonl").write_text(rows(20))
@@ -202,13 +247,21 @@ def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_u
     return len(tfds.data_source("kangaroo_video_qa", data_dir=str(out), split="train"))
 
   # Killed inside TFDS's writer (no finally block runs): OUT_DIR unchanged, TFDS's scratch left beside it ...
-  kill = ("real = b._convert\nn = []\ndef crash(a):\n  n.append(1)\n  if len(n) == 4:\n    import os; os._exit(9)\n"
-          "  return real(a)\nb._convert = crash")
+  kill = (
+      "real = b._convert\nn = []\ndef crash(a):\n  n.append(1)\n  if len(n) == 4:\n    import os; os._exit(9)\n"
+      "  return real(a)\nb._convert = crash"
+  )
   argv = [str(tmp_path / "m5.jsonl"), str(out), "--reference", "--tfds", "--overwrite"]
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = f"import sys, tools.build_dataset as b\n{kill}\nsys.exit(b.main({argv!r}))"
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120,
-                     env=dict(os.environ, PYTHONPATH=repo))
+  r = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      cwd=repo,
+      timeout=120,
+      env=dict(os.environ, PYTHONPATH=repo),
+  )
   assert r.returncode == 9, r.stderr
   [killed] = _leftovers(out)
   assert json.loads((tmp_path / killed / "summary.json").read_text())["status"] == "building"
@@ -220,8 +273,16 @@ def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_u
     build(str(tmp_path / "gone.jsonl"), str(out), ref, progress=False, tfds=True, overwrite=True)
   assert f"removed the leftover folder {tmp_path / killed}" in caplog.text
   with pytest.raises(SkipRateExceeded, match="split 'validation': none of the 3 rows"):
-    build(str(tmp_path / "m5.jsonl"), str(out), ref, progress=False, tfds=True, overwrite=True, max_skip_rate=1.0,
-          more_splits={"validation": str(tmp_path / "gone.jsonl")})
+    build(
+        str(tmp_path / "m5.jsonl"),
+        str(out),
+        ref,
+        progress=False,
+        tfds=True,
+        overwrite=True,
+        max_skip_rate=1.0,
+        more_splits={"validation": str(tmp_path / "gone.jsonl")},
+    )
   [left] = _leftovers(out)
   assert os.listdir(tmp_path / left) == ["summary.json"] and train_len() == 20
   doomed = shutil.copy(video, tmp_path / "doomed.mp4")
@@ -233,9 +294,22 @@ def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_u
   os.remove(doomed)
   from kangaroo_jax.config import tiny
   from kangaroo_jax.tokenizer import load_tokenizer
-  it = make_train_iterator(DataConfig(dataset="tfds:kangaroo_video_qa", tfds_data_dir=str(out), seq_len=160,
-                                      batch_size=1, frame_size=56, max_frames=4, num_frames=4,
-                                      num_epochs=2, max_skip_rate=1.0), tiny(), load_tokenizer(env[1]))
+
+  it = make_train_iterator(
+      DataConfig(
+          dataset="tfds:kangaroo_video_qa",
+          tfds_data_dir=str(out),
+          seq_len=160,
+          batch_size=1,
+          frame_size=56,
+          max_frames=4,
+          num_frames=4,
+          num_epochs=2,
+          max_skip_rate=1.0,
+      ),
+      tiny(),
+      load_tokenizer(env[1]),
+  )
   batches = list(it)
   assert it.skipped == {"missing_video": 2} and it.metrics()["data/seen"] == 10 and len(batches) == 8
   assert all((b["num_frames"] == 4).all() for b in batches)
@@ -243,13 +317,27 @@ def test_a_stopped_or_killed_tfds_build_leaves_the_previous_one_and_is_cleaned_u
 
 def _grain_config(env, dataset, data_dir, **changes):
   _, tok = env
-  return tiny_config(**{"data.source": "grain", "data.dataset": dataset, "data.tfds_data_dir": str(data_dir),
-                        "data.tokenizer": tok, "data.seq_len": 128, "data.batch_size": 8, "data.max_frames": 8,
-                        "data.num_frames": 4, "data.max_skip_rate": 1.0, "total_steps": 3, "ckpt.every": 2, **changes})
+  return tiny_config(
+      **{
+          "data.source": "grain",
+          "data.dataset": dataset,
+          "data.tfds_data_dir": str(data_dir),
+          "data.tokenizer": tok,
+          "data.seq_len": 128,
+          "data.batch_size": 8,
+          "data.max_frames": 8,
+          "data.num_frames": 4,
+          "data.max_skip_rate": 1.0,
+          "total_steps": 3,
+          "ckpt.every": 2,
+          **changes,
+      }
+  )
 
 
 def _grain(cfg):
   from train.data import grain_iterator
+
   return BatchRecorder(grain_iterator(cfg, 0, 1))
 
 
@@ -297,10 +385,18 @@ def test_coco_captions_shaped_dataset_trains_stage1_through_its_mapping(env, tmp
   batch = next(it)
   from kangaroo_jax.data.tfds_mappings import MAPPINGS, Sampling
   from kangaroo_jax.data.tfds_source import KeepEncoded
-  src = tfds.data_source("coco_captions/2014:1.1.0", data_dir=data_dir, split="train",  # a version: from files
-                         decoders={"image": KeepEncoded()})  # decoding the corrupt image would raise here
-  bound = MAPPINGS["image_caption"].bind(src.dataset_info.features, "coco").with_sampling(Sampling(2, None, None,
-                                                                                                    "<video>"))
+
+  src = tfds.data_source(
+      "coco_captions/2014:1.1.0",
+      data_dir=data_dir,
+      split="train",  # a version: from files
+      decoders={"image": KeepEncoded()},
+  )  # decoding the corrupt image would raise here
+  bound = (
+      MAPPINGS["image_caption"]
+      .bind(src.dataset_info.features, "coco")
+      .with_sampling(Sampling(2, None, None, "<video>"))
+  )
   good = next(src[i] for i in range(len(src)) if src[i]["image/id"] != 1005)
   first, second = (bound(good, i, 0) for i in (0, 1))
   assert first.messages[1]["content"] != second.messages[1]["content"]
@@ -320,9 +416,13 @@ def test_ucf101_shaped_dataset_trains_stage2_through_its_mapping(env, tmp_path):
   assert cfg.data.num_frames == 8
 
   from kangaroo_jax.data.tfds_mappings import MAPPINGS, Sampling
+
   src = tfds.data_source("ucf101/ucf101_1_256:2.0.0", data_dir=data_dir, split="train")
-  bound = MAPPINGS["video_classification"].bind(src.dataset_info.features, "ucf").with_sampling(
-      Sampling(8, None, None, "<video>"))
+  bound = (
+      MAPPINGS["video_classification"]
+      .bind(src.dataset_info.features, "ucf")
+      .with_sampling(Sampling(8, None, None, "<video>"))
+  )
   ex = src[0]
   sample = bound(ex, 0, 0)
   assert sample.frames.shape == (8, 32, 32, 3)
@@ -339,11 +439,28 @@ def test_ucf101_shaped_dataset_trains_stage2_through_its_mapping(env, tmp_path):
 def test_webvid_shaped_dataset_maps_to_video_captions(env, tmp_path):
   from kangaroo_jax.tokenizer import load_tokenizer
   from kangaroo_jax.config import tiny
-  data_dir = _write(Webvid, tmp_path / "webvid", {"train": [
-      {"video": _clip(i, 12), "id": f"w{i}", "caption": "A red ball rolls across the table.", "url": ""}
-      for i in range(4)]})
-  cfg = DataConfig(dataset="tfds:webvid", tfds_data_dir=data_dir, seq_len=160, batch_size=2, frame_size=28,
-                   max_frames=4, num_frames=4, num_epochs=1, max_skip_rate=0.0)
+
+  data_dir = _write(
+      Webvid,
+      tmp_path / "webvid",
+      {
+          "train": [
+              {"video": _clip(i, 12), "id": f"w{i}", "caption": "A red ball rolls across the table.", "url": ""}
+              for i in range(4)
+          ]
+      },
+  )
+  cfg = DataConfig(
+      dataset="tfds:webvid",
+      tfds_data_dir=data_dir,
+      seq_len=160,
+      batch_size=2,
+      frame_size=28,
+      max_frames=4,
+      num_frames=4,
+      num_epochs=1,
+      max_skip_rate=0.0,
+  )
   it = make_train_iterator(cfg, tiny(), load_tokenizer(env[1]))
   batches = list(it)  # one 4-frame clip per row
   assert len(batches) == 2 and it.metrics()["data/seen"] == 4 and it.skipped == {}
@@ -360,6 +477,7 @@ def _misfit(tmp_path, cls, examples, features):
 def test_mapping_misfits_name_the_dataset_split_and_feature(env, tmp_path, caplog):
   from kangaroo_jax.tokenizer import load_tokenizer
   from kangaroo_jax.config import tiny
+
   tok = load_tokenizer(env[1])
   f = tfds.features
 
@@ -371,22 +489,32 @@ def test_mapping_misfits_name_the_dataset_split_and_feature(env, tmp_path, caplo
     return e
 
   # A missing feature: coco without captions.
-  no_captions = _misfit(tmp_path / "a", CocoCaptions, [{"image": _jpeg(index_frame(0, 8, 8)), "image/id": 1}],
-                        lambda: {"image": f.Image(encoding_format="jpeg"), "image/id": np.int64})
+  no_captions = _misfit(
+      tmp_path / "a",
+      CocoCaptions,
+      [{"image": _jpeg(index_frame(0, 8, 8)), "image/id": 1}],
+      lambda: {"image": f.Image(encoding_format="jpeg"), "image/id": np.int64},
+  )
   e = open_("tfds:coco_captions:train", no_captions)
   assert e.type is MappingError
   assert "tfds:coco_captions/2014/1.1.0 split 'train'" in str(e.value) and "'captions/text' is missing" in str(e.value)
   # A wrong dtype: float32 images.
-  floats = _misfit(tmp_path / "b", CocoCaptions, [{"image": np.zeros((4, 4, 3), np.float32),
-                                                   "captions": {"text": ["a"]}}],
-                   lambda: {"image": f.Tensor(shape=(4, 4, 3), dtype=np.float32),
-                            "captions": f.Sequence({"text": np.str_})})
+  floats = _misfit(
+      tmp_path / "b",
+      CocoCaptions,
+      [{"image": np.zeros((4, 4, 3), np.float32), "captions": {"text": ["a"]}}],
+      lambda: {"image": f.Tensor(shape=(4, 4, 3), dtype=np.float32), "captions": f.Sequence({"text": np.str_})},
+  )
   e = open_("tfds:coco_captions/2014:train", floats)
   assert "feature 'image' is Tensor(shape=(4, 4, 3), dtype=float32)" in str(e.value)
   assert "uint8" in str(e.value)
   # A wrong kind: a text label where ucf101 has a ClassLabel.
-  text_label = _misfit(tmp_path / "c", Ucf101, [{"video": _clip(0, 4), "label": "YoYo"}],
-                       lambda: {"video": f.Sequence(f.Image(shape=(32, 32, 3))), "label": f.Text()})
+  text_label = _misfit(
+      tmp_path / "c",
+      Ucf101,
+      [{"video": _clip(0, 4), "label": "YoYo"}],
+      lambda: {"video": f.Sequence(f.Image(shape=(32, 32, 3))), "label": f.Text()},
+  )
   e = open_("tfds:ucf101", text_label)
   assert "split 'train'" in str(e.value) and "feature 'label' is Text" in str(e.value) and "ClassLabel" in str(e.value)
   # No such split; no such dataset; a dataset without a declared mapping.
@@ -397,8 +525,19 @@ def test_mapping_misfits_name_the_dataset_split_and_feature(env, tmp_path, caplo
   unmapped = _write(clips, tmp_path / "d", {"train": [{"video": _clip(0, 2), "id": "", "caption": "", "url": ""}]})
   e = open_("tfds:my_clips", unmapped)
   assert "no mapping is declared for dataset 'my_clips'" in str(e.value) and "DataConfig.tfds_mapping" in str(e.value)
-  it = make_train_iterator(DataConfig(dataset="tfds:my_clips", tfds_data_dir=unmapped, tfds_mapping="video_caption",
-                                      seq_len=160, batch_size=1, frame_size=28, num_epochs=1), tiny(), tok)
+  it = make_train_iterator(
+      DataConfig(
+          dataset="tfds:my_clips",
+          tfds_data_dir=unmapped,
+          tfds_mapping="video_caption",
+          seq_len=160,
+          batch_size=1,
+          frame_size=28,
+          num_epochs=1,
+      ),
+      tiny(),
+      tok,
+  )
   with caplog.at_level("WARNING", logger="kangaroo_jax.data"):
     assert list(it) == []  # mapped, then skipped: its caption is empty
   assert "tfds:my_clips/1.0.0 split 'train' record 0: feature 'caption' is empty" in caplog.text

@@ -14,25 +14,35 @@ import os
 
 import pytest
 
-from kangaroo_jax.tokenizer import (HFTokenizer, SentencePieceTokenizer, TokenizerError, has_tokenizer,
-                                    load_tokenizer)
+from kangaroo_jax.tokenizer import (HFTokenizer, SentencePieceTokenizer, TokenizerError, has_tokenizer, load_tokenizer)
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-LLAMA3_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
-              "<|end_header_id|>": 128007, "<|eot_id|>": 128009}
-CORPUS = ["the quick brown fox jumps over the lazy dog", "a video of a kangaroo hopping across the field",
-          "what happens in the video? the kangaroo jumps.", "describe the frames one by one",
-          "<vi_start> <eof> <eov> <vi_end> are plain text markers"]
+LLAMA3_IDS = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eot_id|>": 128009,
+}
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a video of a kangaroo hopping across the field",
+    "what happens in the video? the kangaroo jumps.",
+    "describe the frames one by one",
+    "<vi_start> <eof> <eov> <vi_end> are plain text markers",
+]
 
 
 def build_bpe_tokenizer(folder: str, *, llama3_ids: bool = False, config: dict | None = None) -> str:
   """A byte-level BPE tokenizer.json (+ tokenizer_config.json) with the Llama-3 special tokens."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=320, special_tokens=SPECIALS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
   tok.train_from_iterator(CORPUS, trainer)
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, "tokenizer.json")
@@ -56,11 +66,22 @@ def build_bpe_tokenizer(folder: str, *, llama3_ids: bool = False, config: dict |
 
 def build_sentencepiece(folder: str, *, user_symbols=("<|eot_id|>",)) -> str:
   import sentencepiece as spm
+
   os.makedirs(folder, exist_ok=True)
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_writer=model, vocab_size=60,
-                                 model_type="bpe", user_defined_symbols=list(user_symbols), hard_vocab_limit=False,
-                                 bos_id=1, eos_id=2, unk_id=0, pad_id=3, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(CORPUS * 4),
+      model_writer=model,
+      vocab_size=60,
+      model_type="bpe",
+      user_defined_symbols=list(user_symbols),
+      hard_vocab_limit=False,
+      bos_id=1,
+      eos_id=2,
+      unk_id=0,
+      pad_id=3,
+      minloglevel=2,
+  )
   path = os.path.join(folder, "tokenizer.model")
   with open(path, "wb") as f:
     f.write(model.getvalue())
@@ -98,8 +119,7 @@ def test_special_ids_come_from_the_file_not_constants(tmp_path):
 
 
 def test_eos_from_config_and_generation_config_extend_stop_ids(tmp_path):
-  build_bpe_tokenizer(str(tmp_path), config={"bos_token": {"content": "<|begin_of_text|>"},
-                                             "eos_token": "<|eot_id|>"})
+  build_bpe_tokenizer(str(tmp_path), config={"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|eot_id|>"})
   with open(tmp_path / "generation_config.json", "w") as f:
     json.dump({"eos_token_id": [4, 3]}, f)
   tok = load_tokenizer(str(tmp_path), extra_stop_ids=[2])

@@ -25,8 +25,12 @@ SLICE = "v5e-4"
 def _small_8b_width(attention: str, context: int):
   c = get_config("mode=full")
   c.model.overrides = dict(llm=dict(num_layers=2, vocab_size=32768), vision=dict(num_layers=1))
-  c.run.update(compute_dtype="bfloat16", remat_policy="full", attention_impl=attention,
-               ulysses_degree=2 if attention == "usp" else 0)
+  c.run.update(
+      compute_dtype="bfloat16",
+      remat_policy="full",
+      attention_impl=attention,
+      ulysses_degree=2 if attention == "usp" else 0,
+  )
   c.mesh.update(fsdp=-1, context=context)
   c.data.update(source="synthetic", batch_size=4, seq_len=1024, frame_size=112, max_frames=4, num_frames=4)
   return from_configdict(c)
@@ -67,12 +71,15 @@ def test_train_step_compiles_for_tpu_with_splash(devices, attention, context):
 def test_inference_prefill_and_decode_compile_for_tpu(devices):
   from kangaroo_jax.config import kangaroo_8b
   from kangaroo_jax.run_options import RunOptions
+
   cfg, run = kangaroo_8b(), RunOptions(param_dtype="bfloat16", compute_dtype="bfloat16")
-  cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_layers=2), vision=dataclasses.replace(cfg.vision,
-                                                                                                num_layers=1))
+  cfg = cfg.replace(
+      llm=dataclasses.replace(cfg.llm, num_layers=2), vision=dataclasses.replace(cfg.vision, num_layers=1)
+  )
   with jax.default_matmul_precision("default"):
-    programs, facts = compile_inference(cfg, run, devices, frames=4, prompt_tokens=0, new_tokens=16, batch=2,
-                                        mesh_text="tensor=4")
+    programs, facts = compile_inference(
+        cfg, run, devices, frames=4, prompt_tokens=0, new_tokens=16, batch=2, mesh_text="tensor=4"
+    )
   assert [p.name for p in programs] == ["vision", "prefill_chunk", "decode_step"]
   for p in programs:
     assert highest_precision_f32_dots(p.hlo) == [], p.name
@@ -87,6 +94,7 @@ def test_highest_f32_attention_dots_are_detected(devices):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   from kangaroo_jax.attention import reference_attention
+
   mesh = Mesh(np.array(devices[:1]), ("x",))
   spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))  # noqa: E731
   fn = jax.jit(lambda q, k: reference_attention(q, k, k, causal=True))
@@ -101,6 +109,7 @@ def test_a_program_the_compiler_refuses_for_hbm_is_reported_as_not_fitting(devic
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   from train.compile import _timed_compile
+
   mesh = Mesh(np.array(devices[:1]), ("x",))
   x = jax.ShapeDtypeStruct((2**30,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
   four_copies = jax.jit(lambda x: jnp.cumsum(jnp.stack([x * 1.5, x * 2.5, x * 3.5, x * 4.5]), axis=1))  # 16 GiB+

@@ -44,8 +44,13 @@ def test_exact_resume_and_restore_onto_another_mesh(tmp_path):
   assert first.status == "stopped" and first.step == 3
   shutil.copytree(tmp_path / "split", tmp_path / "other_mesh")
   out = str(tmp_path / "second.npz")
-  proc = subprocess.run([sys.executable, "-c", _RESUME, str(tmp_path / "split"), out], env=_env(),
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-c", _RESUME, str(tmp_path / "split"), out],
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert f"resumed from {tmp_path / 'split' / 'checkpoints'}/3" in proc.stdout
   second = np.load(out)
@@ -86,11 +91,13 @@ _CRASH = textwrap.dedent("""
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
   directory = str(tmp_path / "ckpt")
-  proc = subprocess.run([sys.executable, "-c", _CRASH, directory], env=_env(), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-c", _CRASH, directory], env=_env(), capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert "not reached" not in proc.stdout
   from train.config import CheckpointConfig
+
   ck = Checkpointer(directory, CheckpointConfig())
   assert ck.all_steps() == [1]
   restored = ck.restore_state(1)
@@ -101,8 +108,17 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
 
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   workdir = str(tmp_path / "w")
-  cmd = [sys.executable, "-m", "train", "--config", os.path.join(ROOT, "configs/stage1_image_pretrain.py") +
-         ":mode=cpu,steps=100000", "--workdir", workdir, "--config.ckpt.every=100000", "--config.export=False"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "train",
+      "--config",
+      os.path.join(ROOT, "configs/stage1_image_pretrain.py") + ":mode=cpu,steps=100000",
+      "--workdir",
+      workdir,
+      "--config.ckpt.every=100000",
+      "--config.export=False",
+  ]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   deadline = time.time() + 240

@@ -13,8 +13,14 @@ from train.loop import initial_params, train
 from train.optim import is_trainable
 from train.params import ModelDef, flatten
 
-STAGES = ("stage1_image_pretrain", "stage2_video_pretrain", "stage3_refinement", "stage4_instruction",
-          "stage5_long_video_tuning", "stage6_long_video")
+STAGES = (
+    "stage1_image_pretrain",
+    "stage2_video_pretrain",
+    "stage3_refinement",
+    "stage4_instruction",
+    "stage5_long_video_tuning",
+    "stage6_long_video",
+)
 STEPS = 2  # step 1 runs at lr 0 (warmup starts at 0), step 2 moves the trainable parameters
 
 
@@ -30,8 +36,10 @@ def test_curriculum_stages_chain_through_their_exports(tmp_path):
     cfg = _stage_config(name, prev_dir)
     assert cfg.init_from == (f"{prev_dir}/export" if prev_dir else "")
     # What the loop starts from (read back from the previous stage's export) is what that stage ended with.
-    init = {k: np.asarray(v) for k, v in flatten(initial_params(cfg, ModelDef(cfg.model, cfg.run),
-                                                                make_mesh(cfg.mesh))).items()}
+    init = {
+        k: np.asarray(v)
+        for k, v in flatten(initial_params(cfg, ModelDef(cfg.model, cfg.run), make_mesh(cfg.mesh))).items()
+    }
     if prev_params is not None:
       assert init.keys() == prev_params.keys()
       for k in init:

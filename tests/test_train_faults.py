@@ -110,6 +110,7 @@ def _damage(step_dir: str, kind: str) -> None:
 
 
 class _Iterator:
+
   def __init__(self):
     self.state = None
 
@@ -117,12 +118,15 @@ class _Iterator:
     self.state = state
 
 
-@pytest.mark.parametrize("kind, cause", [
-    ("truncated data file", "is not valid for value of size"),
-    ("damaged manifest.ocdbt", "manifest"),
-    ("damaged _METADATA", "state metadata: JSONDecodeError"),
-    ("missing iter", "iter is missing"),
-])
+@pytest.mark.parametrize(
+    "kind, cause",
+    [
+        ("truncated data file", "is not valid for value of size"),
+        ("damaged manifest.ocdbt", "manifest"),
+        ("damaged _METADATA", "state metadata: JSONDecodeError"),
+        ("missing iter", "iter is missing"),
+    ],
+)
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(base, run, kind, cause):
   _, target, record = base
   directory = os.path.join(run, "checkpoints")
@@ -170,8 +174,9 @@ def test_no_restorable_checkpoint_is_one_line_with_the_cause_and_moves_nothing(r
 
 def test_another_stage_or_model_shape_is_refused_naming_the_fields(base, run):
   before = _listing(run)
-  proc = _cli("--config", os.path.join(ROOT, "configs/stage1_image_pretrain.py") + ":mode=cpu,steps=4",
-              "--workdir", run)
+  proc = _cli(
+      "--config", os.path.join(ROOT, "configs/stage1_image_pretrain.py") + ":mode=cpu,steps=4", "--workdir", run
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   line = _error_line(proc)
   assert line.startswith(f"error: {run}/checkpoints/3 was written by another configuration (")
@@ -179,15 +184,27 @@ def test_another_stage_or_model_shape_is_refused_naming_the_fields(base, run):
   assert "optim.trainable: " in line and "state arrays differ" in line
 
   hidden = base[2]["model_config"]["llm"]["hidden_size"]
-  with pytest.raises(CheckpointMismatchError, match=f"model.llm.hidden_size: {hidden} in the checkpoint, "
-                                                    f"{2 * hidden} now"):
+  with pytest.raises(
+      CheckpointMismatchError, match=f"model.llm.hidden_size: {hidden} in the checkpoint, " f"{2 * hidden} now"
+  ):
     train(_stage2(**{"model.overrides": {"llm": {"hidden_size": 2 * hidden}}}), run)
   assert _listing(run) == before
 
 
-@pytest.mark.parametrize("field", ["optim.lr", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay",
-                                   "optim.clip_norm", "optim.min_lr_ratio", "data.max_skip_rate",
-                                   "peak_flops_per_device"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "optim.lr",
+        "optim.b1",
+        "optim.b2",
+        "optim.eps",
+        "optim.weight_decay",
+        "optim.clip_norm",
+        "optim.min_lr_ratio",
+        "data.max_skip_rate",
+        "peak_flops_per_device",
+    ],
+)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_numbers_are_rejected_in_every_float_field(field, value):
   with pytest.raises(ConfigError, match=rf"^{field}: expected a finite number, got {value}$"):
@@ -201,14 +218,21 @@ def test_nonfinite_numbers_are_rejected_in_lr_scales_and_model_overrides():
     _stage2(**{"model.overrides": {"llm": {"rms_norm_eps": float("inf")}}})
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.optim.lr=nan"], "error: optim.lr: expected a finite number, got nan"),
-    (["--config.x=1"], "error: --config.x: unknown field x; known: ckpt, data, export, init_from, log_every, "),
-    (["--config.optim.lr_max=1"], "error: --config.optim.lr_max: unknown field optim.lr_max; known: b1, b2, "),
-    (["--config.mesh.fsdp=3"], "error: mesh {'data': 1, 'fsdp': 3, 'context': 1, 'tensor': 1} needs 3 devices per "
-                               "slice, but 8 are available"),
-    (["--config.mesh.tensor=16"], "error: 8 devices per slice are not divisible by the fixed axes"),
-], ids=["nan_lr", "unknown_top", "unknown_nested", "mesh_size", "mesh_divisor"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.optim.lr=nan"], "error: optim.lr: expected a finite number, got nan"),
+        (["--config.x=1"], "error: --config.x: unknown field x; known: ckpt, data, export, init_from, log_every, "),
+        (["--config.optim.lr_max=1"], "error: --config.optim.lr_max: unknown field optim.lr_max; known: b1, b2, "),
+        (
+            ["--config.mesh.fsdp=3"],
+            "error: mesh {'data': 1, 'fsdp': 3, 'context': 1, 'tensor': 1} needs 3 devices per "
+            "slice, but 8 are available",
+        ),
+        (["--config.mesh.tensor=16"], "error: 8 devices per slice are not divisible by the fixed axes"),
+    ],
+    ids=["nan_lr", "unknown_top", "unknown_nested", "mesh_size", "mesh_divisor"],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
   proc = _cli("--config", CONFIG, "--workdir", str(tmp_path / "w"), *args)
   assert proc.returncode == 2, proc.stderr[-3000:]
@@ -266,10 +290,17 @@ class _Poisoned(SyntheticIterator):
 
 def test_nonfinite_error_says_when_no_checkpoint_was_saved_yet(tmp_path):
   cfg = _stage2(**{"ckpt.every": 100, "optim.max_nonfinite": 2})
-  it = _Poisoned(cfg.model, global_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-                 frame_size=cfg.data.frame_size, max_frames=cfg.data.max_frames)
-  with pytest.raises(NonFiniteError, match=r"2 non-finite steps in a row .*; no checkpoint was saved yet "
-                                           r"\(this run started from random init\)$"):
+  it = _Poisoned(
+      cfg.model,
+      global_batch=cfg.data.batch_size,
+      seq_len=cfg.data.seq_len,
+      frame_size=cfg.data.frame_size,
+      max_frames=cfg.data.max_frames,
+  )
+  with pytest.raises(
+      NonFiniteError,
+      match=r"2 non-finite steps in a row .*; no checkpoint was saved yet " r"\(this run started from random init\)$",
+  ):
     train(cfg, str(tmp_path / "w"), iterator=it)
 
 
@@ -307,8 +338,14 @@ Checkpointer._verified = slow
 
 def test_sigterm_while_restoring_exits_0_from_the_command_line(run):
   before = _listing(os.path.join(run, "checkpoints"))
-  proc = subprocess.Popen([sys.executable, "-c", _SLOW_RESTORE, "--config", CONFIG, "--workdir", run], cwd=ROOT,
-                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _SLOW_RESTORE, "--config", CONFIG, "--workdir", run],
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   seen = []
   for line in proc.stdout:
     seen.append(line)
@@ -338,6 +375,7 @@ def test_sigterm_before_startup_exits_0(tmp_path):
 
 def test_sigterm_during_the_export_keeps_the_previous_export_and_resumes(run, monkeypatch):
   import train.export as export
+
   previous = os.path.join(run, "export")
   os.makedirs(previous)
   with open(os.path.join(previous, "from_an_earlier_run"), "w") as f:

@@ -22,27 +22,48 @@ SKIPPED = {"missing_video": 1, "bad_video": 1, "too_long": 1}  # records per epo
 
 
 def _row(i: int, video: str, answer: str) -> str:
-  return json.dumps({"id": f"r{i}", "video": video, "conversations": [
-      {"from": "human", "value": "<video>What happens in the video?"}, {"from": "gpt", "value": answer}]})
+  return json.dumps(
+      {
+          "id": f"r{i}",
+          "video": video,
+          "conversations": [
+              {"from": "human", "value": "<video>What happens in the video?"},
+              {"from": "gpt", "value": answer},
+          ],
+      }
+  )
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
   from kangaroo_jax.data.tiny_tokenizer import build_chat_sentencepiece
   from tools.build_dataset import BuildOptions, build
+
   root = tmp_path_factory.mktemp("grain")
   videos = root / "videos"
   videos.mkdir()
   good = [write_video(str(videos / f"v{i}.mp4"), 6 + 2 * i, h=48, w=64) for i in range(5)]
   gone = write_video(str(videos / "gone.mp4"), 8)
   broken = write_video(str(videos / "broken.mp4"), 8)
-  (root / "stored.jsonl").write_text("\n".join(
-      _row(i, v, " ".join(["A red ball rolls across the table."] * (i % 2 + 1))) for i, v in enumerate(good)))
-  (root / "ref.jsonl").write_text("\n".join([
-      _row(10, gone, "A red ball."), _row(11, broken, "A red ball."),
-      _row(12, good[0], " ".join(["The quick brown fox jumps over the lazy dog."] * 30))]))
-  build(str(root / "stored.jsonl"), str(root / "ds" / "stored"), BuildOptions(size=56, num_frames=4),
-        num_shards=2, progress=False)
+  (root / "stored.jsonl").write_text(
+      "\n".join(_row(i, v, " ".join(["A red ball rolls across the table."] * (i % 2 + 1))) for i, v in enumerate(good))
+  )
+  (root / "ref.jsonl").write_text(
+      "\n".join(
+          [
+              _row(10, gone, "A red ball."),
+              _row(11, broken, "A red ball."),
+              _row(12, good[0], " ".join(["The quick brown fox jumps over the lazy dog."] * 30)),
+          ]
+      )
+  )
+  build(
+      str(root / "stored.jsonl"),
+      str(root / "ds" / "stored"),
+      BuildOptions(size=56, num_frames=4),
+      num_shards=2,
+      progress=False,
+  )
   build(str(root / "ref.jsonl"), str(root / "ds" / "ref"), BuildOptions(reference=True), progress=False)
   os.remove(gone)  # the video disappeared after the dataset was built ...
   with open(broken, "r+b") as f:  # ... and this one was damaged
@@ -52,26 +73,40 @@ def dataset(tmp_path_factory):
 
 
 def _config(dataset, **changes):
-  return tiny_config(**{"data.source": "grain", "data.dataset": dataset["data"], "data.tokenizer": dataset["tokenizer"],
-                        "data.seq_len": 128, "data.batch_size": 8, "data.max_frames": 8, "data.num_frames": 4,
-                        "data.max_skip_rate": 1.0, "total_steps": 3, "ckpt.every": 2, **changes})
+  return tiny_config(
+      **{
+          "data.source": "grain",
+          "data.dataset": dataset["data"],
+          "data.tokenizer": dataset["tokenizer"],
+          "data.seq_len": 128,
+          "data.batch_size": 8,
+          "data.max_frames": 8,
+          "data.num_frames": 4,
+          "data.max_skip_rate": 1.0,
+          "total_steps": 3,
+          "ckpt.every": 2,
+          **changes,
+      }
+  )
 
 
 def _grain(cfg):
   from train.data import grain_iterator
+
   return BatchRecorder(grain_iterator(cfg, 0, 1))
 
 
 def _tb_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Scalars from the TensorBoard event files (TFRecord framing: length, crc, payload, crc)."""
   from tensorboardX.proto import event_pb2
+
   out: dict = {}
   for path in glob.glob(os.path.join(workdir, "tb", "events.*")):
     data = open(path, "rb").read()
     pos = 0
     while pos < len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      (n,) = struct.unpack("<Q", data[pos : pos + 8])
+      ev = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
       pos += 12 + n + 4
       for v in ev.summary.value:
         out.setdefault(v.tag, []).append((ev.step, v.simple_value))
@@ -120,4 +155,5 @@ def test_grain_training_reports_skips_and_resumes_exactly(dataset, tmp_path, cap
 
 def _totals(it) -> dict:
   from train.metrics import data_totals
+
   return data_totals(it.metrics(), 0)

@@ -32,6 +32,7 @@ def launch(bin_dir):
   def run(*args, env=None):
     e = {"PATH": bin_dir, "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
     return subprocess.run([shutil.which("bash"), SCRIPT, *args], capture_output=True, text=True, env=e, timeout=60)
+
   return run
 
 
@@ -39,14 +40,24 @@ def _remote(line: str) -> str:
   argv = shlex.split(line)
   assert argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"], argv
   assert argv[5] == "pod-1" and argv[6:10] == ["--zone", "us-central2-b", "--worker=all", argv[9]]
-  (cmd,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  (cmd,) = [a[len("--command=") :] for a in argv if a.startswith("--command=")]
   return cmd
 
 
 def test_dry_run_prints_setup_and_the_same_training_command_for_every_host(launch, tmp_path):
   repo = tmp_path / "repo on host"
-  p = launch(*BASE, "--repo-dir", str(repo), "--setup", "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b='x'",
-              "--dry-run", "--", "--config.optim.lr=1e-4", "--stop_after=5")
+  p = launch(
+      *BASE,
+      "--repo-dir",
+      str(repo),
+      "--setup",
+      "--env",
+      "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b='x'",
+      "--dry-run",
+      "--",
+      "--config.optim.lr=1e-4",
+      "--stop_after=5",
+  )
   assert p.returncode == 0, p.stderr
   lines = p.stdout.strip().splitlines()
   assert len(lines) == 2 and all(ln.startswith("gcloud compute tpus tpu-vm ssh pod-1 ") for ln in lines), lines
@@ -61,13 +72,33 @@ def test_dry_run_prints_setup_and_the_same_training_command_for_every_host(launc
   out = subprocess.run(["bash", "-c", training], capture_output=True, text=True, timeout=30)
   assert out.returncode == 0, out.stderr
   assert out.stdout.splitlines() == [
-      str(repo), "--xla_a=1 --xla_b='x'", "-m", "train", "--config", CONFIG, "--workdir", "gs://bucket/run 2",
-      "--distributed=on", "--config.optim.lr=1e-4", "--stop_after=5"]
+      str(repo),
+      "--xla_a=1 --xla_b='x'",
+      "-m",
+      "train",
+      "--config",
+      CONFIG,
+      "--workdir",
+      "gs://bucket/run 2",
+      "--distributed=on",
+      "--config.optim.lr=1e-4",
+      "--stop_after=5",
+  ]
 
 
 def test_sync_detach_project_and_defaults_from_the_environment(launch):
-  p = launch("--config", "configs/stage1_image_pretrain.py", "--workdir", "/mnt/shared/run", "--project", "my-proj",
-              "--sync", "--detach", "--dry-run", env={"TPU_NAME": "pod-1", "TPU_ZONE": "us-central2-b"})
+  p = launch(
+      "--config",
+      "configs/stage1_image_pretrain.py",
+      "--workdir",
+      "/mnt/shared/run",
+      "--project",
+      "my-proj",
+      "--sync",
+      "--detach",
+      "--dry-run",
+      env={"TPU_NAME": "pod-1", "TPU_ZONE": "us-central2-b"},
+  )
   assert p.returncode == 0, p.stderr
   assert "must be one filesystem mounted on every host" in p.stderr  # a local path is allowed, with a note
   lines = p.stdout.strip().splitlines()
@@ -77,25 +108,28 @@ def test_sync_detach_project_and_defaults_from_the_environment(launch):
   unpack, training = _remote(lines[2]), _remote(lines[3])
   assert unpack.startswith('mkdir -p "$HOME"/kangaroo-jax && tar -xzf /tmp/kangaroo-jax.tar.gz')
   assert training.startswith('cd "$HOME"/kangaroo-jax && mkdir -p logs && nohup .venv/bin/python -m train ')
-  assert training.endswith('> logs/train-$(hostname).log 2>&1 < /dev/null &')
+  assert training.endswith("> logs/train-$(hostname).log 2>&1 < /dev/null &")
 
 
-@pytest.mark.parametrize("args, message", [
-    (BASE[2:], "--name is required"),
-    (BASE[:2] + BASE[4:], "--zone is required"),
-    (BASE[:6], "--workdir is required"),
-    (BASE[:4] + BASE[6:], "--config is required"),
-    (["--name", "Pod_1"] + BASE[2:], "is not a TPU name"),
-    (BASE[:2] + ["--zone", "uscentral"] + BASE[4:], "does not look like a zone"),
-    (BASE[:4] + ["--config", "configs/nope.py"] + BASE[6:], "'configs/nope.py' not found"),
-    (BASE[:6] + ["--workdir", "runs/x"], "must be gs://... or an absolute shared path"),
-    (BASE + ["--env", "1X=2"], "is not KEY=VALUE"),
-    (BASE + ["--zone"], "--zone needs a value"),
-    (BASE + ["--name=pod-2"], "option and value as two words"),
-    (BASE + ["--frobnicate"], "unknown argument '--frobnicate'"),
-    (BASE + ["--", "--distributed=off"], "is set by this script"),
-    (BASE + ["--", "--workdir=/x"], "is set by this script"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (BASE[2:], "--name is required"),
+        (BASE[:2] + BASE[4:], "--zone is required"),
+        (BASE[:6], "--workdir is required"),
+        (BASE[:4] + BASE[6:], "--config is required"),
+        (["--name", "Pod_1"] + BASE[2:], "is not a TPU name"),
+        (BASE[:2] + ["--zone", "uscentral"] + BASE[4:], "does not look like a zone"),
+        (BASE[:4] + ["--config", "configs/nope.py"] + BASE[6:], "'configs/nope.py' not found"),
+        (BASE[:6] + ["--workdir", "runs/x"], "must be gs://... or an absolute shared path"),
+        (BASE + ["--env", "1X=2"], "is not KEY=VALUE"),
+        (BASE + ["--zone"], "--zone needs a value"),
+        (BASE + ["--name=pod-2"], "option and value as two words"),
+        (BASE + ["--frobnicate"], "unknown argument '--frobnicate'"),
+        (BASE + ["--", "--distributed=off"], "is set by this script"),
+        (BASE + ["--", "--workdir=/x"], "is set by this script"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(launch, args, message):
   p = launch(*args, "--dry-run")
   assert p.returncode == 2 and message in p.stderr and "--help" in p.stderr, (p.returncode, p.stderr)

@@ -22,15 +22,29 @@ def _free_port() -> int:
 
 def _start_pair(workdir: str, logdir: str, config_arg: str, extra: list[str]) -> tuple[list, list[str]]:
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",  # 2 processes x 2 devices
-             KANGAROO_BARRIER_TIMEOUT_S="300")  # a stuck peer fails the run with a clear error, inside TIMEOUT_S
+  env = dict(
+      os.environ,
+      PYTHONPATH=ROOT,
+      JAX_PLATFORMS="cpu",
+      PYTHONUNBUFFERED="1",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",  # 2 processes x 2 devices
+      KANGAROO_BARRIER_TIMEOUT_S="300",
+  )  # a stuck peer fails the run with a clear error, inside TIMEOUT_S
   procs, logs = [], []
   os.makedirs(logdir, exist_ok=True)
   for pid in range(2):
-    cmd = [sys.executable, "-m", "train", "--config",
-           os.path.join(ROOT, "configs/stage2_video_pretrain.py") + config_arg, "--workdir", workdir,
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"] + extra
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--config",
+        os.path.join(ROOT, "configs/stage2_video_pretrain.py") + config_arg,
+        "--workdir",
+        workdir,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={pid}",
+    ] + extra
     # Output to files, not pipes: a process blocked on a full pipe nobody reads would stall its peer too.
     log = os.path.join(logdir, f"process_{pid}.log")
     with open(log, "w") as f:
@@ -58,8 +72,9 @@ def _finish_pair(procs: list, logs: list[str], deadline: float) -> list[str]:
         p.kill()
         p.wait()
   outs = [_read(log) for log in logs]
-  report = "\n".join(f"--- process {i} (rc {p.returncode}) ---\n{out[-3000:]}" for i, (p, out) in
-                     enumerate(zip(procs, outs)))
+  report = "\n".join(
+      f"--- process {i} (rc {p.returncode}) ---\n{out[-3000:]}" for i, (p, out) in enumerate(zip(procs, outs))
+  )
   assert not hung, f"process(es) {hung} still running after {TIMEOUT_S}s:\n{report}"
   assert all(p.returncode == 0 for p in procs), report
   return outs
@@ -87,8 +102,9 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   workdir = str(tmp_path / "w")
-  procs, logs = _start_pair(workdir, str(tmp_path / "logs"), ":mode=cpu,steps=100000",
-                            ["--config.ckpt.every=100000", "--config.export=False"])
+  procs, logs = _start_pair(
+      workdir, str(tmp_path / "logs"), ":mode=cpu,steps=100000", ["--config.ckpt.every=100000", "--config.export=False"]
+  )
   deadline = time.time() + TIMEOUT_S
   try:
     while "step 3/" not in _read(logs[0]):
@@ -108,8 +124,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   # it publishes the request before its next step and both stop two steps after that.
   assert step >= 5, step
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(step)]
-  iter_files = sorted(f for f in os.listdir(os.path.join(workdir, "checkpoints", str(step), "iter"))
-                      if f.endswith(".json"))
+  iter_files = sorted(
+      f for f in os.listdir(os.path.join(workdir, "checkpoints", str(step), "iter")) if f.endswith(".json")
+  )
   assert iter_files == ["process_0-of-2.json", "process_1-of-2.json"]
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)

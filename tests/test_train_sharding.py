@@ -48,13 +48,21 @@ def test_a_fully_replicated_rule_set_is_an_error_naming_the_largest_tensor(tmp_p
   assert "largest: llm/lm_head/kernel [64, 512] 128.0 KiB" in msg and "max_replicated_fraction 2%" in msg, msg
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(sharding_rules=(("activation_embd", None),)),
-     r"^sharding_rules\[0\]: unknown logical axis 'activation_embd'; known: \["),
-    (dict(sharding_rules=(("embed", "model"),)), r"^sharding_rules\[0\] \(embed\): mesh axes 'model' are not a subset"),
-    (dict(sharding_check="loud"), r"^sharding_check: got 'loud', expected one of \('warn', 'error', 'off'\)$"),
-    (dict(max_replicated_fraction=2.0), r"^max_replicated_fraction: expected <= 1.0, got 2.0$"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(sharding_rules=(("activation_embd", None),)),
+            r"^sharding_rules\[0\]: unknown logical axis 'activation_embd'; known: \[",
+        ),
+        (
+            dict(sharding_rules=(("embed", "model"),)),
+            r"^sharding_rules\[0\] \(embed\): mesh axes 'model' are not a subset",
+        ),
+        (dict(sharding_check="loud"), r"^sharding_check: got 'loud', expected one of \('warn', 'error', 'off'\)$"),
+        (dict(max_replicated_fraction=2.0), r"^max_replicated_fraction: expected <= 1.0, got 2.0$"),
+    ],
+)
 def test_bad_sharding_options_are_one_line_config_errors(changes, message):
   with pytest.raises(ConfigError, match=message):
     tiny_config(**changes)

@@ -19,8 +19,9 @@ from train.synthetic import SyntheticIterator
 
 def test_loss_decreases_and_is_mesh_invariant(tmp_path):
   a = train(tiny_config(**{"mesh.fsdp": 8}), str(tmp_path / "fsdp8"))
-  b = train(tiny_config(**{"mesh.fsdp": 2, "mesh.context": 4, "run.attention_impl": "ring"}),
-            str(tmp_path / "fsdp2_ctx4"))
+  b = train(
+      tiny_config(**{"mesh.fsdp": 2, "mesh.context": 4, "run.attention_impl": "ring"}), str(tmp_path / "fsdp2_ctx4")
+  )
   la, lb = losses(a), losses(b)
   assert len(la) == 6 and la[-1] < la[0] - 0.1, la
   np.testing.assert_allclose(lb, la, rtol=1e-5)
@@ -37,8 +38,10 @@ def test_frozen_modules_stay_bit_identical(tmp_path):
   from kangaroo_jax.models import Kangaroo
   from kangaroo_jax.model_tree import init_sharded
   from flax import nnx
+
   init = ModelDef(cfg.model, cfg.run).to_params(
-      init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(cfg.seed)), make_mesh(cfg.mesh)))
+      init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(cfg.seed)), make_mesh(cfg.mesh))
+  )
   init = {k: np.asarray(v) for k, v in flatten(init).items()}
   final = host_params(result.state)
   frozen = [k for k in init if not k.startswith("mm_projector/")]
@@ -59,6 +62,7 @@ def test_grad_accumulation_2xB_equals_one_step_of_2B():
   from kangaroo_jax.models import Kangaroo
   from kangaroo_jax.model_tree import init_sharded
   from flax import nnx
+
   params = model_def.to_params(init_sharded(lambda: Kangaroo(cfg.model, cfg.run, rngs=nnx.Rngs(0)), mesh))
   trainable, frozen = partition(params, lambda p: not p.startswith("vision_tower/"))
   it = SyntheticIterator(cfg.model, global_batch=32, seq_len=64, frame_size=56, max_frames=4)
@@ -91,8 +95,14 @@ class _Poisoned(SyntheticIterator):
 
 
 def _poisoned(cfg, bad_steps):
-  return _Poisoned(cfg.model, global_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-                   frame_size=cfg.data.frame_size, max_frames=cfg.data.max_frames, bad_steps=bad_steps)
+  return _Poisoned(
+      cfg.model,
+      global_batch=cfg.data.batch_size,
+      seq_len=cfg.data.seq_len,
+      frame_size=cfg.data.frame_size,
+      max_frames=cfg.data.max_frames,
+      bad_steps=bad_steps,
+  )
 
 
 def test_nonfinite_step_is_skipped_then_training_stops(tmp_path):
@@ -102,6 +112,7 @@ def test_nonfinite_step_is_skipped_then_training_stops(tmp_path):
   assert [m["finite"] for m in h] == [1.0, 0.0, 1.0] and h[-1]["skipped"] == 1.0
   # The skipped step changed nothing: the checkpoints after steps 1 and 2 hold the same parameters.
   from train.checkpoint import Checkpointer
+
   ck = Checkpointer(str(tmp_path / "skip" / "checkpoints"), cfg.ckpt)
   s1, s2 = (ck.restore_state(s) for s in (1, 2))
   ck.close()

@@ -18,17 +18,32 @@ from kangaroo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.test_context_parallel import _check, _qkv
 
 
-@pytest.mark.parametrize("mesh_cfg,ulysses,packed,layout", [
-    (MeshConfig(fsdp=1, context=8), 2, True, "zigzag"),        # 2 x 4
-    (MeshConfig(fsdp=1, context=8), 4, True, "zigzag"),        # 4 x 2
-    (MeshConfig(fsdp=1, context=8), 4, False, None),           # positions only: XLA masks by position
-    (MeshConfig(fsdp=2, context=4), 2, False, "natural"),      # 2 x 2, contiguous ring
-    (MeshConfig(fsdp=2, context=2, tensor=2), 2, True, "zigzag"),  # pure Ulysses, heads also over tensor
-])
+@pytest.mark.parametrize(
+    "mesh_cfg,ulysses,packed,layout",
+    [
+        (MeshConfig(fsdp=1, context=8), 2, True, "zigzag"),  # 2 x 4
+        (MeshConfig(fsdp=1, context=8), 4, True, "zigzag"),  # 4 x 2
+        (MeshConfig(fsdp=1, context=8), 4, False, None),  # positions only: XLA masks by position
+        (MeshConfig(fsdp=2, context=4), 2, False, "natural"),  # 2 x 2, contiguous ring
+        (MeshConfig(fsdp=2, context=2, tensor=2), 2, True, "zigzag"),  # pure Ulysses, heads also over tensor
+    ],
+)
 def test_usp_matches_reference(mesh_cfg, ulysses, packed, layout):
   n = mesh_cfg.context
-  _check(usp_attention, mesh_cfg, causal=True, packed=packed, zigzag=layout == "zigzag", s=16 * n, h=8, kvh=4,
-         block_q=4, block_kv=3, ulysses=ulysses, layout=layout)
+  _check(
+      usp_attention,
+      mesh_cfg,
+      causal=True,
+      packed=packed,
+      zigzag=layout == "zigzag",
+      s=16 * n,
+      h=8,
+      kvh=4,
+      block_q=4,
+      block_kv=3,
+      ulysses=ulysses,
+      layout=layout,
+  )
 
 
 def test_usp_non_causal_and_automatic_degree():
@@ -41,8 +56,20 @@ def test_usp_non_causal_and_automatic_degree():
 def test_usp_with_splash_kernels_matches_reference():
   """Splash (interpret mode) per ring step after the all-to-all: the gathered zigzag pieces must be reordered
   into the ring's zigzag layout, or splash's index-based causal mask would be wrong."""
-  _check(usp_attention, MeshConfig(fsdp=2, context=4), causal=True, packed=True, zigzag=True, s=1024, h=4, kvh=2,
-         d=32, ulysses=2, kernel="splash", layout="zigzag")
+  _check(
+      usp_attention,
+      MeshConfig(fsdp=2, context=4),
+      causal=True,
+      packed=True,
+      zigzag=True,
+      s=1024,
+      h=4,
+      kvh=2,
+      d=32,
+      ulysses=2,
+      kernel="splash",
+      layout="zigzag",
+  )
 
 
 def _group_order(ulysses: int, shard: int) -> np.ndarray:

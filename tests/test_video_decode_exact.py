@@ -13,8 +13,7 @@ H, W, FPS = 64, 96, 25
 GOPS = {
     "bframes_pyramid": (120, {"g": "24", "keyint_min": "24", "bf": "3", "b_strategy": "0", "sc_threshold": "0"}),
     "p_only": (90, {"g": "10", "keyint_min": "10", "bf": "0", "sc_threshold": "0"}),
-    "open_gop": (120, {"g": "20", "keyint_min": "20", "bf": "3", "sc_threshold": "0",
-                       "x264-params": "open-gop=1"}),
+    "open_gop": (120, {"g": "20", "keyint_min": "20", "bf": "3", "sc_threshold": "0", "x264-params": "open-gop=1"}),
     "one_long_gop": (150, {"g": "1000", "keyint_min": "1000", "bf": "2", "sc_threshold": "0"}),
     "intra_only": (40, {"g": "1", "bf": "0"}),
 }
@@ -25,11 +24,12 @@ def _texture_frames(n: int):
   big = rng.integers(0, 256, (H + 40, W + 40, 3), dtype=np.uint8)
   for i in range(n):
     dy, dx = abs(i % 40 - 20), (2 * i) % 40
-    yield np.ascontiguousarray(big[dy:dy + H, dx:dx + W])
+    yield np.ascontiguousarray(big[dy : dy + H, dx : dx + W])
 
 
 def _write(path: str, n: int, options: dict, container_options: dict | None = None) -> str:
   import av
+
   with av.open(path, "w", options=container_options or {}) as out:
     s = out.add_stream("libx264", rate=FPS)
     s.width, s.height, s.pix_fmt = W, H, "yuv420p"
@@ -45,6 +45,7 @@ def _write(path: str, n: int, options: dict, container_options: dict | None = No
 def _front_to_back(path: str) -> np.ndarray:
   """Every decodable frame, no seeking, damaged packets skipped: uint8 [n, h, w, 3]."""
   import av
+
   frames = []
   with av.open(path) as c:
     s = c.streams.video[0]
@@ -66,18 +67,22 @@ def _front_to_back(path: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
   d = tmp_path_factory.mktemp("gops")
-  return {name: (_write(str(d / f"{name}.mp4"), n, opts), _front_to_back(str(d / f"{name}.mp4")))
-          for name, (n, opts) in GOPS.items()}
+  return {
+      name: (_write(str(d / f"{name}.mp4"), n, opts), _front_to_back(str(d / f"{name}.mp4")))
+      for name, (n, opts) in GOPS.items()
+  }
 
 
 def _keyframes(path: str) -> list[int]:
   import av
+
   with av.open(path) as c:
     return [k for k, e in enumerate(c.streams.video[0].index_entries) if e.is_keyframe]
 
 
 def test_clips_have_the_gop_structure_they_claim(clips):
   import av
+
   path, full = clips["bframes_pyramid"]
   assert _keyframes(path) == [0, 24, 48, 72, 96]
   with av.open(path) as c:  # B-frames: decode order differs from display order
@@ -86,6 +91,7 @@ def test_clips_have_the_gop_structure_they_claim(clips):
   assert len(_keyframes(clips["one_long_gop"][0])) == 1 and len(_keyframes(clips["intra_only"][0])) == 40
   assert not _leading_pictures(path) and len(_leading_pictures(clips["open_gop"][0])) >= 3
   import av
+
   with av.open(path) as c:  # the threads=3 runs below really split: three runs, the later two after a seek
     runs = video._split_targets(c.streams.video[0], list(range(1, 120, 2)), 3)
   assert [seek for seek, _ in runs] == [None, 47, 95] and sum(len(t) for _, t in runs) == 60
@@ -96,6 +102,7 @@ def _leading_pictures(path: str) -> list[int]:
   """Frames shown before their GOP's keyframe (an open GOP's leading B-frames, which reference the previous
   GOP): display indices."""
   import av
+
   with av.open(path) as c:
     s = c.streams.video[0]
     step = int(round(1 / (FPS * float(s.time_base))))
@@ -110,10 +117,15 @@ def _leading_pictures(path: str) -> list[int]:
 
 def _patterns(path: str, n: int) -> dict[str, dict]:
   late_in_gop = sorted({min(k + 17, n - 1) for k in _keyframes(path)})  # one late target per GOP: seek-heavy
-  patterns = {"uniform_6": dict(num_frames=6), "uniform_dense": dict(num_frames=min(n, 48) - 1),
-              "every_frame": dict(), "odd_frames": dict(indices=list(range(1, n, 2))),
-              "fps_clip": dict(fps=3.0, start=0.9, end=3.7), "late_in_gop": dict(indices=late_in_gop),
-              "first_and_last": dict(indices=[0, n - 1])}
+  patterns = {
+      "uniform_6": dict(num_frames=6),
+      "uniform_dense": dict(num_frames=min(n, 48) - 1),
+      "every_frame": dict(),
+      "odd_frames": dict(indices=list(range(1, n, 2))),
+      "fps_clip": dict(fps=3.0, start=0.9, end=3.7),
+      "late_in_gop": dict(indices=late_in_gop),
+      "first_and_last": dict(indices=[0, n - 1]),
+  }
   leading = _leading_pictures(path)
   if leading:  # only the leading pictures: the GOP before each is otherwise never needed
     patterns["leading_only"] = dict(indices=leading)
@@ -124,14 +136,21 @@ def _expected_indices(pattern: dict, n: int) -> np.ndarray:
   """The sampled frame indices, computed apart from the decoder (which reports the frames it returned)."""
   if "indices" in pattern:
     return np.asarray(pattern["indices"], np.int64)
-  idx = sample_indices(n, float(FPS), num_frames=pattern.get("num_frames"), sample_fps=pattern.get("fps"),
-                       start=pattern.get("start"), end=pattern.get("end"))
+  idx = sample_indices(
+      n,
+      float(FPS),
+      num_frames=pattern.get("num_frames"),
+      sample_fps=pattern.get("fps"),
+      start=pattern.get("start"),
+      end=pattern.get("end"),
+  )
   return np.append(idx, idx[-1]) if len(idx) % 2 else idx
 
 
 def _load(path, pattern, threads):
   if "indices" in pattern:  # a hand-made target list goes through the decoder directly
     import av
+
     idx = np.asarray(pattern["indices"], np.int64)
     with av.open(path) as c:
       frames, source = video._decode_indices(path, c, c.streams.video[0], idx, float(FPS), threads)
@@ -194,6 +213,7 @@ def _faststart_clip(tmp_path) -> tuple[str, bytes]:
 
 def test_a_truncated_file_returns_what_decodes_and_says_so(tmp_path):
   import av
+
   path, data = _faststart_clip(tmp_path)
   cut = tmp_path / "cut.mp4"
   cut.write_bytes(data[: int(len(data) * 0.55)])
@@ -214,10 +234,11 @@ def test_a_file_cut_before_any_frame_is_a_video_error(tmp_path):
   path, data = _faststart_clip(tmp_path)
   with open(path, "rb") as f:
     import av
+
     with av.open(f) as c:
       first_data = min(e.pos for e in c.streams.video[0].index_entries)
   cut = tmp_path / "headeronly.mp4"
-  cut.write_bytes(data[:first_data + 10])
+  cut.write_bytes(data[: first_data + 10])
   with pytest.raises(VideoError, match="no frame could be decoded") as e:
     load_video(str(cut), num_frames=4)
   assert str(cut) in str(e.value)

@@ -1,8 +1,6 @@
 """The vision tower encoded in frame chunks (a rematerialised scan) equals one pass: values and gradients,
 sharded over all devices, and its compiled memory plan shrinks with the chunk."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +22,9 @@ def _model(chunk, mesh):
 
 def _frames(b=2, f=8, px=56):
   rng = np.random.default_rng(0)
-  return jnp.asarray(rng.normal(size=(b, f, px, px, 3)).astype(np.float32)), jnp.tile(jnp.arange(f, dtype=jnp.float32),
-                                                                                      (b, 1))
+  return jnp.asarray(rng.normal(size=(b, f, px, px, 3)).astype(np.float32)), jnp.tile(
+      jnp.arange(f, dtype=jnp.float32), (b, 1)
+  )
 
 
 def _encode_and_grad(model, frames, ts):

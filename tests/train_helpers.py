@@ -21,8 +21,9 @@ def tiny_config(**changes) -> "train.config.TrainConfig":  # noqa: F821
   c.model.preset = "tiny"
   c.total_steps = 6
   c.log_every = 1
-  c.data.update(source="synthetic", batch_size=16, seq_len=64, frame_size=56, max_frames=4, num_frames=4,
-                worker_count=0)
+  c.data.update(
+      source="synthetic", batch_size=16, seq_len=64, frame_size=56, max_frames=4, num_frames=4, worker_count=0
+  )
   c.optim.update(lr=3e-3, warmup_steps=1)
   c.ckpt.update(every=3, keep=5)
   c.export = False
@@ -35,6 +36,7 @@ def losses(result) -> list[float]:
 
 def host_params(state) -> dict:
   from train.params import combine, flatten
+
   return {k: np.asarray(jax.device_get(v)) for k, v in flatten(combine(state["params"], state["frozen"])).items()}
 
 

@@ -26,14 +26,19 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and the export go here")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "auto: initialise jax.distributed when --coordinator_address or a multi-host TPU "
-                                 "environment is present; on: always (TPU pods: no other flags needed)")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "auto: initialise jax.distributed when --coordinator_address or a multi-host TPU "
+    "environment is present; on: always (TPU pods: no other flags needed)",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
-_STOP_AFTER = flags.DEFINE_integer("stop_after", None, "end after this many steps in this invocation (with a "
-                                   "checkpoint), like a job time limit")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", None, "end after this many steps in this invocation (with a " "checkpoint), like a job time limit"
+)
 
 EXIT_BAD_INPUT = 2
 _HELP_FLAGS = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull")
@@ -102,7 +107,7 @@ def _flag_error(argv: list[str], error: Exception) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parse, with --help exiting 0 and every bad flag or override a one-line error (exit 2)."""
-  own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  own = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
   asked = [a for a in own if a in _HELP_FLAGS]
   if asked:
     app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True, exitcode=0)
@@ -125,14 +130,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _maybe_initialize_distributed() -> None:
   import jax
+
   multi_host_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  on = _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and (_COORDINATOR.value is not None or multi_host_tpu))
+  on = _DISTRIBUTED.value == "on" or (
+      _DISTRIBUTED.value == "auto" and (_COORDINATOR.value is not None or multi_host_tpu)
+  )
   if not on:
     return
   kwargs = {}
   if _COORDINATOR.value is not None:
-    kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                  process_id=_PROCESS_ID.value)
+    kwargs = dict(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
     if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
   jax.distributed.initialize(**kwargs)
@@ -143,14 +152,19 @@ def _run() -> int:
   try:
     with STOP.stoppable("startup"):  # raises at once if SIGTERM came during the imports or the flag parse
       from train.config import from_configdict
+
       cfg = from_configdict(_CONFIG.value)  # validate everything before a device is touched
   except Interrupted:
-    raise Interrupted("startup", "SIGTERM during startup: stopped before training; nothing was changed. Run the "
-                      "same command to start") from None
+    raise Interrupted(
+        "startup",
+        "SIGTERM during startup: stopped before training; nothing was changed. Run the " "same command to start",
+    ) from None
   from kangaroo_jax import compile_cache
+
   compile_cache.enable()  # before anything compiles: a rerun or resume loads the step instead of compiling it
   _maybe_initialize_distributed()
   from train.loop import train
+
   result = train(cfg, _WORKDIR.value, stop_after=_STOP_AFTER.value)
   return 0 if result.status in ("done", "preempted", "stopped") else 1
 
@@ -166,6 +180,7 @@ def main(argv) -> int:
     from kangaroo_jax.parallel.mesh import MeshError
     from train.checkpoint import CheckpointError
     from train.loop import NonFiniteError, WorkdirError
+
     if isinstance(e, (ConfigError, MeshError, WorkdirError, CheckpointError)):
       _fail(str(e), skip_exit_handlers=isinstance(e, WorkdirError))
     if isinstance(e, NonFiniteError):

@@ -100,6 +100,7 @@ def silence_abandoned_reads() -> None:
     previous(unraisable)
 
   class _DropAbandonedTasks(logging.Filter):
+
     def filter(self, record):  # "Task / Future / _GatheringFuture exception was never retrieved"
       return "exception was never retrieved" not in record.getMessage().split("\n", 1)[0]
 
@@ -115,7 +116,7 @@ def _key(k) -> str:
 
 
 def _leaf_table(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-  """"a/b/0" -> (shape, dtype name) for every array leaf of a state or of its saved metadata."""
+  """ "a/b/0" -> (shape, dtype name) for every array leaf of a state or of its saved metadata."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = getattr(leaf, "dtype", None)
@@ -176,8 +177,10 @@ class IteratorHandler(ocp.CheckpointHandler):
     path = directory / _iterator_file()
     if not path.exists():
       found = sorted(p.name for p in directory.iterdir())
-      raise FileNotFoundError(f"{path}: no iterator state for this process (found {found}); resuming with a "
-                              "different process count needs a topology-independent iterator state")
+      raise FileNotFoundError(
+          f"{path}: no iterator state for this process (found {found}); resuming with a "
+          "different process count needs a topology-independent iterator state"
+      )
     state = _state_from_text(path.read_text())
     args.iterator.set_state(state)
     if hasattr(args.iterator, "start_prefetch"):  # Grain DataLoaderIterator resumes prefetching explicitly
@@ -213,8 +216,11 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     keep = [policies.LatestN(n=cfg.keep)]
     if cfg.keep_best:
-      keep.append(policies.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=cfg.keep_best,
-                                 keep_checkpoints_without_metrics=False))
+      keep.append(
+          policies.BestN(
+              get_metric_fn=lambda m: m["loss"], reverse=True, n=cfg.keep_best, keep_checkpoints_without_metrics=False
+          )
+      )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
@@ -222,9 +228,12 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # removes what a crash left half-written
     )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers=dict(state=ocp.StandardCheckpointHandler(), iter=IteratorHandler(),
-                           config=ocp.JsonCheckpointHandler()))
+        self.directory,
+        options=options,
+        item_handlers=dict(
+            state=ocp.StandardCheckpointHandler(), iter=IteratorHandler(), config=ocp.JsonCheckpointHandler()
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -236,9 +245,11 @@ class Checkpointer:
     """Starts an async save of `state` at `step`; returns once the arrays are safe to donate/modify."""
     if step in self.manager.all_steps():
       return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              iter=IteratorSave(_state_to_text(iterator.get_state())),
-                              config=ocp.args.JsonSave(config))
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        iter=IteratorSave(_state_to_text(iterator.get_state())),
+        config=ocp.args.JsonSave(config),
+    )
     # A non-finite loss must not win "best"; it is still saved as one of the last K.
     loss = float(loss) if loss == loss and abs(loss) != float("inf") else 1e30
     return self.manager.save(step, args=args, metrics={"loss": loss}, force=True)
@@ -249,8 +260,9 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), iter=IteratorRestore(iterator))
     return self.manager.restore(step, args=args)["state"]
 
-  def restore_latest(self, abstract_state: dict, iterator, config: dict, coord=None,
-                     log: Callable[[str], None] = print) -> Restored | None:
+  def restore_latest(
+      self, abstract_state: dict, iterator, config: dict, coord=None, log: Callable[[str], None] = print
+  ) -> Restored | None:
     """Restores the newest checkpoint that can be read in full (see the module docstring); None if
     there is none at all. All processes call this; they restore the same step (agreed through
     `coord`, a train.coordination.Coordinator) and only process 0 moves skipped ones aside.
@@ -292,12 +304,15 @@ class Checkpointer:
       raise CheckpointError(
           f"no checkpoint in {self.directory} can be restored ({causes}); nothing was moved or deleted. Move the "
           f"damaged ones aside (e.g. `mv {self.directory}/{failed[0][0]} {self.directory}/{failed[0][0]}.corrupt`) "
-          "to resume from an older one, or use a new workdir")
+          "to resume from an older one, or use a new workdir"
+      )
     skipped = [(s, why, self._move_aside(s, coord)) for s, why in failed]
     if failed:
       self.manager.reload()
-      log(f"WARNING: resuming from step {step}; moved aside (not deleted): " +
-          ", ".join(f"{s} -> {moved}" for s, _, moved in skipped))
+      log(
+          f"WARNING: resuming from step {step}; moved aside (not deleted): "
+          + ", ".join(f"{s} -> {moved}" for s, _, moved in skipped)
+      )
     iterator.set_state(iter_state)
     if hasattr(iterator, "start_prefetch"):  # Grain DataLoaderIterator resumes prefetching explicitly
       iterator.start_prefetch()
@@ -320,11 +335,18 @@ class Checkpointer:
     fields = _config_differences(saved_config, config)
     if differing_arrays or any(f.startswith("stage:") for f in fields):
       first = differing_arrays[0] if differing_arrays else None
-      arrays = (f"; {len(differing_arrays)} state arrays differ, e.g. {first}: {saved_arrays.get(first)} in the "
-                f"checkpoint, {wanted.get(first)} now") if differing_arrays else ""
+      arrays = (
+          (
+              f"; {len(differing_arrays)} state arrays differ, e.g. {first}: {saved_arrays.get(first)} in the "
+              f"checkpoint, {wanted.get(first)} now"
+          )
+          if differing_arrays
+          else ""
+      )
       raise CheckpointMismatchError(
           f"{where} was written by another configuration ({'; '.join(fields) or 'no config field differs'}{arrays}); "
-          "use a new --workdir for this run, or resume with the configuration that wrote it")
+          "use a new --workdir for this run, or resume with the configuration that wrote it"
+      )
     iter_dir = os.path.join(where, "iter")
     if not os.path.isdir(iter_dir):
       raise _Unreadable(f"{iter_dir} is missing (no data-iterator state)")
@@ -334,7 +356,8 @@ class Checkpointer:
       if others:
         raise CheckpointMismatchError(
             f"{where} was written by another number of processes (iterator states {others}, this run has "
-            f"{jax.process_count()}); resuming needs the same process count")
+            f"{jax.process_count()}); resuming needs the same process count"
+        )
       raise _Unreadable(f"{path} is missing")
     try:
       with open(path) as f:

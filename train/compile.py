@@ -32,10 +32,12 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice name: v4-N, v5p-N, v5e-N, v6e-N (N as Cloud "
-                                "TPU counts it: TensorCores for v4/v5p)")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Cloud TPU slice name: v4-N, v5p-N, v5e-N, v6e-N (N as Cloud " "TPU counts it: TensorCores for v4/v5p)",
+)
 _LLM_LAYERS = flags.DEFINE_integer("llm_layers", None, "override the LLM depth (default: the config's)")
 _VISION_LAYERS = flags.DEFINE_integer("vision_layers", None, "override the vision tower depth")
 _INFERENCE = flags.DEFINE_bool("inference", False, "compile the inference engine instead of the train step")
@@ -58,10 +60,10 @@ class CompileError(RuntimeError):
 @dataclasses.dataclass
 class Program:
   name: str
-  compiled: object | None   # None: the TPU compiler refused it for lack of HBM (see out_of_memory)
+  compiled: object | None  # None: the TPU compiler refused it for lack of HBM (see out_of_memory)
   compile_s: float
-  out_of_memory: str = ""   # the compiler's RESOURCE_EXHAUSTED message
-  required_bytes: int = 0   # the HLO temporaries it asked for, from that message
+  out_of_memory: str = ""  # the compiler's RESOURCE_EXHAUSTED message
+  required_bytes: int = 0  # the HLO temporaries it asked for, from that message
 
   @property
   def hlo(self) -> str:
@@ -70,6 +72,7 @@ class Program:
 
 def _with_depth(cfg, llm_layers, vision_layers):
   from kangaroo_jax.config import ConfigError
+
   if llm_layers is None and vision_layers is None:
     return cfg
   for name, v in (("--llm-layers", llm_layers), ("--vision-layers", vision_layers)):
@@ -107,11 +110,11 @@ def _compile_lowered(name, lowered, started: float) -> Program:
 
 @dataclasses.dataclass
 class LoweredTrainStep:
-  program: object   # train.program.TrainProgram
-  state: object     # the abstract train state (ShapeDtypeStructs with their shardings)
-  lowered: object   # jax.stages.Lowered of the jitted step on (state, batch)
-  started: float    # perf_counter before the lowering
-  mesh: object      # the jax Mesh it was lowered for
+  program: object  # train.program.TrainProgram
+  state: object  # the abstract train state (ShapeDtypeStructs with their shardings)
+  lowered: object  # jax.stages.Lowered of the jitted step on (state, batch)
+  started: float  # perf_counter before the lowering
+  mesh: object  # the jax Mesh it was lowered for
   facts: dict
 
 
@@ -138,19 +141,33 @@ def lower_train_step(cfg, devices) -> LoweredTrainStep:
 
     d = cfg.data
     b, seq, f, px = d.batch_size, d.seq_len, d.max_frames, d.frame_size
-    batch_shapes = dict(input_ids=((b, seq), "int32"), targets=((b, seq), "int32"), loss_mask=((b, seq), "float32"),
-                        positions=((b, seq), "int32"), segment_ids=((b, seq), "int32"),
-                        frames=((b, f, px, px, 3), "uint8"), timestamps=((b, f), "float32"),
-                        num_frames=((b,), "int32"))
+    batch_shapes = dict(
+        input_ids=((b, seq), "int32"),
+        targets=((b, seq), "int32"),
+        loss_mask=((b, seq), "float32"),
+        positions=((b, seq), "int32"),
+        segment_ids=((b, seq), "int32"),
+        frames=((b, f, px, px, 3), "uint8"),
+        timestamps=((b, f), "float32"),
+        num_frames=((b,), "int32"),
+    )
     mesh_shape = dict(mesh.shape)
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(
-        mesh, logical_to_spec(BATCH_AXES[k], mesh_shape, shape))) for k, (shape, dt) in batch_shapes.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            shape, dt, sharding=NamedSharding(mesh, logical_to_spec(BATCH_AXES[k], mesh_shape, shape))
+        )
+        for k, (shape, dt) in batch_shapes.items()
+    }
 
     started = time.perf_counter()
     with jax.set_mesh(mesh):
       lowered = program.jit_step(cfg.optim.grad_accum).lower(state, batch)
-  facts = dict(mesh=mesh_shape, params=program.model_def.num_params(),
-               trainable_params=program.model_def.num_params(program.trainable), tokens_per_step=b * seq)
+  facts = dict(
+      mesh=mesh_shape,
+      params=program.model_def.num_params(),
+      trainable_params=program.model_def.num_params(program.trainable),
+      tokens_per_step=b * seq,
+  )
   return LoweredTrainStep(program, state, lowered, started, mesh, facts)
 
 
@@ -158,6 +175,7 @@ def compile_train_step(cfg, devices) -> tuple[list[Program], dict]:
   """Lowers and compiles the train step `train.loop.train` runs (both build it with `train.program`)."""
   import jax
   from kangaroo_jax.parallel.rules import use_rules
+
   step = lower_train_step(cfg, devices)
   with use_rules(cfg.rules), jax.set_mesh(step.mesh):
     return [_compile_lowered("train_step", step.lowered, step.started)], step.facts
@@ -165,6 +183,7 @@ def compile_train_step(cfg, devices) -> tuple[list[Program], dict]:
 
 def _parse_mesh(text: str):
   from kangaroo_jax.parallel.mesh import MeshConfig
+
   values = dict(data=1, fsdp=1, context=1, tensor=1)
   for item in filter(None, text.split(",")):
     k, _, v = item.partition("=")
@@ -174,8 +193,9 @@ def _parse_mesh(text: str):
   return MeshConfig(**values)
 
 
-def compile_inference(cfg, run, devices, *, frames: int, prompt_tokens: int, new_tokens: int, batch: int,
-                      mesh_text: str) -> tuple[list[Program], dict]:
+def compile_inference(
+    cfg, run, devices, *, frames: int, prompt_tokens: int, new_tokens: int, batch: int, mesh_text: str
+) -> tuple[list[Program], dict]:
   """Compiles the KV-cache engine's vision encoder, one prefill chunk and one decode step (`cfg` shapes, `run`
   RunOptions)."""
   import jax
@@ -194,8 +214,9 @@ def compile_inference(cfg, run, devices, *, frames: int, prompt_tokens: int, new
   visual_tokens = frames // cfg.projector.frames_per_group * cfg.projector.tokens_per_group(grid, grid)
   prompt = prompt_tokens or visual_tokens + 128
   model_def = ModelDef(cfg, run)
-  weights = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model_def.shapes(),
-                         model_def.shardings(mesh))
+  weights = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model_def.shapes(), model_def.shardings(mesh)
+  )
   # Abstract, and made outside the TPU mesh (concrete arrays cannot be placed on described devices).
   key = jax.eval_shape(lambda: jax.random.key(0))
   step = jax.ShapeDtypeStruct((), jnp.int32)
@@ -211,25 +232,49 @@ def compile_inference(cfg, run, devices, *, frames: int, prompt_tokens: int, new
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     px = cfg.vision.image_size
     programs = [
-        _timed_compile("vision", engine._encode_frames, engine.state,  # noqa: SLF001 - the engine's own jitted programs
-                       jax.ShapeDtypeStruct((batch, frames, px, px, 3), jnp.float32),
-                       jax.ShapeDtypeStruct((batch, frames), jnp.float32)),
-        _timed_compile("prefill_chunk", engine._prefill_chunk, engine.state, cache,  # noqa: SLF001
-                       jax.ShapeDtypeStruct((batch, chunk, llm.hidden_size), run.dtype), i32(batch), i32(batch),
-                       i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_),
-                       jax.ShapeDtypeStruct((batch, llm.vocab_size), jnp.float32)),
-        _timed_compile("decode_step", engine._decode_step, engine.state, cache, i32(batch),  # noqa: SLF001
-                       key, step, sampling=SamplingConfig()),
+        _timed_compile(
+            "vision",
+            engine._encode_frames,
+            engine.state,  # noqa: SLF001 - the engine's own jitted programs
+            jax.ShapeDtypeStruct((batch, frames, px, px, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch, frames), jnp.float32),
+        ),
+        _timed_compile(
+            "prefill_chunk",
+            engine._prefill_chunk,
+            engine.state,
+            cache,  # noqa: SLF001
+            jax.ShapeDtypeStruct((batch, chunk, llm.hidden_size), run.dtype),
+            i32(batch),
+            i32(batch),
+            i32(batch),
+            jax.ShapeDtypeStruct((batch,), jnp.bool_),
+            jax.ShapeDtypeStruct((batch, llm.vocab_size), jnp.float32),
+        ),
+        _timed_compile(
+            "decode_step",
+            engine._decode_step,
+            engine.state,
+            cache,
+            i32(batch),  # noqa: SLF001
+            key,
+            step,
+            sampling=SamplingConfig(),
+        ),
     ]
-  facts = dict(mesh=dict(mesh.shape), frames=frames, prompt_tokens=prompt, cache_len=max_len, batch=batch,
-               prefill_chunk=chunk)
+  facts = dict(
+      mesh=dict(mesh.shape), frames=frames, prompt_tokens=prompt, cache_len=max_len, batch=batch, prefill_chunk=chunk
+  )
   return programs, facts
 
 
 def report(slice_, programs: list[Program], facts: dict, what: str) -> dict:
   from kangaroo_jax.aot import MemoryPlan, attention_kernels_in, gib, highest_precision_f32_dots
-  plans = {p.name: MemoryPlan.of(p.compiled) if p.compiled is not None else MemoryPlan(0, 0, 0, p.required_bytes, 0)
-           for p in programs}
+
+  plans = {
+      p.name: MemoryPlan.of(p.compiled) if p.compiled is not None else MemoryPlan(0, 0, 0, p.required_bytes, 0)
+      for p in programs
+  }
   refused = {p.name: p.out_of_memory for p in programs if p.compiled is None}
   worst = max(plans, key=lambda k: plans[k].total)
   kernels = sorted({k for p in programs for k in attention_kernels_in(p.hlo)})
@@ -237,39 +282,76 @@ def report(slice_, programs: list[Program], facts: dict, what: str) -> dict:
   for p in programs:
     m = plans[p.name]
     if p.compiled is None:
-      print(f"{p.name}: does not fit: the TPU compiler needs {gib(m.temp)} of temporaries per chip of {gib(hbm)} HBM "
-            f"({slice_.chip.name}); {p.compile_s:.1f} s", file=sys.stderr)
+      print(
+          f"{p.name}: does not fit: the TPU compiler needs {gib(m.temp)} of temporaries per chip of {gib(hbm)} HBM "
+          f"({slice_.chip.name}); {p.compile_s:.1f} s",
+          file=sys.stderr,
+      )
       continue
-    print(f"{p.name}: argument {gib(m.argument)}, output {gib(m.output)}, alias {gib(m.alias)}, temp {gib(m.temp)}, "
-          f"total {gib(m.total)} per chip of {gib(hbm)} HBM ({slice_.chip.name}); compiled in {p.compile_s:.1f} s",
-          file=sys.stderr)
+    print(
+        f"{p.name}: argument {gib(m.argument)}, output {gib(m.output)}, alias {gib(m.alias)}, temp {gib(m.temp)}, "
+        f"total {gib(m.total)} per chip of {gib(hbm)} HBM ({slice_.chip.name}); compiled in {p.compile_s:.1f} s",
+        file=sys.stderr,
+    )
   result = dict(
-      what=what, topology=slice_.name, topology_string=slice_.topology, chips=slice_.chips,
-      fits=not refused and plans[worst].total <= hbm, per_chip_bytes=plans[worst].total, hbm_bytes=hbm,
+      what=what,
+      topology=slice_.name,
+      topology_string=slice_.topology,
+      chips=slice_.chips,
+      fits=not refused and plans[worst].total <= hbm,
+      per_chip_bytes=plans[worst].total,
+      hbm_bytes=hbm,
       compiler_refused=refused,
-      largest_program=worst, compile_s=round(sum(p.compile_s for p in programs), 2),
+      largest_program=worst,
+      compile_s=round(sum(p.compile_s for p in programs), 2),
       attention_kernel=", ".join(kernels) if kernels else "unknown (not compiled)" if refused else "xla",
       highest_f32_dots=sum(len(highest_precision_f32_dots(p.hlo)) for p in programs),
       programs={k: dataclasses.asdict(v) | {"total": v.total} for k, v in plans.items()},
-      memory_kind="compiler plan (memory_analysis), not a measured peak", **facts)
+      memory_kind="compiler plan (memory_analysis), not a measured peak",
+      **facts,
+  )
   return result
 
 
-def run(argv_config, *, topology: str, llm_layers=None, vision_layers=None, inference=False, frames=64,
-        prompt_tokens=0, new_tokens=64, batch=1, mesh="tensor=-1", preset="kangaroo-8b", hlo_out=None) -> dict:
+def run(
+    argv_config,
+    *,
+    topology: str,
+    llm_layers=None,
+    vision_layers=None,
+    inference=False,
+    frames=64,
+    prompt_tokens=0,
+    new_tokens=64,
+    batch=1,
+    mesh="tensor=-1",
+    preset="kangaroo-8b",
+    hlo_out=None,
+) -> dict:
   from kangaroo_jax.aot import parse_slice, tpu_devices
+
   slice_ = parse_slice(topology)
   devices = tpu_devices(slice_)
   if inference:
     from kangaroo_jax.config import preset as make_preset
     from kangaroo_jax.run_options import RunOptions
+
     cfg = _with_depth(make_preset(preset), llm_layers, vision_layers)
     run_opts = RunOptions(param_dtype="bfloat16", compute_dtype="bfloat16")
-    programs, facts = compile_inference(cfg, run_opts, devices, frames=frames, prompt_tokens=prompt_tokens,
-                                        new_tokens=new_tokens, batch=batch, mesh_text=mesh)
+    programs, facts = compile_inference(
+        cfg,
+        run_opts,
+        devices,
+        frames=frames,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        batch=batch,
+        mesh_text=mesh,
+    )
     what = f"inference {preset}"
   else:
     from train.config import from_configdict
+
     config = argv_config.copy_and_resolve_references()
     if config.data.source == "grain" and not config.data.dataset:
       # No data is read ahead of time; the synthetic source has the same batch contract and shapes.
@@ -299,17 +381,31 @@ def main(argv) -> int:
   from kangaroo_jax.aot import TopologyError
   from kangaroo_jax.config import ConfigError
   from kangaroo_jax.parallel.mesh import MeshError
+
   try:
-    result = run(_CONFIG.value, topology=_TOPOLOGY.value, llm_layers=_LLM_LAYERS.value,
-                 vision_layers=_VISION_LAYERS.value, inference=_INFERENCE.value, frames=_FRAMES.value,
-                 prompt_tokens=_PROMPT_TOKENS.value, new_tokens=_NEW_TOKENS.value, batch=_BATCH.value,
-                 mesh=_MESH.value, preset=_PRESET.value, hlo_out=_HLO_OUT.value)
+    result = run(
+        _CONFIG.value,
+        topology=_TOPOLOGY.value,
+        llm_layers=_LLM_LAYERS.value,
+        vision_layers=_VISION_LAYERS.value,
+        inference=_INFERENCE.value,
+        frames=_FRAMES.value,
+        prompt_tokens=_PROMPT_TOKENS.value,
+        new_tokens=_NEW_TOKENS.value,
+        batch=_BATCH.value,
+        mesh=_MESH.value,
+        preset=_PRESET.value,
+        hlo_out=_HLO_OUT.value,
+    )
   except (TopologyError, ConfigError, MeshError, CompileError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"fits: {result['fits']} ({result['per_chip_bytes'] / 2**30:.2f} of {result['hbm_bytes'] / 2**30:.0f} GiB "
-        f"per chip, {result['largest_program']}); attention kernel: {result['attention_kernel']}; "
-        f"compile {result['compile_s']} s", file=sys.stderr)
+  print(
+      f"fits: {result['fits']} ({result['per_chip_bytes'] / 2**30:.2f} of {result['hbm_bytes'] / 2**30:.0f} GiB "
+      f"per chip, {result['largest_program']}); attention kernel: {result['attention_kernel']}; "
+      f"compile {result['compile_s']} s",
+      file=sys.stderr,
+  )
   print(json.dumps(result), flush=True)
   return 0
 

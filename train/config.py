@@ -75,17 +75,17 @@ def _regexes(values, name: str) -> tuple[str, ...]:
 class OptimConfig:
   lr: float = 1e-3
   warmup_steps: int = 10
-  min_lr_ratio: float = 0.1     # cosine ends at lr * min_lr_ratio at total_steps
+  min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio at total_steps
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  weight_decay: float = 0.0     # decoupled; applied to kernels and embeddings only
-  clip_norm: float = 1.0        # global norm over trainable grads; 0 disables
-  grad_accum: int = 1           # micro-batches per step; batch_size must divide by it
-  trainable: tuple[str, ...] = (".*",)   # a param trains iff its path matches one of these ...
-  frozen: tuple[str, ...] = ()           # ... and none of these (paths like llm/model/layers/mlp/up_proj/kernel)
+  weight_decay: float = 0.0  # decoupled; applied to kernels and embeddings only
+  clip_norm: float = 1.0  # global norm over trainable grads; 0 disables
+  grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+  trainable: tuple[str, ...] = (".*",)  # a param trains iff its path matches one of these ...
+  frozen: tuple[str, ...] = ()  # ... and none of these (paths like llm/model/layers/mlp/up_proj/kernel)
   lr_scales: tuple[tuple[str, float], ...] = ()  # (regex, factor): first match scales that param's lr
-  max_nonfinite: int = 5        # stop after this many non-finite steps in a row (each one is skipped)
+  max_nonfinite: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
 
   def __post_init__(self):
     w = "optim"
@@ -104,17 +104,25 @@ class OptimConfig:
     check(bool(self.trainable), w, "trainable", "empty: nothing would train")
     scales = tuple(tuple(item) if isinstance(item, list) else item for item in self.lr_scales)
     for i, item in enumerate(scales):
-      check(isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float))
-            and not isinstance(item[1], bool) and math.isfinite(item[1]) and item[1] >= 0, w, f"lr_scales[{i}]",
-            f"expected (regex, finite factor >= 0), got {item!r}")
+      check(
+          isinstance(item, tuple)
+          and len(item) == 2
+          and isinstance(item[1], (int, float))
+          and not isinstance(item[1], bool)
+          and math.isfinite(item[1])
+          and item[1] >= 0,
+          w,
+          f"lr_scales[{i}]",
+          f"expected (regex, finite factor >= 0), got {item!r}",
+      )
     object.__setattr__(self, "lr_scales", tuple((_regexes(r, f"{w}.lr_scales")[0], f) for r, f in scales))
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int = 100              # save every N steps (and at the end, and on SIGTERM)
-  keep: int = 3                 # keep the last K ...
-  keep_best: int = 1            # ... plus the best K by mean training loss since the previous save
+  every: int = 100  # save every N steps (and at the end, and on SIGTERM)
+  keep: int = 3  # keep the last K ...
+  keep_best: int = 1  # ... plus the best K by mean training loss since the previous save
   async_save: bool = True
 
   def __post_init__(self):
@@ -135,8 +143,8 @@ class TrainConfig:
   seed: int = 0
   total_steps: int = 100
   log_every: int = 10
-  init_from: str = ""           # previous stage's export folder (params only; optimizer starts fresh)
-  export: bool = True           # write WORKDIR/export at the end
+  init_from: str = ""  # previous stage's export folder (params only; optimizer starts fresh)
+  export: bool = True  # write WORKDIR/export at the end
   peak_flops_per_device: float = 0.0  # for MFU where the device kind is not in metrics.PEAK_FLOPS
   # ((logical axis, mesh axes), ...) laid over kangaroo_jax.parallel.rules.LOGICAL_AXIS_RULES for this run
   sharding_rules: tuple = ()
@@ -155,8 +163,18 @@ class TrainConfig:
     return merge_rules(self.sharding_rules)
 
 
-_TOP = ("stage", "seed", "total_steps", "log_every", "init_from", "export", "peak_flops_per_device", "sharding_rules",
-        "max_replicated_fraction", "sharding_check")
+_TOP = (
+    "stage",
+    "seed",
+    "total_steps",
+    "log_every",
+    "init_from",
+    "export",
+    "peak_flops_per_device",
+    "sharding_rules",
+    "max_replicated_fraction",
+    "sharding_check",
+)
 SHARDING_CHECKS = ("warn", "error", "off")
 _SECTIONS = ("model", "mesh", "data", "optim", "ckpt")
 _OPTIONAL_SECTIONS = ("run",)
@@ -181,6 +199,7 @@ def model_config(section: dict) -> KangarooConfig:
         dst[k] = v
       else:
         dst[k] = list(v) if isinstance(v, tuple) else v
+
   merge(base, section.get("overrides", {}) or {}, "")
   _reject_nonfinite(base, "model.overrides")
   try:
@@ -226,34 +245,59 @@ def from_configdict(config: ml_collections.ConfigDict) -> TrainConfig:
     if not isinstance(v, int) or (v < 1 and not (v == -1 and not f.name.startswith("dcn"))):
       raise _err(f"mesh.{f.name}", f"expected a positive int (or -1 for one ICI axis), got {v!r}")
   cfg = TrainConfig(
-      model=model_config(d["model"]), mesh=mesh, data=_take(d["data"], DataConfig, "data"),
-      optim=_take(d["optim"], OptimConfig, "optim"), ckpt=_take(d["ckpt"], CheckpointConfig, "ckpt"),
-      run=run_options(d.get("run", {}) or {}), **{k: d[k] for k in _TOP if k in d}, raw=d)
+      model=model_config(d["model"]),
+      mesh=mesh,
+      data=_take(d["data"], DataConfig, "data"),
+      optim=_take(d["optim"], OptimConfig, "optim"),
+      ckpt=_take(d["ckpt"], CheckpointConfig, "ckpt"),
+      run=run_options(d.get("run", {}) or {}),
+      **{k: d[k] for k in _TOP if k in d},
+      raw=d,
+  )
   for f in ("seed", "total_steps", "log_every"):
     check_int(cfg, "", f, 0 if f == "seed" else 1)
   check_float(cfg, "", "peak_flops_per_device", 0.0)
   check_float(cfg, "", "max_replicated_fraction", 0.0, 1.0)
-  check(cfg.sharding_check in SHARDING_CHECKS, "", "sharding_check",
-        f"got {cfg.sharding_check!r}, expected one of {SHARDING_CHECKS}")
+  check(
+      cfg.sharding_check in SHARDING_CHECKS,
+      "",
+      "sharding_check",
+      f"got {cfg.sharding_check!r}, expected one of {SHARDING_CHECKS}",
+  )
   merge_rules(cfg.sharding_rules)  # RulesError (a ConfigError) names the entry and its logical axis
-  check(isinstance(cfg.data.frame_size, int), "data", "frame_size",
-        f"expected an int (the trainer takes square frames), got {cfg.data.frame_size!r}")
+  check(
+      isinstance(cfg.data.frame_size, int),
+      "data",
+      "frame_size",
+      f"expected an int (the trainer takes square frames), got {cfg.data.frame_size!r}",
+  )
   if not isinstance(cfg.stage, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.stage):
     raise _err("stage", f"expected a short name ([A-Za-z0-9_.-]+), got {cfg.stage!r}")
   if cfg.data.batch_size % cfg.optim.grad_accum:
-    raise _err("optim.grad_accum", f"data.batch_size {cfg.data.batch_size} is not divisible by grad_accum "
-               f"{cfg.optim.grad_accum}")
+    raise _err(
+        "optim.grad_accum",
+        f"data.batch_size {cfg.data.batch_size} is not divisible by grad_accum " f"{cfg.optim.grad_accum}",
+    )
   cfg.run.check_for_training("run")
   if cfg.data.frame_size % cfg.model.vision.patch_size:
-    raise _err("data.frame_size", f"{cfg.data.frame_size} is not a multiple of the patch size "
-               f"{cfg.model.vision.patch_size}")
+    raise _err(
+        "data.frame_size",
+        f"{cfg.data.frame_size} is not a multiple of the patch size " f"{cfg.model.vision.patch_size}",
+    )
   return cfg
 
 
 def validate_for_mesh(cfg: TrainConfig, mesh_shape: Mapping[str, int], num_processes: int) -> None:
   """The checks that need the resolved mesh: batch / sequence divisibility (all problems in one error)."""
   from kangaroo_jax.parallel.validate import validate_mesh_for_model
+
   if cfg.data.batch_size % num_processes:
     raise _err("data.batch_size", f"{cfg.data.batch_size} rows cannot be split over {num_processes} processes")
-  validate_mesh_for_model(cfg.model, cfg.run, mesh_shape, batch=cfg.micro_batch, seq_len=cfg.data.seq_len,
-                          frames_per_row=cfg.data.max_frames)
+  validate_mesh_for_model(
+      cfg.model,
+      cfg.run,
+      mesh_shape,
+      batch=cfg.micro_batch,
+      seq_len=cfg.data.seq_len,
+      frames_per_row=cfg.data.max_frames,
+  )

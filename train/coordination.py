@@ -118,6 +118,7 @@ STOP = StopSignal()
 
 def _client():
   from jax._src import distributed
+
   return distributed.global_state.client
 
 
@@ -127,6 +128,7 @@ class Coordinator:
 
   def __init__(self):
     import jax
+
     self.count = jax.process_count()
     self.multi = self.count > 1
     self.client = _client() if self.multi else None
@@ -140,6 +142,7 @@ class Coordinator:
       return [value]
     if self.client is None:  # no coordination service: bytes over a device collective
       from jax.experimental import multihost_utils
+
       codes = np.frombuffer(value.encode()[:256].ljust(256), np.uint8)
       rows = np.asarray(multihost_utils.process_allgather(codes))
       return [bytes(r).decode(errors="replace").rstrip() for r in rows]
@@ -156,6 +159,7 @@ class Coordinator:
     timeout_s = BARRIER_TIMEOUT_S if timeout_s is None else timeout_s
     if self.client is None:  # multi-process without jax.distributed (no coordination service)
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"{self.prefix}/{name}")
       return
     barrier_id = f"{self.prefix}/barrier/{next(self._seq)}/{name}"
@@ -165,7 +169,8 @@ class Coordinator:
       raise BarrierTimeoutError(
           f"process {self.process}/{self.count}: not all processes reached '{name}' within "
           f"{timeout_s:.0f}s (another process failed or is stuck; see its log). Set "
-          f"KANGAROO_BARRIER_TIMEOUT_S to wait longer. Cause: {e}") from e
+          f"KANGAROO_BARRIER_TIMEOUT_S to wait longer. Cause: {e}"
+      ) from e
 
 
 class Preemption:
@@ -225,6 +230,7 @@ class Preemption:
       return self.flag
     if self.coord.client is None:  # no coordination service: fall back to a device collective
       from jax.experimental import multihost_utils
+
       return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
     entries = self.coord.client.key_value_dir_get(self._key_dir)
     if not entries:
@@ -235,5 +241,6 @@ class Preemption:
     if step > first + 2:
       raise PreemptionProtocolError(
           f"process {self.coord.process}: saw a stop request published after step {first} only at step "
-          f"{step}; the processes would save different steps")
+          f"{step}; the processes would save different steps"
+      )
     return True

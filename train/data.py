@@ -17,8 +17,9 @@ def grain_iterator(cfg: TrainConfig, shard_index: int, shard_count: int):
   such TFDS dataset or split, features that do not fit the mapping) is a ConfigError naming `data.dataset`
   (or the field at fault), which the CLI prints as one line (exit 2)."""
   try:
-    return make_train_iterator(cfg.data, cfg.model, load_tokenizer(cfg.data.tokenizer), process_index=shard_index,
-                               process_count=shard_count)
+    return make_train_iterator(
+        cfg.data, cfg.model, load_tokenizer(cfg.data.tokenizer), process_index=shard_index, process_count=shard_count
+    )
   except DataConfigError as e:
     msg = str(e)
     raise ConfigError(msg if msg.startswith("data.") else f"data.dataset: {msg}") from None

@@ -66,7 +66,7 @@ def render(kind: dict, frames: int) -> np.ndarray:
   if kind["type"] == "order":
     for obj in (kind["first"], kind["second"]):
       m = _mask(obj["shape"], size, *obj["center"], obj["radius"])
-      out[obj["appears"]:, m] = COLORS[obj["color"]]
+      out[obj["appears"] :, m] = COLORS[obj["color"]]
     return out
   for t, (cx, cy) in enumerate(trajectory(kind, frames)):
     out[t][_mask(kind["shape"], size, cx, cy, kind["radius"])] = COLORS[kind["color"]]
@@ -106,8 +106,16 @@ def _move(rng, size: int, direction: str, shape: str, color: str) -> dict:
   dx, dy = DIRECTIONS[direction]
   a, b = (near, far) if dx + dy > 0 else (far, near)
   start, end = ((a, side), (b, side)) if dx else ((side, a), (side, b))
-  return {"type": "move", "size": size, "shape": shape, "color": color, "direction": direction,
-          "radius": float(r), "start": [float(v) for v in start], "end": [float(v) for v in end]}
+  return {
+      "type": "move",
+      "size": size,
+      "shape": shape,
+      "color": color,
+      "direction": direction,
+      "radius": float(r),
+      "start": [float(v) for v in start],
+      "end": [float(v) for v in end],
+  }
 
 
 def _order(rng, size: int, frames: int, first_color: str) -> dict:
@@ -124,8 +132,15 @@ def _order(rng, size: int, frames: int, first_color: str) -> dict:
   objs = []
   for i, t in enumerate((t1, t2)):
     cy = rng.uniform(r + 1, size - r - 1)
-    objs.append({"shape": str(shapes[i]), "color": str(colors[i]), "radius": float(r),
-                 "center": [float(xs[i] + rng.uniform(-0.02, 0.02) * size), float(cy)], "appears": t})
+    objs.append(
+        {
+            "shape": str(shapes[i]),
+            "color": str(colors[i]),
+            "radius": float(r),
+            "center": [float(xs[i] + rng.uniform(-0.02, 0.02) * size), float(cy)],
+            "appears": t,
+        }
+    )
   return {"type": "order", "size": size, "first": objs[0], "second": objs[1]}
 
 
@@ -168,8 +183,7 @@ def sample(n: int, *, seed: int, size: int = 112, frames: int = 8) -> list[dict]
   return out
 
 
-def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 112, frames: int = 8,
-             seed: int = 0) -> dict:
+def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 112, frames: int = 8, seed: int = 0) -> dict:
   """Writes the dataset; returns paths {"manifest", "benchmark", "train_benchmark", "videos", "texts"}.
 
   train_benchmark: the first `num_test` training clips in benchmark form (train-set accuracy);
@@ -184,21 +198,44 @@ def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 112, fr
     for i, c in enumerate(clips):
       name = f"{split}_{i:05d}.mp4"
       write_mp4(os.path.join(videos, name), render(c["kind"], frames))
-      item = MCItem(id=f"{split}-{i}", task=c["task"], video=name, question=c["question"],
-                    options=tuple(c["options"]), answer=c["answer"])
+      item = MCItem(
+          id=f"{split}-{i}",
+          task=c["task"],
+          video=name,
+          question=c["question"],
+          options=tuple(c["options"]),
+          answer=c["answer"],
+      )
       prompt, reply = format_prompt(item), c["options"][c["answer"]]
       texts += [prompt, reply]
-      entry = {"question_id": item.id, "video": name, "question": item.question, "candidates": c["options"],
-               "answer": reply}
+      entry = {
+          "question_id": item.id,
+          "video": name,
+          "question": item.question,
+          "candidates": c["options"],
+          "answer": reply,
+      }
       if split == "train":
-        manifest.append({"id": item.id, "video": f"videos/{name}", "conversations": [
-            {"role": "user", "content": "<video>" + prompt}, {"role": "assistant", "content": reply}]})
+        manifest.append(
+            {
+                "id": item.id,
+                "video": f"videos/{name}",
+                "conversations": [
+                    {"role": "user", "content": "<video>" + prompt},
+                    {"role": "assistant", "content": reply},
+                ],
+            }
+        )
         if i < num_test:
           train_bench.setdefault(c["task"], []).append(entry)
       else:
         bench.setdefault(c["task"], []).append(entry)
-  paths = {"manifest": os.path.join(out_dir, "train.jsonl"), "benchmark": os.path.join(out_dir, "test.json"),
-           "train_benchmark": os.path.join(out_dir, "train_subset.json"), "videos": videos}
+  paths = {
+      "manifest": os.path.join(out_dir, "train.jsonl"),
+      "benchmark": os.path.join(out_dir, "test.json"),
+      "train_benchmark": os.path.join(out_dir, "train_subset.json"),
+      "videos": videos,
+  }
   with open(paths["manifest"], "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in manifest)
   for key, b in (("benchmark", bench), ("train_benchmark", train_bench)):

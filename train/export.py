@@ -39,8 +39,14 @@ def _swap_in(tmp: str, out_dir: str, step: int) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
-def write_export(out_dir: str, cfg: TrainConfig, model_def: ModelDef, params: dict, step: int,
-                 stoppable: Callable[[], ContextManager] = contextlib.nullcontext) -> str:
+def write_export(
+    out_dir: str,
+    cfg: TrainConfig,
+    model_def: ModelDef,
+    params: dict,
+    step: int,
+    stoppable: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> str:
   """All processes call this (each writes the shards it holds). Returns the export folder.
 
   `stoppable()` wraps the writing of the temporary folder (train.coordination.STOP.stoppable: SIGTERM

@@ -61,11 +61,11 @@ class WorkdirError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-  state: dict                   # the final train state (device arrays)
-  history: list[dict]           # per-step host metrics of this invocation
-  status: str                   # "done" | "preempted" | "stopped" (stop_after reached)
+  state: dict  # the final train state (device arrays)
+  history: list[dict]  # per-step host metrics of this invocation
+  status: str  # "done" | "preempted" | "stopped" (stop_after reached)
   step: int
-  summary: dict                 # what WORKDIR/summary.json holds (data counters summed over all hosts)
+  summary: dict  # what WORKDIR/summary.json holds (data counters summed over all hosts)
 
 
 def make_iterator(cfg: TrainConfig, data_shard: tuple[int, int]) -> Iterator[dict]:
@@ -74,9 +74,16 @@ def make_iterator(cfg: TrainConfig, data_shard: tuple[int, int]) -> Iterator[dic
   data_shard: (shard index, shard count) of the rows this process reads (`data_shard_for_process`)."""
   shard, shards = data_shard
   if cfg.data.source == "synthetic":
-    return SyntheticIterator(cfg.model, global_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-                             frame_size=cfg.data.frame_size, max_frames=cfg.data.max_frames,
-                             seed=cfg.data.shuffle_seed, shard_index=shard, shard_count=shards)
+    return SyntheticIterator(
+        cfg.model,
+        global_batch=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
+        frame_size=cfg.data.frame_size,
+        max_frames=cfg.data.max_frames,
+        seed=cfg.data.shuffle_seed,
+        shard_index=shard,
+        shard_count=shards,
+    )
   return grain_iterator(cfg, shard, shards)
 
 
@@ -89,8 +96,14 @@ def initial_params(cfg: TrainConfig, model_def: ModelDef, mesh) -> dict:
   return model_def.to_params(model)
 
 
-def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = None,
-          stop_after: int | None = None, place_batch: Callable | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    workdir: str,
+    *,
+    iterator: Iterator[dict] | None = None,
+    stop_after: int | None = None,
+    place_batch: Callable | None = None,
+) -> TrainResult:
   """Trains until cfg.total_steps (or `stop_after` steps in this call, or SIGTERM), checkpointing on the way.
 
   Args:
@@ -115,8 +128,10 @@ def train(cfg: TrainConfig, workdir: str, *, iterator: Iterator[dict] | None = N
       cause = _write_failure(e, os.path.abspath(workdir))
       if cause is None:
         raise
-      raise WorkdirError(f"workdir {workdir}: a write failed ({cause}); checkpoints saved before it are intact. "
-                         "Free space or make it writable, then run the same command to resume") from e
+      raise WorkdirError(
+          f"workdir {workdir}: a write failed ({cause}); checkpoints saved before it are intact. "
+          "Free space or make it writable, then run the same command to resume"
+      ) from e
 
 
 # Errors that only a write can cause: reported as WorkdirError wherever they surface (Orbax's save
@@ -153,21 +168,23 @@ def _check_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     where = f": {e.filename}" if e.filename else ""
-    raise WorkdirError(f"workdir {workdir}: cannot write there ({e.strerror or e}{where}); choose a writable "
-                       "--workdir") from None
+    raise WorkdirError(
+        f"workdir {workdir}: cannot write there ({e.strerror or e}{where}); choose a writable " "--workdir"
+    ) from None
 
 
 @dataclasses.dataclass
 class _Run:
   """What the setup section builds and the later sections read. Filled in step by step, so that a failure
   part way through startup still closes what was opened (`_close`)."""
+
   cfg: TrainConfig
   workdir: str
-  stoppable: Callable                       # phase -> context manager (see _train)
+  stoppable: Callable  # phase -> context manager (see _train)
   mesh: Mesh | None = None
   program: TrainProgram | None = None
-  data_shard: tuple[int, int] = (0, 1)      # (index, count) of the batch rows this process reads
-  place_batch: Callable | None = None       # host batch -> global arrays
+  data_shard: tuple[int, int] = (0, 1)  # (index, count) of the batch rows this process reads
+  place_batch: Callable | None = None  # host batch -> global arrays
   iterator: Iterator[dict] | None = None
   owned_iterator: Iterator[dict] | None = None  # the iterator this run made (a caller's is theirs to close)
   coord: Coordinator | None = None
@@ -180,8 +197,13 @@ class _Run:
     return f"[{self.cfg.stage}]" + ("" if jax.process_count() == 1 else f" process {jax.process_index()}:")
 
 
-def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop_after: int | None,
-           place_batch: Callable | None) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    workdir: str,
+    iterator: Iterator[dict] | None,
+    stop_after: int | None,
+    place_batch: Callable | None,
+) -> TrainResult:
   # One process stops at once when SIGTERM comes during startup or the export (nothing is half done
   # that matters). Several processes must not: the others would wait for it at the next barrier, so
   # the loop's Preemption protocol stops them all together after the first steps.
@@ -192,16 +214,21 @@ def _train(cfg: TrainConfig, workdir: str, iterator: Iterator[dict] | None, stop
       _setup(run, iterator, place_batch)
       state, start, resumed = _restore_or_init(run)
       run.log = _StepLog(run, start, resumed)
-      run.log.text(f"[{cfg.stage}] {resumed}; step {start}/{cfg.total_steps}; mesh {dict(run.mesh.shape)}; "
-                   f"{run.program.model_def.num_params() / 1e6:.2f}M params, "
-                   f"{run.program.model_def.num_params(run.program.trainable) / 1e6:.2f}M trainable; "
-                   f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+      run.log.text(
+          f"[{cfg.stage}] {resumed}; step {start}/{cfg.total_steps}; mesh {dict(run.mesh.shape)}; "
+          f"{run.program.model_def.num_params() / 1e6:.2f}M params, "
+          f"{run.program.model_def.num_params(run.program.trainable) / 1e6:.2f}M trainable; "
+          f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
+      )
       _check_sharding(run, state)
   except Interrupted:
     silence_abandoned_reads()  # it may have stopped a restore part way
     _close(run.ckpt, run.log, run.owned_iterator, quiet=True)
-    raise Interrupted("startup", f"SIGTERM during startup: stopped before training; nothing in {workdir} was "
-                      "changed (the checkpoints are as they were). Run the same command to resume") from None
+    raise Interrupted(
+        "startup",
+        f"SIGTERM during startup: stopped before training; nothing in {workdir} was "
+        "changed (the checkpoints are as they were). Run the same command to resume",
+    ) from None
   except BaseException:
     _close(run.ckpt, run.log, run.owned_iterator, quiet=True)
     raise
@@ -245,8 +272,13 @@ def _restore_or_init(run: _Run) -> tuple[dict, int, str]:
   """(train state on the mesh, its step, how it was obtained): WORKDIR's newest restorable checkpoint,
   else `init_from` / a seeded init with a fresh optimizer."""
   cfg, program = run.cfg, run.program
-  restored = run.ckpt.restore_latest(program.abstract_state(), run.iterator, run.config_record, run.coord,
-                                     log=lambda line: print(f"{run.who} {line}", flush=True))
+  restored = run.ckpt.restore_latest(
+      program.abstract_state(),
+      run.iterator,
+      run.config_record,
+      run.coord,
+      log=lambda line: print(f"{run.who} {line}", flush=True),
+  )
   if restored is not None:
     state = restored.state
     resumed = f"resumed from {run.ckpt.directory}/{restored.step}"
@@ -255,8 +287,11 @@ def _restore_or_init(run: _Run) -> tuple[dict, int, str]:
   else:
     params = initial_params(cfg, program.model_def, run.mesh)
     with jax.set_mesh(run.mesh):
-      state = jax.jit(lambda p: init_state(*partition(p, program.trainable), program.tx),
-                      out_shardings=program.state_shardings, donate_argnums=0)(params)
+      state = jax.jit(
+          lambda p: init_state(*partition(p, program.trainable), program.tx),
+          out_shardings=program.state_shardings,
+          donate_argnums=0,
+      )(params)
     resumed = f"initialised from {cfg.init_from}" if cfg.init_from else "random init"
   return state, int(jax.device_get(state["step"])), resumed
 
@@ -270,8 +305,10 @@ def _check_sharding(run: _Run, state: dict) -> None:
   report = sharding_report(combine(state["params"], state["frozen"]))
   if report.fraction <= cfg.max_replicated_fraction:
     return
-  what = (f"{report.describe()} (max_replicated_fraction {cfg.max_replicated_fraction:.0%}); check sharding_rules "
-          f"and the mesh {dict(run.mesh.shape)}")
+  what = (
+      f"{report.describe()} (max_replicated_fraction {cfg.max_replicated_fraction:.0%}); check sharding_rules "
+      f"and the mesh {dict(run.mesh.shape)}"
+  )
   if cfg.sharding_check == "error":
     raise MeshError(what)
   run.log.text(f"[{cfg.stage}] warning: {what}")
@@ -291,8 +328,11 @@ class _StepLog:
     cfg, program = run.cfg, run.program
     self.run, self.resumed = run, resumed
     self.flops = metrics_lib.FlopModel.build(
-        cfg.model, {p: s.shape for p, s in flatten(program.model_def.shapes()).items()},
-        {p for p in program.paths if program.trainable(p)}, cfg.data.frame_size)
+        cfg.model,
+        {p: s.shape for p, s in flatten(program.model_def.shapes()).items()},
+        {p for p in program.paths if program.trainable(p)},
+        cfg.data.frame_size,
+    )
     self.peak = metrics_lib.peak_flops(run.mesh.devices.flat[0], cfg.peak_flops_per_device)
     self.writer = metrics_lib.Writer(run.workdir, cfg.total_steps, start, jax.process_index() == 0)
     self.history: list[dict] = []
@@ -330,10 +370,15 @@ class _StepLog:
       self.losses.append(m["loss"])
     if m["nonfinite_streak"] >= cfg.optim.max_nonfinite:
       saved = ckpt.latest_step()
-      last_good = (f"the last good state is checkpoint {saved} in {ckpt.directory}" if saved is not None else
-                   f"no checkpoint was saved yet (this run started from {self.resumed})")
-      raise NonFiniteError(f"step {s}: {int(m['nonfinite_streak'])} non-finite steps in a row "
-                           f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); {last_good}")
+      last_good = (
+          f"the last good state is checkpoint {saved} in {ckpt.directory}"
+          if saved is not None
+          else f"no checkpoint was saved yet (this run started from {self.resumed})"
+      )
+      raise NonFiniteError(
+          f"step {s}: {int(m['nonfinite_streak'])} non-finite steps in a row "
+          f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); {last_good}"
+      )
     return m
 
   def log(self, m: dict) -> None:
@@ -342,16 +387,20 @@ class _StepLog:
     vals = dict(loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"], skipped=m["skipped"])
     data_scalars = {}
     if any(k.startswith("data/") for k in m):
-      totals = metrics_lib.data_totals({k: v for k, v in m.items() if k.startswith("data/")},
-                                       self.run.data_shard[0])
+      totals = metrics_lib.data_totals({k: v for k, v in m.items() if k.startswith("data/")}, self.run.data_shard[0])
       data_scalars = totals
       if totals["data/skipped_total"]:
         vals["data"] = metrics_lib.describe_skips(totals)
     if self.steps:
       t = self.time
       per_dev = self.flop_count / t / self.run.mesh.size
-      vals.update(tokens_per_s=self.tokens / t, frames_per_s=self.frames / t, step_time_s=t / self.steps,
-                  tflops_per_device=per_dev / 1e12, mfu=per_dev / self.peak if self.peak else None)
+      vals.update(
+          tokens_per_s=self.tokens / t,
+          frames_per_s=self.frames / t,
+          step_time_s=t / self.steps,
+          tflops_per_device=per_dev / 1e12,
+          mfu=per_dev / self.peak if self.peak else None,
+      )
     self.writer.scalars(int(m["step"]), {f"train/{k}": v for k, v in vals.items() if k != "data"} | data_scalars)
     self.writer.console(int(m["step"]), cfg.total_steps, vals)
     self._reset_window()
@@ -427,22 +476,33 @@ def _finish(run: _Run, state: dict, step: int, status: str) -> dict:
   cfg, log, ckpt, workdir = run.cfg, run.log, run.ckpt, run.workdir
   ckpt.wait()
   final_data = _data_snapshot(run.iterator)
-  summary = _summary(cfg, status, step, log.history,
-                     metrics_lib.data_totals(final_data, run.data_shard[0]) if final_data else None)
-  log.text(f"[{cfg.stage}] {status} at step {step}; data: " + (
-      metrics_lib.describe_skips(summary["data"]) if summary["data"] else "no skip accounting (synthetic)"))
+  summary = _summary(
+      cfg, status, step, log.history, metrics_lib.data_totals(final_data, run.data_shard[0]) if final_data else None
+  )
+  log.text(
+      f"[{cfg.stage}] {status} at step {step}; data: "
+      + (metrics_lib.describe_skips(summary["data"]) if summary["data"] else "no skip accounting (synthetic)")
+  )
   if jax.process_index() == 0 and (log.history or not _has_summary(workdir, step)):
     # A run that trained nothing (rerun only to write the export) keeps the summary of the run that did.
     _write_json(os.path.join(workdir, "summary.json"), summary)
   if status == "done" and cfg.export:
     try:
-      out = write_export(os.path.join(workdir, "export"), cfg, run.program.model_def,
-                         combine(state["params"], state["frozen"]), step,
-                         stoppable=lambda: run.stoppable("export"))
+      out = write_export(
+          os.path.join(workdir, "export"),
+          cfg,
+          run.program.model_def,
+          combine(state["params"], state["frozen"]),
+          step,
+          stoppable=lambda: run.stoppable("export"),
+      )
     except Interrupted:
-      raise Interrupted("export", f"SIGTERM during the export: training is done and checkpoint {step} is saved in "
-                        f"{ckpt.directory}; {workdir}/export was not replaced (a partial one may be left in "
-                        f"export.tmp-{step}). Run the same command to write the export") from None
+      raise Interrupted(
+          "export",
+          f"SIGTERM during the export: training is done and checkpoint {step} is saved in "
+          f"{ckpt.directory}; {workdir}/export was not replaced (a partial one may be left in "
+          f"export.tmp-{step}). Run the same command to write the export",
+      ) from None
     log.text(f"[{cfg.stage}] exported to {out}")
   return summary
 
@@ -464,9 +524,16 @@ def _close(ckpt: Checkpointer | None, log: _StepLog | None, iterator, quiet: boo
 
 def _summary(cfg: TrainConfig, status: str, step: int, history: list[dict], data: dict | None) -> dict:
   last = history[-1] if history else {}
-  return dict(stage=cfg.stage, status=status, step=step, total_steps=cfg.total_steps,
-              steps_this_run=len(history), last_loss=last.get("loss"),
-              nonfinite_steps_skipped=int(last.get("skipped", 0)), data=data)
+  return dict(
+      stage=cfg.stage,
+      status=status,
+      step=step,
+      total_steps=cfg.total_steps,
+      steps_this_run=len(history),
+      last_loss=last.get("loss"),
+      nonfinite_steps_skipped=int(last.get("skipped", 0)),
+      data=data,
+  )
 
 
 def _has_summary(workdir: str, step: int) -> bool:
@@ -482,4 +549,3 @@ def _write_json(path: str, obj: dict) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
-

@@ -26,8 +26,9 @@ def vocab_chunks(vocab: int, target: int) -> int:
   return 1
 
 
-def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array, *, dtype,
-                          num_chunks: int = 8) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array, *, dtype, num_chunks: int = 8
+) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token cross-entropies, number of loss tokens), float32 [] each.
 
   hidden: [batch, length, embed] final hidden states; kernel: [embed, vocab] LM head (no bias);

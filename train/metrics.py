@@ -27,8 +27,18 @@ import numpy as np
 from kangaroo_jax.config import KangarooConfig
 
 # Peak dense bf16 FLOP/s per device (vendor figures; TPU per chip).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
 MODULES = ("vision_tower", "patchify", "mm_projector", "llm")  # input -> output order
 
 
@@ -46,18 +56,19 @@ def peak_flops(device: jax.Device, override: float = 0.0) -> float | None:
 class FlopModel:
   """Per-token forward FLOPs of each module's matmuls, and the attention shapes."""
 
-  kernel_flops: dict            # module -> 2 * sum of kernel sizes
-  factors: dict                 # module -> forward multiplier for training (1, 2 or 3)
+  kernel_flops: dict  # module -> 2 * sum of kernel sizes
+  factors: dict  # module -> forward multiplier for training (1, 2 or 3)
   llm_layers: int
-  llm_attn_width: int           # heads * head_dim
+  llm_attn_width: int  # heads * head_dim
   vision_layers: int
   vision_width: int
-  patches_per_frame: int        # incl. CLS
+  patches_per_frame: int  # incl. CLS
   visual_tokens_per_frame: float
 
   @classmethod
-  def build(cls, cfg: KangarooConfig, param_shapes: dict[str, tuple], trainable: set[str],
-            frame_size: int) -> "FlopModel":
+  def build(
+      cls, cfg: KangarooConfig, param_shapes: dict[str, tuple], trainable: set[str], frame_size: int
+  ) -> "FlopModel":
     kernel = {m: 0 for m in MODULES}
     for path, shape in param_shapes.items():
       if path.endswith("kernel") and len(shape) >= 2:
@@ -69,10 +80,16 @@ class FlopModel:
       upstream = upstream or own
     gh, gw = cfg.vision.grid_for(frame_size, frame_size)
     per_group = cfg.projector.tokens_per_group(gh, gw)
-    return cls(kernel_flops=kernel, factors=factors, llm_layers=cfg.llm.num_layers,
-               llm_attn_width=cfg.llm.num_heads * cfg.llm.head_dim, vision_layers=cfg.vision.num_layers,
-               vision_width=cfg.vision.width, patches_per_frame=gh * gw + 1,
-               visual_tokens_per_frame=per_group / cfg.projector.frames_per_group)
+    return cls(
+        kernel_flops=kernel,
+        factors=factors,
+        llm_layers=cfg.llm.num_layers,
+        llm_attn_width=cfg.llm.num_heads * cfg.llm.head_dim,
+        vision_layers=cfg.vision.num_layers,
+        vision_width=cfg.vision.width,
+        patches_per_frame=gh * gw + 1,
+        visual_tokens_per_frame=per_group / cfg.projector.frames_per_group,
+    )
 
   def train_flops(self, tokens: float, segment_len_sq: float, frames: float) -> float:
     """Model FLOPs of one training step over `tokens` non-padding tokens, sum of squared segment
@@ -105,6 +122,7 @@ def data_totals(local: dict[str, float], shard: int) -> dict[str, float]:
   keys = sorted(k for k in local if k != "data/skip_rate")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     mine = np.asarray([shard] + [local[k] for k in keys], np.int32)
     per_shard: dict[int, np.ndarray] = {}
     for row in np.asarray(multihost_utils.process_allgather(mine)):
@@ -119,7 +137,7 @@ def data_totals(local: dict[str, float], shard: int) -> dict[str, float]:
 
 
 def describe_skips(totals: dict[str, float]) -> str:
-  """"3 of 40 samples skipped (bad_video 1, missing_video 1, too_long 1)" or "0 of 40 samples skipped"."""
+  """ "3 of 40 samples skipped (bad_video 1, missing_video 1, too_long 1)" or "0 of 40 samples skipped"."""
   reasons = {k.rsplit("/", 1)[1]: int(v) for k, v in totals.items() if k.startswith("data/skipped/") and v}
   detail = f" ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})" if reasons else ""
   return f"{int(totals['data/skipped_total'])} of {int(totals.get('data/seen', 0))} samples skipped{detail}"
@@ -136,9 +154,11 @@ class Writer:
       return
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
+
     self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
-                    disable=None)  # None: no bar when stderr is not a terminal (logs stay clean)
+    self.bar = tqdm(
+        total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False, disable=None
+    )  # None: no bar when stderr is not a terminal (logs stay clean)
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -151,9 +171,17 @@ class Writer:
     if not self.enabled:
       return
     parts = [f"step {step}/{total}"]
-    fmt = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
-           ("tokens_per_s", "{:,.0f} tok/s"), ("frames_per_s", "{:,.1f} frames/s"), ("step_time_s", "{:.3f} s/step"),
-           ("tflops_per_device", "{:.3f} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"), ("skipped", "{:.0f} non-finite steps skipped")]
+    fmt = [
+        ("loss", "loss {:.4f}"),
+        ("lr", "lr {:.2e}"),
+        ("grad_norm", "gnorm {:.3f}"),
+        ("tokens_per_s", "{:,.0f} tok/s"),
+        ("frames_per_s", "{:,.1f} frames/s"),
+        ("step_time_s", "{:.3f} s/step"),
+        ("tflops_per_device", "{:.3f} TFLOP/s/dev"),
+        ("mfu", "MFU {:.1%}"),
+        ("skipped", "{:.0f} non-finite steps skipped"),
+    ]
     for k, f in fmt:
       if values.get(k) is not None:
         parts.append(f.format(values[k]))

@@ -16,8 +16,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kangaroo_jax.config import KangarooConfig
-from kangaroo_jax.model_tree import (abstract_model, flatten, merge_params, param_tree, shardings_of, split_params,
-                                     unflatten)
+from kangaroo_jax.model_tree import (
+    abstract_model,
+    flatten,
+    merge_params,
+    param_tree,
+    shardings_of,
+    split_params,
+    unflatten,
+)
 from kangaroo_jax.models import Kangaroo
 from kangaroo_jax.run_options import RunOptions
 
@@ -27,8 +34,10 @@ Nested = dict
 def partition(tree: Nested, pred: Callable[[str], bool]) -> tuple[Nested, Nested]:
   """Splits a nested dict by a predicate on the "/"-joined path: (matching, rest)."""
   flat = flatten(tree)
-  return (unflatten({k: v for k, v in flat.items() if pred(k)}),
-          unflatten({k: v for k, v in flat.items() if not pred(k)}))
+  return (
+      unflatten({k: v for k, v in flat.items() if pred(k)}),
+      unflatten({k: v for k, v in flat.items() if not pred(k)}),
+  )
 
 
 def combine(*trees: Nested) -> Nested:

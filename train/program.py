@@ -23,23 +23,27 @@ from train.step import State, init_state, make_train_step, state_shardings
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
   model_def: ModelDef
-  paths: list[str]                      # every parameter path
-  trainable: Callable[[str], bool]      # path -> trained (optim.trainable / optim.frozen)
+  paths: list[str]  # every parameter path
+  trainable: Callable[[str], bool]  # path -> trained (optim.trainable / optim.frozen)
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
-  state_shapes: State                   # ShapeDtypeStructs of the train state (no sharding)
-  state_shardings: State                # NamedShardings of the train state
+  state_shapes: State  # ShapeDtypeStructs of the train state (no sharding)
+  state_shardings: State  # NamedShardings of the train state
   replicated: NamedSharding
 
   def abstract_state(self) -> State:
     """The train state as ShapeDtypeStructs carrying their shardings (restore target, AOT argument)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.state_shapes,
-                        self.state_shardings)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.state_shapes, self.state_shardings
+    )
 
   def jit_step(self, grad_accum: int):
     """The jitted train step: state donated, new state placed by `state_shardings`."""
-    return jax.jit(make_train_step(self.model_def, self.tx, self.lr_schedule, normalize_frames, grad_accum),
-                   donate_argnums=0, out_shardings=(self.state_shardings, None))
+    return jax.jit(
+        make_train_step(self.model_def, self.tx, self.lr_schedule, normalize_frames, grad_accum),
+        donate_argnums=0,
+        out_shardings=(self.state_shardings, None),
+    )
 
 
 def build_program(cfg: TrainConfig, mesh: Mesh) -> TrainProgram:
@@ -52,5 +56,13 @@ def build_program(cfg: TrainConfig, mesh: Mesh) -> TrainProgram:
   replicated = NamedSharding(mesh, PartitionSpec())
   train_sh, frozen_sh = partition(model_def.shardings(mesh), trainable)
   abstract = jax.eval_shape(lambda p, f: init_state(p, f, tx), *partition(shapes, trainable))
-  return TrainProgram(model_def, paths, trainable, tx, lr_schedule, abstract,
-                      state_shardings(abstract, train_sh, frozen_sh, replicated), replicated)
+  return TrainProgram(
+      model_def,
+      paths,
+      trainable,
+      tx,
+      lr_schedule,
+      abstract,
+      state_shardings(abstract, train_sh, frozen_sh, replicated),
+      replicated,
+  )

@@ -34,12 +34,12 @@ Batch = dict[str, jax.Array]
 
 def init_state(params: dict, frozen: dict, tx: optax.GradientTransformation) -> State:
   zero = jnp.zeros((), jnp.int32)
-  return dict(step=zero, params=params, frozen=frozen, opt_state=tx.init(params), nonfinite_streak=zero,
-              skipped=zero)
+  return dict(step=zero, params=params, frozen=frozen, opt_state=tx.init(params), nonfinite_streak=zero, skipped=zero)
 
 
-def loss_sums(model_def: ModelDef, normalize: Callable, params: dict, frozen: dict,
-              batch: Batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    model_def: ModelDef, normalize: Callable, params: dict, frozen: dict, batch: Batch
+) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token cross-entropies, number of loss tokens), both float32 [].
 
   The LM head runs inside the loss, a vocabulary chunk at a time (train/loss.py): the full
@@ -47,17 +47,26 @@ def loss_sums(model_def: ModelDef, normalize: Callable, params: dict, frozen: di
   """
   model = model_def.merge(combine(params, frozen))
   frames = normalize(batch["frames"])  # uint8 on the wire, normalised on device
-  hidden = model.hidden_states(batch["input_ids"], frames, batch["timestamps"], positions=batch["positions"],
-                               segment_ids=batch["segment_ids"])
-  return chunked_cross_entropy(hidden, model.llm.lm_head.kernel[...], batch["targets"], batch["loss_mask"],
-                               dtype=model_def.run.dtype, num_chunks=LOSS_VOCAB_CHUNKS)
+  hidden = model.hidden_states(
+      batch["input_ids"], frames, batch["timestamps"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+  )
+  return chunked_cross_entropy(
+      hidden,
+      model.llm.lm_head.kernel[...],
+      batch["targets"],
+      batch["loss_mask"],
+      dtype=model_def.run.dtype,
+      num_chunks=LOSS_VOCAB_CHUNKS,
+  )
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:
   """[B, ...] -> [accum, B/accum, ...]; micro-batch i takes rows i, i+accum, ... so that each one is
   spread evenly over the devices that hold contiguous row blocks."""
+
   def split(x):
     return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -65,23 +74,25 @@ def _constrain(batch: Batch) -> Batch:
   return {k: shard(v, BATCH_AXES[k]) if k in BATCH_AXES else v for k, v in batch.items()}
 
 
-def grads_and_loss(model_def: ModelDef, normalize: Callable, params: dict, frozen: dict, batch: Batch,
-                   accum: int) -> tuple[dict, jax.Array, jax.Array]:
+def grads_and_loss(
+    model_def: ModelDef, normalize: Callable, params: dict, frozen: dict, batch: Batch, accum: int
+) -> tuple[dict, jax.Array, jax.Array]:
   """Gradient of the per-token mean loss over the whole (global) batch, accumulated over `accum`
   micro-batches: sums of losses and gradients are carried and divided by the total token count once,
   so 2 x B accumulated equals one step of 2B (up to float summation order).
 
   Returns: (grads like params, mean loss [], loss tokens []).
   """
-  value_and_grad = jax.value_and_grad(
-      lambda p, b: loss_sums(model_def, normalize, p, frozen, b), has_aux=True)
+  value_and_grad = jax.value_and_grad(lambda p, b: loss_sums(model_def, normalize, p, frozen, b), has_aux=True)
   if accum == 1:
     (total, count), grads = value_and_grad(params, _constrain(batch))
   else:
+
     def body(carry, micro):
       g_acc, total_acc, count_acc = carry
       (total, count), g = value_and_grad(params, _constrain(micro))
       return (jax.tree.map(jnp.add, g_acc, g), total_acc + total, count_acc + count), None
+
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     (grads, total, count), _ = jax.lax.scan(body, init, _micro_batches(batch, accum))
@@ -90,8 +101,9 @@ def grads_and_loss(model_def: ModelDef, normalize: Callable, params: dict, froze
   return grads, total / denom, count
 
 
-def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    normalize: Callable, accum: int) -> Callable[[State, Batch], tuple[State, dict]]:
+def make_train_step(
+    model_def: ModelDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, normalize: Callable, accum: int
+) -> Callable[[State, Batch], tuple[State, dict]]:
   """The pure step function (jit it with donate_argnums=0)."""
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
@@ -112,9 +124,16 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, lr_sc
         skipped=(state["skipped"] + jnp.where(finite, 0, 1)).astype(jnp.int32),
     )
     metrics = dict(
-        loss=loss, grad_norm=grad_norm, lr=lr_schedule(applied), loss_tokens=count,
-        tokens=jnp.sum(batch["segment_ids"] > 0), frames=jnp.sum(batch["num_frames"]),
-        finite=finite, skipped=new_state["skipped"], nonfinite_streak=new_state["nonfinite_streak"])
+        loss=loss,
+        grad_norm=grad_norm,
+        lr=lr_schedule(applied),
+        loss_tokens=count,
+        tokens=jnp.sum(batch["segment_ids"] > 0),
+        frames=jnp.sum(batch["num_frames"]),
+        finite=finite,
+        skipped=new_state["skipped"],
+        nonfinite_streak=new_state["nonfinite_streak"],
+    )
     return new_state, metrics
 
   return train_step
@@ -135,5 +154,11 @@ def state_shardings(state_shapes: State, param_sh: dict, frozen_sh: dict, replic
     return sh if sh is not None and len(sh.spec) <= leaf.ndim else replicated
 
   opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, state_shapes["opt_state"])
-  return dict(step=replicated, params=param_sh, frozen=frozen_sh, opt_state=opt_sh, nonfinite_streak=replicated,
-              skipped=replicated)
+  return dict(
+      step=replicated,
+      params=param_sh,
+      frozen=frozen_sh,
+      opt_state=opt_sh,
+      nonfinite_streak=replicated,
+      skipped=replicated,
+  )

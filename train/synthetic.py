@@ -20,9 +20,19 @@ from kangaroo_jax.data.packing import make_row
 class SyntheticIterator:
   """Yields per-host batches (numpy dicts). State: {"step": next batch index}."""
 
-  def __init__(self, model_cfg: KangarooConfig, *, global_batch: int, seq_len: int, frame_size: int,
-               max_frames: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
-               samples_per_row: int = 2):
+  def __init__(
+      self,
+      model_cfg: KangarooConfig,
+      *,
+      global_batch: int,
+      seq_len: int,
+      frame_size: int,
+      max_frames: int,
+      seed: int = 0,
+      shard_index: int = 0,
+      shard_count: int = 1,
+      samples_per_row: int = 2,
+  ):
     if global_batch % shard_count:
       raise ValueError(f"global batch {global_batch} not divisible into {shard_count} row shards")
     self.cfg = model_cfg
@@ -70,8 +80,14 @@ class SyntheticIterator:
       text = (start + stride * np.arange(self.text_per_sample)) % (vocab - 3) + 3
       ids = np.concatenate([np.full(self.vis_per_sample, V), text]).astype(np.int32)
       mask = np.zeros(ids.size, np.float32)
-      mask[self.vis_per_sample + self.text_per_sample // 2:] = 1.0  # predict the second half of the text
+      mask[self.vis_per_sample + self.text_per_sample // 2 :] = 1.0  # predict the second half of the text
       frames = rng.integers(0, 256, (self.frames_per_sample, self.size, self.size, 3), dtype=np.uint8)
-      samples.append(dict(input_ids=ids, loss_mask=mask, frames=frames,
-                          timestamps=np.arange(self.frames_per_sample, dtype=np.float32) * 0.5))
+      samples.append(
+          dict(
+              input_ids=ids,
+              loss_mask=mask,
+              frames=frames,
+              timestamps=np.arange(self.frames_per_sample, dtype=np.float32) * 0.5,
+          )
+      )
     return make_row(samples, self.seq_len, self.max_frames, (self.size, self.size), gap=1)

@@ -9,14 +9,25 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from kangaroo_jax.attention.context_parallel import (KERNELS, all_gather_attention, decode_attention, dense_attention,
-                                                     resolve_kernel, ring_attention, usp_attention)
+from kangaroo_jax.attention.context_parallel import (
+    KERNELS,
+    all_gather_attention,
+    decode_attention,
+    dense_attention,
+    resolve_kernel,
+    ring_attention,
+    usp_attention,
+)
 from kangaroo_jax.attention.reference import attention_mask, reference_attention
 
 # Context-parallel impls fall back to dense attention when no mesh is set or the context axis is 1.
 # Keyed by the names of kangaroo_jax.run_options.ATTENTION_IMPLS (tests/test_config.py checks they agree).
-_IMPLS: dict[str, Callable] = {"reference": dense_attention, "ring": ring_attention, "all_gather": all_gather_attention,
-                               "usp": usp_attention}
+_IMPLS: dict[str, Callable] = {
+    "reference": dense_attention,
+    "ring": ring_attention,
+    "all_gather": all_gather_attention,
+    "usp": usp_attention,
+}
 
 
 def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto", ulysses: int = 0) -> Callable:
@@ -42,5 +53,15 @@ def get_attention(impl: str, block_size: int | None = None, kernel: str = "auto"
   return fn
 
 
-__all__ = ["KERNELS", "all_gather_attention", "attention_mask", "decode_attention", "dense_attention",
-           "get_attention", "reference_attention", "resolve_kernel", "ring_attention", "usp_attention"]
+__all__ = [
+    "KERNELS",
+    "all_gather_attention",
+    "attention_mask",
+    "decode_attention",
+    "dense_attention",
+    "get_attention",
+    "reference_attention",
+    "resolve_kernel",
+    "ring_attention",
+    "usp_attention",
+]

@@ -34,8 +34,10 @@ def context_axis() -> str | None:
   Ring, all-gather and USP run their collectives over this one axis, so the rules may give it at most one."""
   axes = mesh_axes_for("activation_length")
   if len(axes) > 1:
-    raise ContextParallelError(f"activation_length: context-parallel attention splits the sequence over one mesh "
-                               f"axis, the sharding rules give {axes}")
+    raise ContextParallelError(
+        f"activation_length: context-parallel attention splits the sequence over one mesh "
+        f"axis, the sharding rules give {axes}"
+    )
   return axes[0] if axes else None
 
 
@@ -59,18 +61,22 @@ def _specs(mesh, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int,
   n = mesh.shape.get(ctx, 1) if ctx is not None else 1
   for name, length in (("query", q_len), ("key/value", kv_len)):
     if length % n:
-      raise ContextParallelError(f"{what}: {name} length {length} is not divisible by the context axis ({n}); "
-                                 f"pad the sequence to a multiple of {n} (2*{n} for zigzag load balancing)")
+      raise ContextParallelError(
+          f"{what}: {name} length {length} is not divisible by the context axis ({n}); "
+          f"pad the sequence to a multiple of {n} (2*{n} for zigzag load balancing)"
+      )
   batch_axes = mesh_axes_in(mesh.shape, "activation_batch")
   size = _size(mesh, batch_axes)
   if batch % size:
-    raise ContextParallelError(f"{what}: batch {batch} is not divisible by "
-                               f"{'*'.join(mesh_axes_for('activation_batch'))} = {size}")
+    raise ContextParallelError(
+        f"{what}: batch {batch} is not divisible by " f"{'*'.join(mesh_axes_for('activation_batch'))} = {size}"
+    )
   head_axes = tuple(a for a in mesh_axes_in(mesh.shape, "activation_heads") if a not in batch_axes and a != ctx)
   t = _size(mesh, head_axes)
   if t > 1 and (heads % t or kv_heads % t):
-    raise ContextParallelError(f"{what}: heads ({heads}) and kv heads ({kv_heads}) must be divisible by "
-                               f"{'*'.join(head_axes)}={t}")
+    raise ContextParallelError(
+        f"{what}: heads ({heads}) and kv heads ({kv_heads}) must be divisible by " f"{'*'.join(head_axes)}={t}"
+    )
   b = batch_axes if batch_axes else None
   seq = ctx if n > 1 else None
   h = None if not head_axes else head_axes[0] if len(head_axes) == 1 else head_axes
@@ -122,8 +128,11 @@ def resolve_kernel(kernel: str, *, dtype, q_len: int, kv_len: int, layout: str |
   if kernel not in KERNELS:
     raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  splash_ok = layout is not None and splash.supports(q_len, kv_len) and (
-      not ring or layout != "zigzag" or splash.supports(q_len // 2, kv_len // 2))
+  splash_ok = (
+      layout is not None
+      and splash.supports(q_len, kv_len)
+      and (not ring or layout != "zigzag" or splash.supports(q_len // 2, kv_len // 2))
+  )
   if kernel == "auto":
     where = platform()
     if where == "tpu" and splash_ok:
@@ -134,15 +143,29 @@ def resolve_kernel(kernel: str, *, dtype, q_len: int, kv_len: int, layout: str |
   if kernel == "splash" and not splash_ok:
     raise ContextParallelError(
         f"splash attention needs the model's sequence layout (got layout={layout!r}) and per-device lengths that "
-        f"are multiples of {splash.LANES} (x2 for zigzag halves), got q={q_len}, kv={kv_len}")
+        f"are multiples of {splash.LANES} (x2 for zigzag halves), got q={q_len}, kv={kv_len}"
+    )
   if kernel == "cudnn" and ring:
     raise ContextParallelError("cuDNN attention is a dense kernel; the ring uses 'xla' tiles on GPU")
   return kernel
 
 
-def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                   kv_segment_ids=None, scale: float | None = None, block_q: int = 512, block_kv: int = 512,
-                   kernel: str = "auto", layout: str | None = None):
+def ring_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    q_positions=None,
+    kv_positions=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    kernel: str = "auto",
+    layout: str | None = None,
+):
   """Ring attention over `context`; same contract as `reference_attention`.
 
   q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]. Falls back to dense
@@ -151,34 +174,60 @@ def ring_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None
   """
   mesh = current_mesh()
   if mesh is None or context_size() == 1:
-    return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel,
-                           layout=layout)
+    return dense_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        scale=scale,
+        kernel=kernel,
+        layout=layout,
+    )
   # The model's natural order split over `context` is the contiguous ring layout.
   layout = {"natural": "contiguous"}.get(layout, layout)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "ring attention")
   ctx = context_axis()
   n = mesh.shape[ctx]
-  use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1] // n,
-                       layout=layout if causal else None, ring=True)
+  use = resolve_kernel(
+      kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1] // n, layout=layout if causal else None, ring=True
+  )
   if use == "splash":
     interpret = platform() != "tpu"
 
     def per_device_splash(q, k, v, qs, ks):
-      return ring_attention_splash_shard(q, k, v, qs, ks, axis_name=ctx, axis_size=n, layout=layout, scale=scale,
-                                         interpret=interpret)
+      return ring_attention_splash_shard(
+          q, k, v, qs, ks, axis_name=ctx, axis_size=n, layout=layout, scale=scale, interpret=interpret
+      )
 
-    return jax.shard_map(per_device_splash, in_specs=(head_spec,) * 3 + (tok_spec,) * 2, out_specs=head_spec,
-                         check_vma=False)(q, k, v, qs, ks)
+    return jax.shard_map(
+        per_device_splash, in_specs=(head_spec,) * 3 + (tok_spec,) * 2, out_specs=head_spec, check_vma=False
+    )(q, k, v, qs, ks)
 
   def per_device(q, k, v, qp, kp, qs, ks):
-    return ring_attention_shard(q, k, v, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                                kv_segment_ids=ks, axis_name=ctx, axis_size=n, scale=scale, block_q=block_q,
-                                block_kv=block_kv)
+    return ring_attention_shard(
+        q,
+        k,
+        v,
+        causal=causal,
+        q_positions=qp,
+        kv_positions=kp,
+        q_segment_ids=qs,
+        kv_segment_ids=ks,
+        axis_name=ctx,
+        axis_size=n,
+        scale=scale,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
 
-  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
-                       check_vma=False)(q, k, v, qp, kp, qs, ks)
+  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec, check_vma=False)(
+      q, k, v, qp, kp, qs, ks
+  )
 
 
 def ulysses_degree(requested: int, context: int, kv_heads_local: int) -> int:
@@ -189,14 +238,30 @@ def ulysses_degree(requested: int, context: int, kv_heads_local: int) -> int:
   if requested < 0 or context % requested:
     raise ContextParallelError(f"USP: the Ulysses degree {requested} must divide the context axis ({context})")
   if kv_heads_local % requested:
-    raise ContextParallelError(f"USP: {kv_heads_local} kv heads per device (after tensor parallelism) cannot be split "
-                               f"{requested} ways; use a Ulysses degree that divides them")
+    raise ContextParallelError(
+        f"USP: {kv_heads_local} kv heads per device (after tensor parallelism) cannot be split "
+        f"{requested} ways; use a Ulysses degree that divides them"
+    )
   return requested
 
 
-def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                  kv_segment_ids=None, scale: float | None = None, block_q: int = 512, block_kv: int = 512,
-                  kernel: str = "auto", layout: str | None = None, ulysses: int = 0):
+def usp_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    q_positions=None,
+    kv_positions=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    kernel: str = "auto",
+    layout: str | None = None,
+    ulysses: int = 0,
+):
   """USP (Ulysses all-to-all over heads x ring over sequence) on `context`; same contract as `ring_attention`.
 
   `ulysses` is the all-to-all group size (0: `ulysses_degree`'s choice); context / ulysses devices form
@@ -204,9 +269,19 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
   """
   mesh = current_mesh()
   if mesh is None or context_size() == 1:
-    return dense_attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel,
-                           layout=layout)
+    return dense_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        scale=scale,
+        kernel=kernel,
+        layout=layout,
+    )
   ring_layout = {"natural": "contiguous"}.get(layout, layout)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "USP attention")
@@ -222,24 +297,44 @@ def usp_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None,
     index_layout = "natural" if ring_layout in RING_LAYOUTS else None
     use = resolve_kernel(kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=index_layout if causal else None)
   else:
-    use = resolve_kernel(kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=ring_layout if causal else None,
-                         ring=True)
+    use = resolve_kernel(
+        kernel, dtype=q.dtype, q_len=local, kv_len=local, layout=ring_layout if causal else None, ring=True
+    )
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   interpret = platform() != "tpu"
   shard_layout = ring_layout if ring_layout in RING_LAYOUTS else "contiguous"
   dense = cudnn_attention if use == "cudnn" else reference_attention
 
   def per_device(q, k, v, qp, kp, qs, ks):
-    return usp_attention_shard(q, k, v, qp, kp, qs, ks, axis_name=ctx, context=n, ulysses=u, causal=causal,
-                               layout=shard_layout, kernel=use, scale=scale, dense=dense, block_q=block_q,
-                               block_kv=block_kv, interpret=interpret)
+    return usp_attention_shard(
+        q,
+        k,
+        v,
+        qp,
+        kp,
+        qs,
+        ks,
+        axis_name=ctx,
+        context=n,
+        ulysses=u,
+        causal=causal,
+        layout=shard_layout,
+        kernel=use,
+        scale=scale,
+        dense=dense,
+        block_q=block_q,
+        block_kv=block_kv,
+        interpret=interpret,
+    )
 
-  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
-                       check_vma=False)(q, k, v, qp, kp, qs, ks)
+  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec, check_vma=False)(
+      q, k, v, qp, kp, qs, ks
+  )
 
 
-def cudnn_attention(q, k, v, *, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale,
-                    implementation: str = "cudnn"):
+def cudnn_attention(
+    q, k, v, *, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale, implementation: str = "cudnn"
+):
   """Dense attention on one device through `jax.nn.dot_product_attention` (cuDNN flash on GPU).
 
   The mask is built from positions and segment ids exactly as in `reference_attention`.
@@ -255,11 +350,13 @@ def _splash_dense(q, k, v, qs, ks, *, causal, scale, mesh, gather: bool):
   (data, fsdp), heads over `tensor`. Mosaic kernels cannot be auto-partitioned, hence the shard_map."""
   ctx = context_axis() if gather else None
   n = mesh.shape.get(ctx, 1) if ctx is not None else 1
-  head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "splash attention",
-                               context=gather)
+  head_spec, tok_spec = _specs(
+      mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "splash attention", context=gather
+  )
   h_local = q.shape[2] // _head_shards(mesh, head_spec)
-  kernel = splash.make_kernel("causal" if causal else "full", q.shape[1], k.shape[1], h_local, q_seq_shards=n,
-                              interpret=platform() != "tpu")
+  kernel = splash.make_kernel(
+      "causal" if causal else "full", q.shape[1], k.shape[1], h_local, q_seq_shards=n, interpret=platform() != "tpu"
+  )
   kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(None, ctx if n > 1 else None)))
   scale = q.shape[-1] ** -0.5 if scale is None else scale
 
@@ -269,12 +366,25 @@ def _splash_dense(q, k, v, qs, ks, *, causal, scale, mesh, gather: bool):
       k, v, ks = gather_seq(k), gather_seq(v), gather_seq(ks)
     return splash.dense(kernel, q, k, v, qs, ks, scale=scale)
 
-  return jax.shard_map(per_device, in_specs=(kernel_spec,) + (head_spec,) * 3 + (tok_spec,) * 2,
-                       out_specs=head_spec, check_vma=False)(kernel, q, k, v, qs, ks)
+  return jax.shard_map(
+      per_device, in_specs=(kernel_spec,) + (head_spec,) * 3 + (tok_spec,) * 2, out_specs=head_spec, check_vma=False
+  )(kernel, q, k, v, qs, ks)
 
 
-def dense_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                    kv_segment_ids=None, scale: float | None = None, kernel: str = "auto", layout: str | None = None):
+def dense_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    q_positions=None,
+    kv_positions=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    kernel: str = "auto",
+    layout: str | None = None,
+):
   """The `reference` impl: dense attention with the fused kernel of the platform (same contract).
 
   XLA (`reference_attention`, query-chunked) on CPU; cuDNN on GPU in half precision; splash on TPU
@@ -282,36 +392,60 @@ def dense_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=Non
   """
   mesh = current_mesh()
   use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // context_size(), kv_len=k.shape[1], layout=layout)
-  kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids, scale=scale)
+  kw = dict(
+      causal=causal,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      scale=scale,
+  )
   if use == "xla":
     return reference_attention(q, k, v, **kw)
   if use == "cudnn":
     return cudnn_attention(q, k, v, **kw)
   _, _, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   if mesh is None:
-    kernel_fn = splash.make_kernel("causal" if causal else "full", q.shape[1], k.shape[1], q.shape[2],
-                                   interpret=platform() != "tpu")
+    kernel_fn = splash.make_kernel(
+        "causal" if causal else "full", q.shape[1], k.shape[1], q.shape[2], interpret=platform() != "tpu"
+    )
     return splash.dense(kernel_fn, q, k, v, qs, ks, scale=q.shape[-1] ** -0.5 if scale is None else scale)
   return _splash_dense(q, k, v, qs, ks, causal=causal, scale=scale, mesh=mesh, gather=context_size() > 1)
 
 
-def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_positions=None, q_segment_ids=None,
-                         kv_segment_ids=None, scale: float | None = None, kernel: str = "auto",
-                         layout: str | None = None):
+def all_gather_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    q_positions=None,
+    kv_positions=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    kernel: str = "auto",
+    layout: str | None = None,
+):
   """Queries stay sharded over `context`; K/V (and their positions / segments) are all-gathered.
 
   Memory per device is O(seq/context * seq) for the XLA path's logits (one query chunk at a time);
   simple and fast up to ~20-30k tokens. Per device it runs splash (TPU), cuDNN (GPU) or XLA.
   """
   mesh = current_mesh()
-  kw = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids, scale=scale, kernel=kernel)
+  kw = dict(
+      causal=causal,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      scale=scale,
+      kernel=kernel,
+  )
   if mesh is None or context_size() == 1:
     return dense_attention(q, k, v, layout=layout, **kw)
   qp, kp, qs, ks = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-  head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1],
-                               "all-gather attention")
+  head_spec, tok_spec = _specs(mesh, q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], "all-gather attention")
   ctx = context_axis()
   n = mesh.shape[ctx]
   use = resolve_kernel(kernel, dtype=q.dtype, q_len=q.shape[1] // n, kv_len=k.shape[1], layout=layout)
@@ -321,11 +455,21 @@ def all_gather_attention(q, k, v, *, causal: bool, q_positions=None, kv_position
 
   def per_device(q, k, v, qp, kp, qs, ks):
     gather = lambda x: jax.lax.all_gather(x, ctx, axis=1, tiled=True)  # noqa: E731
-    return local(q, gather(k), gather(v), causal=causal, q_positions=qp, kv_positions=gather(kp),
-                 q_segment_ids=qs, kv_segment_ids=gather(ks), scale=scale)
+    return local(
+        q,
+        gather(k),
+        gather(v),
+        causal=causal,
+        q_positions=qp,
+        kv_positions=gather(kp),
+        q_segment_ids=qs,
+        kv_segment_ids=gather(ks),
+        scale=scale,
+    )
 
-  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec,
-                       check_vma=False)(q, k, v, qp, kp, qs, ks)
+  return jax.shard_map(per_device, in_specs=(head_spec,) * 3 + (tok_spec,) * 4, out_specs=head_spec, check_vma=False)(
+      q, k, v, qp, kp, qs, ks
+  )
 
 
 def decode_attention(q, k_cache, v_cache, *, q_positions, cache_positions, cache_valid, scale: float | None = None):
@@ -344,7 +488,7 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, cache_positions, cache
   if one != 1:
     raise ValueError(f"decode_attention takes one query token, got q_len={one}")
   kvh = k_cache.shape[2]
-  scale = d ** -0.5 if scale is None else scale
+  scale = d**-0.5 if scale is None else scale
 
   def partial(q, k, v, qp, kp, valid):
     kv_local = k.shape[2]
@@ -374,6 +518,9 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, cache_positions, cache
     l = jax.lax.psum(l * w, ctx)
     return finish(o, l, m_all, q.dtype)
 
-  return jax.shard_map(per_device, in_specs=(q_spec, head_spec, head_spec, P(head_spec[0], None), tok_spec, tok_spec),
-                       out_specs=q_spec, check_vma=False)(q, k_cache, v_cache, q_positions, cache_positions,
-                                                          cache_valid)
+  return jax.shard_map(
+      per_device,
+      in_specs=(q_spec, head_spec, head_spec, P(head_spec[0], None), tok_spec, tok_spec),
+      out_specs=q_spec,
+      check_vma=False,
+  )(q, k_cache, v_cache, q_positions, cache_positions, cache_valid)

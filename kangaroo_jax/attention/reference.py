@@ -17,9 +17,13 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 QUERY_CHUNK = 512
 
 
-def attention_mask(q_positions: jax.Array | None, kv_positions: jax.Array | None,
-                   q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
-                   causal: bool) -> jax.Array | None:
+def attention_mask(
+    q_positions: jax.Array | None,
+    kv_positions: jax.Array | None,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    causal: bool,
+) -> jax.Array | None:
   """Boolean mask [batch, q_len, kv_len] (True = may attend), or None when nothing is masked.
 
   Causality compares *positions*, not array indices, so reordered (load-balanced) or packed
@@ -56,10 +60,19 @@ def _dense(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
   return attention_einsum("bkgqt,btkd->bqkgd", probs.astype(v.dtype), v)
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-                        q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
-                        q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-                        scale: float | None = None, block_q: int = QUERY_CHUNK) -> jax.Array:
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int = QUERY_CHUNK,
+) -> jax.Array:
   """softmax(q k^T * scale + mask) v with grouped-query heads, logits and softmax in float32.
 
   Args:
@@ -77,7 +90,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
   kvh = k.shape[2]
   if h % kvh:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kvh})")
-  scale = d ** -0.5 if scale is None else scale
+  scale = d**-0.5 if scale is None else scale
   if causal and q_positions is None and kv_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(sq, dtype=jnp.int32), (b, sq))
     kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))

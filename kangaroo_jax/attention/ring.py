@@ -51,14 +51,14 @@ def tile_is_masked(causal: bool, q_pos, kv_pos, q_seg, kv_seg):
 def _chunks(x, block, axis):
   """Splits `axis` into [n_chunks, ...] leading chunks of size `block`."""
   n = x.shape[axis] // block
-  x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+  x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1 :])
   return jnp.moveaxis(x, axis, 0)
 
 
 def _unchunk(x, axis):
   """Inverse of `_chunks`."""
   x = jnp.moveaxis(x, 0, axis)
-  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
 
 
 def ring_permutation(n: int, stride: int = 1) -> list[tuple[int, int]]:
@@ -83,6 +83,7 @@ def rotate(axis_name: str, n: int, *xs, stride: int = 1):
 
 
 # ---------------------------------------------------------------- forward
+
 
 def _fwd_shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, acc, *, causal, scale, block_q, block_kv):
   """Accumulates one K/V shard into the running (o, l, m) of every query chunk.
@@ -111,18 +112,23 @@ def _fwd_shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, acc, *, causal, scale, bl
     (o_i, l_i, m_i), _ = jax.lax.scan(per_kv_chunk, (o_i, l_i, m_i), (kc, vc, kv_pos_c, kv_seg_c))
     return o_i, l_i, m_i
 
-  o, l, m = jax.lax.map(per_q_chunk, (qc, q_pos_c, q_seg_c, _chunks(o, block_q, 3), _chunks(l, block_q, 3),
-                                      _chunks(m, block_q, 3)))
+  o, l, m = jax.lax.map(
+      per_q_chunk, (qc, q_pos_c, q_seg_c, _chunks(o, block_q, 3), _chunks(l, block_q, 3), _chunks(m, block_q, 3))
+  )
   return _unchunk(o, 3), _unchunk(l, 3), _unchunk(m, 3)
 
 
-def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size, block_q, block_kv,
-                  stride):
+def _ring_forward(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size, block_q, block_kv, stride
+):
   b, sq, h, d = q.shape
   kvh = k.shape[2]
   qg = jnp.moveaxis(q.reshape(b, sq, kvh, h // kvh, d), 1, 3)  # [b, kvh, g, sq, d]
-  acc = (jnp.zeros(qg.shape, jnp.float32), jnp.zeros(qg.shape[:-1], jnp.float32),
-         jnp.full(qg.shape[:-1], MASK_VALUE, jnp.float32))
+  acc = (
+      jnp.zeros(qg.shape, jnp.float32),
+      jnp.zeros(qg.shape[:-1], jnp.float32),
+      jnp.full(qg.shape[:-1], MASK_VALUE, jnp.float32),
+  )
   shard_fn = functools.partial(_fwd_shard, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
 
   def step(carry, _):
@@ -140,6 +146,7 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_
 
 
 # ---------------------------------------------------------------- backward
+
 
 def _bwd_shard(qg, dog, lse, delta, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q, block_kv):
   """Gradient contributions of one K/V shard: (dq [b,kvh,g,sq,d], dk, dv [b,sk,kvh,d])."""
@@ -175,8 +182,26 @@ def _bwd_shard(qg, dog, lse, delta, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causa
   return _unchunk(dq, 3), dk, dv
 
 
-def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, axis_name, axis_size,
-                   block_q, block_kv, stride):
+def _ring_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    causal,
+    scale,
+    axis_name,
+    axis_size,
+    block_q,
+    block_kv,
+    stride,
+):
   b, sq, h, d = q.shape
   kvh = k.shape[2]
   to_groups = lambda x: jnp.moveaxis(x.reshape(b, sq, kvh, h // kvh, d), 1, 3)
@@ -203,12 +228,19 @@ def _ring_backward(q, k, v, out, lse, dout, q_pos, kv_pos, q_seg, kv_seg, *, cau
 
 # ---------------------------------------------------------------- custom_vjp entry point
 
+
 @functools.lru_cache(maxsize=None)
-def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int,
-               stride: int):
+def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block_q: int, block_kv: int, stride: int):
   """A custom_vjp ring for one static configuration (statics closed over, not nondiff_argnums)."""
-  kw = dict(causal=causal, scale=scale, axis_name=axis_name, axis_size=axis_size, block_q=block_q,
-            block_kv=block_kv, stride=stride)
+  kw = dict(
+      causal=causal,
+      scale=scale,
+      axis_name=axis_name,
+      axis_size=axis_size,
+      block_q=block_q,
+      block_kv=block_kv,
+      stride=stride,
+  )
 
   @jax.custom_vjp
   def ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -227,9 +259,23 @@ def _make_ring(causal: bool, scale: float, axis_name: str, axis_size: int, block
   return ring
 
 
-def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                         axis_name: str, axis_size: int, scale: float | None = None, block_q: int = 512,
-                         block_kv: int = 512, stride: int = 1):
+def ring_attention_shard(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    q_positions,
+    kv_positions,
+    q_segment_ids,
+    kv_segment_ids,
+    axis_name: str,
+    axis_size: int,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    stride: int = 1,
+):
   """Per-device ring attention; call inside shard_map with the sequence sharded over `axis_name`.
 
   The ring has `axis_size` members; `stride` > 1 runs that many rings side by side (`ring_permutation`).
@@ -246,5 +292,6 @@ def ring_attention_shard(q, k, v, *, causal: bool, q_positions, kv_positions, q_
   # barrier JAX hoists every tile's mask out of the loop and materialises O(seq^2 / devices) of it.
   # Tying them to q makes them loop-variant, so masks are built tile by tile.
   q, q_positions, kv_positions, q_segment_ids, kv_segment_ids = jax.lax.optimization_barrier(
-      (q, q_positions, kv_positions, q_segment_ids, kv_segment_ids))
+      (q, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  )
   return ring(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)

@@ -45,8 +45,7 @@ def _forward_cases(layout: str, interpret: bool):
   def q_second_half(qh, kh, vh, qs, ks):
     c = qh.shape[2] // 2
     o, lse = full(qh[:, :, c:], kh, vh, qs[:, c:], ks)
-    return (jnp.concatenate([jnp.zeros_like(o), o], axis=2),
-            jnp.concatenate([_neg_inf(lse.shape), lse], axis=2))
+    return (jnp.concatenate([jnp.zeros_like(o), o], axis=2), jnp.concatenate([_neg_inf(lse.shape), lse], axis=2))
 
   def nothing(qh, kh, vh, qs, ks):
     return jnp.zeros(qh.shape, jnp.float32), _neg_inf(qh.shape[:3])
@@ -117,8 +116,10 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
     qh, kh, vh = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
     doh = heads_major(dout.astype(q.dtype))
     di = jnp.sum(heads_major(out).astype(jnp.float32) * doh.astype(jnp.float32), axis=-1)
-    dq, dk, dv = (x.astype(jnp.float32) for x in
-                  splash.step_backward("causal", qh, kh, vh, qs, ks, doh, lse, di, interpret=interpret))
+    dq, dk, dv = (
+        x.astype(jnp.float32)
+        for x in splash.step_backward("causal", qh, kh, vh, qs, ks, doh, lse, di, interpret=interpret)
+    )
 
     def step(carry, t):
       dq, kh, vh, ks, dk, dv = carry
@@ -129,15 +130,32 @@ def _make_ring(scale: float, axis_name: str, n: int, layout: str, interpret: boo
 
     (dq, _, _, _, dk, dv), _ = jax.lax.scan(step, (dq, kh, vh, ks, dk, dv), jnp.arange(1, n))
     dk, dv = rotate(axis_name, n, dk, dv, stride=stride)  # one more hop brings every shard's gradient home
-    return (heads_major(dq * scale).astype(q.dtype), heads_major(dk).astype(k.dtype),
-            heads_major(dv).astype(v.dtype), None, None)
+    return (
+        heads_major(dq * scale).astype(q.dtype),
+        heads_major(dk).astype(k.dtype),
+        heads_major(dv).astype(v.dtype),
+        None,
+        None,
+    )
 
   ring.defvjp(ring_fwd, ring_bwd)
   return ring
 
 
-def ring_attention_splash_shard(q, k, v, q_segment_ids, kv_segment_ids, *, axis_name: str, axis_size: int,
-                                layout: str, scale: float | None = None, interpret: bool = False, stride: int = 1):
+def ring_attention_splash_shard(
+    q,
+    k,
+    v,
+    q_segment_ids,
+    kv_segment_ids,
+    *,
+    axis_name: str,
+    axis_size: int,
+    layout: str,
+    scale: float | None = None,
+    interpret: bool = False,
+    stride: int = 1,
+):
   """Per-device causal ring attention with splash kernels.
 
   Args:

@@ -42,8 +42,15 @@ def _block_sizes(q_len: int, kv_len: int) -> sk.BlockSizes:
   bq, bkv = splash_block(q_len), splash_block(kv_len)
   if bq is None or bkv is None:
     raise ValueError(f"splash attention needs lengths that are multiples of {LANES}, got q={q_len}, kv={kv_len}")
-  return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                       block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
+  return sk.BlockSizes(
+      block_q=bq,
+      block_kv=bkv,
+      block_kv_compute=bkv,
+      block_q_dkv=bq,
+      block_kv_dkv=bkv,
+      block_kv_dkv_compute=bkv,
+      use_fused_bwd_kernel=True,
+  )
 
 
 def _mask(kind: str, shape: tuple[int, int], heads: int) -> sm.MultiHeadMask:
@@ -51,16 +58,29 @@ def _mask(kind: str, shape: tuple[int, int], heads: int) -> sm.MultiHeadMask:
   return sm.MultiHeadMask([base] * heads)
 
 
-def make_kernel(kind: str, q_len: int, kv_len: int, heads: int, *, q_seq_shards: int = 1, interpret: bool = False,
-                save_residuals: bool = False) -> sk.SplashAttentionKernel:
+def make_kernel(
+    kind: str,
+    q_len: int,
+    kv_len: int,
+    heads: int,
+    *,
+    q_seq_shards: int = 1,
+    interpret: bool = False,
+    save_residuals: bool = False,
+) -> sk.SplashAttentionKernel:
   """A splash kernel for a "causal" or "full" mask over [q_len, kv_len] (global lengths when q_seq_shards > 1).
 
   Not cached: built inside a trace its mask tables are that trace's constants (a cached kernel would
   leak them into the next trace); building is block-level numpy work, done once per trace.
   """
-  return sk.make_splash_mha(_mask(kind, (q_len, kv_len), heads), block_sizes=_block_sizes(q_len // q_seq_shards, kv_len),
-                            head_shards=1, q_seq_shards=q_seq_shards, save_residuals=save_residuals,
-                            interpret=interpret)
+  return sk.make_splash_mha(
+      _mask(kind, (q_len, kv_len), heads),
+      block_sizes=_block_sizes(q_len // q_seq_shards, kv_len),
+      head_shards=1,
+      q_seq_shards=q_seq_shards,
+      save_residuals=save_residuals,
+      interpret=interpret,
+  )
 
 
 def heads_major(x):
@@ -80,6 +100,7 @@ def dense(kernel: sk.SplashAttentionKernel, q, k, v, q_seg, kv_seg, *, scale: fl
 
 
 # ---------------------------------------------------------------- ring steps (heads-major, pre-scaled q)
+
 
 def step_forward(kind: str, qh, kh, vh, q_seg, kv_seg, *, interpret: bool):
   """One ring step's partial attention: (o [b, h, sq, d] in q's dtype, lse [b, h, sq] float32).
@@ -106,12 +127,28 @@ def step_backward(kind: str, qh, kh, vh, q_seg, kv_seg, doh, lse, di, *, interpr
 
   def row(q1, k1, v1, qs1, ks1, do1, lse1, di1):
     dq, dk, dv = sk._splash_attention_bwd_dkv(  # noqa: SLF001 (see the module docstring)
-        q1, k1, v1, sk.SegmentIds(qs1, ks1), None, lse1, do1, di1, bq=blocks.block_q_dkv, bkv=blocks.block_kv_dkv,
-        bkv_compute=blocks.block_kv_dkv_compute, is_mqa=False, mask_info=kernel.dkv_mask_info,
-        mask_value=kernel.kwargs["mask_value"], attn_logits_soft_cap=None, use_fused_bwd_kernel=True,
-        q_layout=blocks.q_layout, k_layout=blocks.k_layout, v_layout=blocks.v_layout,
-        mask_function=kernel.kwargs["mask_function"], interpret=interpret)
+        q1,
+        k1,
+        v1,
+        sk.SegmentIds(qs1, ks1),
+        None,
+        lse1,
+        do1,
+        di1,
+        bq=blocks.block_q_dkv,
+        bkv=blocks.block_kv_dkv,
+        bkv_compute=blocks.block_kv_dkv_compute,
+        is_mqa=False,
+        mask_info=kernel.dkv_mask_info,
+        mask_value=kernel.kwargs["mask_value"],
+        attn_logits_soft_cap=None,
+        use_fused_bwd_kernel=True,
+        q_layout=blocks.q_layout,
+        k_layout=blocks.k_layout,
+        v_layout=blocks.v_layout,
+        mask_function=kernel.kwargs["mask_function"],
+        interpret=interpret,
+    )
     return dq, dk, dv
 
   return jax.vmap(row)(qh, kh, vh, q_seg, kv_seg, doh, lse, di)
-

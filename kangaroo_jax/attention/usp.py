@@ -61,14 +61,32 @@ def from_ring_layout(x, ulysses: int, layout: str):
     return x
   b, n = x.shape[:2]
   half = n // ulysses // 2
-  early = x[:, :n // 2].reshape(b, ulysses, 1, half, *x.shape[2:])
-  late = jnp.flip(x[:, n // 2:].reshape(b, ulysses, 1, half, *x.shape[2:]), axis=1)
+  early = x[:, : n // 2].reshape(b, ulysses, 1, half, *x.shape[2:])
+  late = jnp.flip(x[:, n // 2 :].reshape(b, ulysses, 1, half, *x.shape[2:]), axis=1)
   return jnp.concatenate([early, late], axis=2).reshape(x.shape)
 
 
-def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, axis_name: str,
-                        context: int, ulysses: int, causal: bool, layout: str, kernel: str, scale: float,
-                        dense: Callable, block_q: int = 512, block_kv: int = 512, interpret: bool = False):
+def usp_attention_shard(
+    q,
+    k,
+    v,
+    q_positions,
+    kv_positions,
+    q_segment_ids,
+    kv_segment_ids,
+    *,
+    axis_name: str,
+    context: int,
+    ulysses: int,
+    causal: bool,
+    layout: str,
+    kernel: str,
+    scale: float,
+    dense: Callable,
+    block_q: int = 512,
+    block_kv: int = 512,
+    interpret: bool = False,
+):
   """Per-device USP attention (inside shard_map, sequence sharded over `axis_name` of `context` devices).
 
   Args:
@@ -83,8 +101,10 @@ def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_se
   """
   u, r = ulysses, context // ulysses
   if q.shape[2] % u or k.shape[2] % u:
-    raise ValueError(f"USP: heads ({q.shape[2]}) and kv heads ({k.shape[2]}) per device must be divisible by the "
-                     f"Ulysses degree {u}")
+    raise ValueError(
+        f"USP: heads ({q.shape[2]}) and kv heads ({k.shape[2]}) per device must be divisible by the "
+        f"Ulysses degree {u}"
+    )
   index_groups = groups(context, u)
   to_seq = lambda x: jax.lax.all_to_all(x, axis_name, 2, 1, axis_index_groups=index_groups, tiled=True)  # noqa: E731
   to_heads = lambda x: jax.lax.all_to_all(x, axis_name, 1, 2, axis_index_groups=index_groups, tiled=True)  # noqa: E731
@@ -97,16 +117,38 @@ def usp_attention_shard(q, k, v, q_positions, kv_positions, q_segment_ids, kv_se
 
   if r == 1 and kernel == "splash":
     kind = "causal" if causal else "full"
-    out = splash.dense(splash.make_kernel(kind, qg.shape[1], kg.shape[1], qg.shape[2], interpret=interpret),
-                       qg, kg, vg, qs, ks, scale=scale)
+    out = splash.dense(
+        splash.make_kernel(kind, qg.shape[1], kg.shape[1], qg.shape[2], interpret=interpret),
+        qg,
+        kg,
+        vg,
+        qs,
+        ks,
+        scale=scale,
+    )
   elif r == 1:
-    out = dense(qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
-                scale=scale)
+    out = dense(
+        qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks, scale=scale
+    )
   elif kernel == "splash":
-    out = ring_attention_splash_shard(qg, kg, vg, qs, ks, axis_name=axis_name, axis_size=r, layout=layout, scale=scale,
-                                      interpret=interpret, stride=u)
+    out = ring_attention_splash_shard(
+        qg, kg, vg, qs, ks, axis_name=axis_name, axis_size=r, layout=layout, scale=scale, interpret=interpret, stride=u
+    )
   else:
-    out = ring_attention_shard(qg, kg, vg, causal=causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                               kv_segment_ids=ks, axis_name=axis_name, axis_size=r, scale=scale, block_q=block_q,
-                               block_kv=block_kv, stride=u)
+    out = ring_attention_shard(
+        qg,
+        kg,
+        vg,
+        causal=causal,
+        q_positions=qp,
+        kv_positions=kp,
+        q_segment_ids=qs,
+        kv_segment_ids=ks,
+        axis_name=axis_name,
+        axis_size=r,
+        scale=scale,
+        block_q=block_q,
+        block_kv=block_kv,
+        stride=u,
+    )
   return to_heads(from_ring_layout(out, u, layout))

@@ -29,16 +29,19 @@ class SkipRateExceeded(RuntimeError):
 
 
 TFDS_PREFIX = "tfds:"
-_TFDS_SPEC = re.compile(r"(?P<name>[A-Za-z0-9_]+(?:/[A-Za-z0-9_.\-]+)?"  # name[/config]
-                        r"(?::\d+\.(?:\d+|\*)\.(?:\d+|\*))?)"  # [:version]; the split may hold ":" ("train[:10]")
-                        r"(?::(?P<split>.+))?")
+_TFDS_SPEC = re.compile(
+    r"(?P<name>[A-Za-z0-9_]+(?:/[A-Za-z0-9_.\-]+)?"  # name[/config]
+    r"(?::\d+\.(?:\d+|\*)\.(?:\d+|\*))?)"  # [:version]; the split may hold ":" ("train[:10]")
+    r"(?::(?P<split>.+))?"
+)
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")  # a split expression starts with the split's name: "train[:10%]"
 
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
   """`dataset="tfds:NAME[/CONFIG][:VERSION][:SPLIT]"` parsed (kangaroo_jax.data.tfds_source reads it)."""
-  name: str             # as TFDS names it: "coco_captions/2014:1.1.0"
+
+  name: str  # as TFDS names it: "coco_captions/2014:1.1.0"
   split: str = "train"  # a TFDS split expression: "train", "validation[:10%]"
 
   @property
@@ -55,11 +58,13 @@ def is_tfds(data) -> bool:
 
 
 def parse_tfds(data: str, field: str = "data.dataset") -> TfdsSpec:
-  """"tfds:NAME[/CONFIG][:VERSION][:SPLIT]" -> TfdsSpec; DataConfigError naming `field` when it does not parse."""
-  m = _TFDS_SPEC.fullmatch(data[len(TFDS_PREFIX):]) if is_tfds(data) else None
+  """ "tfds:NAME[/CONFIG][:VERSION][:SPLIT]" -> TfdsSpec; DataConfigError naming `field` when it does not parse."""
+  m = _TFDS_SPEC.fullmatch(data[len(TFDS_PREFIX) :]) if is_tfds(data) else None
   if m is None:
-    raise DataConfigError(f"{field}={data!r}: expected tfds:NAME[/CONFIG][:VERSION][:SPLIT], e.g. "
-                          "tfds:coco_captions/2014:train or tfds:kangaroo_video_qa:1.0.0:validation[:10%]")
+    raise DataConfigError(
+        f"{field}={data!r}: expected tfds:NAME[/CONFIG][:VERSION][:SPLIT], e.g. "
+        "tfds:coco_captions/2014:train or tfds:kangaroo_video_qa:1.0.0:validation[:10%]"
+    )
   split = m.group("split") or "train"
   if not SPLIT_NAME.match(split):
     raise DataConfigError(f"{field}={data!r}: split {split!r} does not start with a split name")
@@ -92,9 +97,10 @@ class DataConfig:
     `skip_check_min_samples` samples were seen. The packer also stops, whatever the rate, after
     `10 * skip_check_min_samples` consecutive skipped samples (nothing could ever be packed).
   """
+
   source: str = "synthetic"
   dataset: str = ""
-  tokenizer: str = ""           # folder with tokenizer files (grain; copied into the export)
+  tokenizer: str = ""  # folder with tokenizer files (grain; copied into the export)
   batch_size: int = 8
   seq_len: int = 256
   frame_size: int | tuple[int, int] = 56
@@ -107,14 +113,14 @@ class DataConfig:
   shuffle: bool = True
   shuffle_seed: int = 0
   num_epochs: int | None = None  # None: repeat forever
-  worker_count: int = 0          # Grain worker processes
+  worker_count: int = 0  # Grain worker processes
   worker_buffer_size: int = 2
   max_skip_rate: float = 0.05
   skip_check_min_samples: int = 100
   system_prompt: str | None = None
   markers: VideoMarkers = VideoMarkers()
   tfds_data_dir: str = ""
-  tfds_mapping: str = ""        # a mapping shape for a dataset tfds_mappings.DATASET_SHAPES does not name
+  tfds_mapping: str = ""  # a mapping shape for a dataset tfds_mappings.DATASET_SHAPES does not name
 
   def __post_init__(self):
     w = "data"
@@ -128,8 +134,12 @@ class DataConfig:
     for f in ("worker_count", "shuffle_seed"):
       check_int(self, w, f, 0)
     fs = self.frame_size
-    check(_positive_int(fs) or (isinstance(fs, tuple) and len(fs) == 2 and all(map(_positive_int, fs))), w,
-          "frame_size", f"expected a positive int or (H, W), got {fs!r}")
+    check(
+        _positive_int(fs) or (isinstance(fs, tuple) and len(fs) == 2 and all(map(_positive_int, fs))),
+        w,
+        "frame_size",
+        f"expected a positive int or (H, W), got {fs!r}",
+    )
     for f in ("num_frames", "max_sampled_frames", "num_epochs"):
       if getattr(self, f) is not None:
         check_int(self, w, f, 1)
@@ -139,11 +149,19 @@ class DataConfig:
     check_float(self, w, "max_skip_rate", 0.0, 1.0)
     for f in ("keep_aspect", "shuffle"):
       check_bool(self, w, f)
-    check(self.max_frames % 2 == 0 and (self.num_frames or 0) % 2 == 0, w, "max_frames",
-          f"frame counts must be even (patchify pairs frames), got max_frames={self.max_frames}, "
-          f"num_frames={self.num_frames}")
-    check(self.num_frames is None or self.num_frames <= self.max_frames, w, "num_frames",
-          f"{self.num_frames} frames per video exceed max_frames={self.max_frames}")
+    check(
+        self.max_frames % 2 == 0 and (self.num_frames or 0) % 2 == 0,
+        w,
+        "max_frames",
+        f"frame counts must be even (patchify pairs frames), got max_frames={self.max_frames}, "
+        f"num_frames={self.num_frames}",
+    )
+    check(
+        self.num_frames is None or self.num_frames <= self.max_frames,
+        w,
+        "num_frames",
+        f"{self.num_frames} frames per video exceed max_frames={self.max_frames}",
+    )
     for f in ("dataset", "tokenizer", "tfds_data_dir", "tfds_mapping"):
       check_str(self, w, f)
     if self.source == "grain":
@@ -156,8 +174,13 @@ class DataConfig:
       raise fail(w, f, f"only for a TFDS dataset (data.dataset='tfds:NAME[:SPLIT]'), got dataset={self.dataset!r}")
     if self.tfds_mapping:
       from kangaroo_jax.data.tfds_mappings import MAPPINGS  # its feature code imports this module
-      check(self.tfds_mapping in MAPPINGS, w, "tfds_mapping",
-            f"got {self.tfds_mapping!r}, expected one of {sorted(MAPPINGS)}")
+
+      check(
+          self.tfds_mapping in MAPPINGS,
+          w,
+          "tfds_mapping",
+          f"got {self.tfds_mapping!r}, expected one of {sorted(MAPPINGS)}",
+      )
 
   @property
   def frame_hw(self) -> tuple[int, int]:
@@ -190,6 +213,7 @@ def _positive_int(v) -> bool:
 def _tfds_hint(folder: str) -> str:
   """How to read `folder` when it holds a TFDS build of tools.build_dataset (its summary.json says so)."""
   import json
+
   try:
     with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
       tfds_info = json.load(f).get("tfds")

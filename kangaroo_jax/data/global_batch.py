@@ -37,20 +37,25 @@ def _local_block(sharding: NamedSharding, global_shape, process_index: int | Non
   if process_index is None:
     index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
   else:
-    index_map = {d: i for d, i in sharding.devices_indices_map(tuple(global_shape)).items()
-                 if d.process_index == process_index}
+    index_map = {
+        d: i for d, i in sharding.devices_indices_map(tuple(global_shape)).items() if d.process_index == process_index
+    }
   block = []
   for dim, size in enumerate(global_shape):
     starts = [idx[dim].start or 0 for idx in index_map.values()]
     stops = [size if idx[dim].stop is None else idx[dim].stop for idx in index_map.values()]
     block.append(slice(min(starts), max(stops)))
   covered = np.prod([s.stop - s.start for s in block])
-  unique = {tuple((i[d].start or 0, global_shape[d] if i[d].stop is None else i[d].stop)
-                  for d in range(len(global_shape))) for i in index_map.values()}
+  unique = {
+      tuple((i[d].start or 0, global_shape[d] if i[d].stop is None else i[d].stop) for d in range(len(global_shape)))
+      for i in index_map.values()
+  }
   held = sum(np.prod([b - a for a, b in u]) for u in unique)
   if covered != held:
-    raise ValueError(f"this process's devices do not hold one contiguous block of the batch ({block}); "
-                     "order the mesh so each host's devices are adjacent along data/fsdp and context")
+    raise ValueError(
+        f"this process's devices do not hold one contiguous block of the batch ({block}); "
+        "order the mesh so each host's devices are adjacent along data/fsdp and context"
+    )
   return tuple(block)
 
 

@@ -30,16 +30,18 @@ def _check_text(value: str, where: str, field: str) -> str:
   try:
     value.encode("utf-8")
   except UnicodeEncodeError as e:
-    raise ManifestError(f"{where}: '{field}' holds {value[e.start:e.end]!r} at character {e.start}, a lone "
-                        "surrogate that is not valid text") from None
+    raise ManifestError(
+        f"{where}: '{field}' holds {value[e.start:e.end]!r} at character {e.start}, a lone "
+        "surrogate that is not valid text"
+    ) from None
   return value
 
 
 @dataclasses.dataclass(frozen=True)
 class ManifestRow:
   id: str
-  kind: str           # "video" | "frames_dir" | "image"
-  path: str           # absolute
+  kind: str  # "video" | "frames_dir" | "image"
+  path: str  # absolute
   start: float | None
   end: float | None
   messages: list

@@ -47,19 +47,27 @@ def make_row(samples: list[dict], seq_len: int, max_frames: int, frame_hw: tuple
   for k, s in enumerate(samples):
     x, m = s["input_ids"], s["loss_mask"]
     n, f = len(x), len(s["frames"])
-    ids[t:t + n] = x
+    ids[t : t + n] = x
     # The target of token t is token t+1 of the same segment; visual placeholders are no targets.
     nxt = x[1:]
-    tgt[t:t + n - 1] = np.where(nxt >= 0, nxt, 0)
-    mask[t:t + n - 1] = m[1:]
-    pos[t:t + n] = np.arange(n)
-    seg[t:t + n] = k + 1
-    frames[fo:fo + f] = s["frames"]
-    ts[fo:fo + f] = s["timestamps"]
+    tgt[t : t + n - 1] = np.where(nxt >= 0, nxt, 0)
+    mask[t : t + n - 1] = m[1:]
+    pos[t : t + n] = np.arange(n)
+    seg[t : t + n] = k + 1
+    frames[fo : fo + f] = s["frames"]
+    ts[fo : fo + f] = s["timestamps"]
     t += n + gap
     fo += f
-  return {"input_ids": ids, "targets": tgt, "loss_mask": mask, "positions": pos, "segment_ids": seg,
-          "frames": frames, "timestamps": ts, "num_frames": np.int32(fo)}
+  return {
+      "input_ids": ids,
+      "targets": tgt,
+      "loss_mask": mask,
+      "positions": pos,
+      "segment_ids": seg,
+      "frames": frames,
+      "timestamps": ts,
+      "num_frames": np.int32(fo),
+  }
 
 
 class PackIterDataset(grain.IterDataset):
@@ -67,8 +75,18 @@ class PackIterDataset(grain.IterDataset):
   packer applies it); `spin_limit`: consecutive skipped samples that stop it regardless (default
   10 * min_samples)."""
 
-  def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_frames: int, frame_hw: tuple[int, int],
-               bins: int = 4, max_skip_rate: float = 1.0, min_samples: int = 100, spin_limit: int | None = None):
+  def __init__(
+      self,
+      parent: grain.IterDataset,
+      *,
+      seq_len: int,
+      max_frames: int,
+      frame_hw: tuple[int, int],
+      bins: int = 4,
+      max_skip_rate: float = 1.0,
+      min_samples: int = 100,
+      spin_limit: int | None = None,
+  ):
     super().__init__(parent)
     self.seq_len, self.max_frames, self.frame_hw, self.bins = seq_len, max_frames, tuple(frame_hw), bins
     self.max_skip_rate, self.min_samples = max_skip_rate, min_samples
@@ -79,6 +97,7 @@ class PackIterDataset(grain.IterDataset):
 
 
 class _PackIterator(grain.DatasetIterator):
+
   def __init__(self, parent: grain.DatasetIterator, ds: PackIterDataset):
     super().__init__(parent)
     self._ds = ds
@@ -159,12 +178,14 @@ class _PackIterator(grain.DatasetIterator):
     if window_empty and seen >= ds.min_samples and total > ds.max_skip_rate * seen:
       raise SkipRateExceeded(
           f"data: {total} of {seen} samples skipped ({total / seen:.1%} > max_skip_rate {ds.max_skip_rate:.1%}) "
-          f"before the packer could fill a row; reasons: {self._reasons()}. {self._hint()}")
+          f"before the packer could fill a row; reasons: {self._reasons()}. {self._hint()}"
+      )
     if self._run_of_skips >= ds.spin_limit:
       raise SkipRateExceeded(
           f"data: the last {self._run_of_skips} samples read were all skipped, so no row can be packed "
           f"(max_skip_rate {ds.max_skip_rate:.1%} does not stop this); reasons: {self._reasons()} of {seen} "
-          f"read. {self._hint()}")
+          f"read. {self._hint()}"
+      )
 
   def _reasons(self) -> dict[str, int]:
     return {r: int(n) for r, n in zip(SKIP_REASONS, self._total_skips) if n}
@@ -174,13 +195,17 @@ class _PackIterator(grain.DatasetIterator):
     top = SKIP_REASONS[int(np.argmax(self._total_skips))]
     need = self._least_need.get(SKIP_REASONS.index(top))
     if top == "too_long":
-      return (f"Likely cause: seq_len {ds.seq_len} is shorter than the samples"
-              + (f" (the shortest skipped one needs {need} tokens)" if need is not None else "")
-              + "; raise seq_len or shorten the conversations.")
+      return (
+          f"Likely cause: seq_len {ds.seq_len} is shorter than the samples"
+          + (f" (the shortest skipped one needs {need} tokens)" if need is not None else "")
+          + "; raise seq_len or shorten the conversations."
+      )
     if top == "too_many_frames":
-      return (f"Likely cause: max_frames {ds.max_frames} (frame slots per row) is below the samples' frame counts"
-              + (f" (the smallest skipped one has {need} frames)" if need is not None else "")
-              + "; raise data.max_frames or sample fewer frames.")
+      return (
+          f"Likely cause: max_frames {ds.max_frames} (frame slots per row) is below the samples' frame counts"
+          + (f" (the smallest skipped one has {need} frames)" if need is not None else "")
+          + "; raise data.max_frames or sample fewer frames."
+      )
     return "Likely cause: unusable records or videos (see the per-sample warnings); fix or rebuild the dataset."
 
   def __next__(self) -> dict:

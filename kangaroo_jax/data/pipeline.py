@@ -52,6 +52,7 @@ class ShardError(DataConfigError):
 def _shard_problem(path: str) -> str | None:
   """What keeps `path` from being read as an ArrayRecord shard, in a few words, or None."""
   from array_record.python.array_record_module import ArrayRecordReader
+
   try:
     size = os.path.getsize(path)
   except OSError as e:
@@ -85,8 +86,12 @@ def _listed_in_summary(data: str, files: list[str]) -> list[str]:
   names = {n for n in listed if isinstance(n, str)}
   unlisted = [p for p in files if os.path.basename(p) not in names]
   if unlisted:
-    log.warning("data: ignoring %d shard file(s) in %s that its summary.json does not list (left by an earlier "
-                "build?): %s", len(unlisted), data, ", ".join(os.path.basename(p) for p in unlisted[:5]))
+    log.warning(
+        "data: ignoring %d shard file(s) in %s that its summary.json does not list (left by an earlier " "build?): %s",
+        len(unlisted),
+        data,
+        ", ".join(os.path.basename(p) for p in unlisted[:5]),
+    )
   return [p for p in files if os.path.basename(p) in names]
 
 
@@ -128,7 +133,7 @@ def fit_frames(frames: np.ndarray, hw: tuple[int, int], keep_aspect: bool) -> np
   inner = preprocess_frames(frames, (nh, nw))
   out = np.zeros((f, out_h, out_w, 3), np.uint8)
   top, left = (out_h - nh) // 2, (out_w - nw) // 2
-  out[:, top:top + nh, left:left + nw] = inner
+  out[:, top : top + nh, left : left + nw] = inner
   return out
 
 
@@ -155,6 +160,7 @@ class PrepareSample:
   def tokenizer(self):
     if self._tokenizer is None:
       from kangaroo_jax.tokenizer import load_tokenizer
+
       self._tokenizer = load_tokenizer(self._tokenizer_path)
     return self._tokenizer
 
@@ -179,8 +185,14 @@ class PrepareSample:
           raise RecordError(f"{where}: {ts.shape[0] if ts.ndim else 0} timestamps for {len(frames)} frames")
       elif "video" in rec:
         v = rec["video"]
-        dec = load_video(v["path"], num_frames=c.num_frames, fps=c.fps, max_frames=c.max_sampled_frames,
-                         start=v.get("start"), end=v.get("end"))
+        dec = load_video(
+            v["path"],
+            num_frames=c.num_frames,
+            fps=c.fps,
+            max_frames=c.max_sampled_frames,
+            start=v.get("start"),
+            end=v.get("end"),
+        )
         frames, ts = dec.frames, dec.timestamps
       else:
         frames, ts = np.zeros((0, *c.frame_hw, 3), np.uint8), np.zeros(0, np.float32)
@@ -196,14 +208,19 @@ class PrepareSample:
     if len(frames) % 2 and len(frames):
       frames, ts = np.concatenate([frames, frames[-1:]]), np.concatenate([ts, ts[-1:]])
     if len(frames) > c.max_frames:
-      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames {c.max_frames}",
-                        need=len(frames))
+      return self._skip("too_many_frames", where, f"{len(frames)} frames > max_frames {c.max_frames}", need=len(frames))
     try:
       if len(frames):
         frames = fit_frames(frames, c.frame_hw, c.keep_aspect)
-      enc = encode_conversation(self.tokenizer, messages, num_groups=len(frames) // self.frames_per_group,
-                                tokens_per_group=self.tokens_per_group, visual_token_id=self.visual_token_id,
-                                markers=c.markers, system=c.system_prompt)
+      enc = encode_conversation(
+          self.tokenizer,
+          messages,
+          num_groups=len(frames) // self.frames_per_group,
+          tokens_per_group=self.tokens_per_group,
+          visual_token_id=self.visual_token_id,
+          markers=c.markers,
+          system=c.system_prompt,
+      )
     except (PromptError, KeyError, TypeError, ValueError) as e:
       return self._skip("bad_conversation", where, e)
     if len(enc) > c.seq_len:
@@ -221,6 +238,7 @@ class PrepareTfdsSample(PrepareSample):
 
   def __call__(self, index: int, example: dict) -> dict:
     from kangaroo_jax.data.tfds_source import ERROR_KEY, INDEX_KEY
+
     if ERROR_KEY in example:
       return self._skip("bad_record", f"{self.mapping.where} read {index}", example[ERROR_KEY])
     where = f"{self.mapping.where} record {example.get(INDEX_KEY, '?')}"
@@ -230,11 +248,13 @@ class PrepareTfdsSample(PrepareSample):
       return self._skip("missing_video" if "no such file" in str(e) else "bad_video", where, e)
     except (RecordError, KeyError, TypeError, ValueError, StopIteration) as e:
       return self._skip("bad_record", where, e)
-    return self.finish(f"{where} ({sample.id})" if sample.id != where else where, sample.messages, sample.frames,
-                       sample.timestamps)
+    return self.finish(
+        f"{where} ({sample.id})" if sample.id != where else where, sample.messages, sample.frames, sample.timestamps
+    )
 
 
 class _PrepareMap(grain.transforms.MapWithIndex):
+
   def __init__(self, prepare: PrepareSample):
     self.prepare = prepare
 
@@ -245,9 +265,10 @@ class _PrepareMap(grain.transforms.MapWithIndex):
 @dataclasses.dataclass
 class Source:
   """What the pipeline reads: Grain random-access records and the transform that prepares one of them."""
-  records: Any                  # ArrayRecordDataSource (bytes) or tfds_source.TfdsRecords (example dicts)
-  prepare: type                 # PrepareSample or PrepareTfdsSample
-  mapping: Any = None           # the TFDS bound mapping (PrepareTfdsSample's extra argument)
+
+  records: Any  # ArrayRecordDataSource (bytes) or tfds_source.TfdsRecords (example dicts)
+  prepare: type  # PrepareSample or PrepareTfdsSample
+  mapping: Any = None  # the TFDS bound mapping (PrepareTfdsSample's extra argument)
   bad_shards: list = dataclasses.field(default_factory=list)
 
 
@@ -260,16 +281,29 @@ def open_source(data_cfg: DataConfig) -> Source:
     return Source(grain.sources.ArrayRecordDataSource(files), PrepareSample, None, bad)
   from kangaroo_jax.data.tfds_mappings import Sampling
   from kangaroo_jax.data.tfds_source import open_tfds
+
   c = data_cfg
   sampling = Sampling(c.num_frames, c.fps, c.max_sampled_frames, c.markers.video)
-  opened = open_tfds(spec, data_dir=c.tfds_data_dir or None, mapping=c.tfds_mapping or None, sampling=sampling,
-                     shard_problem=_shard_problem)
+  opened = open_tfds(
+      spec,
+      data_dir=c.tfds_data_dir or None,
+      mapping=c.tfds_mapping or None,
+      sampling=sampling,
+      shard_problem=_shard_problem,
+  )
   return Source(opened.records, PrepareTfdsSample, opened.mapping, opened.bad_shards)
 
 
-def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, shard_index: int = 0,
-                  shard_count: int = 1, shard_files: list[str] | None = None,
-                  source: Source | None = None) -> grain.IterDataset:
+def build_dataset(
+    data_cfg: DataConfig,
+    model_cfg: KangarooConfig,
+    tokenizer,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    shard_files: list[str] | None = None,
+    source: Source | None = None,
+) -> grain.IterDataset:
   """The Grain dataset yielding host batches (numpy dicts incl. `_skips` [B, R] and `_seen` [B]).
 
   `shard_files`: the files to read, as `readable_shards` returned them (checked here when not given);
@@ -280,10 +314,16 @@ def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   if source is None:
-    source = (Source(grain.sources.ArrayRecordDataSource(shard_files), PrepareSample) if shard_files is not None
-              else open_source(c))
-  prepare = (source.prepare(c, model_cfg, tokenizer) if source.mapping is None
-             else source.prepare(c, model_cfg, tokenizer, source.mapping))
+    source = (
+        Source(grain.sources.ArrayRecordDataSource(shard_files), PrepareSample)
+        if shard_files is not None
+        else open_source(c)
+    )
+  prepare = (
+      source.prepare(c, model_cfg, tokenizer)
+      if source.mapping is None
+      else source.prepare(c, model_cfg, tokenizer, source.mapping)
+  )
   ds = grain.MapDataset.source(source.records)
   if c.shuffle:
     ds = ds.shuffle(seed=c.shuffle_seed)
@@ -291,19 +331,28 @@ def build_dataset(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *,
   ds = ds[shard_index::shard_count]
   ds = ds.map_with_index(_PrepareMap(prepare))
   it = ds.to_iter_dataset()
-  it = PackIterDataset(it, seq_len=c.seq_len, max_frames=c.max_frames, frame_hw=c.frame_hw,
-                       bins=c.packing_bins, max_skip_rate=c.max_skip_rate, min_samples=c.skip_check_min_samples)
+  it = PackIterDataset(
+      it,
+      seq_len=c.seq_len,
+      max_frames=c.max_frames,
+      frame_hw=c.frame_hw,
+      bins=c.packing_bins,
+      max_skip_rate=c.max_skip_rate,
+      min_samples=c.skip_check_min_samples,
+  )
   it = it.batch(c.batch_size // shard_count, drop_remainder=True)
   if c.worker_count > 0:
     _mark_absl_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
-                                                     per_worker_buffer_size=c.worker_buffer_size))
+    it = it.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=c.worker_count, per_worker_buffer_size=c.worker_buffer_size)
+    )
   return it
 
 
 def _mark_absl_flags_parsed() -> None:
   """Grain's worker processes read absl flags; programs that do not use absl never parse them."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -352,7 +401,8 @@ class TrainIterator:
       raise SkipRateExceeded(
           f"data: {total} of {self._seen} samples skipped ({total / self._seen:.1%} > max_skip_rate "
           f"{c.max_skip_rate:.1%}); reasons: {self.skipped}. Fix or rebuild the dataset "
-          f"({c.dataset}), or raise data.max_skip_rate.")
+          f"({c.dataset}), or raise data.max_skip_rate."
+      )
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._it.get_state(), "skipped": self.skipped, "seen": self._seen}
@@ -368,11 +418,17 @@ class TrainIterator:
       close()
 
 
-def make_train_iterator(data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, process_index: int = 0,
-                        process_count: int = 1) -> TrainIterator:
+def make_train_iterator(
+    data_cfg: DataConfig, model_cfg: KangarooConfig, tokenizer, *, process_index: int = 0, process_count: int = 1
+) -> TrainIterator:
   """The trainer's entry point. `process_index` / `process_count` select the data shard this host reads:
   pass `data_shard_for_process(mesh, data_cfg.batch_size)` when `context` spans hosts (hosts holding the same
   batch rows must read the same shard), else `jax.process_index()`, `jax.process_count()`."""
   source = open_source(data_cfg)
-  return TrainIterator(build_dataset(data_cfg, model_cfg, tokenizer, shard_index=process_index,
-                                     shard_count=process_count, source=source), data_cfg, source.bad_shards)
+  return TrainIterator(
+      build_dataset(
+          data_cfg, model_cfg, tokenizer, shard_index=process_index, shard_count=process_count, source=source
+      ),
+      data_cfg,
+      source.bad_shards,
+  )

@@ -29,7 +29,8 @@ class PromptError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class VideoMarkers:
   """Marker strings around the visual tokens; all tokenized as plain text."""
-  video: str = "<video>"      # placeholder in the user's text that is replaced by the video block
+
+  video: str = "<video>"  # placeholder in the user's text that is replaced by the video block
   start: str = "<vi_start>"
   end: str = "<vi_end>"
   frame_group_end: str = "<eof>"
@@ -39,6 +40,7 @@ class VideoMarkers:
 @dataclasses.dataclass(frozen=True)
 class EncodedConversation:
   """input_ids int32 [L] (visual_token_id at visual positions); loss_mask bool [L], true on assistant tokens."""
+
   input_ids: np.ndarray
   loss_mask: np.ndarray
 
@@ -98,9 +100,17 @@ def _check_messages(messages) -> list[Mapping[str, str]]:
   return list(messages)
 
 
-def encode_conversation(tokenizer, messages, *, num_groups: int, tokens_per_group: int, visual_token_id: int,
-                        markers: VideoMarkers = VideoMarkers(), system: str | None = None,
-                        add_generation_prompt: bool = False) -> EncodedConversation:
+def encode_conversation(
+    tokenizer,
+    messages,
+    *,
+    num_groups: int,
+    tokens_per_group: int,
+    visual_token_id: int,
+    markers: VideoMarkers = VideoMarkers(),
+    system: str | None = None,
+    add_generation_prompt: bool = False,
+) -> EncodedConversation:
   """Tokenizes a chat with one video (or none) into ids and an assistant-only loss mask.
 
   Args:
@@ -121,8 +131,10 @@ def encode_conversation(tokenizer, messages, *, num_groups: int, tokens_per_grou
     raise PromptError(f"visual_token_id must be negative, got {visual_token_id}")
   n_video = sum(m["content"].count(markers.video) for m in messages)
   if n_video != (1 if num_groups > 0 else 0):
-    raise PromptError(f"found {n_video} {markers.video!r} marker(s) in the messages; expected "
-                      f"{'exactly one (the sample has a video)' if num_groups > 0 else 'none (no video given)'}")
+    raise PromptError(
+        f"found {n_video} {markers.video!r} marker(s) in the messages; expected "
+        f"{'exactly one (the sample has a video)' if num_groups > 0 else 'none (no video given)'}"
+    )
   if any(markers.video in m["content"] for m in messages if m["role"] != "user"):
     raise PromptError(f"{markers.video!r} may only appear in a user message")
   if messages[0]["role"] == "system":

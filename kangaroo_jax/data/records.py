@@ -37,6 +37,7 @@ def encode_frames(frames: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> d
     data: Any = np.ascontiguousarray(frames).tobytes()
   elif fmt == "jpeg":
     from PIL import Image
+
     data = []
     for fr in frames:
       buf = io.BytesIO()
@@ -55,12 +56,15 @@ def decode_frames(m: dict, where: str = "record") -> np.ndarray:
     raise RecordError(f"{where}: malformed 'frames' field ({e!r})") from None
   if fmt == "raw":
     if not isinstance(data, bytes) or len(data) != f * h * w * 3:
-      raise RecordError(f"{where}: raw frames hold {len(data) if isinstance(data, bytes) else type(data).__name__}"
-                        f" bytes, expected {f}x{h}x{w}x3")
+      raise RecordError(
+          f"{where}: raw frames hold {len(data) if isinstance(data, bytes) else type(data).__name__}"
+          f" bytes, expected {f}x{h}x{w}x3"
+      )
     return np.frombuffer(data, np.uint8).reshape(f, h, w, 3)
   if fmt != "jpeg":
     raise RecordError(f"{where}: unknown frame format {fmt!r}, expected one of {FRAME_FORMATS}")
   from PIL import Image
+
   if not isinstance(data, list) or len(data) != f:
     raise RecordError(f"{where}: expected {f} JPEG frames")
   out = np.empty((f, h, w, 3), np.uint8)

@@ -39,18 +39,23 @@ VERSION_STR = "1.0.0"
 
 def features() -> tfds.features.FeaturesDict:
   f = tfds.features
-  return f.FeaturesDict({
-      "id": f.Text(doc="manifest row id"),
-      "messages": f.Sequence({"role": f.Text(), "content": f.Text()}, doc="the conversation, in order"),
-      "frames": f.Sequence(f.Image(shape=(None, None, 3)), doc="sampled frames: JPEG, or PNG for raw builds"),
-      "timestamps": f.Tensor(shape=(None,), dtype=np.float32, doc="seconds of each frame"),
-      "video": f.FeaturesDict({"path": f.Text(), "start": f.Scalar(np.float64), "end": f.Scalar(np.float64)},
-                              doc="the video of a --reference record (path empty otherwise); NaN: unset"),
-  })
+  return f.FeaturesDict(
+      {
+          "id": f.Text(doc="manifest row id"),
+          "messages": f.Sequence({"role": f.Text(), "content": f.Text()}, doc="the conversation, in order"),
+          "frames": f.Sequence(f.Image(shape=(None, None, 3)), doc="sampled frames: JPEG, or PNG for raw builds"),
+          "timestamps": f.Tensor(shape=(None,), dtype=np.float32, doc="seconds of each frame"),
+          "video": f.FeaturesDict(
+              {"path": f.Text(), "start": f.Scalar(np.float64), "end": f.Scalar(np.float64)},
+              doc="the video of a --reference record (path empty otherwise); NaN: unset",
+          ),
+      }
+  )
 
 
 def _png(frame: np.ndarray) -> bytes:
   from PIL import Image
+
   buf = io.BytesIO()
   Image.fromarray(frame).save(buf, format="PNG")
   return buf.getvalue()
@@ -75,8 +80,11 @@ def example_from_record(rec: dict) -> dict:
       "messages": {"role": [m["role"] for m in rec["messages"]], "content": [m["content"] for m in rec["messages"]]},
       "frames": encoded,
       "timestamps": np.asarray(rec.get("timestamps", ()), np.float32).reshape(-1),
-      "video": {"path": video.get("path") or "", "start": _seconds(video.get("start")),
-                "end": _seconds(video.get("end"))},
+      "video": {
+          "path": video.get("path") or "",
+          "start": _seconds(video.get("start")),
+          "end": _seconds(video.get("end")),
+      },
   }
 
 
@@ -97,8 +105,7 @@ class KangarooVideoQa(SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version(VERSION_STR)
   RELEASE_NOTES = {VERSION_STR: "Record format 1 of kangaroo_jax.data.records."}
 
-  def __init__(self, *, splits: dict[str, Iterable[tuple[int, dict]]] | None = None, description: str = "",
-               **kwargs):
+  def __init__(self, *, splits: dict[str, Iterable[tuple[int, dict]]] | None = None, description: str = "", **kwargs):
     """`splits`: split name -> (unique key, example) pairs; only needed to write (`download_and_prepare`)."""
     self._examples = splits
     self._description = description
@@ -106,13 +113,17 @@ class KangarooVideoQa(SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, features=features(),
-        description=self._description or "Video question-answer records of kangaroo-jax (tools.build_dataset).")
+        builder=self,
+        features=features(),
+        description=self._description or "Video question-answer records of kangaroo-jax (tools.build_dataset).",
+    )
 
   def _split_generators(self, dl_manager):
     if self._examples is None:
-      raise RuntimeError(f"{NAME} is written by `python -m tools.build_dataset MANIFEST OUT_DIR --tfds`; "
-                         "read it with tfds.data_source / tfds.builder and data_dir=OUT_DIR")
+      raise RuntimeError(
+          f"{NAME} is written by `python -m tools.build_dataset MANIFEST OUT_DIR --tfds`; "
+          "read it with tfds.data_source / tfds.builder and data_dir=OUT_DIR"
+      )
     return {name: self._generate_examples(examples) for name, examples in self._examples.items()}
 
   def _generate_examples(self, examples):

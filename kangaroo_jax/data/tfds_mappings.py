@@ -57,13 +57,14 @@ class MappingError(DataConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-  path: str    # "captions/text": keys through nested feature dicts (a key may itself contain "/", e.g. "image/id")
-  kind: str    # one of KINDS
+  path: str  # "captions/text": keys through nested feature dicts (a key may itself contain "/", e.g. "image/id")
+  kind: str  # one of KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class MappedSample:
   """What a mapping makes of one example: frames uint8 [f, h, w, 3] and timestamps float32 [f] seconds."""
+
   id: str
   messages: list
   frames: np.ndarray
@@ -73,6 +74,7 @@ class MappedSample:
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """The DataConfig fields a mapping needs (picklable, for the Grain workers)."""
+
   num_frames: int | None
   fps: float | None
   max_frames: int | None
@@ -82,6 +84,7 @@ class Sampling:
 def _leaf(features, path: str) -> tuple[Any, int, str | None]:
   """(leaf feature, number of Sequence levels around it, None) or (None, 0, what is missing)."""
   from tensorflow_datasets import features as tf_features
+
   feature, rank, rest = features, 0, path
   while True:
     while isinstance(feature, tf_features.Sequence):
@@ -94,7 +97,7 @@ def _leaf(features, path: str) -> tuple[Any, int, str | None]:
     key = next((k for k in keys if rest == k or rest.startswith(k + "/")), None)
     if key is None:
       return None, 0, f"no feature {rest!r}" + (f" under {path[:-len(rest) - 1]!r}" if rest != path else "")
-    feature, rest = feature[key], rest[len(key) + 1:]
+    feature, rest = feature[key], rest[len(key) + 1 :]
 
 
 def describe(feature, rank: int) -> str:
@@ -107,6 +110,7 @@ def describe(feature, rank: int) -> str:
 
 def _fits(feature, rank: int, kind: str) -> bool:
   from tensorflow_datasets import features as tf_features
+
   dtype = getattr(feature, "np_dtype", None)
   if dtype is None or isinstance(dtype, dict):
     return False
@@ -136,7 +140,7 @@ def get(example: dict, path: str) -> Any:
   while rest:
     keys = sorted(node.keys(), key=len, reverse=True)
     key = next(k for k in keys if rest == k or rest.startswith(k + "/"))
-    node, rest = node[key], rest[len(key) + 1:]
+    node, rest = node[key], rest[len(key) + 1 :]
   return node
 
 
@@ -168,6 +172,7 @@ def decode_image(value, where: str) -> np.ndarray:
   if not isinstance(value, bytes):
     raise RecordError(f"{where}: expected encoded image bytes or a uint8 array, got {type(value).__name__}")
   from PIL import Image
+
   try:
     with Image.open(io.BytesIO(value)) as im:
       return np.asarray(im.convert("RGB"))
@@ -188,8 +193,9 @@ def sample_video(values, fps: float, sampling: Sampling, where: str) -> tuple[np
   """Samples a video value as DataConfig says and decodes only those frames: (frames, timestamps)."""
   total = len(values)
   try:
-    idx = sample_indices(total, fps, num_frames=sampling.num_frames, sample_fps=sampling.fps,
-                         max_frames=sampling.max_frames)
+    idx = sample_indices(
+        total, fps, num_frames=sampling.num_frames, sample_fps=sampling.fps, max_frames=sampling.max_frames
+    )
   except ValueError as e:
     raise VideoError(f"{where}: {e}") from None
   return decode_frames(values, idx, where), (idx / fps).astype(np.float32)
@@ -211,8 +217,12 @@ def _image_caption(ex: dict, ctx: "BoundMapping", index: int, where: str) -> Map
     raise RecordError(f"{where}: feature 'captions/text' holds no caption")
   frame = decode_image(get(ex, "image"), f"{where}, feature 'image'")
   sample_id = str(get(ex, "image/id")) if ctx.has("image/id") else where
-  return MappedSample(sample_id, _turns(ctx.sampling, "Describe the image briefly.", captions[index % len(captions)]),
-                      frame[None], np.zeros(1, np.float32))
+  return MappedSample(
+      sample_id,
+      _turns(ctx.sampling, "Describe the image briefly.", captions[index % len(captions)]),
+      frame[None],
+      np.zeros(1, np.float32),
+  )
 
 
 def _video_classification(ex: dict, ctx: "BoundMapping", index: int, where: str) -> MappedSample:
@@ -220,8 +230,12 @@ def _video_classification(ex: dict, ctx: "BoundMapping", index: int, where: str)
   if not 0 <= label < len(ctx.label_names):
     raise RecordError(f"{where}: feature 'label' is {label}, not a class of the {len(ctx.label_names)} declared")
   frames, ts = sample_video(get(ex, "video"), ctx.mapping.fps, ctx.sampling, f"{where}, feature 'video'")
-  return MappedSample(where, _turns(ctx.sampling, "What action is performed in the video?",
-                                    label_words(ctx.label_names[label])), frames, ts)
+  return MappedSample(
+      where,
+      _turns(ctx.sampling, "What action is performed in the video?", label_words(ctx.label_names[label])),
+      frames,
+      ts,
+  )
 
 
 def _video_caption(ex: dict, ctx: "BoundMapping", index: int, where: str) -> MappedSample:
@@ -255,8 +269,14 @@ def _kangaroo_video_qa(ex: dict, ctx: "BoundMapping", index: int, where: str) ->
       raise RecordError(f"{where}: {ts.shape[0]} timestamps for {len(frames)} frames")
   elif path:
     s = ctx.sampling
-    v = load_video(path, num_frames=s.num_frames, fps=s.fps, max_frames=s.max_frames,
-                   start=_optional_seconds(get(ex, "video/start")), end=_optional_seconds(get(ex, "video/end")))
+    v = load_video(
+        path,
+        num_frames=s.num_frames,
+        fps=s.fps,
+        max_frames=s.max_frames,
+        start=_optional_seconds(get(ex, "video/start")),
+        end=_optional_seconds(get(ex, "video/end")),
+    )
     frames, ts = v.frames, v.timestamps
   else:
     raise RecordError(f"{where}: neither 'frames' nor 'video/path' is set")
@@ -266,10 +286,10 @@ def _kangaroo_video_qa(ex: dict, ctx: "BoundMapping", index: int, where: str) ->
 @dataclasses.dataclass(frozen=True)
 class Mapping:
   shape: str
-  fields: tuple[Field, ...]               # required
-  convert: Callable                       # (example, BoundMapping, read index, where) -> MappedSample
-  optional: tuple[Field, ...] = ()        # used when present (and then checked like the required ones)
-  fps: float | None = None                # frame rate of the video feature (the catalog's extraction rate)
+  fields: tuple[Field, ...]  # required
+  convert: Callable  # (example, BoundMapping, read index, where) -> MappedSample
+  optional: tuple[Field, ...] = ()  # used when present (and then checked like the required ones)
+  fps: float | None = None  # frame rate of the video feature (the catalog's extraction rate)
 
   def bind(self, features, where: str) -> "BoundMapping":
     """Checks `features` (a tfds FeaturesDict) against the fields; MappingError naming the first misfit."""
@@ -279,12 +299,16 @@ class Mapping:
       if missing is not None:
         if field in self.optional:
           continue
-        raise MappingError(f"{where}: feature {field.path!r} is missing ({missing}); mapping {self.shape!r} needs "
-                           f"{', '.join(f'{f.path} ({f.kind})' for f in self.fields)}; the dataset has "
-                           f"{', '.join(sorted(features.keys()))}")
+        raise MappingError(
+            f"{where}: feature {field.path!r} is missing ({missing}); mapping {self.shape!r} needs "
+            f"{', '.join(f'{f.path} ({f.kind})' for f in self.fields)}; the dataset has "
+            f"{', '.join(sorted(features.keys()))}"
+        )
       if not _fits(feature, rank, field.kind):
-        raise MappingError(f"{where}: feature {field.path!r} is {describe(feature, rank)}, mapping {self.shape!r} "
-                           f"expects {KINDS[field.kind]}")
+        raise MappingError(
+            f"{where}: feature {field.path!r} is {describe(feature, rank)}, mapping {self.shape!r} "
+            f"expects {KINDS[field.kind]}"
+        )
       present.append(field.path)
     labels = ()
     label = next((f for f in self.fields if f.kind == "class_label"), None)
@@ -298,17 +322,19 @@ def _is_encoded(features, path: str) -> bool:
   """An Image (or a Sequence of them) under a top-level key: read encoded (TFDS takes decoders by key; nested
   ones are decoded by TFDS, into arrays, which the mappings take too)."""
   from tensorflow_datasets import features as tf_features
+
   return path in features.keys() and isinstance(_leaf(features, path)[0], tf_features.Image)
 
 
 @dataclasses.dataclass(frozen=True)
 class BoundMapping:
   """A mapping checked against one dataset split; picklable (sent to the Grain workers)."""
+
   mapping: Mapping
-  where: str                          # "tfds:NAME split 'SPLIT'", the prefix of every message
-  present: tuple[str, ...]            # field paths the dataset has
-  label_names: tuple[str, ...]        # the ClassLabel's names, for video_classification
-  encoded: tuple[str, ...]            # Image / Video fields, read still encoded (top-level keys)
+  where: str  # "tfds:NAME split 'SPLIT'", the prefix of every message
+  present: tuple[str, ...]  # field paths the dataset has
+  label_names: tuple[str, ...]  # the ClassLabel's names, for video_classification
+  encoded: tuple[str, ...]  # Image / Video fields, read still encoded (top-level keys)
   sampling: Sampling | None = None
 
   def has(self, path: str) -> bool:
@@ -323,16 +349,39 @@ class BoundMapping:
 
 
 MAPPINGS = {
-    "kangaroo_video_qa": Mapping("kangaroo_video_qa", (
-        Field("id", "string"), Field("messages/role", "strings"), Field("messages/content", "strings"),
-        Field("frames", "frames"), Field("timestamps", "floats"), Field("video/path", "string"),
-        Field("video/start", "float"), Field("video/end", "float")), _kangaroo_video_qa),
-    "image_caption": Mapping("image_caption", (Field("image", "image"), Field("captions/text", "strings")),
-                             _image_caption, optional=(Field("image/id", "integer"),)),
-    "video_classification": Mapping("video_classification", (Field("video", "frames"), Field("label", "class_label")),
-                                    _video_classification, fps=25.0),
-    "video_caption": Mapping("video_caption", (Field("video", "frames"), Field("caption", "string")), _video_caption,
-                             optional=(Field("id", "string"),), fps=30.0),
+    "kangaroo_video_qa": Mapping(
+        "kangaroo_video_qa",
+        (
+            Field("id", "string"),
+            Field("messages/role", "strings"),
+            Field("messages/content", "strings"),
+            Field("frames", "frames"),
+            Field("timestamps", "floats"),
+            Field("video/path", "string"),
+            Field("video/start", "float"),
+            Field("video/end", "float"),
+        ),
+        _kangaroo_video_qa,
+    ),
+    "image_caption": Mapping(
+        "image_caption",
+        (Field("image", "image"), Field("captions/text", "strings")),
+        _image_caption,
+        optional=(Field("image/id", "integer"),),
+    ),
+    "video_classification": Mapping(
+        "video_classification",
+        (Field("video", "frames"), Field("label", "class_label")),
+        _video_classification,
+        fps=25.0,
+    ),
+    "video_caption": Mapping(
+        "video_caption",
+        (Field("video", "frames"), Field("caption", "string")),
+        _video_caption,
+        optional=(Field("id", "string"),),
+        fps=30.0,
+    ),
 }
 
 # TFDS catalog dataset name (without config / version) -> the shape of its features.

@@ -26,7 +26,7 @@ from kangaroo_jax.data.config import SPLIT_NAME, DataConfigError, TfdsSpec
 from kangaroo_jax.data.tfds_mappings import DATASET_SHAPES, MAPPINGS, BoundMapping, Sampling
 
 log = logging.getLogger("kangaroo_jax.data")
-ERROR_KEY = "_tfds_error"   # set in place of an example that could not be read or parsed
+ERROR_KEY = "_tfds_error"  # set in place of an example that could not be read or parsed
 INDEX_KEY = "_tfds_record"  # the example's index in the split, for messages
 
 
@@ -36,7 +36,8 @@ def mapping_for(spec: TfdsSpec, override: str | None):
   if shape is None:
     raise DataConfigError(
         f"{spec}: no mapping is declared for dataset {spec.dataset!r} (declared: {', '.join(sorted(DATASET_SHAPES))});"
-        f" set DataConfig.tfds_mapping to one of {sorted(MAPPINGS)} if its features have that shape")
+        f" set DataConfig.tfds_mapping to one of {sorted(MAPPINGS)} if its features have that shape"
+    )
   if shape not in MAPPINGS:
     raise DataConfigError(f"DataConfig.tfds_mapping={shape!r}: expected one of {sorted(MAPPINGS)}")
   return MAPPINGS[shape]
@@ -64,10 +65,12 @@ def _builder(spec: TfdsSpec, data_dir: str | None):
     raise DataConfigError(
         f"{spec}: no prepared dataset {spec.name!r} in {where}; prepare it in ArrayRecord format, e.g. "
         f"`tfds build {spec.dataset} --file_format=array_record --data_dir=DIR`, or build ours with "
-        "`python -m tools.build_dataset MANIFEST DIR --tfds`") from None
+        "`python -m tools.build_dataset MANIFEST DIR --tfds`"
+    ) from None
   except ModuleNotFoundError as e:
-    raise DataConfigError(f"{spec}: its features need {e.name} to be read (TFDS's Video feature imports "
-                          "TensorFlow); install it") from None
+    raise DataConfigError(
+        f"{spec}: its features need {e.name} to be read (TFDS's Video feature imports " "TensorFlow); install it"
+    ) from None
   except Exception as e:  # noqa: BLE001  a damaged dataset_info.json / features.json, in many exception types
     raise DataConfigError(f"{spec}: cannot open the dataset in {where} ({type(e).__name__}: {e})") from None
 
@@ -98,11 +101,17 @@ class TfdsRecords:
 class OpenedTfds:
   records: TfdsRecords
   mapping: BoundMapping
-  bad_shards: list[str]     # "path: problem" of each shard file that does not open (its examples are skipped)
+  bad_shards: list[str]  # "path: problem" of each shard file that does not open (its examples are skipped)
 
 
-def open_tfds(spec: TfdsSpec, *, data_dir: str | None, mapping: str | None, sampling: Sampling,
-              shard_problem: Callable[[str], str | None]) -> OpenedTfds:
+def open_tfds(
+    spec: TfdsSpec,
+    *,
+    data_dir: str | None,
+    mapping: str | None,
+    sampling: Sampling,
+    shard_problem: Callable[[str], str | None],
+) -> OpenedTfds:
   """Opens the split, checks the mapping against the dataset's features and the split's shard files.
   DataConfigError (MappingError for misfitting features) naming the dataset, split and what is wrong."""
   builder = _builder(spec, data_dir)
@@ -110,8 +119,9 @@ def open_tfds(spec: TfdsSpec, *, data_dir: str | None, mapping: str | None, samp
   where = f"tfds:{builder.info.full_name} split {spec.split!r}"
   fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
   if fmt != "array_record":
-    raise DataConfigError(f"{where}: stored as {fmt}, which has no random access; prepare it again with "
-                          "--file_format=array_record")
+    raise DataConfigError(
+        f"{where}: stored as {fmt}, which has no random access; prepare it again with " "--file_format=array_record"
+    )
   base = SPLIT_NAME.match(spec.split).group(0)
   splits = sorted(builder.info.splits.keys())
   if base not in splits:
@@ -132,5 +142,6 @@ def open_tfds(spec: TfdsSpec, *, data_dir: str | None, mapping: str | None, samp
       log.warning("data: shard %s of %s: %s; its examples will be skipped", path, where, problem)
   if bad and len(bad) == len(builder.info.splits[base].filepaths):
     from kangaroo_jax.data.pipeline import ShardError
+
     raise ShardError(f"{where}: none of its {len(bad)} shard file(s) can be read: {'; '.join(bad[:3])}")
   return OpenedTfds(TfdsRecords(source, where), bound, bad)

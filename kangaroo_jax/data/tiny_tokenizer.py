@@ -12,8 +12,7 @@ import io
 import os
 from typing import Iterable
 
-LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-                   "<|end_header_id|>")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")
 
 
 def build_chat_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int) -> str:
@@ -22,6 +21,7 @@ def build_chat_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int
   vocab_size must leave room for 256 byte pieces, the specials and `<unk>` (>= 263).
   """
   import sentencepiece as spm
+
   minimum = 256 + len(LLAMA3_SPECIALS) + 2
   if vocab_size < minimum:
     raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback needs >= {minimum}")
@@ -31,11 +31,25 @@ def build_chat_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int
   os.makedirs(out_dir, exist_ok=True)
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-      character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-      user_defined_symbols=list(LLAMA3_SPECIALS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-      hard_vocab_limit=False, max_sentence_length=1 << 16, minloglevel=2)
+      sentence_iterator=iter(texts),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type="bpe",
+      character_coverage=1.0,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      split_digits=True,
+      user_defined_symbols=list(LLAMA3_SPECIALS),
+      unk_id=0,
+      bos_id=-1,
+      eos_id=-1,
+      pad_id=-1,
+      hard_vocab_limit=False,
+      max_sentence_length=1 << 16,
+      minloglevel=2,
+  )
   path = os.path.join(out_dir, "tokenizer.model")
   with open(path, "wb") as f:
     f.write(model.getvalue())

@@ -62,6 +62,7 @@ class DecodedVideo:
   requested, or one that decodes fewer frames than its header claims (a truncated file: the targets past its
   end all get its last decodable frame). Left out, it is counted from `indices`.
   """
+
   frames: np.ndarray
   timestamps: np.ndarray
   fps: float
@@ -73,8 +74,16 @@ class DecodedVideo:
       object.__setattr__(self, "num_unique", int(np.unique(self.indices).size))
 
 
-def sample_indices(total: int, fps: float, *, num_frames: int | None = None, sample_fps: float | None = None,
-                   max_frames: int | None = None, start: float | None = None, end: float | None = None) -> np.ndarray:
+def sample_indices(
+    total: int,
+    fps: float,
+    *,
+    num_frames: int | None = None,
+    sample_fps: float | None = None,
+    max_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> np.ndarray:
   """Frame indices (int64 [n], non-decreasing, within [0, total)) for the sampling modes in the module doc."""
   if total <= 0:
     raise ValueError("the video has no frames")
@@ -92,8 +101,10 @@ def sample_indices(total: int, fps: float, *, num_frames: int | None = None, sam
       raise ValueError(f"clip {name} must be a finite, non-negative number of seconds, got {t}")
   # Compared in seconds before any `t * fps`: a huge start (1e308) would overflow the frame arithmetic.
   if start is not None and (start >= total / fps + 1 or math.floor(start * fps + 1e-6) >= total):
-    raise ClipRangeError(f"clip start {start:g}s is at or past the end of the video "
-                         f"({total} frames at {fps:g} fps = {total / fps:g}s)")
+    raise ClipRangeError(
+        f"clip start {start:g}s is at or past the end of the video "
+        f"({total} frames at {fps:g} fps = {total / fps:g}s)"
+    )
   first = 0 if start is None else max(int(math.floor(start * fps + 1e-6)), 0)
   end = None if end is None else min(end, total / fps)
   stop = total if end is None else min(max(int(math.ceil(end * fps - 1e-6)), first + 1), total)
@@ -137,6 +148,7 @@ def _pad_even(frames: np.ndarray, timestamps: np.ndarray, indices: np.ndarray):
 def _read_image(path: str) -> np.ndarray:
   """An image file -> uint8 [h, w, 3], turned upright by its EXIF orientation."""
   from PIL import Image, ImageOps
+
   try:
     with Image.open(path) as im:
       return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
@@ -220,6 +232,7 @@ class _SampledDecode:
 
   def _packets(self, container, stream):
     import av
+
     packets = container.demux(stream)
     while True:
       try:
@@ -269,6 +282,7 @@ class _SampledDecode:
 
   def _send(self, packet, *, keep: bool):
     import av
+
     skip = "DEFAULT" if keep else "NONREF"
     if skip != self.skip:
       self.codec.skip_frame = self.skip = skip
@@ -283,6 +297,7 @@ class _SampledDecode:
 
   def _drain(self):
     import av
+
     if self.dirty:
       try:
         frames = self.codec.decode(None)
@@ -316,6 +331,7 @@ class _Output:
 
   def __init__(self, path: str, targets: np.ndarray):
     import threading
+
     self.path = path
     self.rows: dict[int, list[int]] = {}  # target index -> the output rows that show it
     for row, t in enumerate(int(t) for t in targets):
@@ -382,6 +398,7 @@ def _decode_indices(path: str, container, stream, targets: np.ndarray, fps: floa
   its own container) take runs of GOPs; otherwise one decoder with FFmpeg's frame + slice threads."""
   from concurrent.futures import ThreadPoolExecutor
   import av
+
   out = _Output(path, targets)
   runs = _split_targets(stream, sorted({int(t) for t in targets}), threads)
   if len(runs) == 1:
@@ -411,9 +428,17 @@ def _decode_indices(path: str, container, stream, targets: np.ndarray, fps: floa
   return out.result()
 
 
-def load_video(path: str, *, num_frames: int | None = None, fps: float | None = None,
-               max_frames: int | None = None, start: float | None = None, end: float | None = None,
-               frames_fps: float = 1.0, threads: int | None = None) -> DecodedVideo:
+def load_video(
+    path: str,
+    *,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    frames_fps: float = 1.0,
+    threads: int | None = None,
+) -> DecodedVideo:
   """Reads the sampled frames of a video file, an image file, or a folder of frame images.
 
   `threads`: decoding threads (default: FFmpeg's automatic count, the usable CPUs + 1, at most 8).
@@ -434,6 +459,7 @@ def load_video(path: str, *, num_frames: int | None = None, fps: float | None = 
   if os.path.getsize(path) == 0:
     raise VideoError(f"{path}: file is empty (0 bytes)")
   import av
+
   try:
     container = av.open(path)
   except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
@@ -478,8 +504,9 @@ def _thread_count(threads: int | None) -> int:
   return min(cpus + 1, 8) if cpus > 1 else 1
 
 
-def frame_size_for(height: int, width: int, size: int, *, keep_aspect: bool = False,
-                   patch_size: int = 14, multiple: int | None = None) -> tuple[int, int]:
+def frame_size_for(
+    height: int, width: int, size: int, *, keep_aspect: bool = False, patch_size: int = 14, multiple: int | None = None
+) -> tuple[int, int]:
   """Output (H, W) for a `height x width` source.
 
   Squash mode: (size, size). Keep-aspect mode: the long side becomes `size` and the short side keeps the
@@ -496,13 +523,15 @@ def frame_size_for(height: int, width: int, size: int, *, keep_aspect: bool = Fa
   return (size, short) if height >= width else (short, size)
 
 
-def preprocess_frames(frames_uint8: np.ndarray, size: int | Sequence[int], *, keep_aspect: bool = False,
-                      patch_size: int = 14) -> np.ndarray:
+def preprocess_frames(
+    frames_uint8: np.ndarray, size: int | Sequence[int], *, keep_aspect: bool = False, patch_size: int = 14
+) -> np.ndarray:
   """uint8 [f, h, w, 3] -> uint8 [f, H, W, 3] with PIL bicubic (antialiased, as the released transform).
 
   `size` is an int (square, or the long side with keep_aspect) or an explicit (H, W).
   """
   from PIL import Image
+
   frames = np.asarray(frames_uint8)
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
     raise ValueError(f"frames must be uint8 [f, h, w, 3], got {frames.dtype} {frames.shape}")
@@ -531,6 +560,7 @@ def preprocess_frames(frames_uint8: np.ndarray, size: int | Sequence[int], *, ke
 
 def _executor(threads: int):
   from concurrent.futures import ThreadPoolExecutor
+
   return ThreadPoolExecutor(threads)
 
 

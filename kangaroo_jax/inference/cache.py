@@ -68,6 +68,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
   """An empty cache (all lengths 0), placed on the current mesh with the logical-axis rules."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   sharding = cache_sharding(shape)
+
   # Two separate buffers: the decode step donates both.
   def make():
     zeros = jnp.zeros(shape, dtype)

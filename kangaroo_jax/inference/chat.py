@@ -30,6 +30,7 @@ from kangaroo_jax.inference.engine import Engine
 from kangaroo_jax.inference.sampling import SamplingConfig
 from kangaroo_jax.tokenizer import check_fits_vocab
 
+
 class PromptTooLong(ValueError):
   """A conversation whose prompt has more tokens than the allowed positions; the message gives both counts."""
 
@@ -66,14 +67,14 @@ class IncrementalDecoder:
     if text.endswith("\ufffd"):
       return
     if text.startswith(self.sent):
-      self.emit(text[len(self.sent):])
+      self.emit(text[len(self.sent) :])
       self.sent = text
 
   def finish(self) -> None:
     """Emits what was held back (an answer that really ends in an incomplete byte sequence)."""
     text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
     if text.startswith(self.sent) and len(text) > len(self.sent):
-      self.emit(text[len(self.sent):])
+      self.emit(text[len(self.sent) :])
       self.sent = text
 
 
@@ -91,12 +92,22 @@ class Chat:
     trained on ~22k-token sequences), so crossing that field only warns, once per Chat, through `warn`.
   """
 
-  def __init__(self, model, tokenizer, *, prefill_chunk: int = 512, system: str | None = None,
-               markers: VideoMarkers = VideoMarkers(), max_positions: int | None = None,
-               warn: Callable[[str], None] | None = None):
+  def __init__(
+      self,
+      model,
+      tokenizer,
+      *,
+      prefill_chunk: int = 512,
+      system: str | None = None,
+      markers: VideoMarkers = VideoMarkers(),
+      max_positions: int | None = None,
+      warn: Callable[[str], None] | None = None,
+  ):
     if tokenizer is None:
-      raise ValueError("chat needs a tokenizer: pass tokenizer=, or load the model with from_pretrained from a "
-                       "folder that holds tokenizer files")
+      raise ValueError(
+          "chat needs a tokenizer: pass tokenizer=, or load the model with from_pretrained from a "
+          "folder that holds tokenizer files"
+      )
     if max_positions is not None and max_positions < 2:
       raise ValueError(f"max_positions must be >= 2, got {max_positions}")
     check_fits_vocab(tokenizer, model.cfg.llm.vocab_size, "llm.vocab_size of the model")
@@ -143,22 +154,39 @@ class Chat:
     parts = f"{n} tokens ({n_visual} visual)"
     if self.max_positions is not None:
       if n > self.max_positions:
-        raise PromptTooLong(f"the prompt is {parts}, more than the {self.max_positions} positions allowed "
-                            "(max_positions, --max-positions); use fewer frames (--num-frames) or a shorter "
-                            "conversation")
+        raise PromptTooLong(
+            f"the prompt is {parts}, more than the {self.max_positions} positions allowed "
+            "(max_positions, --max-positions); use fewer frames (--num-frames) or a shorter "
+            "conversation"
+        )
       # The answer's i-th token (from 1) is fed back at position n + i - 1; the last one is never fed back.
       return min(max_new_tokens, self.max_positions - n + 1)
     field = self.model.cfg.llm.max_position_embeddings
     if n + max_new_tokens - 1 > field and not self._warned_positions:
       self._warned_positions = True
-      self._warn(f"the prompt is {parts}; with up to {max_new_tokens} new tokens it passes "
-                 f"llm.max_position_embeddings = {field} of the model (set a hard limit with --max-positions)")
+      self._warn(
+          f"the prompt is {parts}; with up to {max_new_tokens} new tokens it passes "
+          f"llm.max_position_embeddings = {field} of the model (set a hard limit with --max-positions)"
+      )
     return max_new_tokens
 
-  def chat(self, video_path: str | None = None, query: str | None = None, history=None, *, num_frames: int = 64,
-           max_new_tokens: int = 512, do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.9,
-           top_k: int = 0, seed: int = 0, stream: Callable[[str], None] | None = None, start: float | None = None,
-           end: float | None = None):
+  def chat(
+      self,
+      video_path: str | None = None,
+      query: str | None = None,
+      history=None,
+      *,
+      num_frames: int = 64,
+      max_new_tokens: int = 512,
+      do_sample: bool = True,
+      temperature: float = 0.6,
+      top_p: float = 0.9,
+      top_k: int = 0,
+      seed: int = 0,
+      stream: Callable[[str], None] | None = None,
+      start: float | None = None,
+      end: float | None = None,
+  ):
     """Answers `query` about the video / image at `video_path` (or text only without one).
 
     Returns (answer text, ChatHistory). Sampling defaults are the released README's. Raises VideoError
@@ -179,9 +207,16 @@ class Chat:
       tokens_per_group = self.model.visual_tokens_per_frame_group(h, w)
     content = query if has_video or video_path is None else self.markers.video + query
     messages.append({"role": "user", "content": content})
-    ids = encode_conversation(self.tokenizer, messages, num_groups=num_groups, tokens_per_group=tokens_per_group,
-                              visual_token_id=self.model.cfg.visual_token_id, markers=self.markers,
-                              system=self.system, add_generation_prompt=True).input_ids
+    ids = encode_conversation(
+        self.tokenizer,
+        messages,
+        num_groups=num_groups,
+        tokens_per_group=tokens_per_group,
+        visual_token_id=self.model.cfg.visual_token_id,
+        markers=self.markers,
+        system=self.system,
+        add_generation_prompt=True,
+    ).input_ids
     max_new_tokens = self.check_length(ids, max_new_tokens)  # before the history gives up its cache
 
     session = history.take_session() if isinstance(history, ChatHistory) else None
@@ -196,10 +231,17 @@ class Chat:
     needs_visual = bool((new_ids == self.model.cfg.visual_token_id).any())
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
     on_token = IncrementalDecoder(self.tokenizer, stream) if stream is not None else None
-    gen = self.engine.generate([new_ids.tolist()], visual=visual if needs_visual else None,
-                               max_new_tokens=max_new_tokens,
-                               sampling=sampling, stop_ids=self.tokenizer.stop_ids, seed=seed, cache=cache,
-                               cache_ids=[ids[:keep].tolist()] if cache is not None else None, on_token=on_token)
+    gen = self.engine.generate(
+        [new_ids.tolist()],
+        visual=visual if needs_visual else None,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_ids=self.tokenizer.stop_ids,
+        seed=seed,
+        cache=cache,
+        cache_ids=[ids[:keep].tolist()] if cache is not None else None,
+        on_token=on_token,
+    )
     if on_token is not None:
       on_token.finish()
     answer = self.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)

@@ -60,6 +60,7 @@ class Generation:
 
 
 class Engine:
+
   def __init__(self, model, *, prefill_chunk: int = 512):
     if prefill_chunk < MIN_CHUNK:
       raise ValueError(f"prefill_chunk must be >= {MIN_CHUNK}, got {prefill_chunk}")
@@ -96,8 +97,9 @@ class Engine:
 
     def prefill_chunk(state, cache, embeds, start, n_new, logit_index, has_last, prev_logits):
       self.trace_counts["prefill"] += 1
-      logits, k, v = self._model(state).forward_cached(embeds, cache.k, cache.v, start, start + n_new,
-                                                       logit_index=logit_index)
+      logits, k, v = self._model(state).forward_cached(
+          embeds, cache.k, cache.v, start, start + n_new, logit_index=logit_index
+      )
       logits = jnp.where(has_last[:, None], logits, prev_logits)
       return KVCache(k, v, start + n_new), logits
 
@@ -105,8 +107,9 @@ class Engine:
       self.trace_counts["decode"] += 1
       model = self._model(state)
       start = cache.lengths
-      logits, k, v = model.forward_cached(model.embed(tokens[:, None]), cache.k, cache.v, start, start + 1,
-                                          logit_index=jnp.zeros_like(start))
+      logits, k, v = model.forward_cached(
+          model.embed(tokens[:, None]), cache.k, cache.v, start, start + 1, logit_index=jnp.zeros_like(start)
+      )
       nxt = sample(logits, jax.random.fold_in(key, step), sampling)
       return KVCache(k, v, start + 1), nxt
 
@@ -171,8 +174,9 @@ class Engine:
     padded = -(-n // c) * c
     lengths = np.asarray(cache.lengths, np.int64)
     if lengths.max() + padded > cache.max_len:
-      raise ValueError(f"KV cache of {cache.max_len} slots cannot take {padded} more tokens after "
-                       f"{lengths.max()}; grow it first")
+      raise ValueError(
+          f"KV cache of {cache.max_len} slots cannot take {padded} more tokens after " f"{lengths.max()}; grow it first"
+      )
     if padded > n:
       embeds = jnp.pad(embeds, ((0, 0), (0, padded - n), (0, 0)))
     logits = jnp.zeros((b, self.llm_cfg.vocab_size), jnp.float32)
@@ -187,8 +191,16 @@ class Engine:
       # Finished rows keep their length: their (padding) chunk is written past it and never becomes valid.
       cache = KVCache(cache.k, cache.v, jnp.asarray(start, jnp.int32))
       logit_index = jnp.asarray(np.clip(last, 0, c - 1), jnp.int32)
-      cache, logits = self._prefill_chunk(self.state, cache, embeds[:, lo:lo + c], jnp.asarray(start, jnp.int32),
-                                          jnp.asarray(n_chunk, jnp.int32), logit_index, jnp.asarray(has_last), logits)
+      cache, logits = self._prefill_chunk(
+          self.state,
+          cache,
+          embeds[:, lo : lo + c],
+          jnp.asarray(start, jnp.int32),
+          jnp.asarray(n_chunk, jnp.int32),
+          logit_index,
+          jnp.asarray(has_last),
+          logits,
+      )
     return cache, logits
 
   def ensure_capacity(self, cache: KVCache | None, batch: int, needed: int) -> KVCache:
@@ -203,11 +215,21 @@ class Engine:
 
   # --- generation ------------------------------------------------------------------------------
 
-  def generate(self, prompts: Sequence[Sequence[int]], *, frames=None, timestamps=None, visual=None,
-               max_new_tokens: int = 512,
-               sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (), seed: int = 0,
-               cache: KVCache | None = None, cache_ids: Sequence[Sequence[int]] | None = None,
-               on_token: Callable[[int, int], None] | None = None) -> Generation:
+  def generate(
+      self,
+      prompts: Sequence[Sequence[int]],
+      *,
+      frames=None,
+      timestamps=None,
+      visual=None,
+      max_new_tokens: int = 512,
+      sampling: SamplingConfig = SamplingConfig(),
+      stop_ids: Sequence[int] = (),
+      seed: int = 0,
+      cache: KVCache | None = None,
+      cache_ids: Sequence[Sequence[int]] | None = None,
+      on_token: Callable[[int, int], None] | None = None,
+  ) -> Generation:
     """Generates for a batch of prompts of different lengths.
 
     Args:
@@ -228,7 +250,7 @@ class Engine:
     n = int(num_new.max())
     ids = np.zeros((b, n), np.int32)
     for r, p in enumerate(prompts):
-      ids[r, :len(p)] = p
+      ids[r, : len(p)] = p
     base = [list(x) for x in cache_ids] if cache_ids is not None else [[] for _ in range(b)]
     if cache is not None and [len(x) for x in base] != np.asarray(cache.lengths).tolist():
       raise ValueError("cache_ids must list exactly the ids held by the cache (one list per row)")

@@ -46,12 +46,20 @@ def check_mesh_fits(context: int, tensor: int, num_devices: int) -> None:
     if not isinstance(v, int) or v < 1:
       raise MeshError(f"{name} ({flag}) must be an int >= 1, got {v!r}")
   if context * tensor > num_devices:
-    raise MeshError(f"a mesh of context={context} x tensor={tensor} (--context-parallel x --tensor-parallel) "
-                    f"needs {context * tensor} devices; {num_devices} available")
+    raise MeshError(
+        f"a mesh of context={context} x tensor={tensor} (--context-parallel x --tensor-parallel) "
+        f"needs {context * tensor} devices; {num_devices} available"
+    )
 
 
-def load_for_inference(ckpt_dir: str, *, param_dtype: str | None = None, context: int = 1, tensor: int = 1,
-                       attention_impl: str = "all_gather"):
+def load_for_inference(
+    ckpt_dir: str,
+    *,
+    param_dtype: str | None = None,
+    context: int = 1,
+    tensor: int = 1,
+    attention_impl: str = "all_gather",
+):
   """(model, tokenizer, mesh context manager) for chat / evaluate.
 
   With context * tensor > 1 the weights are placed on a mesh of that many devices (data = fsdp = 1, so a
@@ -75,23 +83,37 @@ def load_for_inference(ckpt_dir: str, *, param_dtype: str | None = None, context
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:
   """The options of `load_from_args` and of the Chat both CLIs build."""
-  p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
-                 help="cast weights while loading (default: as stored)")
+  p.add_argument(
+      "--param-dtype",
+      choices=("float32", "bfloat16", "float16"),
+      help="cast weights while loading (default: as stored)",
+  )
   p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens run per prefill step")
-  p.add_argument("--context-parallel", type=int, default=1, metavar="N",
-                 help="split the KV cache and prefill over N devices (context axis)")
-  p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                 help="split attention heads / MLP over N devices")
-  p.add_argument("--max-positions", type=int, metavar="N",
-                 help="refuse prompts longer than N tokens and stop answers at N positions (default: only warn past "
-                      "the checkpoint's llm.max_position_embeddings)")
+  p.add_argument(
+      "--context-parallel",
+      type=int,
+      default=1,
+      metavar="N",
+      help="split the KV cache and prefill over N devices (context axis)",
+  )
+  p.add_argument(
+      "--tensor-parallel", type=int, default=1, metavar="N", help="split attention heads / MLP over N devices"
+  )
+  p.add_argument(
+      "--max-positions",
+      type=int,
+      metavar="N",
+      help="refuse prompts longer than N tokens and stop answers at N positions (default: only warn past "
+      "the checkpoint's llm.max_position_embeddings)",
+  )
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
   """UsageError naming the option for values the CLIs cannot use (checked before the model is loaded)."""
   if args.num_frames < 1 or args.num_frames % 2:
-    raise UsageError(f"--num-frames must be a positive even number (frames are encoded in pairs), "
-                     f"got {args.num_frames}")
+    raise UsageError(
+        f"--num-frames must be a positive even number (frames are encoded in pairs), " f"got {args.num_frames}"
+    )
   if args.max_new_tokens < 1:
     raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   if args.prefill_chunk < MIN_PREFILL_CHUNK:
@@ -109,5 +131,6 @@ def load_from_args(args: argparse.Namespace):
   load_config(args.ckpt_dir)
   if not has_tokenizer(args.ckpt_dir):
     raise CheckpointError(f"{args.ckpt_dir} holds no tokenizer.json or tokenizer.model")
-  return load_for_inference(args.ckpt_dir, param_dtype=args.param_dtype, context=args.context_parallel,
-                            tensor=args.tensor_parallel)
+  return load_for_inference(
+      args.ckpt_dir, param_dtype=args.param_dtype, context=args.context_parallel, tensor=args.tensor_parallel
+  )

@@ -52,7 +52,7 @@ _PREFIX = re.compile(r"^\s*\(?([A-Z])\s*[\).:]\s*")
 def _strip_letter(option: str, index: int) -> str:
   m = _PREFIX.match(option)
   if m and m.group(1) == LETTERS[index]:
-    return option[m.end():].strip()
+    return option[m.end() :].strip()
   return option.strip()
 
 
@@ -90,8 +90,9 @@ def _parse_item(raw: dict, *, where: str, task: str | None, index: int) -> MCIte
       if not isinstance(v, (int, float)):
         raise BenchmarkError(f"{where}: '{k}' must be a number of seconds, got {v!r}")
       clip[k] = float(v)
-  return MCItem(str(item_id) if item_id is not None else f"{task}/{index}", task, video, question.strip(), options,
-                answer, **clip)
+  return MCItem(
+      str(item_id) if item_id is not None else f"{task}/{index}", task, video, question.strip(), options, answer, **clip
+  )
 
 
 def _parse_answer(ans, options, where) -> int:
@@ -114,8 +115,9 @@ def _parse_answer(ans, options, where) -> int:
         return k
     if s in options:
       return options.index(s)
-  raise BenchmarkError(f"{where}: answer {ans!r} is neither a letter A-{LETTERS[n - 1]}, an index, "
-                       "nor an option's text")
+  raise BenchmarkError(
+      f"{where}: answer {ans!r} is neither a letter A-{LETTERS[n - 1]}, an index, " "nor an option's text"
+  )
 
 
 def load_benchmark(path: str) -> list[MCItem]:
@@ -133,8 +135,9 @@ def load_benchmark(path: str) -> list[MCItem]:
   items: list[MCItem] = []
   for task, entries in groups:
     if not isinstance(entries, list):
-      raise BenchmarkError(f"{path}: expected a list of items{f' under {task!r}' if task else ''}, "
-                           f"got {type(entries).__name__}")
+      raise BenchmarkError(
+          f"{path}: expected a list of items{f' under {task!r}' if task else ''}, " f"got {type(entries).__name__}"
+      )
     for i, raw in enumerate(entries):
       where = f"{path}: item {i}" + (f" of {task!r}" if task else "")
       if isinstance(raw, dict) and isinstance(raw.get("questions"), list):  # Video-MME: one entry per video
@@ -165,8 +168,9 @@ def resolve_video(root: str, name: str) -> str:
       if os.path.exists(path + ext):
         return path + ext
       tried.append(path + ext)
-  raise FileNotFoundError(f"video {name!r} not found under {root!r} (tried {', '.join(tried[:4])}"
-                          f"{', ...' if len(tried) > 4 else ''})")
+  raise FileNotFoundError(
+      f"video {name!r} not found under {root!r} (tried {', '.join(tried[:4])}" f"{', ...' if len(tried) > 4 else ''})"
+  )
 
 
 class SubtitleError(ValueError):
@@ -191,9 +195,11 @@ def read_srt(path: str) -> list[tuple[float, float, str]]:
     times = [_SRT_TIME.search(t) for t in lines[timing].split("-->")] if timing is not None else []
     if len(times) != 2 or not all(times):
       raise SubtitleError(f"{path}: cue {n + 1} has no 'HH:MM:SS,mmm --> HH:MM:SS,mmm' line")
-    start, end = (int(h) * 3600 + int(m) * 60 + int(sec) + int(ms.ljust(3, "0")) / 1000
-                  for h, m, sec, ms in (t.groups() for t in times))
-    text = " ".join(_TAG.sub("", line).strip() for line in lines[timing + 1:]).strip()
+    start, end = (
+        int(h) * 3600 + int(m) * 60 + int(sec) + int(ms.ljust(3, "0")) / 1000
+        for h, m, sec, ms in (t.groups() for t in times)
+    )
+    text = " ".join(_TAG.sub("", line).strip() for line in lines[timing + 1 :]).strip()
     if text:
       cues.append((start, end, text))
   return cues
@@ -223,8 +229,12 @@ def extract_choice(text: str, options) -> int | None:
   n = len(options)
   valid = LETTERS[:n]
   s = text.strip()
-  patterns = (rf"^\(?([{valid}])(?:\)|\.|:|,|\s|$)", rf"(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([{valid}])\b",
-              rf"\(([{valid}])\)", rf"(?<![A-Za-z'])([{valid}])(?![A-Za-z'])")
+  patterns = (
+      rf"^\(?([{valid}])(?:\)|\.|:|,|\s|$)",
+      rf"(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([{valid}])\b",
+      rf"\(([{valid}])\)",
+      rf"(?<![A-Za-z'])([{valid}])(?![A-Za-z'])",
+  )
   for p in patterns:
     m = re.search(p, s)
     if m:

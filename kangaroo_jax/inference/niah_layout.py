@@ -54,5 +54,5 @@ def place_needle(haystack: np.ndarray, needle: np.ndarray, start: int) -> np.nda
   if not 0 <= start <= haystack.shape[0] - needle.shape[0]:
     raise ValueError(f"a {needle.shape[0]}-frame needle at {start} does not fit {haystack.shape[0]} frames")
   out = haystack.copy()
-  out[start:start + needle.shape[0]] = needle
+  out[start : start + needle.shape[0]] = needle
   return out

@@ -53,6 +53,7 @@ class Recipe:
     post_prompt (the answer instruction)
   Decoding is greedy (do_sample False); max_new_tokens bounds the answer.
   """
+
   name: str
   benchmark: str
   num_frames: int
@@ -79,8 +80,9 @@ class Recipe:
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
       raise RecipeError(f"recipe {self.name!r}: max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
     if self.option_style not in OPTION_STYLES:
-      raise RecipeError(f"recipe {self.name!r}: option_style must be one of {sorted(OPTION_STYLES)}, "
-                        f"got {self.option_style!r}")
+      raise RecipeError(
+          f"recipe {self.name!r}: option_style must be one of {sorted(OPTION_STYLES)}, " f"got {self.option_style!r}"
+      )
     if self.sampling not in SAMPLING_RULES:
       raise RecipeError(f"recipe {self.name!r}: sampling must be one of {SAMPLING_RULES}, got {self.sampling!r}")
     if self.do_sample:
@@ -96,8 +98,9 @@ class Recipe:
     if len(options) > len(LETTERS):
       raise RecipeError(f"recipe {self.name!r}: {len(options)} options; at most {len(LETTERS)} can be lettered")
     if subtitles and not self.subtitles:
-      raise RecipeError(f"recipe {self.name!r} takes no subtitles; use a recipe with subtitles (e.g. "
-                        "videomme_subtitles)")
+      raise RecipeError(
+          f"recipe {self.name!r} takes no subtitles; use a recipe with subtitles (e.g. " "videomme_subtitles)"
+      )
     style = OPTION_STYLES[self.option_style]
     lines = [self.subtitles_intro, (NO_SUBTITLES if subtitles is None else subtitles) if self.subtitles else ""]
     lines += [self.pre_prompt, self.question_prefix + question.strip(), self.options_header]
@@ -114,60 +117,102 @@ class Recipe:
     return dataclasses.asdict(self)
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe(
-        name="mvbench", benchmark="MVBench", num_frames=64, max_new_tokens=16,
-        question_prefix="Question: ", options_header="Options:", option_style="paren",
-        post_prompt=LETTER_INSTRUCTION,
-        # The 20 MVBench tasks are short clips (a few seconds to ~40 s; some are frame folders). VideoChat2's
-        # 16 frames is that model's own setting, not a benchmark rule; clips shorter than 64 frames repeat
-        # frames and are counted by evaluate.
-        why_frames="release setting; MVBench fixes no frame count (VideoChat2's 16 is its own choice); "
-                   "clips under 64 frames are counted as short"),
-    Recipe(
-        name="videomme", benchmark="Video-MME (w/o subtitles)", num_frames=64, max_new_tokens=16,
-        # Video-MME's README gives this prompt for frames-only evaluation (its 'w/o subs' column).
-        pre_prompt="Select the best answer to the following multiple-choice question based on the video. "
-                   "Respond with only the letter (A, B, C, or D) of the correct option.",
-        option_style="dot", post_prompt="The best answer is:",
-        why_frames="release setting; Video-MME lets each model choose (videos 11 s to 1 h)"),
-    Recipe(
-        name="videomme_subtitles", benchmark="Video-MME (w/ subtitles)", num_frames=64, max_new_tokens=16,
-        # The README's 'w/ subs' prompt. Its reference code keeps the subtitle lines shown at the sampled
-        # frames; evaluate does the same with this recipe's own frames (--subtitle-root: <videoID>.srt files).
-        subtitles_intro="This video's subtitles are listed below:",
-        pre_prompt="Select the best answer to the following multiple-choice question based on the video and the "
-                   "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.",
-        option_style="dot", post_prompt="The best answer is:",
-        why_frames="release setting, as videomme; the subtitle lines follow the sampled frames"),
-    Recipe(
-        name="egoschema", benchmark="EgoSchema (500-question subset with public answers)", num_frames=64,
-        max_new_tokens=16, option_style="dot", post_prompt=LETTER_INSTRUCTION,
-        # Five options per question; lmms-eval's egoschema_subset prompt (question, "A. ..." lines,
-        # the letter instruction).
-        why_frames="release setting; EgoSchema fixes no frame count (every clip is 3 min at 30 fps)"),
-    Recipe(
-        name="longvideobench", benchmark="LongVideoBench (validation, frames only)", num_frames=64,
-        max_new_tokens=32, option_style="dot", post_prompt=LETTER_INSTRUCTION,
-        # lmms-eval's longvideobench_val_v prompt and its 32-token budget. The benchmark's interleaved
-        # subtitles are not given (frames only).
-        why_frames="release setting; LongVideoBench evaluates each model at its own maximum (videos up to 1 h)"),
-    Recipe(
-        name="mlvu", benchmark="MLVU (dev, multiple-choice tasks)", num_frames=64, max_new_tokens=16,
-        question_prefix="Question: ", options_header="Options:", option_style="paren",
-        # MLVU's own evaluation ends the prompt with "Best option: (" so the answer starts with the letter;
-        # lmms-eval's mlvu_dev keeps that ending.
-        post_prompt="Only give the best option.\nBest option: (",
-        why_frames="release setting; MLVU fixes no frame count (videos 3 min to 2 h)"),
-)}
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="mvbench",
+            benchmark="MVBench",
+            num_frames=64,
+            max_new_tokens=16,
+            question_prefix="Question: ",
+            options_header="Options:",
+            option_style="paren",
+            post_prompt=LETTER_INSTRUCTION,
+            # The 20 MVBench tasks are short clips (a few seconds to ~40 s; some are frame folders). VideoChat2's
+            # 16 frames is that model's own setting, not a benchmark rule; clips shorter than 64 frames repeat
+            # frames and are counted by evaluate.
+            why_frames="release setting; MVBench fixes no frame count (VideoChat2's 16 is its own choice); "
+            "clips under 64 frames are counted as short",
+        ),
+        Recipe(
+            name="videomme",
+            benchmark="Video-MME (w/o subtitles)",
+            num_frames=64,
+            max_new_tokens=16,
+            # Video-MME's README gives this prompt for frames-only evaluation (its 'w/o subs' column).
+            pre_prompt="Select the best answer to the following multiple-choice question based on the video. "
+            "Respond with only the letter (A, B, C, or D) of the correct option.",
+            option_style="dot",
+            post_prompt="The best answer is:",
+            why_frames="release setting; Video-MME lets each model choose (videos 11 s to 1 h)",
+        ),
+        Recipe(
+            name="videomme_subtitles",
+            benchmark="Video-MME (w/ subtitles)",
+            num_frames=64,
+            max_new_tokens=16,
+            # The README's 'w/ subs' prompt. Its reference code keeps the subtitle lines shown at the sampled
+            # frames; evaluate does the same with this recipe's own frames (--subtitle-root: <videoID>.srt files).
+            subtitles_intro="This video's subtitles are listed below:",
+            pre_prompt="Select the best answer to the following multiple-choice question based on the video and the "
+            "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.",
+            option_style="dot",
+            post_prompt="The best answer is:",
+            why_frames="release setting, as videomme; the subtitle lines follow the sampled frames",
+        ),
+        Recipe(
+            name="egoschema",
+            benchmark="EgoSchema (500-question subset with public answers)",
+            num_frames=64,
+            max_new_tokens=16,
+            option_style="dot",
+            post_prompt=LETTER_INSTRUCTION,
+            # Five options per question; lmms-eval's egoschema_subset prompt (question, "A. ..." lines,
+            # the letter instruction).
+            why_frames="release setting; EgoSchema fixes no frame count (every clip is 3 min at 30 fps)",
+        ),
+        Recipe(
+            name="longvideobench",
+            benchmark="LongVideoBench (validation, frames only)",
+            num_frames=64,
+            max_new_tokens=32,
+            option_style="dot",
+            post_prompt=LETTER_INSTRUCTION,
+            # lmms-eval's longvideobench_val_v prompt and its 32-token budget. The benchmark's interleaved
+            # subtitles are not given (frames only).
+            why_frames="release setting; LongVideoBench evaluates each model at its own maximum (videos up to 1 h)",
+        ),
+        Recipe(
+            name="mlvu",
+            benchmark="MLVU (dev, multiple-choice tasks)",
+            num_frames=64,
+            max_new_tokens=16,
+            question_prefix="Question: ",
+            options_header="Options:",
+            option_style="paren",
+            # MLVU's own evaluation ends the prompt with "Best option: (" so the answer starts with the letter;
+            # lmms-eval's mlvu_dev keeps that ending.
+            post_prompt="Only give the best option.\nBest option: (",
+            why_frames="release setting; MLVU fixes no frame count (videos 3 min to 2 h)",
+        ),
+    )
+}
 
 
 # What evaluate uses without --recipe: the MVBench-style template of kangaroo_jax.inference.mcq.format_prompt
 # (the same text) with evaluate's historical defaults. Not a benchmark recipe, so not in RECIPES.
 DEFAULT = Recipe(
-    name="default", benchmark="any (no --recipe)", num_frames=64, max_new_tokens=16,
-    question_prefix="Question: ", options_header="Options:", option_style="paren", post_prompt=LETTER_INSTRUCTION,
-    why_frames="release setting")
+    name="default",
+    benchmark="any (no --recipe)",
+    num_frames=64,
+    max_new_tokens=16,
+    question_prefix="Question: ",
+    options_header="Options:",
+    option_style="paren",
+    post_prompt=LETTER_INSTRUCTION,
+    why_frames="release setting",
+)
 
 
 def get_recipe(name: str) -> Recipe:

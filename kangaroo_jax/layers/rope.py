@@ -54,8 +54,9 @@ def apply_llama_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -
   return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def eva_rope_tables(grid_h: int, grid_w: int, head_dim: int, pt_seq_len: int,
-                    theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+def eva_rope_tables(
+    grid_h: int, grid_w: int, head_dim: int, pt_seq_len: int, theta: float = 10000.0
+) -> tuple[np.ndarray, np.ndarray]:
   """cos, sin tables [grid_h * grid_w, head_dim] for row-major patch tokens.
 
   Each coordinate gets head_dim // 4 frequencies theta^(-k / (head_dim // 4)), each used for one
@@ -68,10 +69,13 @@ def eva_rope_tables(grid_h: int, grid_w: int, head_dim: int, pt_seq_len: int,
   pos_w = np.arange(grid_w, dtype=np.float64) / grid_w * pt_seq_len
   ang_h = np.repeat(np.outer(pos_h, freqs), 2, axis=-1)  # [gh, head_dim / 2]
   ang_w = np.repeat(np.outer(pos_w, freqs), 2, axis=-1)  # [gw, head_dim / 2]
-  ang = np.concatenate([
-      np.broadcast_to(ang_h[:, None, :], (grid_h, grid_w, head_dim // 2)),
-      np.broadcast_to(ang_w[None, :, :], (grid_h, grid_w, head_dim // 2)),
-  ], axis=-1).reshape(grid_h * grid_w, head_dim)
+  ang = np.concatenate(
+      [
+          np.broadcast_to(ang_h[:, None, :], (grid_h, grid_w, head_dim // 2)),
+          np.broadcast_to(ang_w[None, :, :], (grid_h, grid_w, head_dim // 2)),
+      ],
+      axis=-1,
+  ).reshape(grid_h * grid_w, head_dim)
   return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 

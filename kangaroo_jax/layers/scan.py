@@ -48,7 +48,9 @@ def run_stack(stack: nnx.Module, carry, body: Callable, remat_policy: str = "non
     try:
       policy = _POLICIES[remat_policy]
     except KeyError:
-      raise ValueError(f"unknown remat_policy {remat_policy!r}; expected 'none' or one of {sorted(_POLICIES)}") from None
+      raise ValueError(
+          f"unknown remat_policy {remat_policy!r}; expected 'none' or one of {sorted(_POLICIES)}"
+      ) from None
     step = nnx.remat(step, policy=policy, prevent_cse=False)
   scanned = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=_LAYERS_AXIS)
   return scanned(carry, stack)

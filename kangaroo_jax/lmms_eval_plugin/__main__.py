@@ -55,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
   try:
     from lmms_eval.cli.dispatch import main as lmms_eval_main
   except ImportError:
-    print("error: lmms-eval is not installed in this environment; build its own with `make eval-env` and run "
-          ".venv-eval/bin/python -m kangaroo_jax.lmms_eval_plugin", file=sys.stderr)
+    print(
+        "error: lmms-eval is not installed in this environment; build its own with `make eval-env` and run "
+        ".venv-eval/bin/python -m kangaroo_jax.lmms_eval_plugin",
+        file=sys.stderr,
+    )
     return 2
 
   from kangaroo_jax.lmms_eval_plugin import model as plugin_model
+
   started = time.time() - 1.0  # file times can be coarser than time.time()
   sys.argv = ["lmms-eval"] + argv
   status = lmms_eval_main()
@@ -72,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
       print(f"kangaroo_jax: provenance added to {path}", file=sys.stderr)
     if not written:
       # lmms-eval logs an evaluation error (a bad model_args value, a task error) and still exits 0.
-      print(f"kangaroo_jax: lmms-eval wrote no results under {run.output_path} (its error is logged above)",
-            file=sys.stderr)
+      print(
+          f"kangaroo_jax: lmms-eval wrote no results under {run.output_path} (its error is logged above)",
+          file=sys.stderr,
+      )
       return 1
   return status if isinstance(status, int) else 0
 

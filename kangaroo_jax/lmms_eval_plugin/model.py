@@ -54,6 +54,7 @@ def _item_errors() -> tuple[type[BaseException], ...]:
   errors: tuple[type[BaseException], ...] = (VideoError, OSError, PromptTooLong, PromptError)
   try:
     import av
+
     errors += (av.error.FFmpegError,)
   except ImportError:
     pass
@@ -74,6 +75,7 @@ def _int_arg(name: str, value, *, minimum: int) -> int | None:
 
 def _pairs_survive_the_evaluator() -> bool:
   from lmms_eval.api.instance import unwrap_generation_output
+
   return unwrap_generation_output((0.0, True))[0] == (0.0, True)
 
 
@@ -87,6 +89,7 @@ def _harness_pair(pair: tuple[float, bool]):
   if _PAIRS_SURVIVE:
     return pair
   from lmms_eval.api.instance import GenerationResult
+
   return GenerationResult(text=pair)
 
 
@@ -98,8 +101,12 @@ def _sampling(gen_kwargs: dict, greedy: bool) -> SamplingConfig:
   do_sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0 and not greedy
   if not do_sample:
     return SamplingConfig()
-  return SamplingConfig(do_sample=True, temperature=temperature, top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
-                        top_k=int(gen_kwargs.get("top_k", 0) or 0))
+  return SamplingConfig(
+      do_sample=True,
+      temperature=temperature,
+      top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
+      top_k=int(gen_kwargs.get("top_k", 0) or 0),
+  )
 
 
 class KangarooJaxSimple(lmms):
@@ -107,20 +114,35 @@ class KangarooJaxSimple(lmms):
 
   is_simple = True
 
-  def __init__(self, pretrained: str | None = None, num_frames=None, recipe: str | None = None,
-               max_new_tokens=None, batch_size=1, param_dtype: str | None = None, prefill_chunk=512,
-               max_positions=None, device=None, max_batch_size=None, **unknown):
+  def __init__(
+      self,
+      pretrained: str | None = None,
+      num_frames=None,
+      recipe: str | None = None,
+      max_new_tokens=None,
+      batch_size=1,
+      param_dtype: str | None = None,
+      prefill_chunk=512,
+      max_positions=None,
+      device=None,
+      max_batch_size=None,
+      **unknown,
+  ):
     super().__init__()
     if unknown:
-      raise ValueError(f"unknown model_args for kangaroo_jax: {', '.join(sorted(unknown))} (known: pretrained, "
-                       "num_frames, recipe, max_new_tokens, param_dtype, prefill_chunk, max_positions)")
+      raise ValueError(
+          f"unknown model_args for kangaroo_jax: {', '.join(sorted(unknown))} (known: pretrained, "
+          "num_frames, recipe, max_new_tokens, param_dtype, prefill_chunk, max_positions)"
+      )
     if not pretrained:
       raise ValueError("model_args pretrained=CKPT is required (a from_pretrained folder)")
     self.recipe = get_recipe(recipe) if recipe else None
     if self.recipe is not None and getattr(self.recipe, "subtitles", False):
-      raise ValueError(f"model_args recipe={recipe}: this recipe reads subtitle files, which lmms-eval does not "
-                       "give a model; use its subtitle task (the subtitles stay in the task's text) with a recipe "
-                       "without subtitles, e.g. recipe=videomme")
+      raise ValueError(
+          f"model_args recipe={recipe}: this recipe reads subtitle files, which lmms-eval does not "
+          "give a model; use its subtitle task (the subtitles stay in the task's text) with a recipe "
+          "without subtitles, e.g. recipe=videomme"
+      )
     frames = _int_arg("num_frames", num_frames, minimum=2)
     if frames is not None and frames % 2:
       raise ValueError(f"model_args num_frames={frames}: expected an even number (frames are encoded in pairs)")
@@ -133,10 +155,15 @@ class KangarooJaxSimple(lmms):
     batch = _int_arg("batch_size", 1 if batch_size in (None, "auto") else batch_size, minimum=1)
     # The persistent compilation cache of the project's CLIs, before the first compile (it opens then).
     compile_cache.enable(warn=lambda s: print(f"kangaroo_jax warning: {s}", file=sys.stderr, flush=True))
-    self.runner = Runner(pretrained, num_frames=frames, batch_size=batch, param_dtype=param_dtype,
-                         prefill_chunk=_int_arg("prefill_chunk", prefill_chunk, minimum=16),
-                         max_positions=_int_arg("max_positions", max_positions, minimum=2),
-                         warn=lambda s: print(f"kangaroo_jax warning: {s}", file=sys.stderr, flush=True))
+    self.runner = Runner(
+        pretrained,
+        num_frames=frames,
+        batch_size=batch,
+        param_dtype=param_dtype,
+        prefill_chunk=_int_arg("prefill_chunk", prefill_chunk, minimum=16),
+        max_positions=_int_arg("max_positions", max_positions, minimum=2),
+        warn=lambda s: print(f"kangaroo_jax warning: {s}", file=sys.stderr, flush=True),
+    )
     self.batch_size = batch
     self.provenance = self._provenance(pretrained, frames, overrides, batch)
     INSTANCES.append(self)
@@ -144,14 +171,23 @@ class KangarooJaxSimple(lmms):
 
   def _provenance(self, pretrained: str, frames: int, overrides: dict, batch: int) -> dict:
     from kangaroo_jax.evaluate import checkpoint_hash, code_version
-    return {"harness": {"name": "lmms-eval", "version": harness_version()},
-            "model_class": f"{type(self).__module__}.{type(self).__name__}",
-            "recipe": None if self.recipe is None else self.recipe.to_dict(),
-            "recipe_overrides": overrides if self.recipe is not None else {},
-            "settings": {"num_frames": frames, "max_new_tokens": self.max_new_tokens, "batch_size": batch,
-                         "prompt": "recipe template" if self.recipe is not None else "task text",
-                         "decoding": "greedy" if self.recipe is not None else "task generation_kwargs"},
-            "code": code_version(), "checkpoint": checkpoint_hash(pretrained), "counts": self.runner.stats}
+
+    return {
+        "harness": {"name": "lmms-eval", "version": harness_version()},
+        "model_class": f"{type(self).__module__}.{type(self).__name__}",
+        "recipe": None if self.recipe is None else self.recipe.to_dict(),
+        "recipe_overrides": overrides if self.recipe is not None else {},
+        "settings": {
+            "num_frames": frames,
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": batch,
+            "prompt": "recipe template" if self.recipe is not None else "task text",
+            "decoding": "greedy" if self.recipe is not None else "task generation_kwargs",
+        },
+        "code": code_version(),
+        "checkpoint": checkpoint_hash(pretrained),
+        "counts": self.runner.stats,
+    }
 
   # --- request building ----------------------------------------------------------------------------
 
@@ -168,8 +204,13 @@ class KangarooJaxSimple(lmms):
     until = gen_kwargs.get("until") or ()
     until = (until,) if isinstance(until, str) else tuple(until)
     max_new = self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-    return GenerationRequest(messages=messages, visual=visual, max_new_tokens=max_new, until=until,
-                             sampling=_sampling(gen_kwargs, greedy=self.recipe is not None))
+    return GenerationRequest(
+        messages=messages,
+        visual=visual,
+        max_new_tokens=max_new,
+        until=until,
+        sampling=_sampling(gen_kwargs, greedy=self.recipe is not None),
+    )
 
   def _doc(self, task: str, split: str, doc_id):
     return self.task_dict[task][split][doc_id]
@@ -184,8 +225,9 @@ class KangarooJaxSimple(lmms):
   def _build_generation(self, args) -> GenerationRequest:
     ctx, gen_kwargs, doc_to_visual, doc_id, task, split = args
     visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
-    return self._generation([{"role": "user", "content": self._user_text(ctx)}], self._one_visual(visuals),
-                            dict(gen_kwargs or {}))
+    return self._generation(
+        [{"role": "user", "content": self._user_text(ctx)}], self._one_visual(visuals), dict(gen_kwargs or {})
+    )
 
   # --- lmms-eval API ---------------------------------------------------------------------------------
 
@@ -218,8 +260,11 @@ class KangarooJaxSimple(lmms):
         self.runner.stats["failed"] += 1
         self.runner._warn_failed(e)
         continue
-      scored.append(ScoreRequest(context=self._user_text(context) if context else context,
-                                 continuation=continuation, visual=visual))
+      scored.append(
+          ScoreRequest(
+              context=self._user_text(context) if context else context, continuation=continuation, visual=visual
+          )
+      )
       where.append(i)
     # lmms-eval's own models return the continuation's loss and its multiple_choice scoring takes the argmin,
     # so the harness gets -log P (summed over the continuation's tokens). A request that could not be scored
@@ -231,8 +276,10 @@ class KangarooJaxSimple(lmms):
     return [_harness_pair(pair) for pair in out]
 
   def generate_until_multi_round(self, requests) -> list[str]:
-    raise NotImplementedError("kangaroo_jax answers single-round generation and log-likelihood requests; "
-                              "multi-round tasks are not supported")
+    raise NotImplementedError(
+        "kangaroo_jax answers single-round generation and log-likelihood requests; "
+        "multi-round tasks are not supported"
+    )
 
 
 def _messages_from_chat(raw_messages) -> tuple[list[dict], object]:

@@ -41,6 +41,7 @@ class RequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
   """messages: [{"role", "content": str}], the visual (if any) belongs to the first user message."""
+
   messages: Sequence[dict]
   visual: object = None
   max_new_tokens: int = 16
@@ -51,6 +52,7 @@ class GenerationRequest:
 @dataclasses.dataclass(frozen=True)
 class ScoreRequest:
   """log P(continuation | user turn `context` + visual), the continuation as the assistant's first tokens."""
+
   context: str
   continuation: str
   visual: object = None
@@ -82,9 +84,18 @@ class Runner:
     / "recipe_dropped_text" (kept for the lmms-eval model's recipe prompts, see recipe_prompt).
   """
 
-  def __init__(self, ckpt_dir: str, *, num_frames: int = 64, batch_size: int = 1, param_dtype: str | None = None,
-               prefill_chunk: int = 512, max_positions: int | None = None, model_and_tokenizer=None,
-               warn: Callable[[str], None] | None = None):
+  def __init__(
+      self,
+      ckpt_dir: str,
+      *,
+      num_frames: int = 64,
+      batch_size: int = 1,
+      param_dtype: str | None = None,
+      prefill_chunk: int = 512,
+      max_positions: int | None = None,
+      model_and_tokenizer=None,
+      warn: Callable[[str], None] | None = None,
+  ):
     if not isinstance(num_frames, int) or num_frames < 2 or num_frames % 2:
       raise ValueError(f"num_frames must be an even integer >= 2 (frames are encoded in pairs), got {num_frames!r}")
     if batch_size < 1:
@@ -98,8 +109,14 @@ class Runner:
     self.chat = Chat(model, tokenizer, prefill_chunk=prefill_chunk, max_positions=max_positions, warn=warn)
     self.model, self.tokenizer, self.engine = model, tokenizer, self.chat.engine
     self.num_frames, self.batch_size = num_frames, batch_size
-    self.stats = {"answered": 0, "failed": 0, "short_videos": 0, "recipe_rendered": 0, "recipe_passthrough": 0,
-                  "recipe_dropped_text": 0}
+    self.stats = {
+        "answered": 0,
+        "failed": 0,
+        "short_videos": 0,
+        "recipe_rendered": 0,
+        "recipe_passthrough": 0,
+        "recipe_dropped_text": 0,
+    }
 
   # --- inputs ------------------------------------------------------------------------------------
 
@@ -115,8 +132,9 @@ class Runner:
       start, end = visual.get("video_start"), visual.get("video_end")
       visual = visual.get("path") or visual.get("url") or visual.get("video_path")
     if not isinstance(visual, (str, os.PathLike)):
-      raise RequestError(f"a visual must be a file path, a PIL image or a dict with 'path'; "
-                         f"got {type(visual).__name__}")
+      raise RequestError(
+          f"a visual must be a file path, a PIL image or a dict with 'path'; " f"got {type(visual).__name__}"
+      )
     if str(visual).startswith(("http://", "https://")):
       raise RequestError(f"{visual}: remote videos are not fetched; give a local path")
     _, frames, timestamps = self.chat.load_visual(visual, self.num_frames, start, end)
@@ -135,9 +153,15 @@ class Runner:
       tokens_per_group = self.model.visual_tokens_per_frame_group(h, w)
       first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
       messages[first_user]["content"] = self.chat.markers.video + messages[first_user]["content"]
-    return encode_conversation(self.tokenizer, messages, num_groups=num_groups, tokens_per_group=tokens_per_group,
-                               visual_token_id=self.model.cfg.visual_token_id, markers=self.chat.markers,
-                               add_generation_prompt=True).input_ids
+    return encode_conversation(
+        self.tokenizer,
+        messages,
+        num_groups=num_groups,
+        tokens_per_group=tokens_per_group,
+        visual_token_id=self.model.cfg.visual_token_id,
+        markers=self.chat.markers,
+        add_generation_prompt=True,
+    ).input_ids
 
   # --- generation ---------------------------------------------------------------------------------
 
@@ -163,7 +187,7 @@ class Runner:
     for key, group in itertools.groupby(prepared, key=lambda p: p[0]):
       group = list(group)
       for lo in range(0, len(group), self.batch_size):
-        self._generate_batch(key, group[lo:lo + self.batch_size], requests, answers)
+        self._generate_batch(key, group[lo : lo + self.batch_size], requests, answers)
     return answers
 
   def _generate_batch(self, key, rows, requests, answers) -> None:
@@ -172,8 +196,14 @@ class Runner:
     if grid is not None:
       frames = jnp.asarray(np.stack([video[0] for _, _, _, video in rows]))
       timestamps = jnp.asarray(np.stack([video[1] for _, _, _, video in rows]))
-    gen = self.engine.generate([ids.tolist() for _, _, ids, _ in rows], frames=frames, timestamps=timestamps,
-                               max_new_tokens=max_new, sampling=sampling, stop_ids=self.tokenizer.stop_ids)
+    gen = self.engine.generate(
+        [ids.tolist() for _, _, ids, _ in rows],
+        frames=frames,
+        timestamps=timestamps,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        stop_ids=self.tokenizer.stop_ids,
+    )
     for (_, i, _, _), tokens in zip(rows, gen.tokens):
       text = self.tokenizer.decode(tokens, skip_special_tokens=True)
       answers[i] = cut_at_stop_strings(text, requests[i].until)
@@ -192,8 +222,10 @@ class Runner:
     token at a time, so every token's distribution comes from the KV-cache engine.
     """
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-    keyed = [(r.context, id(r.visual) if r.visual is not None and not isinstance(r.visual, str) else r.visual)
-             for r in requests]
+    keyed = [
+        (r.context, id(r.visual) if r.visual is not None and not isinstance(r.visual, str) else r.visual)
+        for r in requests
+    ]
     i = 0
     while i < len(requests):
       j = i + 1
@@ -201,8 +233,7 @@ class Runner:
         j += 1
       try:
         video = self.frames_of(requests[i].visual)
-        ids = self.prompt_ids([{"role": "user", "content": requests[i].context}],
-                              None if video is None else video[0])
+        ids = self.prompt_ids([{"role": "user", "content": requests[i].context}], None if video is None else video[0])
         conts = [self.tokenizer.encode(r.continuation) for r in requests[i:j]]
         if any(not c for c in conts):
           raise RequestError("an empty continuation has no log-likelihood")
@@ -224,8 +255,9 @@ class Runner:
     # Room for the prompt padded to its prefill chunks, then one padded chunk per fed continuation token.
     cache = self.engine.ensure_capacity(None, 1, len(ids) + self.engine.prefill_chunk + longest + MIN_CHUNK)
     cache, logits = self.engine.prefill(cache, self.engine.embed(ids[None], visual), [len(ids)])
-    cache = KVCache(jnp.repeat(cache.k, rows, axis=1), jnp.repeat(cache.v, rows, axis=1),
-                    jnp.repeat(cache.lengths, rows))
+    cache = KVCache(
+        jnp.repeat(cache.k, rows, axis=1), jnp.repeat(cache.v, rows, axis=1), jnp.repeat(cache.lengths, rows)
+    )
     logits = jnp.repeat(logits, rows, axis=0)
     total, greedy = np.zeros(rows), np.ones(rows, bool)
     for step in range(longest):
@@ -240,4 +272,3 @@ class Runner:
       feed = np.array([[cont[step] if step < len(cont) else 0] for cont in conts], np.int32)
       cache, logits = self.engine.prefill(cache, self.engine.embed(feed), [1] * rows)
     return [(float(t), bool(g)) for t, g in zip(total, greedy)]
-

@@ -27,6 +27,7 @@ FRAMES, PATCHES = "activation_frames", "activation_patches"
 
 
 class EvaAttention(nnx.Module):
+
   def __init__(self, cfg: VisionConfig, run: RunOptions, *, rngs: nnx.Rngs):
     w = cfg.width
     dtype, param_dtype = run.dtype, run.params_dtype
@@ -57,12 +58,12 @@ class EvaAttention(nnx.Module):
 
 
 class EvaSwiGLU(nnx.Module):
+
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.w1 = dense(cfg.width, cfg.mlp_hidden, ("embed", "mlp"), **kw)
     self.w2 = dense(cfg.width, cfg.mlp_hidden, ("embed", "mlp"), **kw)
-    self.ffn_ln = LayerNorm(cfg.mlp_hidden, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                            rngs=rngs)
+    self.ffn_ln = LayerNorm(cfg.mlp_hidden, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.w3 = dense(cfg.mlp_hidden, cfg.width, ("mlp", "embed"), **kw)
 
   def __call__(self, x):
@@ -70,6 +71,7 @@ class EvaSwiGLU(nnx.Module):
 
 
 class EvaBlock(nnx.Module):
+
   def __init__(self, cfg: VisionConfig, run: RunOptions, *, rngs: nnx.Rngs):
     norm = dict(eps=cfg.layer_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
     self.norm1 = LayerNorm(cfg.width, **norm)
@@ -97,9 +99,8 @@ class EvaVisionTransformer(nnx.Module):
     self.patch_embed_kernel = param(rngs, init, (p, p, c, w), ("patch", "patch", "channels", "embed"), param_dtype)
     self.patch_embed_bias = param(rngs, nnx.initializers.zeros_init(), (w,), ("embed",), param_dtype)
     self.cls_token = param(rngs, init, (w,), ("embed",), param_dtype)
-    self.pos_embed = param(rngs, init, (1 + cfg.trained_grid ** 2, w), ("positions", "embed"), param_dtype)
-    self.blocks = create_stack(
-        lambda r: EvaBlock(cfg, run, rngs=r), cfg.num_layers, rngs)
+    self.pos_embed = param(rngs, init, (1 + cfg.trained_grid**2, w), ("positions", "embed"), param_dtype)
+    self.blocks = create_stack(lambda r: EvaBlock(cfg, run, rngs=r), cfg.num_layers, rngs)
     self.norm = LayerNorm(w, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def _patchify(self, frames):
@@ -108,8 +109,12 @@ class EvaVisionTransformer(nnx.Module):
     gh, gw = self.cfg.grid_for(h, w)
     patches = frames.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, p * p * c)
     kernel = self.patch_embed_kernel[...].astype(self.dtype).reshape(p * p * c, -1)
-    x = jnp.einsum("npk,kd->npd", patches.astype(self.dtype), kernel,
-                   precision=jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None)
+    x = jnp.einsum(
+        "npk,kd->npd",
+        patches.astype(self.dtype),
+        kernel,
+        precision=jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None,
+    )
     return x + self.patch_embed_bias[...].astype(self.dtype), (gh, gw)
 
   def _pos_embed(self, gh: int, gw: int) -> jax.Array:
@@ -133,8 +138,10 @@ class EvaVisionTransformer(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (n, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self._pos_embed(gh, gw).astype(self.dtype)
     x = shard(x, (FRAMES, PATCHES, "activation_embed"))
-    cos, sin = (jnp.asarray(t) for t in eva_rope_tables(gh, gw, self.cfg.head_width, self.cfg.pt_hw_seq_len,
-                                                          self.cfg.rope_theta))
+    cos, sin = (
+        jnp.asarray(t)
+        for t in eva_rope_tables(gh, gw, self.cfg.head_width, self.cfg.pt_hw_seq_len, self.cfg.rope_theta)
+    )
 
     def body(block, carry):
       h, _ = carry

@@ -1,9 +1,9 @@
 """The assembled video-language model.
 
-  frames [b, f, h, w, c] --EVA02 (frames folded into batch)--> [b, f, gh, gw, dv]
-    --TPE + patchify--> [b, groups, tokens, dv] --projector--> visual tokens [b, n_vis, d]
-  input_ids [b, l] with `visual_token_id` at every visual position
-    --embed, then visual tokens written over the placeholders in order--> Llama-3 -> logits [b, l, vocab]
+frames [b, f, h, w, c] --EVA02 (frames folded into batch)--> [b, f, gh, gw, dv]
+  --TPE + patchify--> [b, groups, tokens, dv] --projector--> visual tokens [b, n_vis, d]
+input_ids [b, l] with `visual_token_id` at every visual position
+  --embed, then visual tokens written over the placeholders in order--> Llama-3 -> logits [b, l, vocab]
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ def check_visual_placeholders(input_ids, visual_tokens_per_row, visual_token_id:
   bad = np.nonzero(have != want)[0]
   if bad.size:
     rows = ", ".join(f"row {r}: {have[r]} placeholders vs {want[r]} visual tokens" for r in bad[:8])
-    raise ValueError(f"visual placeholder count mismatch (placeholder id {visual_token_id}): {rows}. "
-                     "Each frame group contributes tokens_per_group placeholders; rebuild the prompt for "
-                     "the number of frames actually passed.")
+    raise ValueError(
+        f"visual placeholder count mismatch (placeholder id {visual_token_id}): {rows}. "
+        "Each frame group contributes tokens_per_group placeholders; rebuild the prompt for "
+        "the number of frames actually passed."
+    )
 
 
 def merge_visual_tokens(token_embeds: jax.Array, visual: jax.Array, is_visual: jax.Array) -> jax.Array:
@@ -136,36 +138,59 @@ class Kangaroo(nnx.Module):
     embeds = self.llm.model.embed(jnp.where(is_visual, 0, input_ids))
     return embeds if visual is None else merge_visual_tokens(embeds, visual, is_visual)
 
-  def forward_cached(self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-                     new_lengths: jax.Array, logit_index: jax.Array | None = None):
+  def forward_cached(
+      self,
+      inputs_embeds: jax.Array,
+      k_cache: jax.Array,
+      v_cache: jax.Array,
+      start: jax.Array,
+      new_lengths: jax.Array,
+      logit_index: jax.Array | None = None,
+  ):
     """The decoder against a KV cache (LlamaForCausalLM.forward_cached): (logits, k_cache, v_cache)."""
     return self.llm.forward_cached(inputs_embeds, k_cache, v_cache, start, new_lengths, logit_index=logit_index)
 
   # --- training and full-sequence forward ---
 
-  def embed_inputs(self, input_ids: jax.Array, frames: jax.Array | None = None,
-                   timestamps: jax.Array | None = None) -> jax.Array:
+  def embed_inputs(
+      self, input_ids: jax.Array, frames: jax.Array | None = None, timestamps: jax.Array | None = None
+  ) -> jax.Array:
     """input_ids [b, l] (+ frames) -> LLM input embeddings [b, l, d] with visual tokens in place."""
     if frames is None:
       if _is_concrete(input_ids) and bool(jnp.any(input_ids == self.cfg.visual_token_id)):
         raise ValueError(f"input_ids contain visual placeholders ({self.cfg.visual_token_id}) but no frames were given")
       return self.embed(input_ids)
     if frames.ndim != 5 or frames.shape[0] != input_ids.shape[0]:
-      raise ValueError(f"frames must be [batch={input_ids.shape[0]}, frames, height, width, channels], "
-                       f"got shape {frames.shape}")
+      raise ValueError(
+          f"frames must be [batch={input_ids.shape[0]}, frames, height, width, channels], " f"got shape {frames.shape}"
+      )
     b, f, h, w, _ = frames.shape
     if _is_concrete(input_ids):
       check_visual_placeholders(input_ids, self.num_visual_tokens(f, h, w), self.cfg.visual_token_id)
     return self.embed(input_ids, self.encode_frames(frames, timestamps))
 
-  def hidden_states(self, input_ids: jax.Array, frames: jax.Array | None = None, timestamps: jax.Array | None = None,
-                    *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+  def hidden_states(
+      self,
+      input_ids: jax.Array,
+      frames: jax.Array | None = None,
+      timestamps: jax.Array | None = None,
+      *,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """Like __call__ but stops before the LM head: final (normed) hidden states [b, l, embed]."""
     embeds = self.embed_inputs(input_ids, frames, timestamps)
     return self.llm.model(embeds, positions, segment_ids)
 
-  def __call__(self, input_ids: jax.Array, frames: jax.Array | None = None, timestamps: jax.Array | None = None,
-               *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      frames: jax.Array | None = None,
+      timestamps: jax.Array | None = None,
+      *,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """input_ids [b, l], frames [b, f, h, w, c], timestamps [b, f] -> logits [b, l, vocab]."""
     embeds = self.embed_inputs(input_ids, frames, timestamps)
     return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)

@@ -25,6 +25,7 @@ BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embe
 
 
 class LlamaAttention(nnx.Module):
+
   def __init__(self, cfg: LlamaConfig, run: RunOptions, *, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
     kw = dict(use_bias=False, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
@@ -53,8 +54,16 @@ class LlamaAttention(nnx.Module):
     k = shard(apply_llama_rope(k, positions, inv_freq), (BATCH, LENGTH, "activation_kv_heads", None))
     v = shard(v, (BATCH, LENGTH, "activation_kv_heads", None))
     out = self._attention()(
-        q, k, v, causal=True, q_positions=positions, kv_positions=positions,
-        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, layout=layout)
+        q,
+        k,
+        v,
+        causal=True,
+        q_positions=positions,
+        kv_positions=positions,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids,
+        layout=layout,
+    )
     return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
   def cached(self, x, positions, inv_freq, k_all, v_all, layer, start, cache_valid):
@@ -81,16 +90,24 @@ class LlamaAttention(nnx.Module):
     cache_positions = jnp.broadcast_to(jnp.arange(k_cache.shape[1], dtype=jnp.int32), cache_valid.shape)
     if c == 1:
       # The cache length is sharded over `context`; decode_attention merges the shards' partial softmax.
-      out = decode_attention(q, k_cache, v_cache, q_positions=positions, cache_positions=cache_positions,
-                             cache_valid=cache_valid)
+      out = decode_attention(
+          q, k_cache, v_cache, q_positions=positions, cache_positions=cache_positions, cache_valid=cache_valid
+      )
     else:
       # Invalid slots (padding, stale tokens of a shorter row) get segment 0 and are never attended.
       # Cache slots are not in the layout of the new tokens: layout=None keeps this on the
       # position-masked (XLA / cuDNN) paths.
       out = self._attention()(
-          q, k_cache, v_cache, causal=True, q_positions=positions, kv_positions=cache_positions,
-          q_segment_ids=jnp.ones((b, c), jnp.int32), kv_segment_ids=cache_valid.astype(jnp.int32),
-          layout=None)
+          q,
+          k_cache,
+          v_cache,
+          causal=True,
+          q_positions=positions,
+          kv_positions=cache_positions,
+          q_segment_ids=jnp.ones((b, c), jnp.int32),
+          kv_segment_ids=cache_valid.astype(jnp.int32),
+          layout=None,
+      )
     return self.o_proj(out.reshape(b, c, self.num_heads * self.head_dim)), k_all, v_all
 
 
@@ -111,6 +128,7 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, slots: jax.Array) -> ja
 
 
 class LlamaMLP(nnx.Module):
+
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
@@ -123,6 +141,7 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
+
   def __init__(self, cfg: LlamaConfig, run: RunOptions, *, rngs: nnx.Rngs):
     norm = dict(eps=cfg.rms_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
@@ -137,8 +156,9 @@ class LlamaDecoderLayer(nnx.Module):
 
   def cached(self, x, positions, inv_freq, k_all, v_all, layer, start, cache_valid):
     """Same as __call__ for new tokens attending over the KV cache (see LlamaAttention.cached)."""
-    h, k_all, v_all = self.self_attn.cached(self.input_layernorm(x), positions, inv_freq, k_all, v_all, layer,
-                                            start, cache_valid)
+    h, k_all, v_all = self.self_attn.cached(
+        self.input_layernorm(x), positions, inv_freq, k_all, v_all, layer, start, cache_valid
+    )
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return shard(x, (BATCH, LENGTH, EMBED)), k_all, v_all
@@ -153,18 +173,23 @@ class LlamaModel(nnx.Module):
     self.remat_policy = run.remat_policy
     self.zigzag = run.load_balance and run.attention_impl in ("ring", "usp")
     self.embed_tokens = nnx.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=run.dtype, param_dtype=run.params_dtype,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")), rngs=rngs)
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=run.dtype,
+        param_dtype=run.params_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")),
+        rngs=rngs,
+    )
     self.layers = create_stack(lambda r: LlamaDecoderLayer(cfg, run, rngs=r), cfg.num_layers, rngs)
-    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype,
-                        rngs=rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=run.dtype, param_dtype=run.params_dtype, rngs=rngs)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[batch, seq] int -> [batch, seq, embed]."""
     return shard(self.embed_tokens(input_ids), (BATCH, LENGTH, EMBED))
 
-  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, inputs_embeds: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """inputs_embeds [batch, seq, embed] -> final hidden states [batch, seq, embed].
 
     positions default to 0..seq-1; segment_ids (packed samples) default to one segment.
@@ -184,15 +209,17 @@ class LlamaModel(nnx.Module):
     x = shard(x, (BATCH, LENGTH, EMBED))
     inv_freq = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
     layout = "zigzag" if zigzag else "natural"
-    x = run_stack(self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq, layout),
-                  self.remat_policy)
+    x = run_stack(
+        self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq, layout), self.remat_policy
+    )
     x = self.norm(x)
     if zigzag:
       x = shard(x[:, inverse_order(order)], (BATCH, LENGTH, EMBED))
     return x
 
-  def forward_cached(self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-                     new_lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def forward_cached(
+      self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, new_lengths: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Runs new tokens through the stack against a KV cache (prefill chunk or one decode step).
 
     Slot t of a row's cache holds the token at position t, so positions are start[b] + 0..chunk-1.
@@ -217,8 +244,9 @@ class LlamaModel(nnx.Module):
 
     # The whole cache rides in the carry (not as scanned input/output), so each layer's write is an
     # in-place update instead of a copy of that layer's cache.
-    scanned = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                       transform_metadata={nnx.PARTITION_NAME: "layers"})
+    scanned = nnx.scan(
+        step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"}
+    )
     x, k_cache, v_cache, _ = scanned((x, k_cache, v_cache, jnp.int32(0)), self.layers)
     return self.norm(x), k_cache, v_cache
 
@@ -228,8 +256,15 @@ class LlamaForCausalLM(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, run: RunOptions = RunOptions(), *, rngs: nnx.Rngs):
     self.model = LlamaModel(cfg, run, rngs=rngs)
-    self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=run.dtype,
-                         param_dtype=run.params_dtype, rngs=rngs)
+    self.lm_head = dense(
+        cfg.hidden_size,
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        use_bias=False,
+        dtype=run.dtype,
+        param_dtype=run.params_dtype,
+        rngs=rngs,
+    )
     self.logits_fp32 = run.logits_fp32
 
   # The inference interface (kangaroo_jax.inference.engine), as Kangaroo's: a text-only model has no placeholder id.
@@ -252,8 +287,14 @@ class LlamaForCausalLM(nnx.Module):
   def encode_frames(self, frames: jax.Array, timestamps: jax.Array | None = None) -> jax.Array:
     raise ValueError("a text-only model cannot take frames")
 
-  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids: jax.Array | None = None,
+      *,
+      inputs_embeds: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """Token ids [batch, seq] or embeddings [batch, seq, embed] -> logits [batch, seq, vocab]."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -265,8 +306,15 @@ class LlamaForCausalLM(nnx.Module):
       logits = logits.astype(jnp.float32)
     return shard(logits, (BATCH, LENGTH, "activation_vocab"))
 
-  def forward_cached(self, inputs_embeds: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-                     new_lengths: jax.Array, logit_index: jax.Array | None = None):
+  def forward_cached(
+      self,
+      inputs_embeds: jax.Array,
+      k_cache: jax.Array,
+      v_cache: jax.Array,
+      start: jax.Array,
+      new_lengths: jax.Array,
+      logit_index: jax.Array | None = None,
+  ):
     """LlamaModel.forward_cached + lm_head.
 
     logit_index: [batch] chunk offsets; when given only those rows' logits are computed ([batch, vocab])

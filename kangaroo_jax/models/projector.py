@@ -1,9 +1,9 @@
 """From per-frame ViT features to LLM-width visual tokens (docs/model.md sections 1 and 3).
 
-  features [b, f, gh, gw, dv]
-    -> + temporal position embedding of each frame's timestamp
-    -> spatial-temporal patchify: merge `temporal_patch` frames x `spatial_patch`^2 patches
-    -> mlp2x_gelu projector (Linear, exact erf GELU, Linear) -> [b, groups * tokens_per_group, d_llm]
+features [b, f, gh, gw, dv]
+  -> + temporal position embedding of each frame's timestamp
+  -> spatial-temporal patchify: merge `temporal_patch` frames x `spatial_patch`^2 patches
+  -> mlp2x_gelu projector (Linear, exact erf GELU, Linear) -> [b, groups * tokens_per_group, d_llm]
 """
 
 from __future__ import annotations
@@ -33,13 +33,23 @@ class TemporalPatchify(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     if cfg.tpe == "learned":
-      self.tpe_table = param(rngs, nnx.initializers.normal(stddev=0.02), (cfg.tpe_max_seconds, vision_width),
-                             ("positions", "embed"), param_dtype)
+      self.tpe_table = param(
+          rngs,
+          nnx.initializers.normal(stddev=0.02),
+          (cfg.tpe_max_seconds, vision_width),
+          ("positions", "embed"),
+          param_dtype,
+      )
     if cfg.patchify == "conv3d":
       t, s = cfg.temporal_patch, cfg.spatial_patch
       # Initialised to the average, so a fresh conv3d model starts out equal to the parameter-free one.
-      self.conv_kernel = param(rngs, nnx.initializers.constant(1.0 / (t * s * s)), (t, s, s, vision_width),
-                               (None, None, None, "embed"), param_dtype)
+      self.conv_kernel = param(
+          rngs,
+          nnx.initializers.constant(1.0 / (t * s * s)),
+          (t, s, s, vision_width),
+          (None, None, None, "embed"),
+          param_dtype,
+      )
       self.conv_bias = param(rngs, nnx.initializers.zeros_init(), (vision_width,), ("embed",), param_dtype)
 
   def time_embedding(self, timestamps: jax.Array, dim: int) -> jax.Array:
@@ -64,8 +74,10 @@ class TemporalPatchify(nnx.Module):
       return x.reshape(b, f, gh * gw, d)
     t, s = cfg.temporal_patch, cfg.spatial_patch
     if f % t:
-      raise ValueError(f"{f} frames per row is not a multiple of ProjectorConfig.temporal_patch={t}; "
-                       "pad by repeating the last frame")
+      raise ValueError(
+          f"{f} frames per row is not a multiple of ProjectorConfig.temporal_patch={t}; "
+          "pad by repeating the last frame"
+      )
     if gh % s or gw % s:
       raise ValueError(f"patch grid {gh}x{gw} is not divisible by ProjectorConfig.spatial_patch={s}")
     windows = x.reshape(b, f // t, t, gh // s, s, gw // s, s, d)

@@ -57,12 +57,15 @@ def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, ...], t
   known = math.prod(v for v in ici if v != -1)
   if fill:
     if per_slice % known:
-      raise MeshError(f"{per_slice} devices per slice are not divisible by the fixed axes "
-                      f"({dict((n, v) for n, v in zip(MESH_AXES, ici) if v != -1)})")
+      raise MeshError(
+          f"{per_slice} devices per slice are not divisible by the fixed axes "
+          f"({dict((n, v) for n, v in zip(MESH_AXES, ici) if v != -1)})"
+      )
     ici[fill[0]] = per_slice // known
   if math.prod(ici) != per_slice:
-    raise MeshError(f"mesh {dict(zip(MESH_AXES, ici))} needs {math.prod(ici)} devices per slice, "
-                    f"but {per_slice} are available")
+    raise MeshError(
+        f"mesh {dict(zip(MESH_AXES, ici))} needs {math.prod(ici)} devices per slice, " f"but {per_slice} are available"
+    )
   return tuple(ici), tuple(dcn)
 
 

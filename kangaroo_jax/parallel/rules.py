@@ -53,8 +53,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 _DEFAULT = dict(LOGICAL_AXIS_RULES)
 # The table in force: the default, or an experiment's merged override inside `use_rules`. A context variable,
 # not a global, so a trace in one thread never sees another thread's override.
-_ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.ContextVar("logical_axis_rules",
-                                                                                     default=_DEFAULT)
+_ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.ContextVar(
+    "logical_axis_rules", default=_DEFAULT
+)
 
 
 class RulesError(ConfigError):
@@ -62,8 +63,9 @@ class RulesError(ConfigError):
   line: a ConfigError, so the trainer's CLI exits 2 with it)."""
 
 
-def merge_rules(overrides: Any, base: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_AXIS_RULES,
-                where: str = "sharding_rules") -> tuple[tuple[str, tuple[str, ...]], ...]:
+def merge_rules(
+    overrides: Any, base: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_AXIS_RULES, where: str = "sharding_rules"
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
   """`((logical axis, mesh axes), ...)` laid over `base` -> the full table, in `base`'s order.
 
   Mesh axes may be None / () (unsharded), one name, or a tuple of names. Raises RulesError (one line,
@@ -122,8 +124,9 @@ def mesh_axes_in(mesh_shape, name: str) -> tuple[str, ...]:
   return tuple(a for a in mesh_axes_for(name) if mesh_shape.get(a, 1) > 1)
 
 
-def logical_to_spec(names: Sequence[str | None], mesh_shape: dict[str, int] | None = None,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None], mesh_shape: dict[str, int] | None = None, shape: Sequence[int] | None = None
+) -> PartitionSpec:
   """Logical names of an array's dims -> PartitionSpec.
 
   With `mesh_shape`, mesh axes of size 1 are dropped; with `shape` too, an axis is only used when the

@@ -25,7 +25,9 @@ def param_shardings(model: nnx.Module, mesh: Mesh) -> nnx.State:
   state = nnx.state(model, nnx.Param)
   return jax.tree.map(
       lambda v: v.replace(NamedSharding(mesh, logical_to_spec(logical_names(v), mesh_shape, v.shape))),
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+      state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def shard_params(model: nnx.Module, mesh: Mesh) -> None:

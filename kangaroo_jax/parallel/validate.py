@@ -22,8 +22,15 @@ from kangaroo_jax.parallel.rules import mesh_axes_for
 from kangaroo_jax.run_options import RunOptions
 
 
-def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Mapping[str, int], *, batch: int,
-                            seq_len: int, frames_per_row: int = 0) -> None:
+def validate_mesh_for_model(
+    cfg: KangarooConfig,
+    run: RunOptions,
+    mesh_shape: Mapping[str, int],
+    *,
+    batch: int,
+    seq_len: int,
+    frames_per_row: int = 0,
+) -> None:
   """Raises MeshError listing every shape the mesh cannot split.
 
   Args:
@@ -48,12 +55,16 @@ def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Ma
   need(batch % batch_n == 0, f"global batch {batch} must be divisible by {batch_axes} = {batch_n}")
   if tensor > 1:
     need(llm.num_heads % tensor == 0, f"llm.num_heads {llm.num_heads} must be divisible by {heads_axes}={tensor}")
-    need(llm.num_kv_heads % tensor == 0,
-         f"llm.num_kv_heads {llm.num_kv_heads} must be divisible by {heads_axes}={tensor}")
+    need(
+        llm.num_kv_heads % tensor == 0,
+        f"llm.num_kv_heads {llm.num_kv_heads} must be divisible by {heads_axes}={tensor}",
+    )
     need(vision.num_heads % tensor == 0, f"vision heads {vision.num_heads} must be divisible by {heads_axes}={tensor}")
   if mlp_n > 1:
-    need(llm.intermediate_size % mlp_n == 0,
-         f"llm.intermediate_size {llm.intermediate_size} must be divisible by {mlp_axes}={mlp_n}")
+    need(
+        llm.intermediate_size % mlp_n == 0,
+        f"llm.intermediate_size {llm.intermediate_size} must be divisible by {mlp_axes}={mlp_n}",
+    )
   if vocab_n > 1:
     need(llm.vocab_size % vocab_n == 0, f"llm.vocab_size {llm.vocab_size} must be divisible by {vocab_axes}={vocab_n}")
   if context > 1:
@@ -64,15 +75,23 @@ def validate_mesh_for_model(cfg: KangarooConfig, run: RunOptions, mesh_shape: Ma
       kv_local = llm.num_kv_heads // tensor if llm.num_kv_heads % tensor == 0 else 0
       if u:
         need(context % u == 0, f"ulysses_degree {u} must divide context={context}")
-        need(kv_local % u == 0, f"llm.num_kv_heads {llm.num_kv_heads} / {heads_axes}={tensor} must be divisible by "
-             f"ulysses_degree {u} (each all-to-all group member takes whole kv heads)")
+        need(
+            kv_local % u == 0,
+            f"llm.num_kv_heads {llm.num_kv_heads} / {heads_axes}={tensor} must be divisible by "
+            f"ulysses_degree {u} (each all-to-all group member takes whole kv heads)",
+        )
     multiple = 2 * context if (run.attention_impl in ("ring", "usp") and run.load_balance) else context
-    need(seq_len % multiple == 0, f"sequence length {seq_len} must be divisible by {multiple} "
-         f"({'2*context for zigzag load balancing' if multiple != context else 'context'}); pad the packed rows")
+    need(
+        seq_len % multiple == 0,
+        f"sequence length {seq_len} must be divisible by {multiple} "
+        f"({'2*context for zigzag load balancing' if multiple != context else 'context'}); pad the packed rows",
+    )
   if frames_per_row:
-    need(frames_per_row % cfg.projector.frames_per_group == 0,
-         f"frames per row {frames_per_row} must be a multiple of ProjectorConfig.temporal_patch "
-         f"({cfg.projector.frames_per_group}); pad by repeating the last frame")
+    need(
+        frames_per_row % cfg.projector.frames_per_group == 0,
+        f"frames per row {frames_per_row} must be a multiple of ProjectorConfig.temporal_patch "
+        f"({cfg.projector.frames_per_group}); pad by repeating the last frame",
+    )
   if problems:
     raise MeshError("mesh " + str(dict(mesh_shape)) + " does not fit the model/batch:\n  " + "\n  ".join(problems))
 
@@ -89,6 +108,7 @@ class ShardingReport:
   """Parameter bytes held whole on every device of a multi-device mesh.
 
   largest: (path, shape, bytes) of the replicated tensors, largest first (at most `top` of them)."""
+
   total_bytes: int
   replicated_bytes: int
   largest: tuple[tuple[str, tuple[int, ...], int], ...]
@@ -100,8 +120,10 @@ class ShardingReport:
   def describe(self) -> str:
     """One line: the fraction and the largest replicated tensors by path, shape and size."""
     top = ", ".join(f"{p} {list(s)} {_mib(b)}" for p, s, b in self.largest)
-    return (f"{self.fraction:.1%} of parameter bytes ({_mib(self.replicated_bytes)} of {_mib(self.total_bytes)}) "
-            f"are replicated on every device" + (f"; largest: {top}" if top else ""))
+    return (
+        f"{self.fraction:.1%} of parameter bytes ({_mib(self.replicated_bytes)} of {_mib(self.total_bytes)}) "
+        f"are replicated on every device" + (f"; largest: {top}" if top else "")
+    )
 
 
 def _mib(n: int) -> str:
@@ -143,6 +165,8 @@ def assert_params_sufficiently_sharded(params: Any, tolerance: float = 0.02, top
   bytes are replicated on every device; returns the report otherwise."""
   report = sharding_report(params, top)
   if report.fraction > tolerance:
-    raise MeshError(f"{report.describe()} (tolerance {tolerance:.0%}); check the logical-axis rules "
-                    "(sharding_rules) and the mesh shape")
+    raise MeshError(
+        f"{report.describe()} (tolerance {tolerance:.0%}); check the logical-axis rules "
+        "(sharding_rules) and the mesh shape"
+    )
   return report

@@ -44,8 +44,13 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None) -> str:
-  body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+  body = {
+      "id": cid,
+      "object": "chat.completion.chunk",
+      "created": created,
+      "model": model,
+      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+  }
   return f"data: {json.dumps(body)}\n\n"
 
 
@@ -84,13 +89,16 @@ def create_app(service: Service) -> FastAPI:
 
   @app.get("/v1/models")
   async def models():
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": service.created,
-                                        "owned_by": "kangaroo_jax"}]}
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": service.created, "owned_by": "kangaroo_jax"}],
+    }
 
   @app.get("/v1/stats")
   async def stats():
-    return dict(service.batcher.stats_dict(), visual_cache_hits=service.cache.hits,
-                videos_decoded=service.cache.decodes)
+    return dict(
+        service.batcher.stats_dict(), visual_cache_hits=service.cache.hits, videos_decoded=service.cache.decodes
+    )
 
   @app.get("/v1/examples")
   async def examples():
@@ -99,8 +107,9 @@ def create_app(service: Service) -> FastAPI:
   @app.post("/v1/uploads")
   async def upload(request: Request):
     limit = service.options.max_upload_bytes
-    too_big = ApiError(413, f"the upload is larger than {limit} bytes (--max-upload-mb)", param="file",
-                       code="file_too_large")
+    too_big = ApiError(
+        413, f"the upload is larger than {limit} bytes (--max-upload-mb)", param="file", code="file_too_large"
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + UPLOAD_OVERHEAD:
       raise too_big  # before the body is read (the multipart parser would spool all of it first)
@@ -136,13 +145,22 @@ def create_app(service: Service) -> FastAPI:
     except (ValueError, UnicodeDecodeError):
       raise bad_request("the request body is not valid JSON") from None
     req = parse_chat_request(body, service.options.defaults)
-    prepared = await run_in_threadpool(prepare, req, service.chat, num_frames=service.options.num_frames,
-                                       cache=service.cache, tmp_root=service.tmp_root)
+    prepared = await run_in_threadpool(
+        prepare,
+        req,
+        service.chat,
+        num_frames=service.options.num_frames,
+        cache=service.cache,
+        tmp_root=service.tmp_root,
+    )
     job = Job(prepared, asyncio.get_running_loop(), service.tokenizer)
     service.batcher.submit(job)
     cid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), req.model or name
-    usage = lambda: {"prompt_tokens": len(prepared.ids), "completion_tokens": len(job.tokens),  # noqa: E731
-                     "total_tokens": len(prepared.ids) + len(job.tokens)}
+    usage = lambda: {
+        "prompt_tokens": len(prepared.ids),
+        "completion_tokens": len(job.tokens),  # noqa: E731
+        "total_tokens": len(prepared.ids) + len(job.tokens),
+    }
     if not req.stream:
       try:
         while True:
@@ -154,9 +172,14 @@ def create_app(service: Service) -> FastAPI:
       finally:
         job.cancelled = True  # a no-op once finished; drops the job if the client went away first
       text = service.tokenizer.decode(job.tokens, skip_special_tokens=True)
-      return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-              "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": value}],
-              "usage": usage()}
+      return {
+          "id": cid,
+          "object": "chat.completion",
+          "created": created,
+          "model": model,
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": value}],
+          "usage": usage(),
+      }
 
     async def events():
       try:
@@ -168,8 +191,16 @@ def create_app(service: Service) -> FastAPI:
           elif kind == "end":
             yield _chunk(cid, created, model, {}, value)
             if req.include_usage:
-              yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                           "model": model, "choices": [], "usage": usage()}) + "\n\n"
+              yield "data: " + json.dumps(
+                  {
+                      "id": cid,
+                      "object": "chat.completion.chunk",
+                      "created": created,
+                      "model": model,
+                      "choices": [],
+                      "usage": usage(),
+                  }
+              ) + "\n\n"
             break
           else:
             yield f"data: {json.dumps(value.body())}\n\n"
@@ -178,7 +209,8 @@ def create_app(service: Service) -> FastAPI:
       finally:
         job.cancelled = True
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
   return app

@@ -70,6 +70,7 @@ class Job:
 @dataclasses.dataclass
 class Stats:
   """generate_calls: engine calls; batch_sizes: {real rows in a call: calls}; rows: answers produced."""
+
   generate_calls: int = 0
   batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   rows: int = 0
@@ -77,10 +78,15 @@ class Stats:
   cut_short: int = 0  # calls ended early: every row was answered or abandoned, at least one abandoned
 
   def as_dict(self, pending: int) -> dict:
-    return {"generate_calls": self.generate_calls, "rows": self.rows, "rejected_overloaded": self.rejected,
-            "cut_short": self.cut_short,
-            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "max_batch": max(self.batch_sizes, default=0), "pending": pending}
+    return {
+        "generate_calls": self.generate_calls,
+        "rows": self.rows,
+        "rejected_overloaded": self.rejected,
+        "cut_short": self.cut_short,
+        "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+        "max_batch": max(self.batch_sizes, default=0),
+        "pending": pending,
+    }
 
 
 class _NobodyWaits(Exception):
@@ -95,8 +101,10 @@ def _pow2(n: int) -> int:
 
 
 class Batcher:
-  def __init__(self, engine: Engine, tokenizer, *, max_batch: int = 8, max_queue: int = 64, window_s: float = 0.01,
-               mesh=None):
+
+  def __init__(
+      self, engine: Engine, tokenizer, *, max_batch: int = 8, max_queue: int = 64, window_s: float = 0.01, mesh=None
+  ):
     if max_batch < 1 or max_queue < 1:
       raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
     self.engine, self.tokenizer = engine, tokenizer
@@ -114,8 +122,10 @@ class Batcher:
     with self._cond:
       if len(self._pending) >= self.max_queue:
         self.stats.rejected += 1
-        raise overloaded(f"the server is busy: {len(self._pending)} requests are waiting (--max-queue "
-                         f"{self.max_queue}); retry later")
+        raise overloaded(
+            f"the server is busy: {len(self._pending)} requests are waiting (--max-queue "
+            f"{self.max_queue}); retry later"
+        )
       self._pending.append(job)
       self._cond.notify()
 
@@ -146,8 +156,13 @@ class Batcher:
 
   def group_key(self, p: Prepared, job: Job) -> tuple:
     s = p.sampling
-    sampling = ("greedy",) if s.greedy else ("seeded", id(job)) if p.seed is not None else \
-      ("sampled", s.temperature, s.top_p, s.top_k)
+    sampling = (
+        ("greedy",)
+        if s.greedy
+        else ("seeded", id(job))
+        if p.seed is not None
+        else ("sampled", s.temperature, s.top_p, s.top_k)
+    )
     chunk = prefill_chunk_length(len(p.ids), self.engine.prefill_chunk, context_size())
     n_visual = int((p.ids == self.engine.visual_token_id).sum()) if self.engine.visual_token_id is not None else 0
     return sampling + (chunk, n_visual)
@@ -173,7 +188,7 @@ class Batcher:
       first = self._pending[0]
       key = self.group_key(first.prepared, first)
       group = [j for j in self._pending if not j.cancelled and self.group_key(j.prepared, j) == key]
-      group = group[:self.max_batch]
+      group = group[: self.max_batch]
       taken = set(map(id, group))
       self._pending = collections.deque(j for j in self._pending if id(j) not in taken and not j.cancelled)
       return group
@@ -209,7 +224,7 @@ class Batcher:
     rows = group + [group[0]] * (min(_pow2(n_real), max(self.max_batch, n_real)) - n_real)
     visual = self._visual_tokens(rows)
     first = group[0].prepared
-    seed = first.seed if first.seed is not None else secrets.randbelow(2 ** 31)
+    seed = first.seed if first.seed is not None else secrets.randbelow(2**31)
     stop_ids = self.tokenizer.stop_ids
 
     def on_token(row: int, token: int) -> None:
@@ -230,10 +245,15 @@ class Batcher:
       self.stats.generate_calls += 1
       self.stats.batch_sizes[n_real] += 1
     try:
-      gen = self.engine.generate([j.prepared.ids.tolist() for j in rows], visual=visual,
-                                 max_new_tokens=max(j.prepared.max_new_tokens for j in group),
-                                 sampling=first.sampling, stop_ids=stop_ids, seed=seed & 0x7FFFFFFF,
-                                 on_token=on_token)
+      gen = self.engine.generate(
+          [j.prepared.ids.tolist() for j in rows],
+          visual=visual,
+          max_new_tokens=max(j.prepared.max_new_tokens for j in group),
+          sampling=first.sampling,
+          stop_ids=stop_ids,
+          seed=seed & 0x7FFFFFFF,
+          on_token=on_token,
+      )
       for r, job in enumerate(group):
         job.finish("stop" if gen.stopped[r] else "length")
     except _NobodyWaits:

@@ -6,8 +6,15 @@ from __future__ import annotations
 class ApiError(Exception):
   """A request the server refuses; `status` is the HTTP status, the rest goes into the JSON body."""
 
-  def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None):
+  def __init__(
+      self,
+      status: int,
+      message: str,
+      *,
+      type: str = "invalid_request_error",
+      param: str | None = None,
+      code: str | None = None,
+  ):
     super().__init__(message)
     self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

@@ -31,14 +31,22 @@ from kangaroo_jax.serve.protocol import MediaRef
 
 FRAMES_FPS = 1.0  # timestamps of image-sequence frames: one a second (load_video's default for a frame folder)
 # data: URL mime types -> the file suffix load_video recognises them by (videos: PyAV sniffs the content).
-IMAGE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
-                  "image/gif": ".gif", "image/bmp": ".bmp", "image/tiff": ".tiff"}
+IMAGE_SUFFIXES = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/jpg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+    "image/tiff": ".tiff",
+}
 
 
 @dataclasses.dataclass
 class Visual:
   """One decoded video: frames float32 [f, S, S, 3] (normalised; None once encoded), timestamps float32 [f],
   grid (f, S, S), and `tokens`, its visual tokens [1, n_vis, embed] once the engine has encoded it."""
+
   key: tuple
   frames: np.ndarray | None
   timestamps: np.ndarray
@@ -75,6 +83,7 @@ class VisualCache:
 @dataclasses.dataclass(frozen=True)
 class _Source:
   """A URL resolved: a local `path`, or `data` bytes with the `suffix` of the temporary file they go to."""
+
   path: str | None = None
   data: bytes | None = None
   suffix: str = ""
@@ -92,7 +101,7 @@ def _resolve(url: str, param: str, kind: str) -> _Source:
     head, sep, payload = url.partition(",")
     if not sep or not head.endswith(";base64"):
       raise bad_request(f"{param}: a data: URL must be base64 (data:<mime>;base64,<bytes>)", param)
-    mime = head[5:-len(";base64")].lower()
+    mime = head[5 : -len(";base64")].lower()
     try:
       data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -107,12 +116,16 @@ def _resolve(url: str, param: str, kind: str) -> _Source:
   if scheme == "file":
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
-      raise bad_request(f"{param}: file:// URLs must name a local file (file:///path), got host {parsed.netloc!r}",
-                        param)
+      raise bad_request(
+          f"{param}: file:// URLs must name a local file (file:///path), got host {parsed.netloc!r}", param
+      )
     return _Source(path=urllib.parse.unquote(parsed.path))
   if len(scheme) > 1 and "://" in url:  # a one-letter "scheme" is a Windows drive; anything else is remote
-    raise bad_request(f"{param}: remote URLs ({scheme}://) are not fetched by this server; pass a local path, a "
-                      "file:// URL or a base64 data: URL", param)
+    raise bad_request(
+        f"{param}: remote URLs ({scheme}://) are not fetched by this server; pass a local path, a "
+        "file:// URL or a base64 data: URL",
+        param,
+    )
   return _Source(path=url)
 
 
@@ -168,8 +181,9 @@ def load_visual(media: MediaRef, *, num_frames: int, vision, cache: VisualCache,
   except VideoError as e:
     raise bad_request(f"{media.param}: {_without(str(e), folder)}", media.param, code="invalid_media") from None
   except (ValueError, OSError) as e:  # e.g. a sampling range the clip cannot give, an unreadable file
-    raise bad_request(f"{media.param}: cannot read the media: {_without(str(e), folder)}", media.param,
-                      code="invalid_media") from None
+    raise bad_request(
+        f"{media.param}: cannot read the media: {_without(str(e), folder)}", media.param, code="invalid_media"
+    ) from None
   finally:
     shutil.rmtree(folder, ignore_errors=True)
   visual = Visual(key, frames, np.asarray(decoded.timestamps, np.float32), tuple(frames.shape[:3]))

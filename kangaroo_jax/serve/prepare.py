@@ -20,6 +20,7 @@ from kangaroo_jax.serve.protocol import ChatRequest
 class Prepared:
   """ids int32 [n] (visual_token_id at the visual positions); visual: the video or None (text only);
   max_new_tokens: the request's max_tokens cut to what the positions allow; seed None: not given."""
+
   ids: np.ndarray
   visual: Visual | None
   max_new_tokens: int
@@ -27,8 +28,9 @@ class Prepared:
   seed: int | None
 
 
-def prepare(req: ChatRequest, chat: Chat, *, num_frames: int, cache: VisualCache,
-            tmp_root: str | None = None) -> Prepared:
+def prepare(
+    req: ChatRequest, chat: Chat, *, num_frames: int, cache: VisualCache, tmp_root: str | None = None
+) -> Prepared:
   model = chat.model
   visual = None
   num_groups, tokens_per_group = 0, 1
@@ -41,9 +43,16 @@ def prepare(req: ChatRequest, chat: Chat, *, num_frames: int, cache: VisualCache
     m = messages[req.media_message]
     m["content"] = chat.markers.video + m["content"]
   try:
-    ids = encode_conversation(chat.tokenizer, messages, num_groups=num_groups, tokens_per_group=tokens_per_group,
-                              visual_token_id=model.cfg.visual_token_id, markers=chat.markers, system=chat.system,
-                              add_generation_prompt=True).input_ids
+    ids = encode_conversation(
+        chat.tokenizer,
+        messages,
+        num_groups=num_groups,
+        tokens_per_group=tokens_per_group,
+        visual_token_id=model.cfg.visual_token_id,
+        markers=chat.markers,
+        system=chat.system,
+        add_generation_prompt=True,
+    ).input_ids
   except PromptError as e:
     raise bad_request(f"messages: {e}", "messages") from None
   try:
@@ -51,6 +60,9 @@ def prepare(req: ChatRequest, chat: Chat, *, num_frames: int, cache: VisualCache
   except PromptTooLong as e:
     raise too_long(str(e)) from None
   greedy = req.temperature == 0.0
-  sampling = SamplingConfig() if greedy else SamplingConfig(do_sample=True, temperature=req.temperature,
-                                                            top_p=req.top_p, top_k=req.top_k)
+  sampling = (
+      SamplingConfig()
+      if greedy
+      else SamplingConfig(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+  )
   return Prepared(ids, visual, max_new, sampling, None if greedy else req.seed)

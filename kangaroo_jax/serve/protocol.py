@@ -28,6 +28,7 @@ MEDIA_TYPES = ("image_url", "video_url")
 class MediaRef:
   """What the first user message shows: kind "video", "image" or "frames" (several images), their URLs, and
   `param`, the request field of the first URL (for error messages)."""
+
   kind: str
   urls: tuple[str, ...]
   param: str
@@ -36,6 +37,7 @@ class MediaRef:
 @dataclasses.dataclass(frozen=True)
 class Defaults:
   """The server's settings for fields a request leaves out, and its limits."""
+
   temperature: float = 0.6
   top_p: float = 0.9
   top_k: int = 0
@@ -46,6 +48,7 @@ class Defaults:
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
   """messages: [{"role", "content": str}] with the media removed (media_message says where they were)."""
+
   messages: tuple[dict, ...]
   media: MediaRef | None
   media_message: int | None
@@ -118,8 +121,11 @@ def _media_ref(media: list[tuple[str, str, str]], i: int) -> MediaRef:
   kinds = {k for k, _, _ in media}
   if "video_url" in kinds:
     if len(media) > 1:
-      raise bad_request(f"messages[{i}]: a video_url must be the only video or image of the conversation "
-                        f"(got {len(media)} media parts)", f"messages[{i}].content")
+      raise bad_request(
+          f"messages[{i}]: a video_url must be the only video or image of the conversation "
+          f"(got {len(media)} media parts)",
+          f"messages[{i}].content",
+      )
     return MediaRef("video", (media[0][1],), media[0][2])
   return MediaRef("image" if len(media) == 1 else "frames", tuple(u for _, u, _ in media), media[0][2])
 
@@ -132,8 +138,9 @@ def _check_unsupported(body: dict) -> None:
   if body.get("tools") or body.get("functions"):
     raise bad_request("tools / function calling are not supported by this server", "tools")
   if body.get("stop"):
-    raise bad_request("stop strings are not supported; answers end at the model's end-of-turn token or max_tokens",
-                      "stop")
+    raise bad_request(
+        "stop strings are not supported; answers end at the model's end-of-turn token or max_tokens", "stop"
+    )
   fmt = body.get("response_format")
   if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
     raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
@@ -156,8 +163,9 @@ def parse_chat_request(body: Any, defaults: Defaults = Defaults()) -> ChatReques
       if m["role"] != "user":
         raise bad_request(f"messages[{i}]: only user messages may hold images or videos", f"messages[{i}].content")
       if any(x["role"] == "user" for x in out):
-        raise bad_request(f"messages[{i}]: the video or image must be in the first user message",
-                          f"messages[{i}].content")
+        raise bad_request(
+            f"messages[{i}]: the video or image must be in the first user message", f"messages[{i}].content"
+        )
       media, media_message = _media_ref(parts, i), len(out)
     out.append({"role": m["role"], "content": text})
   if out[-1]["role"] != "user":
@@ -165,7 +173,7 @@ def parse_chat_request(body: Any, defaults: Defaults = Defaults()) -> ChatReques
   temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
   top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, lo_open=True)
   top_k = _integer(body, "top_k", defaults.top_k, 0)
-  seed = _integer(body, "seed", None, -(2 ** 63))
+  seed = _integer(body, "seed", None, -(2**63))
   name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
   max_tokens = _integer(body, name, defaults.max_tokens, 1, defaults.max_tokens_limit)
   stream = body.get("stream", False)
@@ -177,5 +185,16 @@ def parse_chat_request(body: Any, defaults: Defaults = Defaults()) -> ChatReques
   model = body.get("model")
   if model is not None and not isinstance(model, str):
     raise bad_request("model must be a string", "model")
-  return ChatRequest(tuple(out), media, media_message, float(temperature), float(top_p), int(top_k), seed,
-                     int(max_tokens), bool(stream), bool(options.get("include_usage")), model)
+  return ChatRequest(
+      tuple(out),
+      media,
+      media_message,
+      float(temperature),
+      float(top_p),
+      int(top_k),
+      seed,
+      int(max_tokens),
+      bool(stream),
+      bool(options.get("include_usage")),
+      model,
+  )

@@ -27,19 +27,26 @@ class ServeOptions:
   max_queue: int = 64
   batch_window_s: float = 0.01
   visual_cache: int = 8
-  max_upload_bytes: int = 512 * 2 ** 20
+  max_upload_bytes: int = 512 * 2**20
   examples_dir: str | None = None
 
 
 class Service:
+
   def __init__(self, chat: Chat, options: ServeOptions = ServeOptions(), *, mesh=None):
     if options.num_frames < 1 or options.num_frames % 2:
       raise ValueError(f"num_frames must be a positive even number, got {options.num_frames}")
     self.chat, self.options = chat, options
     self.tokenizer = chat.tokenizer
     self.cache = VisualCache(options.visual_cache)
-    self.batcher = Batcher(chat.engine, chat.tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                           window_s=options.batch_window_s, mesh=mesh)
+    self.batcher = Batcher(
+        chat.engine,
+        chat.tokenizer,
+        max_batch=options.max_batch,
+        max_queue=options.max_queue,
+        window_s=options.batch_window_s,
+        mesh=mesh,
+    )
     self.created = int(time.time())
     self.tmp_root = self.upload_dir = None
 

@@ -97,8 +97,15 @@ def _record(row: ManifestRow, opt: BuildOptions) -> bytes:
       raise VideoError(f"{row.path}: no such file or folder")
     sample["video"] = {"path": row.path, "start": row.start, "end": row.end}
     return pack_record(sample)
-  v = load_video(row.path, num_frames=opt.num_frames, fps=opt.fps, max_frames=opt.max_frames, start=row.start,
-                 end=row.end, frames_fps=opt.frames_fps)
+  v = load_video(
+      row.path,
+      num_frames=opt.num_frames,
+      fps=opt.fps,
+      max_frames=opt.max_frames,
+      start=row.start,
+      end=row.end,
+      frames_fps=opt.frames_fps,
+  )
   frames = preprocess_frames(v.frames, opt.size, keep_aspect=opt.keep_aspect, patch_size=opt.patch_size)
   sample["frames"] = encode_frames(frames, opt.frame_format, opt.quality)
   sample["timestamps"] = [float(t) for t in v.timestamps]
@@ -111,13 +118,17 @@ def skip_rate_verdict(skipped: int, processed: int, total: int, max_skip_rate: f
   (at a 5% rate: 11.5% after 100 rows, 7.1% after 1,000), so chance alone almost never stops a good build."""
   if skipped > max_skip_rate * total:
     done = "" if processed >= total else f" after {processed}"
-    return (f"{skipped} of the manifest's {total} rows skipped{done} ({skipped / total:.1%} of all rows > "
-            f"--max-skip-rate {max_skip_rate:.1%})")
+    return (
+        f"{skipped} of the manifest's {total} rows skipped{done} ({skipped / total:.1%} of all rows > "
+        f"--max-skip-rate {max_skip_rate:.1%})"
+    )
   if processed >= min_rows and max_skip_rate < 1:
     margin = 3 * math.sqrt(max_skip_rate * (1 - max_skip_rate) / processed)
     if skipped / processed > max_skip_rate + margin:
-      return (f"{skipped} of the first {processed} rows skipped ({skipped / processed:.1%}, clearly above "
-              f"--max-skip-rate {max_skip_rate:.1%}: by more than 3 standard errors)")
+      return (
+          f"{skipped} of the first {processed} rows skipped ({skipped / processed:.1%}, clearly above "
+          f"--max-skip-rate {max_skip_rate:.1%}: by more than 3 standard errors)"
+      )
   return None
 
 
@@ -136,12 +147,18 @@ def _read_manifest(manifest: str) -> list[tuple[int, bytes]]:
 def _check_args(opt: BuildOptions, num_shards, workers, max_skip_rate, skip_check_min_rows) -> None:
   if opt.frame_format not in FRAME_FORMATS:
     raise BuildInputError(f"--frame-format must be one of {FRAME_FORMATS}, got {opt.frame_format!r}")
-  checks = [("--shards", num_shards, 1, 99999), ("--workers", workers, 0, 1024), ("--size", opt.size, 1, 1 << 15),
-            ("--skip-check-min-rows", skip_check_min_rows, 1, None), ("--quality", opt.quality, 1, 100)]
+  checks = [
+      ("--shards", num_shards, 1, 99999),
+      ("--workers", workers, 0, 1024),
+      ("--size", opt.size, 1, 1 << 15),
+      ("--skip-check-min-rows", skip_check_min_rows, 1, None),
+      ("--quality", opt.quality, 1, 100),
+  ]
   for flag, value, low, high in checks:
     if not isinstance(value, int) or value < low or (high is not None and value > high):
-      raise BuildInputError(f"{flag} must be an integer in [{low}, {high if high is not None else 'inf'}], "
-                            f"got {value!r}")
+      raise BuildInputError(
+          f"{flag} must be an integer in [{low}, {high if high is not None else 'inf'}], " f"got {value!r}"
+      )
   if not (isinstance(max_skip_rate, (int, float)) and 0.0 <= max_skip_rate <= 1.0):
     raise BuildInputError(f"--max-skip-rate must be a fraction in [0, 1], got {max_skip_rate!r}")
 
@@ -190,6 +207,7 @@ def _write_shards(lines, manifest, opt, paths, convert, verdict, bar, tally: _Ta
   """Converts every row into the shards at `paths` (round robin, which keeps them balanced), counting in
   `tally`, until `verdict(tally)` gives a reason to stop; returns that reason (None: all rows done)."""
   from array_record.python.array_record_module import ArrayRecordWriter
+
   writers = []
   try:
     writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
@@ -210,10 +228,21 @@ def _write_shards(lines, manifest, opt, paths, convert, verdict, bar, tally: _Ta
   return None
 
 
-def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, num_shards: int = 1,
-          workers: int = 0, max_skip_rate: float = 0.05, progress: bool = True, overwrite: bool = False,
-          skip_check_min_rows: int = 100, tfds: bool = False, split: str = "train",
-          more_splits: dict[str, str] | None = None) -> dict:
+def build(
+    manifest: str,
+    out_dir: str,
+    opt: BuildOptions = BuildOptions(),
+    *,
+    num_shards: int = 1,
+    workers: int = 0,
+    max_skip_rate: float = 0.05,
+    progress: bool = True,
+    overwrite: bool = False,
+    skip_check_min_rows: int = 100,
+    tfds: bool = False,
+    split: str = "train",
+    more_splits: dict[str, str] | None = None,
+) -> dict:
   """Writes the shards and summary.json into OUT_DIR (swapped in when complete); returns the summary dict.
 
   `tfds`: write the TFDS dataset `kangaroo_video_qa` instead, `manifest` as split `split` and each of
@@ -228,6 +257,7 @@ def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, nu
   total = sum(len(lines) for lines in split_lines.values())
   if tfds:
     from tools.build_dataset import tfds_output
+
     names = []
     out_dir, temp, notes = staging.prepare(out_dir, names, overwrite=overwrite, scratch=tfds_output.SCRATCH)
   else:
@@ -235,8 +265,14 @@ def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, nu
     out_dir, temp, notes = staging.prepare(out_dir, names, overwrite=overwrite)
   for note in notes:
     log.warning("%s", note)
-  summary = {"manifest": os.path.abspath(manifest), "out_dir": out_dir, "rows": total, "shards": names,
-             "options": dataclasses.asdict(opt), "max_skip_rate": max_skip_rate}
+  summary = {
+      "manifest": os.path.abspath(manifest),
+      "out_dir": out_dir,
+      "rows": total,
+      "shards": names,
+      "options": dataclasses.asdict(opt),
+      "max_skip_rate": max_skip_rate,
+  }
 
   def verdict(t: _Tally) -> str | None:
     return skip_rate_verdict(sum(t.skipped.values()), t.processed, total, max_skip_rate, skip_check_min_rows)
@@ -244,14 +280,18 @@ def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, nu
   tally = _Tally()
   try:
     from tqdm import tqdm
-    with _Converter(workers) as convert, tqdm(total=total, desc="build_dataset", disable=not progress,
-                                              file=sys.stderr) as bar:
+
+    with _Converter(workers) as convert, tqdm(
+        total=total, desc="build_dataset", disable=not progress, file=sys.stderr
+    ) as bar:
       if tfds:
-        stop = tfds_output.write(temp, {n: (manifests[n], split_lines[n]) for n in manifests}, opt, convert,
-                                 verdict, tally, bar)
+        stop = tfds_output.write(
+            temp, {n: (manifests[n], split_lines[n]) for n in manifests}, opt, convert, verdict, tally, bar
+        )
       else:
-        stop = _write_shards(split_lines[split], manifest, opt, [os.path.join(temp, n) for n in names], convert,
-                             verdict, bar, tally)
+        stop = _write_shards(
+            split_lines[split], manifest, opt, [os.path.join(temp, n) for n in names], convert, verdict, bar, tally
+        )
       convert.finished = stop is None
   except BaseException as e:
     status = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
@@ -264,14 +304,24 @@ def build(manifest: str, out_dir: str, opt: BuildOptions = BuildOptions(), *, nu
     stop = verdict(tally)  # the certain rule, once every row is in
   if stop is not None:
     where = _abandon(temp, {**final, "status": "skip_rate_exceeded", "reason": stop})
-    raise SkipRateExceeded(f"stopped: {stop}; reasons: {dict(tally.skipped)}; {out_dir} is unchanged; "
-                           f"see {where}")
+    raise SkipRateExceeded(f"stopped: {stop}; reasons: {dict(tally.skipped)}; {out_dir} is unchanged; " f"see {where}")
   if tfds:
     from kangaroo_jax.data.tfds_builder import NAME, VERSION_STR
+
     final["shards"] = staging.adopt(temp, NAME)
-    final["tfds"] = {"name": NAME, "version": VERSION_STR, "data_dir": out_dir, "splits": {
-        n: {"manifest": os.path.abspath(manifests[n]), "rows": len(split_lines[n]),
-            "written": tally.split_written.get(n, 0)} for n in manifests}}
+    final["tfds"] = {
+        "name": NAME,
+        "version": VERSION_STR,
+        "data_dir": out_dir,
+        "splits": {
+            n: {
+                "manifest": os.path.abspath(manifests[n]),
+                "rows": len(split_lines[n]),
+                "written": tally.split_written.get(n, 0),
+            }
+            for n in manifests
+        },
+    }
   final.update(status="complete", reason=f"all {total} rows processed")
   staging.write_summary(temp, final)
   for note in staging.commit(temp, out_dir):
@@ -294,14 +344,15 @@ def _check_splits(manifest: str, tfds: bool, split: str, more: dict[str, str], n
     manifests[name] = path
   for name in manifests:
     if not (isinstance(name, str) and _SPLIT_NAME.fullmatch(name)):
-      raise BuildInputError(f"split name {name!r}: expected letters, digits and underscores, starting with a "
-                            "letter (TFDS split names, e.g. train, validation)")
+      raise BuildInputError(
+          f"split name {name!r}: expected letters, digits and underscores, starting with a "
+          "letter (TFDS split names, e.g. train, validation)"
+      )
   return manifests
 
 
 def _counts(t: _Tally) -> dict:
-  return {"processed": t.processed, "written": t.written, "skipped": dict(t.skipped),
-          "skip_examples": dict(t.examples)}
+  return {"processed": t.processed, "written": t.written, "skipped": dict(t.skipped), "skip_examples": dict(t.examples)}
 
 
 def _abandon(temp: str, summary: dict) -> str:
@@ -314,39 +365,74 @@ def _abandon(temp: str, summary: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m tools.build_dataset", description=__doc__.split("\n\n")[0],
-                              formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m tools.build_dataset", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+  )
   p.add_argument("manifest", help="JSONL manifest, one row per sample (kangaroo_jax.data.manifest)")
   p.add_argument("out_dir", help="output folder for the shards and summary.json (swapped in when complete)")
   p.add_argument("--size", type=int, default=448, help="frame size (square; long side with --keep-aspect)")
-  p.add_argument("--keep-aspect", action="store_true",
-                 help="keep each video's aspect ratio: long side --size, both sides multiples of 2 x --patch-size "
-                      "(default: squash to --size x --size, as released)")
-  p.add_argument("--patch-size", type=int, default=14, help="the vision tower's patch size (--keep-aspect rounds "
-                 "frame sides to multiples of twice this)")
+  p.add_argument(
+      "--keep-aspect",
+      action="store_true",
+      help="keep each video's aspect ratio: long side --size, both sides multiples of 2 x --patch-size "
+      "(default: squash to --size x --size, as released)",
+  )
+  p.add_argument(
+      "--patch-size",
+      type=int,
+      default=14,
+      help="the vision tower's patch size (--keep-aspect rounds " "frame sides to multiples of twice this)",
+  )
   g = p.add_mutually_exclusive_group()
-  g.add_argument("--num-frames", type=int, default=None,
-                 help="uniform segment sampling: frames per video (default: 16 unless --fps)")
+  g.add_argument(
+      "--num-frames",
+      type=int,
+      default=None,
+      help="uniform segment sampling: frames per video (default: 16 unless --fps)",
+  )
   g.add_argument("--fps", type=float, default=None, help="fps-based sampling (cap with --max-frames)")
-  p.add_argument("--max-frames", type=int, default=None,
-                 help="most frames kept per video, thinned uniformly (default: none, no cap)")
+  p.add_argument(
+      "--max-frames",
+      type=int,
+      default=None,
+      help="most frames kept per video, thinned uniformly (default: none, no cap)",
+  )
   p.add_argument("--frames-fps", type=float, default=1.0, help="frame rate of frames_dir rows")
   p.add_argument("--frame-format", choices=FRAME_FORMATS, default="jpeg", help="how frames are stored in the records")
   p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1-100 (--frame-format jpeg)")
   p.add_argument("--reference", action="store_true", help="store video paths; decode in the training pipeline")
   p.add_argument("--shards", type=int, default=None, help="shard files (default: 1; not with --tfds)")
   p.add_argument("--workers", type=int, default=0, help="worker processes decoding videos (0: in this process)")
-  p.add_argument("--max-skip-rate", type=float, default=0.05,
-                 help="stop when more than this fraction of rows is skipped (default: 0.05, as the trainer)")
-  p.add_argument("--skip-check-min-rows", type=int, default=100,
-                 help="rows read before a clearly exceeded skip rate stops the build early")
-  p.add_argument("--tfds", action="store_true",
-                 help="write the TFDS dataset kangaroo_video_qa (read with tfds.data_source, data_dir=OUT_DIR)")
+  p.add_argument(
+      "--max-skip-rate",
+      type=float,
+      default=0.05,
+      help="stop when more than this fraction of rows is skipped (default: 0.05, as the trainer)",
+  )
+  p.add_argument(
+      "--skip-check-min-rows",
+      type=int,
+      default=100,
+      help="rows read before a clearly exceeded skip rate stops the build early",
+  )
+  p.add_argument(
+      "--tfds",
+      action="store_true",
+      help="write the TFDS dataset kangaroo_video_qa (read with tfds.data_source, data_dir=OUT_DIR)",
+  )
   p.add_argument("--split", default="train", help="with --tfds: the split the manifest becomes")
-  p.add_argument("--add-split", action="append", default=[], metavar="NAME=MANIFEST",
-                 help="with --tfds: another split from another manifest, repeatable (default: none)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace a previous build in OUT_DIR (never a folder holding files this tool did not write)")
+  p.add_argument(
+      "--add-split",
+      action="append",
+      default=[],
+      metavar="NAME=MANIFEST",
+      help="with --tfds: another split from another manifest, repeatable (default: none)",
+  )
+  p.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="replace a previous build in OUT_DIR (never a folder holding files this tool did not write)",
+  )
   return p
 
 
@@ -355,13 +441,33 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   num_frames = a.num_frames if a.num_frames is not None or a.fps is not None else 16
-  opt = BuildOptions(a.size, a.keep_aspect, a.patch_size, num_frames, a.fps, a.max_frames, a.frames_fps,
-                     a.frame_format, a.quality, a.reference)
+  opt = BuildOptions(
+      a.size,
+      a.keep_aspect,
+      a.patch_size,
+      num_frames,
+      a.fps,
+      a.max_frames,
+      a.frames_fps,
+      a.frame_format,
+      a.quality,
+      a.reference,
+  )
   try:
     more = _parse_add_split(a.add_split)
-    s = build(a.manifest, a.out_dir, opt, num_shards=1 if a.shards is None else a.shards, workers=a.workers,
-              max_skip_rate=a.max_skip_rate, overwrite=a.overwrite, skip_check_min_rows=a.skip_check_min_rows,
-              tfds=a.tfds, split=a.split, more_splits=more)
+    s = build(
+        a.manifest,
+        a.out_dir,
+        opt,
+        num_shards=1 if a.shards is None else a.shards,
+        workers=a.workers,
+        max_skip_rate=a.max_skip_rate,
+        overwrite=a.overwrite,
+        skip_check_min_rows=a.skip_check_min_rows,
+        tfds=a.tfds,
+        split=a.split,
+        more_splits=more,
+    )
   except (BuildInputError, OutputError) as e:
     print(f"build_dataset: error: {e}", file=sys.stderr)
     return 2

@@ -69,7 +69,7 @@ def _parents(paths) -> set[str]:
   out = set()
   for p in paths:
     parts = p.split("/")[:-1]
-    out |= {"/".join(parts[:i + 1]) + "/" for i in range(len(parts))}
+    out |= {"/".join(parts[: i + 1]) + "/" for i in range(len(parts))}
   return out
 
 
@@ -175,8 +175,10 @@ def _leftovers(out_dir: str) -> list[str]:
       host = summary.get("host", socket.gethostname()) if tag == _BUILDING else socket.gethostname()
       if pid is not None and pid != os.getpid() and host == socket.gethostname() and _alive(pid):
         if tag == _BUILDING:
-          raise OutputError(f"{out_dir}: another build into this folder is running (pid {pid}, writing {path}); "
-                            "wait for it or stop it")
+          raise OutputError(
+              f"{out_dir}: another build into this folder is running (pid {pid}, writing {path}); "
+              "wait for it or stop it"
+          )
         continue
       if host != socket.gethostname():
         notes.append(f"left {path} in place: a build on host {host} wrote it; delete it once no build runs there")
@@ -186,13 +188,17 @@ def _leftovers(out_dir: str) -> list[str]:
       else:
         kept = _remove_build(path)
         what = "failed or interrupted build" if tag == _BUILDING else "replaced dataset"
-        notes.append(f"removed the leftover folder {path} of a {what}" if not kept else
-                     f"left {path} in place: it holds files {TOOL} did not write ({', '.join(kept[:5])})")
+        notes.append(
+            f"removed the leftover folder {path} of a {what}"
+            if not kept
+            else f"left {path} in place: it holds files {TOOL} did not write ({', '.join(kept[:5])})"
+        )
   return notes
 
 
-def prepare(out_dir: str, shards: list[str], *, overwrite: bool, scratch: str | None = None
-            ) -> tuple[str, str, list[str]]:
+def prepare(
+    out_dir: str, shards: list[str], *, overwrite: bool, scratch: str | None = None
+) -> tuple[str, str, list[str]]:
   """Checks OUT_DIR and creates the temporary folder beside it, whose summary already lists the `shards`
   (file names) the build will write, so a crash leaves a folder whose every file is accounted for.
   `scratch`: a subfolder created in it for a writer whose file names are only known at the end (TFDS);
@@ -213,23 +219,35 @@ def prepare(out_dir: str, shards: list[str], *, overwrite: bool, scratch: str | 
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     summary = read_summary(out_dir)
     if summary is None:
-      raise OutputError(f"{out_dir}: folder is not empty and is not a dataset written by {TOOL} (no {SUMMARY} of "
-                        "its own); refusing to write there, even with --overwrite; give a new or empty folder")
+      raise OutputError(
+          f"{out_dir}: folder is not empty and is not a dataset written by {TOOL} (no {SUMMARY} of "
+          "its own); refusing to write there, even with --overwrite; give a new or empty folder"
+      )
     foreign = _foreign(out_dir, {k: v for k, v in summary.items() if k != "scratch"})
     if foreign:
-      raise OutputError(f"{out_dir}: holds a previous build and also files {TOOL} did not write "
-                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them out of the "
-                        "folder or give another one")
+      raise OutputError(
+          f"{out_dir}: holds a previous build and also files {TOOL} did not write "
+          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them out of the "
+          "folder or give another one"
+      )
     if not overwrite:
-      raise OutputError(f"{out_dir}: holds a previous build ({SUMMARY}); pass --overwrite to replace it (the new "
-                        "build is swapped in only once complete)")
+      raise OutputError(
+          f"{out_dir}: holds a previous build ({SUMMARY}); pass --overwrite to replace it (the new "
+          "build is swapped in only once complete)"
+      )
   temp = os.path.join(parent, f".{os.path.basename(out_dir)}{_BUILDING}{os.getpid()}")
   try:
     os.mkdir(temp)
   except OSError as e:
     raise OutputError(f"{out_dir}: cannot create the temporary folder beside it ({e})") from None
-  building = {"status": "building", "pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "out_dir": out_dir, "shards": shards}
+  building = {
+      "status": "building",
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "out_dir": out_dir,
+      "shards": shards,
+  }
   if scratch:
     building["scratch"] = scratch
   write_summary(temp, building)
@@ -302,6 +320,5 @@ def abandon(temp: str, summary: dict) -> str:
   started = read_summary(temp) or {}
   remove_scratch(temp, started)
   _delete(temp, [n for n in started.get("shards") or () if isinstance(n, str)])
-  write_summary(temp, {**{k: started[k] for k in ("pid", "host", "started") if k in started}, **summary,
-                       "shards": []})
+  write_summary(temp, {**{k: started[k] for k in ("pid", "host", "started") if k in started}, **summary, "shards": []})
   return os.path.join(temp, SUMMARY)

@@ -26,8 +26,9 @@ class _Stopped(Exception):
   """Raised inside TFDS's generator loop to end the build; the reason is kept by `write`."""
 
 
-def write(temp: str, splits: dict[str, tuple[str, list]], opt, convert: Callable, verdict: Callable, tally,
-          bar) -> str | None:
+def write(
+    temp: str, splits: dict[str, tuple[str, list]], opt, convert: Callable, verdict: Callable, tally, bar
+) -> str | None:
   """Writes `splits` (name -> (manifest, [(line number, line)])) into `temp`'s scratch folder.
 
   `convert(lines, manifest, opt)` yields (reason, record bytes or None, detail) per line, in order; skipped
@@ -37,6 +38,7 @@ def write(temp: str, splits: dict[str, tuple[str, list]], opt, convert: Callable
   import tensorflow_datasets as tfds
   from kangaroo_jax.data.records import unpack_record
   from kangaroo_jax.data.tfds_builder import KangarooVideoQa, example_from_record
+
   stop: list[str] = []
 
   def examples(name: str, manifest: str, lines: list) -> Iterator[tuple[int, dict]]:
@@ -64,20 +66,28 @@ def write(temp: str, splits: dict[str, tuple[str, list]], opt, convert: Callable
       stop.append(f"split {name!r}: none of the {len(lines)} rows of {manifest} is usable")
       raise _Stopped(stop[-1])
 
-  description = (f"Video question-answer records built by tools.build_dataset from {', '.join(sorted(splits))} "
-                 f"manifests; frames {opt.size} px, {opt.frame_format}" + (", video references" if opt.reference
-                                                                             else ""))
+  description = (
+      f"Video question-answer records built by tools.build_dataset from {', '.join(sorted(splits))} "
+      f"manifests; frames {opt.size} px, {opt.frame_format}" + (", video references" if opt.reference else "")
+  )
   work = os.path.join(temp, SCRATCH)
-  builder = KangarooVideoQa(data_dir=work, file_format="array_record", description=description,
-                            splits={n: examples(n, m, lines) for n, (m, lines) in splits.items()})
+  builder = KangarooVideoQa(
+      data_dir=work,
+      file_format="array_record",
+      description=description,
+      splits={n: examples(n, m, lines) for n, (m, lines) in splits.items()},
+  )
   from tensorflow_datasets.core.utils import tqdm_utils
+
   bars = getattr(tqdm_utils, "_active", True)
   tfds.display_progress_bar(False)  # our own bar counts rows; TFDS's would print per split and stage
   try:
     # TFDS prints where it writes: the scratch folder, moved once complete. stdout carries the CLI's result.
     with contextlib.redirect_stdout(io.StringIO()):
-      builder.download_and_prepare(download_dir=os.path.join(work, "downloads"),
-                                   download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      builder.download_and_prepare(
+          download_dir=os.path.join(work, "downloads"),
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      )
   except BaseException:
     if stop:
       return stop[0]

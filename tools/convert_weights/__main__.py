@@ -20,53 +20,71 @@ import os
 import signal
 import sys
 
-
 # --help stays instant (nothing of kangaroo_jax, so no jax, is imported before parsing), so each help text spells
 # its default itself instead of using kangaroo_jax.cli_help.HelpFormatter; the result reads the same.
 HelpFormatter = argparse.RawDescriptionHelpFormatter
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m tools.convert_weights", description=__doc__,
-                              formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m tools.convert_weights", description=__doc__, formatter_class=HelpFormatter
+  )
   sub = p.add_subparsers(dest="command", required=True)
   formats = ("auto", "safetensors", "bin")
   format_help = "source file format; auto: from the files present (default: auto)"
 
-  imp = sub.add_parser("import", help="released PyTorch/safetensors checkpoint -> Orbax checkpoint",
-                       formatter_class=HelpFormatter)
+  imp = sub.add_parser(
+      "import", help="released PyTorch/safetensors checkpoint -> Orbax checkpoint", formatter_class=HelpFormatter
+  )
   imp.add_argument("src", help="model folder (config.json + model.safetensors[.index.json] or pytorch_model.bin)")
   imp.add_argument("dst", help="output folder (must not exist unless --overwrite)")
-  imp.add_argument("--dtype", default="bfloat16",
-                   help="stored parameter dtype: bfloat16, float32 or float16 (default: bfloat16)")
-  imp.add_argument("--preset", default="kangaroo-8b",
-                   help="KangarooConfig preset for the projector and for the vision settings the folder does not "
-                        "give (config.json vision_config, then EVA02-CLIP-L-14-448.json vision_cfg, win); checked "
-                        "against the tensor shapes where a shape shows them, warned about where none does "
-                        "(default: kangaroo-8b)")
-  imp.add_argument("--config-json",
-                   help="a full KangarooConfig JSON to use instead of --preset + config.json (default: none)")
+  imp.add_argument(
+      "--dtype", default="bfloat16", help="stored parameter dtype: bfloat16, float32 or float16 (default: bfloat16)"
+  )
+  imp.add_argument(
+      "--preset",
+      default="kangaroo-8b",
+      help="KangarooConfig preset for the projector and for the vision settings the folder does not "
+      "give (config.json vision_config, then EVA02-CLIP-L-14-448.json vision_cfg, win); checked "
+      "against the tensor shapes where a shape shows them, warned about where none does "
+      "(default: kangaroo-8b)",
+  )
+  imp.add_argument(
+      "--config-json", help="a full KangarooConfig JSON to use instead of --preset + config.json (default: none)"
+  )
   imp.add_argument("--format", default="auto", choices=formats, help=format_help)
-  imp.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it is an earlier output of this tool, only after success (default: off)")
+  imp.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="replace DST if it is an earlier output of this tool, only after success (default: off)",
+  )
   imp.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
-  imp.add_argument("--no-sync", action="store_true",
-                   help="skip the fsync of the result before the final rename (faster on slow disks; a crash "
-                        "right after the rename could then leave a complete-looking but unflushed checkpoint) "
-                        "(default: off)")
+  imp.add_argument(
+      "--no-sync",
+      action="store_true",
+      help="skip the fsync of the result before the final rename (faster on slow disks; a crash "
+      "right after the rename could then leave a complete-looking but unflushed checkpoint) "
+      "(default: off)",
+  )
 
   ins = sub.add_parser("inspect", help="list keys/shapes/dtypes from headers only", formatter_class=HelpFormatter)
   ins.add_argument("src", help="model folder, or one checkpoint file")
   ins.add_argument("--format", default="auto", choices=formats, help=format_help)
   ins.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
 
-  exp = sub.add_parser("export", help="converted checkpoint -> model.safetensors + config.json (released naming)",
-                       formatter_class=HelpFormatter)
+  exp = sub.add_parser(
+      "export",
+      help="converted checkpoint -> model.safetensors + config.json (released naming)",
+      formatter_class=HelpFormatter,
+  )
   exp.add_argument("ckpt", help="a folder written by `import`")
   exp.add_argument("out", help="output folder (must not exist unless --overwrite)")
   exp.add_argument("--dtype", default=None, help="tensor dtype in the file (default: as stored)")
-  exp.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it is an earlier output of this tool, only after success (default: off)")
+  exp.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="replace OUT if it is an earlier output of this tool, only after success (default: off)",
+  )
   exp.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
   return p
 
@@ -76,8 +94,11 @@ def main(argv=None) -> int:
   try:
     return _run(args)
   except KeyboardInterrupt:
-    print("interrupted: the output folder is as it was before, or complete if the interrupt came after the "
-          "final rename", file=sys.stderr)
+    print(
+        "interrupted: the output folder is as it was before, or complete if the interrupt came after the "
+        "final rename",
+        file=sys.stderr,
+    )
     return 130
 
 
@@ -90,11 +111,21 @@ def _run(args) -> int:
 
   try:
     if args.command == "import":
-      r = import_checkpoint(args.src, args.dst, dtype=args.dtype, preset=args.preset, config_json=args.config_json,
-                            fmt=args.format, overwrite=args.overwrite, progress=not args.quiet,
-                            sync=not args.no_sync)
-      print(f"wrote {r.dst}: {r.mapped} tensors mapped ({r.bytes_read / 1e9:.3f} GB read), {len(r.ignored)} ignored, "
-            f"{len(r.defaulted)} defaulted, dtype {r.dtype}, {r.seconds:.2f}s; {r.config_source}")
+      r = import_checkpoint(
+          args.src,
+          args.dst,
+          dtype=args.dtype,
+          preset=args.preset,
+          config_json=args.config_json,
+          fmt=args.format,
+          overwrite=args.overwrite,
+          progress=not args.quiet,
+          sync=not args.no_sync,
+      )
+      print(
+          f"wrote {r.dst}: {r.mapped} tensors mapped ({r.bytes_read / 1e9:.3f} GB read), {len(r.ignored)} ignored, "
+          f"{len(r.defaulted)} defaulted, dtype {r.dtype}, {r.seconds:.2f}s; {r.config_source}"
+      )
       for key, reason in sorted(r.ignored.items()):
         print(f"  ignored {key}: {reason}")
       for key, what in sorted(r.defaulted.items()):

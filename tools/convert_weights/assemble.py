@@ -18,8 +18,17 @@ from typing import Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from tools.convert_weights.mapping import (RULES, Ignored, Mapped, Path, Rule, classify, released_shape,
-                                           strip_prefix, to_ours)
+from tools.convert_weights.mapping import (
+    RULES,
+    Ignored,
+    Mapped,
+    Path,
+    Rule,
+    classify,
+    released_shape,
+    strip_prefix,
+    to_ours,
+)
 
 
 class ConversionError(ValueError):
@@ -60,8 +69,13 @@ class Assembler:
       (e.g. the final vision `norm`, which the default feature tap never uses).
   """
 
-  def __init__(self, targets: Mapping[Path, tuple[tuple[int, ...], np.dtype]], prefix: Path = (),
-               rules: Iterable[Rule] = RULES, optional: Mapping[str, tuple[str, str]] | None = None):
+  def __init__(
+      self,
+      targets: Mapping[Path, tuple[tuple[int, ...], np.dtype]],
+      prefix: Path = (),
+      rules: Iterable[Rule] = RULES,
+      optional: Mapping[str, tuple[str, str]] | None = None,
+  ):
     self.targets = dict(targets)
     self.prefix = prefix
     self.rules = tuple(r for r in rules if strip_prefix(r.path, prefix) in self.targets)
@@ -171,8 +185,9 @@ class Assembler:
 
 def param_targets(model: nnx.Module) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
   """{path: (shape, dtype)} of a (possibly abstract) model's parameters."""
-  return {tuple(map(str, p)): (tuple(v.shape), np.dtype(v.dtype))
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+      tuple(map(str, p)): (tuple(v.shape), np.dtype(v.dtype)) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def load_released_tensors(model: nnx.Module, tensors: Mapping[str, np.ndarray], prefix: Path = ()) -> Report:

@@ -35,18 +35,47 @@ from kangaroo_jax.tokenizer import TOKENIZER_FILES
 from tools.convert_weights import safetensors_io
 from tools.convert_weights.assemble import Assembler, ConversionError, param_targets
 from tools.convert_weights.finite import all_finite, describe
-from tools.convert_weights.hf_config import (check_against_header, hf_from_llama, resolve, unverified_settings,
-                                             vision_to_hf)
-from tools.convert_weights.mapping import (OPTIONAL_WHEN_UNUSED, RULES, Ignored, Mapped, Path, classify,
-                                           released_shape, to_ours, to_released, write_order)
-from tools.convert_weights.orbax_io import (DEFAULT_CHUNK_BYTES, BackgroundSync, LazyParam, StoredParams,
-                                           return_large_frees_to_os, save_streaming)
+from tools.convert_weights.hf_config import (
+    check_against_header,
+    hf_from_llama,
+    resolve,
+    unverified_settings,
+    vision_to_hf,
+)
+from tools.convert_weights.mapping import (
+    OPTIONAL_WHEN_UNUSED,
+    RULES,
+    Ignored,
+    Mapped,
+    Path,
+    classify,
+    released_shape,
+    to_ours,
+    to_released,
+    write_order,
+)
+from tools.convert_weights.orbax_io import (
+    DEFAULT_CHUNK_BYTES,
+    BackgroundSync,
+    LazyParam,
+    StoredParams,
+    return_large_frees_to_os,
+    save_streaming,
+)
 from tools.convert_weights.output_dir import atomic_output_dir, check_destination
 from tools.convert_weights.progress import Progress
 from tools.convert_weights.sources import Source, open_source
 
-DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
-                 "f32": "float32", "float16": "float16", "fp16": "float16", "f16": "float16"}
+DTYPE_ALIASES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+}
 _TORCH_DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 
@@ -59,6 +88,7 @@ def dtype_name(name: str) -> str:
 
 def _np_dtype(name: str) -> np.dtype:
   import ml_dtypes
+
   return np.dtype({"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}[name])
 
 
@@ -120,8 +150,10 @@ def check_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
       raise ConversionError(f"{path}: disappeared during the conversion ({e}); the output was discarded") from None
     if now != stamp:
       what = "size" if now[1] != stamp[1] else "file (replaced)" if now[0] != stamp[0] else "modification time"
-      raise ConversionError(f"{path}: changed during the conversion ({what}: {stamp} -> {now} as (inode, bytes, "
-                            "mtime ns)); the output was discarded: convert again from a file nothing writes to")
+      raise ConversionError(
+          f"{path}: changed during the conversion ({what}: {stamp} -> {now} as (inode, bytes, "
+          "mtime ns)); the output was discarded: convert again from a file nothing writes to"
+      )
 
 
 def plan_import(source: Source, cfg: KangarooConfig, abstract=None, dtype: str = "float32") -> Assembler:
@@ -143,10 +175,19 @@ def plan_import(source: Source, cfg: KangarooConfig, abstract=None, dtype: str =
   return asm
 
 
-def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: str = "kangaroo-8b",
-                      config_json: str | None = None, fmt: str = "auto", overwrite: bool = False,
-                      progress: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                      sync: bool = True) -> ImportResult:
+def import_checkpoint(
+    src: str,
+    dst: str,
+    *,
+    dtype: str = "bfloat16",
+    preset: str = "kangaroo-8b",
+    config_json: str | None = None,
+    fmt: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    sync: bool = True,
+) -> ImportResult:
   """Converts a released checkpoint folder `src` into `dst` (see the module docstring).
 
   `sync`: flush the written files to disk before the final rename. Chunks are written without an
@@ -176,17 +217,23 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
       def test(layer: int | None, block: np.ndarray) -> None:
         if not all_finite(block):
           flagged.add(keys[layer])
+
       return test
+
     bar = Progress(asm.report.mapped + len(defaults), asm.report.bytes_read, "import", enabled=progress)
 
     def lazy(path: Path) -> LazyParam:
       shape, target_dtype = asm.targets[path]
       if path in defaults:
         fill = defaults[path][1]
-        return LazyParam(shape, target_dtype,
-                         lambda: iter([(None, (np.ones if fill == "ones" else np.zeros)(shape, target_dtype))]),
-                         stacked=False, slice_bytes=math.prod(shape) * np.dtype(target_dtype).itemsize,
-                         on_written=lambda n: bar.update(1, 0))
+        return LazyParam(
+            shape,
+            target_dtype,
+            lambda: iter([(None, (np.ones if fill == "ones" else np.zeros)(shape, target_dtype))]),
+            stacked=False,
+            slice_bytes=math.prod(shape) * np.dtype(target_dtype).itemsize,
+            on_written=lambda n: bar.update(1, 0),
+        )
       rule = rule_of[path]
       keys = asm.sources[path]
       slots = sorted(keys, key=lambda s: -1 if s is None else s)
@@ -195,48 +242,79 @@ def import_checkpoint(src: str, dst: str, *, dtype: str = "bfloat16", preset: st
         for slot in slots:
           yield slot, to_ours(source.read(keys[slot]), rule.transform)
 
-      return LazyParam(shape, target_dtype, slices, stacked=rule.stacked, on_written=lambda n: bar.update(1, n),
-                       slice_bytes=max(source.infos[k].nbytes for k in keys.values()),
-                       reads=tuple(keys[slot] for slot in slots), scan=scan(keys))
+      return LazyParam(
+          shape,
+          target_dtype,
+          slices,
+          stacked=rule.stacked,
+          on_written=lambda n: bar.update(1, n),
+          slice_bytes=max(source.infos[k].nbytes for k in keys.values()),
+          reads=tuple(keys[slot] for slot in slots),
+          scan=scan(keys),
+      )
 
     tree = unflatten({path: lazy(path) for path in asm.targets})
     return_large_frees_to_os()  # keeps the peak RSS at what is in flight (see the function)
-    with (atomic_output_dir(dst, overwrite, protect=(src,)) as tmp,
-          BackgroundSync(tmp) if sync else contextlib.nullcontext() as syncer,
-          _gc_paused()):
+    with (
+        atomic_output_dir(dst, overwrite, protect=(src,)) as tmp,
+        BackgroundSync(tmp) if sync else contextlib.nullcontext() as syncer,
+        _gc_paused(),
+    ):
       save_streaming(os.path.join(tmp, STATE_DIR), tree, chunk_bytes, on_order=source.prefetch)
       bar.close()
       # Only the flagged tensors are read again, to say what is wrong with them.
-      nonfinite = {key: describe(source.read(key), _np_dtype(dtype)) or "not finite after conversion"
-                   for key in sorted(flagged)}
+      nonfinite = {
+          key: describe(source.read(key), _np_dtype(dtype)) or "not finite after conversion" for key in sorted(flagged)
+      }
       with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         f.write(cfg.to_json() + "\n")
       copied = _copy_tokenizer_files(src_dir, tmp)
       report = {
-          "source": source.describe(), "config": cfg_note, "dtype": dtype,
-          "mapped": asm.report.mapped, "bytes_read": asm.report.bytes_read,
-          "ignored": asm.report.ignored, "defaulted": asm.report.defaulted, "tokenizer_files": copied,
-          "nonfinite": nonfinite, "unverified": unverified,
+          "source": source.describe(),
+          "config": cfg_note,
+          "dtype": dtype,
+          "mapped": asm.report.mapped,
+          "bytes_read": asm.report.bytes_read,
+          "ignored": asm.report.ignored,
+          "defaulted": asm.report.defaulted,
+          "tokenizer_files": copied,
+          "nonfinite": nonfinite,
+          "unverified": unverified,
       }
       with open(os.path.join(tmp, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
       check_unchanged(stamps)
       if sync:
         syncer.finish()
-  return ImportResult(dst, cfg, cfg_note, asm.report.mapped, asm.report.ignored, asm.report.defaulted,
-                      asm.report.bytes_read, time.perf_counter() - t0, copied, nonfinite, unverified, dtype)
+  return ImportResult(
+      dst,
+      cfg,
+      cfg_note,
+      asm.report.mapped,
+      asm.report.ignored,
+      asm.report.defaulted,
+      asm.report.bytes_read,
+      time.perf_counter() - t0,
+      copied,
+      nonfinite,
+      unverified,
+      dtype,
+  )
 
 
-def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
-                      progress: bool = True) -> dict:
+def export_checkpoint(
+    ckpt: str, out: str, *, dtype: str | None = None, overwrite: bool = False, progress: bool = True
+) -> dict:
   """Writes `out/model.safetensors` + `out/config.json` (released naming) from a converted checkpoint.
 
   `dtype`: the stored dtype by default, so import -> export -> import is bit-identical.
   Returns {"out", "tensors", "bytes", "tokenizer_files", "nonfinite": {released key: what is not finite}}.
   """
   if not os.path.isfile(os.path.join(ckpt, CONFIG_FILE)) or not os.path.isdir(os.path.join(ckpt, STATE_DIR)):
-    raise ConversionError(f"{ckpt}: not a converted checkpoint (expected {CONFIG_FILE} and {STATE_DIR}/ written by "
-                          "`python -m tools.convert_weights import`)")
+    raise ConversionError(
+        f"{ckpt}: not a converted checkpoint (expected {CONFIG_FILE} and {STATE_DIR}/ written by "
+        "`python -m tools.convert_weights import`)"
+    )
   out = check_destination(out, overwrite, protect=(ckpt,))
   try:
     cfg = load_config(ckpt)
@@ -253,8 +331,7 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
     try:
       return stored.read(path, layer)
     except ValueError as e:  # TensorStore: a damaged or incomplete state/
-      raise ConversionError(f"{os.path.join(ckpt, STATE_DIR)}: cannot read {'.'.join(path)}: "
-                            f"{_short(e)}") from None
+      raise ConversionError(f"{os.path.join(ckpt, STATE_DIR)}: cannot read {'.'.join(path)}: " f"{_short(e)}") from None
 
   plan = []
   for rule in RULES:
@@ -263,8 +340,9 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
     try:
       shape, stored_dtype = stored.shape_dtype(rule.path)
     except ValueError as e:
-      raise ConversionError(f"{os.path.join(ckpt, STATE_DIR)}: cannot open {'.'.join(rule.path)}: "
-                            f"{_short(e)}") from None
+      raise ConversionError(
+          f"{os.path.join(ckpt, STATE_DIR)}: cannot open {'.'.join(rule.path)}: " f"{_short(e)}"
+      ) from None
     out_dtype = _np_dtype(dtype_name(dtype)) if dtype else stored_dtype
     if rule.stacked:
       for i in range(shape[0]):
@@ -294,8 +372,9 @@ def export_checkpoint(ckpt: str, out: str, *, dtype: str | None = None, overwrit
   names = sorted({np.dtype(d).name for _, _, d in entries})
   torch_dtype = names[0] if len(names) == 1 else "float32"
   with atomic_output_dir(out, overwrite, protect=(ckpt,)) as tmp:
-    written = safetensors_io.write_file(os.path.join(tmp, "model.safetensors"), entries, tensors(),
-                                        metadata={"format": "pt"})
+    written = safetensors_io.write_file(
+        os.path.join(tmp, "model.safetensors"), entries, tensors(), metadata={"format": "pt"}
+    )
     bar.close()
     with open(os.path.join(tmp, "config.json"), "w") as f:
       released = hf_from_llama(cfg.llm, _TORCH_DTYPE_NAMES.get(torch_dtype, torch_dtype))
@@ -329,22 +408,47 @@ def inspect_checkpoint(src: str, fmt: str = "auto") -> dict:
       else:
         action = "UNMAPPED"
         counts["unmapped"] += 1
-      rows.append({"key": key, "dtype": safetensors_io._NAMES.get(info.dtype, str(info.dtype)),
-                   "shape": list(info.shape), "bytes": info.nbytes, "action": action})
-    return {"source": source.describe(), "tensors": len(rows), "total_bytes": source.total_bytes,
-            "parameters": int(sum(np.prod(r["shape"]) for r in rows)), "counts": counts, "rows": rows}
+      rows.append(
+          {
+              "key": key,
+              "dtype": safetensors_io._NAMES.get(info.dtype, str(info.dtype)),
+              "shape": list(info.shape),
+              "bytes": info.nbytes,
+              "action": action,
+          }
+      )
+    return {
+        "source": source.describe(),
+        "tensors": len(rows),
+        "total_bytes": source.total_bytes,
+        "parameters": int(sum(np.prod(r["shape"]) for r in rows)),
+        "counts": counts,
+        "rows": rows,
+    }
 
 
 def format_inspect(result: dict) -> str:
   width = max((len(r["key"]) for r in result["rows"]), default=10)
-  lines = [f"{r['key']:<{width}}  {r['dtype']:<5} {str(tuple(r['shape'])):<22} {r['bytes']:>14,d}  {r['action']}"
-           for r in result["rows"]]
+  lines = [
+      f"{r['key']:<{width}}  {r['dtype']:<5} {str(tuple(r['shape'])):<22} {r['bytes']:>14,d}  {r['action']}"
+      for r in result["rows"]
+  ]
   c = result["counts"]
-  lines.append(f"{result['source']}: {result['tensors']} tensors, {result['parameters']:,d} parameters, "
-               f"{result['total_bytes'] / 1e9:.3f} GB; mapped {c['mapped']}, ignored {c['ignored']}, "
-               f"unmapped {c['unmapped']}")
+  lines.append(
+      f"{result['source']}: {result['tensors']} tensors, {result['parameters']:,d} parameters, "
+      f"{result['total_bytes'] / 1e9:.3f} GB; mapped {c['mapped']}, ignored {c['ignored']}, "
+      f"unmapped {c['unmapped']}"
+  )
   return "\n".join(lines)
 
 
-__all__ = ["ConversionError", "ImportResult", "atomic_output_dir", "export_checkpoint",
-           "format_inspect", "import_checkpoint", "inspect_checkpoint", "plan_import"]
+__all__ = [
+    "ConversionError",
+    "ImportResult",
+    "atomic_output_dir",
+    "export_checkpoint",
+    "format_inspect",
+    "import_checkpoint",
+    "inspect_checkpoint",
+    "plan_import",
+]

@@ -14,8 +14,10 @@ import numpy as np
 
 # 2-byte floats: numpy's reductions over ml_dtypes' bfloat16 run at ~0.2 GB/s, so test the bits instead
 # (|x| >= the all-ones exponent <=> NaN or Inf): (bits, abs mask, smallest non-finite |x|).
-_BITS = {np.dtype(ml_dtypes.bfloat16): (np.uint16, np.uint16(0x7FFF), 0x7F80),
-         np.dtype(np.float16): (np.uint16, np.uint16(0x7FFF), 0x7C00)}
+_BITS = {
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, np.uint16(0x7FFF), 0x7F80),
+    np.dtype(np.float16): (np.uint16, np.uint16(0x7FFF), 0x7C00),
+}
 # Pieces that stay in L2: masking a whole 32 MB block allocated (and zeroed) a temporary of its size
 # and ran at ~4.8 GB/s; 64 K-item pieces into a reused buffer at ~9 GB/s (bf16, one core).
 _PIECE = 1 << 16
@@ -40,8 +42,8 @@ def all_finite(a: np.ndarray) -> bool:
   if buf is None:
     buf = _scratch.buf = np.empty(_PIECE, np.uint16)
   for start in range(0, bits.size, _PIECE):
-    piece = bits[start:start + _PIECE]
-    out = buf[:piece.size]
+    piece = bits[start : start + _PIECE]
+    out = buf[: piece.size]
     np.bitwise_and(piece, mask, out=out)
     if out.max() >= non_finite:
       return False
@@ -58,14 +60,17 @@ def describe(source: np.ndarray, stored_dtype) -> str | None:
   nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
   parts = []
   if nan or inf:
-    parts.append(" and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if p)
-                 + " in the source")
+    parts.append(
+        " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if p) + " in the source"
+    )
   finite = np.isfinite(x)
   with np.errstate(over="ignore", invalid="ignore"):
     overflow = finite & np.isinf(x.astype(stored_dtype))
   count = int(overflow.sum())
   if count:
     largest = float(np.abs(x[overflow].astype(np.float64)).max())
-    parts.append(f"{count} finite {'values overflow' if count > 1 else 'value overflows'} to Inf in "
-                 f"{stored_dtype.name} (largest |x| {largest:.3g})")
+    parts.append(
+        f"{count} finite {'values overflow' if count > 1 else 'value overflows'} to Inf in "
+        f"{stored_dtype.name} (largest |x| {largest:.3g})"
+    )
   return "; ".join(parts) or None

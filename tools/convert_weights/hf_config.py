@@ -22,10 +22,15 @@ from kangaroo_jax.run_options import split_legacy_keys
 from tools.convert_weights.assemble import ConversionError
 from tools.convert_weights.safetensors_io import TensorInfo
 
-
 _MISSING = object()
-_JSON_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
-               dict: "an object"}
+_JSON_TYPES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _field(obj: Mapping, name: str, kinds: tuple[type, ...], expected: str, where: str, default=_MISSING):
@@ -42,8 +47,10 @@ def _field(obj: Mapping, name: str, kinds: tuple[type, ...], expected: str, wher
   if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
     shown = json.dumps(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    raise ConversionError(f"{where}: field {name!r} is {shown} ({_JSON_TYPES.get(type(value), type(value).__name__)})"
-                          f"; expected {expected}")
+    raise ConversionError(
+        f"{where}: field {name!r} is {shown} ({_JSON_TYPES.get(type(value), type(value).__name__)})"
+        f"; expected {expected}"
+    )
   return value
 
 
@@ -79,16 +86,27 @@ def _rope_scaling(scaling: Mapping, where: str) -> RopeScaling:
     raise ConversionError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3' or none)")
   absent = [f for f in _LLAMA3_SCALING if scaling.get(f) is None]
   if absent:
-    raise ConversionError(f"{where}: rope_scaling lacks {', '.join(map(repr, absent))}; a llama3 rope_scaling needs "
-                          f"{', '.join(_LLAMA3_SCALING)}")
+    raise ConversionError(
+        f"{where}: rope_scaling lacks {', '.join(map(repr, absent))}; a llama3 rope_scaling needs "
+        f"{', '.join(_LLAMA3_SCALING)}"
+    )
   at = f"{where} rope_scaling"
-  return RopeScaling(factor=_float(scaling, "factor", at), low_freq_factor=_float(scaling, "low_freq_factor", at),
-                     high_freq_factor=_float(scaling, "high_freq_factor", at),
-                     original_max_position_embeddings=_int(scaling, "original_max_position_embeddings", at))
+  return RopeScaling(
+      factor=_float(scaling, "factor", at),
+      low_freq_factor=_float(scaling, "low_freq_factor", at),
+      high_freq_factor=_float(scaling, "high_freq_factor", at),
+      original_max_position_embeddings=_int(scaling, "original_max_position_embeddings", at),
+  )
 
 
-def llama_from_hf(hf: Mapping, base: LlamaConfig, generation: Mapping | None = None, *,
-                  where: str = "config.json", generation_where: str = "generation_config.json") -> LlamaConfig:
+def llama_from_hf(
+    hf: Mapping,
+    base: LlamaConfig,
+    generation: Mapping | None = None,
+    *,
+    where: str = "config.json",
+    generation_where: str = "generation_config.json",
+) -> LlamaConfig:
   """LlamaConfig from a transformers Llama config.json (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`).
 
   Stop ids: config `eos_token_id` + generation_config `eos_token_id` + the preset's stop ids when the
@@ -122,15 +140,21 @@ def llama_from_hf(hf: Mapping, base: LlamaConfig, generation: Mapping | None = N
     raise ConversionError(f"{where}: field 'num_attention_heads' is {heads}; expected a positive integer")
   try:
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=_int(hf, "intermediate_size", where),
-        num_layers=_int(hf, "num_hidden_layers", where), num_heads=heads,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_int(hf, "intermediate_size", where),
+        num_layers=_int(hf, "num_hidden_layers", where),
+        num_heads=heads,
         num_kv_heads=_int(hf, "num_key_value_heads", where, heads),
         head_dim=_int(hf, "head_dim", where, hidden // heads),
-        rms_norm_eps=_float(hf, "rms_norm_eps", where, base.rms_norm_eps), rope_theta=theta,
+        rms_norm_eps=_float(hf, "rms_norm_eps", where, base.rms_norm_eps),
+        rope_theta=theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=_int(hf, "max_position_embeddings", where, base.max_position_embeddings),
         tie_word_embeddings=_field(hf, "tie_word_embeddings", (bool,), "true or false", where, False),
-        bos_token_id=bos, eos_token_ids=_dedupe(eos) or base.eos_token_ids)
+        bos_token_id=bos,
+        eos_token_ids=_dedupe(eos) or base.eos_token_ids,
+    )
   except ConfigError as e:
     raise ConversionError(f"{where} describes an LLM we cannot build: {e}") from None
 
@@ -140,9 +164,13 @@ def hf_from_llama(llm: LlamaConfig, torch_dtype: str) -> dict:
   scaling = None
   if llm.rope_scaling is not None:
     r = llm.rope_scaling
-    scaling = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-               "high_freq_factor": r.high_freq_factor,
-               "original_max_position_embeddings": r.original_max_position_embeddings}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": r.factor,
+        "low_freq_factor": r.low_freq_factor,
+        "high_freq_factor": r.high_freq_factor,
+        "original_max_position_embeddings": r.original_max_position_embeddings,
+    }
   return {
       "architectures": ["KangarooForCausalLM"],
       "auto_map": {"AutoModelForCausalLM": "modeling_kangaroo.KangarooForCausalLM"},
@@ -176,6 +204,7 @@ def transformers_llama_config(llm: LlamaConfig, **overrides):
   the reference LLM of the parity tests and benchmarks, built the way a released config is read.
   Needs transformers (imported here). `overrides`, e.g. attn_implementation="eager", win."""
   import transformers
+
   return transformers.LlamaConfig(**{**hf_from_llama(llm, "float32"), **overrides})
 
 
@@ -197,18 +226,41 @@ VISION_FILE = "EVA02-CLIP-L-14-448.json"  # the release's EVA-CLIP model config;
 # Vision settings read from `vision_cfg` / `vision_config`: EVA-CLIP's names, ours, and Hugging Face
 # CLIP-style names, each -> a VisionConfig field.
 _VISION_INTS = {
-    "image_size": "image_size", "patch_size": "patch_size", "width": "width", "layers": "num_layers",
-    "head_width": "head_width", "pt_hw_seq_len": "pt_hw_seq_len", "num_layers": "num_layers",
-    "mlp_hidden": "mlp_hidden", "num_channels": "num_channels", "hidden_size": "width",
-    "num_hidden_layers": "num_layers", "intermediate_size": "mlp_hidden",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "width": "width",
+    "layers": "num_layers",
+    "head_width": "head_width",
+    "pt_hw_seq_len": "pt_hw_seq_len",
+    "num_layers": "num_layers",
+    "mlp_hidden": "mlp_hidden",
+    "num_channels": "num_channels",
+    "hidden_size": "width",
+    "num_hidden_layers": "num_layers",
+    "intermediate_size": "mlp_hidden",
 }
 _VISION_FLOATS = {"layer_norm_eps": "layer_norm_eps", "rope_theta": "rope_theta"}
 # EVA switches that change the architecture: the value our tower implements (any other is refused).
-_VISION_FLAGS = {"rope": True, "subln": True, "naiveswiglu": True, "intp_freq": True, "qkv_bias": True,
-                 "postnorm": False, "use_rms_norm": False, "ls_init_value": None}
+_VISION_FLAGS = {
+    "rope": True,
+    "subln": True,
+    "naiveswiglu": True,
+    "intp_freq": True,
+    "qkv_bias": True,
+    "postnorm": False,
+    "use_rms_norm": False,
+    "ls_init_value": None,
+}
 # EVA settings with no effect on the function: attention / LayerNorm kernels, training-only, names.
-_VISION_RUNTIME = ("xattn", "fusedLN", "drop_path_rate", "patch_dropout", "eva_model_name", "timm_model_name",
-                   "grad_checkpointing")
+_VISION_RUNTIME = (
+    "xattn",
+    "fusedLN",
+    "drop_path_rate",
+    "patch_dropout",
+    "eva_model_name",
+    "timm_model_name",
+    "grad_checkpointing",
+)
 
 
 @dataclasses.dataclass
@@ -248,8 +300,9 @@ def _vision_fields(block: Mapping, where: str, width: int, notes: list[str]) -> 
     elif key in _VISION_FLAGS:
       value, want = block[key], _VISION_FLAGS[key]
       if value is not None and value != want:
-        raise ConversionError(f"{where}: {key}={json.dumps(value)} is not supported (the EVA tower here has "
-                              f"{key}={json.dumps(want)})")
+        raise ConversionError(
+            f"{where}: {key}={json.dumps(value)} is not supported (the EVA tower here has " f"{key}={json.dumps(want)})"
+        )
     elif key not in ("mlp_ratio", "num_attention_heads") + _VISION_RUNTIME:
       notes.append(f"{at} = {json.dumps(block[key])[:40]} is not a setting the converter knows: ignored")
   width = out.get("width", (width, ""))[0]
@@ -264,8 +317,9 @@ def _vision_fields(block: Mapping, where: str, width: int, notes: list[str]) -> 
   return out
 
 
-def vision_from_folder(src_dir: str, base: VisionConfig, hf: Mapping | None, hf_path: str,
-                       notes: list[str]) -> tuple[VisionConfig, dict[str, str], list[str]]:
+def vision_from_folder(
+    src_dir: str, base: VisionConfig, hf: Mapping | None, hf_path: str, notes: list[str]
+) -> tuple[VisionConfig, dict[str, str], list[str]]:
   """The vision settings of a released folder over `base`: EVA02-CLIP-L-14-448.json `vision_cfg`, then
   config.json `vision_config` (which wins where both name a setting).
 
@@ -290,8 +344,9 @@ def vision_from_folder(src_dir: str, base: VisionConfig, hf: Mapping | None, hf_
   try:
     vision = dataclasses.replace(base, **{k: v for k, (v, _) in fields.items()})
   except ConfigError as e:
-    raise ConversionError(f"{src_dir}: the vision settings of {' + '.join(used)} describe a tower we cannot "
-                          f"build: {e}") from None
+    raise ConversionError(
+        f"{src_dir}: the vision settings of {' + '.join(used)} describe a tower we cannot " f"build: {e}"
+    ) from None
   return vision, {f"vision.{k}": at for k, (_, at) in fields.items()}, used
 
 
@@ -299,24 +354,36 @@ def vision_to_hf(v: VisionConfig) -> dict:
   """config.json's `vision_config` for `v`, in EVA-CLIP `vision_cfg` names (what `vision_from_folder`
   reads back), plus the settings EVA has no name for."""
   return {
-      "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.num_layers,
+      "image_size": v.image_size,
+      "patch_size": v.patch_size,
+      "width": v.width,
+      "layers": v.num_layers,
       "head_width": v.head_width,
       "mlp_ratio": (v.mlp_hidden + 0.5) / v.width,  # EVA floors width * mlp_ratio: this floors to mlp_hidden
-      "mlp_hidden": v.mlp_hidden, "pt_hw_seq_len": v.pt_hw_seq_len, "num_channels": v.num_channels,
-      "layer_norm_eps": v.layer_norm_eps, "rope_theta": v.rope_theta,
-      "rope": True, "subln": True, "naiveswiglu": True, "intp_freq": True, "qkv_bias": True,
+      "mlp_hidden": v.mlp_hidden,
+      "pt_hw_seq_len": v.pt_hw_seq_len,
+      "num_channels": v.num_channels,
+      "layer_norm_eps": v.layer_norm_eps,
+      "rope_theta": v.rope_theta,
+      "rope": True,
+      "subln": True,
+      "naiveswiglu": True,
+      "intp_freq": True,
+      "qkv_bias": True,
   }
 
 
-def resolve_config(src_dir: str | None, preset_cfg: KangarooConfig,
-                   config_json: str | None = None) -> tuple[KangarooConfig, str]:
+def resolve_config(
+    src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | None = None
+) -> tuple[KangarooConfig, str]:
   """The KangarooConfig to import into, and a one-line note of where it came from (see `resolve`)."""
   r = resolve(src_dir, preset_cfg, config_json)
   return r.cfg, r.note
 
 
-def resolve(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | None = None,
-            preset_name: str | None = None) -> ResolvedConfig:
+def resolve(
+    src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | None = None, preset_name: str | None = None
+) -> ResolvedConfig:
   """The KangarooConfig to import into, with where each setting came from.
 
   Priority: `config_json` (a full KangarooConfig) > `<src>/kangaroo_config.json` (written by `export`)
@@ -334,18 +401,30 @@ def resolve(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | 
       raise ConversionError(f"{ours}: not a valid KangarooConfig: {e}") from None
     if hf is not None:
       from_hf = llama_from_hf(hf, cfg.llm, where=hf_path)
-      shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                      "head_dim")
-      diff = [f"{f}: {getattr(cfg.llm, f)} vs {getattr(from_hf, f)}" for f in shape_fields
-              if getattr(cfg.llm, f) != getattr(from_hf, f)]
+      shape_fields = (
+          "vocab_size",
+          "hidden_size",
+          "intermediate_size",
+          "num_layers",
+          "num_heads",
+          "num_kv_heads",
+          "head_dim",
+      )
+      diff = [
+          f"{f}: {getattr(cfg.llm, f)} vs {getattr(from_hf, f)}"
+          for f in shape_fields
+          if getattr(cfg.llm, f) != getattr(from_hf, f)
+      ]
       if diff:
         raise ConversionError(f"{ours} and {hf_path} disagree on the LLM ({'; '.join(diff)})")
     return ResolvedConfig(cfg, f"config from {ours}", {}, f"from {ours}", exported=not config_json, run_keys=run_keys)
   if config_json:
     raise ConversionError(f"--config-json {config_json}: no such file")
   if hf is None:
-    raise ConversionError(f"{src_dir}: no config.json (the released LLM config) and no {KANGAROO_CONFIG}; "
-                          "pass --config-json with a KangarooConfig")
+    raise ConversionError(
+        f"{src_dir}: no config.json (the released LLM config) and no {KANGAROO_CONFIG}; "
+        "pass --config-json with a KangarooConfig"
+    )
   gen_path = os.path.join(src_dir, "generation_config.json")
   generation = _read_json(gen_path) if os.path.exists(gen_path) else None
   llm = llama_from_hf(hf, preset_cfg.llm, generation, where=hf_path, generation_where=gen_path)
@@ -357,8 +436,9 @@ def resolve(src_dir: str | None, preset_cfg: KangarooConfig, config_json: str | 
     raise ConversionError(f"{src_dir}: {' + '.join(used)} and the preset do not fit together: {e}") from None
   where_vision = f"vision from {' + '.join(used)}" if used else "vision from the preset"
   default = f"preset {preset_name!r}" if preset_name else "the preset"
-  return ResolvedConfig(cfg, f"LLM from config.json, {where_vision}, projector from the preset", origins,
-                        default, notes)
+  return ResolvedConfig(
+      cfg, f"LLM from config.json, {where_vision}, projector from the preset", origins, default, notes
+  )
 
 
 def unverified_settings(cfg: KangarooConfig, infos: Mapping[str, TensorInfo], resolved: ResolvedConfig) -> list[str]:
@@ -373,14 +453,20 @@ def unverified_settings(cfg: KangarooConfig, infos: Mapping[str, TensorInfo], re
   silent = "a wrong value loads without error and changes the outputs"
   out = []
   if "vision_tower.rope.freqs_cos" not in infos:
-    out.append(f"vision.head_width = {v.head_width} ({resolved.origin('vision.head_width')}) is not checked: "
-               f"only the vision_tower.rope.freqs_cos table shows it and this checkpoint has none; {silent}")
-  out.append(f"vision.pt_hw_seq_len = {v.pt_hw_seq_len} ({resolved.origin('vision.pt_hw_seq_len')}) is not checked: "
-             f"it scales the 2-D RoPE frequencies and no tensor shape depends on it; {silent}")
+    out.append(
+        f"vision.head_width = {v.head_width} ({resolved.origin('vision.head_width')}) is not checked: "
+        f"only the vision_tower.rope.freqs_cos table shows it and this checkpoint has none; {silent}"
+    )
+  out.append(
+      f"vision.pt_hw_seq_len = {v.pt_hw_seq_len} ({resolved.origin('vision.pt_hw_seq_len')}) is not checked: "
+      f"it scales the 2-D RoPE frequencies and no tensor shape depends on it; {silent}"
+  )
   if p.tpe != "learned":  # a learned table's rows are checked by shape
     what = f" (base {p.tpe_base})" if p.tpe == "sinusoidal" else ""
-    out.append(f"projector.tpe = {p.tpe!r}{what} ({resolved.origin('projector.tpe')}) is not checked: the time "
-               f"position embedding has no parameters in the checkpoint; {silent}")
+    out.append(
+        f"projector.tpe = {p.tpe!r}{what} ({resolved.origin('projector.tpe')}) is not checked: the time "
+        f"position embedding has no parameters in the checkpoint; {silent}"
+    )
   return resolved.notes + out
 
 
@@ -401,9 +487,11 @@ def check_against_header(cfg: KangarooConfig, infos: Mapping[str, TensorInfo], s
 
   pe = shape("vision_tower.patch_embed.proj.weight")
   if pe is not None and len(pe) == 4:
-    found += [("vision.width", v.width, pe[0], f"vision_tower.patch_embed.proj.weight {pe}"),
-              ("vision.num_channels", v.num_channels, pe[1], f"vision_tower.patch_embed.proj.weight {pe}"),
-              ("vision.patch_size", v.patch_size, pe[2], f"vision_tower.patch_embed.proj.weight {pe}")]
+    found += [
+        ("vision.width", v.width, pe[0], f"vision_tower.patch_embed.proj.weight {pe}"),
+        ("vision.num_channels", v.num_channels, pe[1], f"vision_tower.patch_embed.proj.weight {pe}"),
+        ("vision.patch_size", v.patch_size, pe[2], f"vision_tower.patch_embed.proj.weight {pe}"),
+    ]
   pos = shape("vision_tower.pos_embed")
   if pos is not None and len(pos) == 3:
     grid = math.isqrt(max(pos[1] - 1, 0))
@@ -420,18 +508,28 @@ def check_against_header(cfg: KangarooConfig, infos: Mapping[str, TensorInfo], s
     found.append(("vision.head_width", v.head_width, rope[1], f"vision_tower.rope.freqs_cos {rope}"))
   p0 = shape("mm_projector.0.weight")
   if p0 is not None and len(p0) == 2:
-    found += [("vision.width (projector input)", v.width, p0[1], f"mm_projector.0.weight {p0}"),
-              ("llm.hidden_size (projector output)", llm.hidden_size, p0[0], f"mm_projector.0.weight {p0}")]
+    found += [
+        ("vision.width (projector input)", v.width, p0[1], f"mm_projector.0.weight {p0}"),
+        ("llm.hidden_size (projector output)", llm.hidden_size, p0[0], f"mm_projector.0.weight {p0}"),
+    ]
   emb = shape("model.embed_tokens.weight")
   if emb is not None and len(emb) == 2:
-    found += [("llm.vocab_size", llm.vocab_size, emb[0], f"model.embed_tokens.weight {emb}"),
-              ("llm.hidden_size", llm.hidden_size, emb[1], f"model.embed_tokens.weight {emb}")]
+    found += [
+        ("llm.vocab_size", llm.vocab_size, emb[0], f"model.embed_tokens.weight {emb}"),
+        ("llm.hidden_size", llm.hidden_size, emb[1], f"model.embed_tokens.weight {emb}"),
+    ]
   layers = {int(m.group(1)) for k in infos if (m := re.match(r"^model\.layers\.(\d+)\.", k))}
   if layers:
     found.append(("llm.num_layers", llm.num_layers, max(layers) + 1, f"model.layers.0..{max(layers)}"))
-  bad = [f"{field} = {ours} but the checkpoint has {theirs} ({evidence})"
-         for field, ours, theirs, evidence in found if ours != theirs]
+  bad = [
+      f"{field} = {ours} but the checkpoint has {theirs} ({evidence})"
+      for field, ours, theirs, evidence in found
+      if ours != theirs
+  ]
   if bad:
-    raise ConversionError(f"the model config ({source}) does not match the checkpoint:\n  " + "\n  ".join(bad) +
-                          "\nhint: pick another --preset, or pass --config-json with a KangarooConfig whose "
-                          "vision/projector fields match")
+    raise ConversionError(
+        f"the model config ({source}) does not match the checkpoint:\n  "
+        + "\n  ".join(bad)
+        + "\nhint: pick another --preset, or pass --config-json with a KangarooConfig whose "
+        "vision/projector fields match"
+    )

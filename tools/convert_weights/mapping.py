@@ -47,10 +47,13 @@ def _llama_rules() -> list[Rule]:
       Rule(L + "input_layernorm.weight", _p(P + "input_layernorm.scale"), "id"),
       Rule(L + "post_attention_layernorm.weight", _p(P + "post_attention_layernorm.scale"), "id"),
   ]
-  rules += [Rule(L + f"self_attn.{n}.weight", _p(P + f"self_attn.{n}.kernel"), "linear")
-            for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-  rules += [Rule(L + f"mlp.{n}.weight", _p(P + f"mlp.{n}.kernel"), "linear")
-            for n in ("gate_proj", "up_proj", "down_proj")]
+  rules += [
+      Rule(L + f"self_attn.{n}.weight", _p(P + f"self_attn.{n}.kernel"), "linear")
+      for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+  ]
+  rules += [
+      Rule(L + f"mlp.{n}.weight", _p(P + f"mlp.{n}.kernel"), "linear") for n in ("gate_proj", "up_proj", "down_proj")
+  ]
   return rules
 
 
@@ -70,14 +73,19 @@ def _vision_rules() -> list[Rule]:
     rules += [Rule(B + f"{ln}.weight", _p(P + f"{ln}.scale"), "id"), Rule(B + f"{ln}.bias", _p(P + f"{ln}.bias"), "id")]
   rules += [Rule(B + f"attn.{n}.weight", _p(P + f"attn.{n}.kernel"), "linear") for n in ("q_proj", "k_proj", "v_proj")]
   for n in ("attn.proj", "mlp.w1", "mlp.w2", "mlp.w3"):
-    rules += [Rule(B + f"{n}.weight", _p(P + f"{n}.kernel"), "linear"), Rule(B + f"{n}.bias", _p(P + f"{n}.bias"), "id")]
+    rules += [
+        Rule(B + f"{n}.weight", _p(P + f"{n}.kernel"), "linear"),
+        Rule(B + f"{n}.bias", _p(P + f"{n}.bias"), "id"),
+    ]
   return rules
 
 
 def _projector_rules() -> list[Rule]:
-  return [Rule(f"mm_projector.{i}.{w}", _p(f"mm_projector.{name}.{t}"), tr)
-          for i, name in (("0", "linear_1"), ("2", "linear_2"))
-          for w, t, tr in (("weight", "kernel", "linear"), ("bias", "bias", "id"))]
+  return [
+      Rule(f"mm_projector.{i}.{w}", _p(f"mm_projector.{name}.{t}"), tr)
+      for i, name in (("0", "linear_1"), ("2", "linear_2"))
+      for w, t, tr in (("weight", "kernel", "linear"), ("bias", "bias", "id"))
+  ]
 
 
 RULES: tuple[Rule, ...] = tuple(_llama_rules() + _vision_rules() + _projector_rules())
@@ -171,11 +179,12 @@ def released_shape(our_shape: tuple[int, ...], rule: Rule) -> tuple[int, ...]:
 
 def strip_prefix(path: Path, prefix: Path) -> Path | None:
   """`path` relative to `prefix` (e.g. ("llm",) for a standalone LlamaForCausalLM), or None if outside."""
-  return path[len(prefix):] if path[:len(prefix)] == prefix else None
+  return path[len(prefix) :] if path[: len(prefix)] == prefix else None
 
 
-def released_items(flat_state: dict[Path, np.ndarray], rules: Iterable[Rule] = RULES,
-                   prefix: Path = ()) -> Iterator[tuple[str, np.ndarray]]:
+def released_items(
+    flat_state: dict[Path, np.ndarray], rules: Iterable[Rule] = RULES, prefix: Path = ()
+) -> Iterator[tuple[str, np.ndarray]]:
   """Our flat {path: array} state -> (released key, tensor) pairs, one layer slice at a time."""
   for rule in rules:
     path = strip_prefix(rule.path, prefix)

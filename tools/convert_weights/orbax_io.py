@@ -54,9 +54,18 @@ class LazyParam:
       on a copy thread right after its copy (e.g. the NaN/Inf test of `finite.all_finite`).
   """
 
-  def __init__(self, shape, dtype, slices: Callable[[], Iterator[tuple[int | None, np.ndarray]]], *,
-               stacked: bool, slice_bytes: int, on_written: Callable[[int], None] | None = None,
-               reads: tuple[str, ...] = (), scan: Callable[[int | None, np.ndarray], None] | None = None):
+  def __init__(
+      self,
+      shape,
+      dtype,
+      slices: Callable[[], Iterator[tuple[int | None, np.ndarray]]],
+      *,
+      stacked: bool,
+      slice_bytes: int,
+      on_written: Callable[[int], None] | None = None,
+      reads: tuple[str, ...] = (),
+      scan: Callable[[int | None, np.ndarray], None] | None = None,
+  ):
     self.shape = tuple(int(d) for d in shape)
     self.dtype = np.dtype(dtype)
     self.slices = slices
@@ -98,7 +107,7 @@ def _tiled_transpose(src: np.ndarray, res: np.ndarray, tile: int) -> None:
   """res[j, i] = src[i, j], one tile x tile block at a time ([rows, cols] -> [cols, rows])."""
   for i in range(0, src.shape[0], tile):
     for j in range(0, src.shape[1], tile):
-      res[j:j + tile, i:i + tile] = src[i:i + tile, j:j + tile].T
+      res[j : j + tile, i : i + tile] = src[i : i + tile, j : j + tile].T
 
 
 def _group_size(cols: int, itemsize: int) -> int:
@@ -119,19 +128,21 @@ def _transpose_grouped(src: np.ndarray, res: np.ndarray, k: int, scratch: np.nda
   least rows * k items' bytes) small enough to be read back from cache.
   """
   rows, cols = src.shape
-  scratch = scratch[:scratch.nbytes - scratch.nbytes % src.dtype.itemsize].view(src.dtype)
+  scratch = scratch[: scratch.nbytes - scratch.nbytes % src.dtype.itemsize].view(src.dtype)
   block = max(k, min(cols, scratch.size // rows) // k * k)
   wide_dtype = _GROUP_ITEM[k * src.dtype.itemsize]
   for c in range(0, cols, block):
     width = min(block, cols - c)
-    groups = scratch[:rows * width].view(wide_dtype).reshape(width // k, rows)
-    _tiled_transpose(src[:, c:c + width].view(wide_dtype), groups, _GROUP_TILE)
-    res[c:c + width].reshape(width // k, k, rows)[...] = (
-        groups.view(src.dtype).reshape(width // k, rows, k).transpose(0, 2, 1))
+    groups = scratch[: rows * width].view(wide_dtype).reshape(width // k, rows)
+    _tiled_transpose(src[:, c : c + width].view(wide_dtype), groups, _GROUP_TILE)
+    res[c : c + width].reshape(width // k, k, rows)[...] = (
+        groups.view(src.dtype).reshape(width // k, rows, k).transpose(0, 2, 1)
+    )
 
 
-def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None,
-               scratch: np.ndarray | None = None) -> np.ndarray:
+def contiguous(
+    a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None, scratch: np.ndarray | None = None
+) -> np.ndarray:
   """`a` as a C-contiguous array of `dtype`, fast for the transposed views of Linear weights.
 
   numpy's plain copy of a large transposed matrix runs at ~0.25 GB/s (every element a cache/TLB
@@ -149,7 +160,7 @@ def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None,
     return np.array(a, dtype=dtype, order="C")
   src = a.T.view(_UINT[a.dtype.itemsize])  # [rows, cols]: rows of the source are (nearly) contiguous
   if out is not None and a.dtype == dtype and out.nbytes >= a.nbytes:
-    res = out[:a.nbytes].view(src.dtype).reshape(a.shape)
+    res = out[: a.nbytes].view(src.dtype).reshape(a.shape)
   else:
     res = np.empty(a.shape, src.dtype)
   k = _group_size(src.shape[1], src.dtype.itemsize)
@@ -167,8 +178,13 @@ def contiguous(a: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None,
 def _transposes(view: np.ndarray, dtype: np.dtype) -> bool:
   """`contiguous(view, dtype)` takes its tiled-transpose path and can use an `out` buffer (a 2-D
   transposed view of plain-bits items, no cast)."""
-  return (not view.flags.c_contiguous and view.ndim == 2 and view.strides[0] == view.dtype.itemsize
-          and view.dtype.itemsize in _UINT and view.dtype == np.dtype(dtype))
+  return (
+      not view.flags.c_contiguous
+      and view.ndim == 2
+      and view.strides[0] == view.dtype.itemsize
+      and view.dtype.itemsize in _UINT
+      and view.dtype == np.dtype(dtype)
+  )
 
 
 class _BufferPool:
@@ -206,8 +222,13 @@ class _BufferPool:
 
 def write_context() -> ts.Context:
   """Orbax's OCDBT context, without an fsync per write (`BackgroundSync` makes the files durable)."""
-  return ts.Context({"file_io_concurrency": {"limit": 128}, "file_io_sync": False,
-                     "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+  return ts.Context(
+      {
+          "file_io_concurrency": {"limit": 128},
+          "file_io_sync": False,
+          "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+      }
+  )
 
 
 def _fsync(path: str) -> None:
@@ -307,6 +328,7 @@ def return_large_frees_to_os(threshold: int = 1 << 20) -> None:
   """
   try:
     import ctypes
+
     libc = ctypes.CDLL(None)
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt(_M_MMAP_THRESHOLD, threshold)
@@ -356,8 +378,13 @@ class StreamingHandler(np_handlers.NumpyHandler):
   in flight, the 2 MB per-layer blocks of a 1024-wide vision tower were written at ~200-500 MB/s.
   """
 
-  def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_pending: int | None = None,
-               on_order: Callable[[list[str]], None] | None = None, workers: int | None = None):
+  def __init__(
+      self,
+      chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+      max_pending: int | None = None,
+      on_order: Callable[[list[str]], None] | None = None,
+      workers: int | None = None,
+  ):
     super().__init__(deepcopy_host_arrays=False)
     self.chunk_bytes = chunk_bytes
     self.workers = max(1, min(4, os.cpu_count() or 1)) if workers is None else workers
@@ -369,11 +396,17 @@ class StreamingHandler(np_handlers.NumpyHandler):
     await info.await_path_creation()
     save_args = ocp.SaveArgs(chunk_byte_size=self.chunk_bytes, shard_axes=(0,) if value.stacked else ())
     spec = ts_utils.build_array_write_spec(
-        info=info, arg=save_args, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+        info=info,
+        arg=save_args,
+        global_shape=value.shape,
+        local_shape=value.shape,
+        dtype=value.dtype,
         use_ocdbt=info.is_ocdbt_checkpoint,
         process_index=ocdbt_utils.get_process_index_for_subdir(
-            use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id),
-        metadata_key=self._metadata_key)
+            use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id
+        ),
+        metadata_key=self._metadata_key,
+    )
     context = self._context if info.is_ocdbt_checkpoint else info.ts_context
     store = await ts.open(ts.Spec(_unsharded(spec.json)), create=True, open=True, context=context)
     chunk = tuple(store.chunk_layout.write_chunk.shape)
@@ -437,6 +470,7 @@ class StreamingHandler(np_handlers.NumpyHandler):
         self.using, self.unwritten = blocks, blocks
 
     class BlockProgress:
+
       def __init__(self, parent: SliceProgress):
         self.parent, self.released = parent, False
 
@@ -490,10 +524,10 @@ class StreamingHandler(np_handlers.NumpyHandler):
             break
           layer, arr = item
           lead = () if layer is None else (layer,)
-          want = value.shape[len(lead):]
+          want = value.shape[len(lead) :]
           if tuple(arr.shape) != want:
             raise AssertionError(f"{info.name}[{layer}]: produced shape {arr.shape}, expected {want}")
-          blocks = list(_blocks(want, chunk[len(lead):]))
+          blocks = list(_blocks(want, chunk[len(lead) :]))
           if not blocks:  # an empty array: nothing to write
             if value.on_written is not None:
               value.on_written(0)
@@ -506,8 +540,11 @@ class StreamingHandler(np_handlers.NumpyHandler):
             while pending and (len(pending) >= max_tasks or in_flight[0] + nbytes > max_bytes):
               await pending.popleft()
             in_flight[0] += nbytes
-            pending.append(asyncio.ensure_future(put(store, lead + block, arr[block], value.dtype, nbytes,
-                                                     BlockProgress(progress), scan)))
+            pending.append(
+                asyncio.ensure_future(
+                    put(store, lead + block, arr[block], value.dtype, nbytes, BlockProgress(progress), scan)
+                )
+            )
           del arr, item
       while pending:
         await pending.popleft()
@@ -522,8 +559,14 @@ class StreamingHandler(np_handlers.NumpyHandler):
         pool.shutdown(wait=True)
 
 
-def save_streaming(directory: str, tree: dict, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_pending: int | None = None,
-                   on_order: Callable[[list[str]], None] | None = None, workers: int | None = None) -> None:
+def save_streaming(
+    directory: str,
+    tree: dict,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_pending: int | None = None,
+    on_order: Callable[[list[str]], None] | None = None,
+    workers: int | None = None,
+) -> None:
   """Saves a nested dict of LazyParam as an Orbax PyTree checkpoint (OCDBT, zarr3, uncompressed) at `directory`.
 
   bf16 weights barely compress, and compression would cost most of the conversion time. Arrays are
@@ -535,8 +578,9 @@ def save_streaming(directory: str, tree: dict, chunk_bytes: int = DEFAULT_CHUNK_
       (jax.Array, type_handlers.ArrayHandler()),
       (np.ndarray, np_handlers.NumpyHandler()),
   )
-  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False,
-                                        type_handler_registry=registry)
+  handler = ocp.PyTreeCheckpointHandler(
+      use_ocdbt=True, use_zarr3=True, use_compression=False, type_handler_registry=registry
+  )
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree))
 
@@ -557,8 +601,9 @@ class StoredParams:
     self.paths: list[Path] = []
     for entry in meta["tree_metadata"].values():
       self.paths.append(tuple(str(k["key"]) for k in entry["key_metadata"]))
-    self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes},
-                                "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
+    self._context = ts.Context(
+        {"cache_pool": {"total_bytes_limit": cache_bytes}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}}
+    )
     self._open: dict[Path, ts.TensorStore] = {}
 
   def store(self, path: Path) -> ts.TensorStore:

@@ -85,7 +85,7 @@ def _leftovers(dst: str) -> list[_Leftover]:
     for kind in _KINDS:
       prefix = f".{base}.{kind}-"
       if name.startswith(prefix):
-        tag = name[len(prefix):]
+        tag = name[len(prefix) :]
         m = _TAG.match(tag)
         item = found.setdefault(tag, _Leftover(tag, m and m["host"], m and int(m["pid"]), {}))
         item.paths[kind] = os.path.join(parent, name)
@@ -125,8 +125,10 @@ def _settle(dst: str, item: _Leftover) -> list[str]:
       _remove(old)
       notes.append(f"removed {old}: the previous output, already replaced by {dst}")
     else:
-      notes.append(f"left {old} alone: {dst} exists but was not written by the run that moved {old} aside; "
-                   "look at both and remove the one you do not need")
+      notes.append(
+          f"left {old} alone: {dst} exists but was not written by the run that moved {old} aside; "
+          "look at both and remove the one you do not need"
+      )
   if partial and os.path.lexists(partial):
     _remove(partial)
     notes.append(f"removed {partial}: the unfinished output of an interrupted run")
@@ -146,10 +148,15 @@ def recover(dst: str) -> list[str]:
       except OSError as e:
         notes.append(f"could not clean up {', '.join(item.paths.values())} ({e.strerror}); remove it yourself")
     elif item.tag not in _ACTIVE:
-      who = (f"process {item.pid} on {item.host}, which may still be running" if item.host
-             else "a run this version cannot identify")
-      notes.append(f"left {', '.join(item.paths.values())} alone: written by {who}; remove it if no conversion "
-                   f"into {dst} is running")
+      who = (
+          f"process {item.pid} on {item.host}, which may still be running"
+          if item.host
+          else "a run this version cannot identify"
+      )
+      notes.append(
+          f"left {', '.join(item.paths.values())} alone: written by {who}; remove it if no conversion "
+          f"into {dst} is running"
+      )
   return notes
 
 
@@ -170,8 +177,10 @@ def _check_replaceable(dst: str) -> None:
     why = f"it holds {shown}, which this tool does not write"
   else:
     why = "it is neither a complete import result nor a complete export result"
-  raise ConversionError(f"{dst}: not replaced: {why}; --overwrite replaces only an earlier output of this tool "
-                        "(choose another output folder, or move this one away yourself)")
+  raise ConversionError(
+      f"{dst}: not replaced: {why}; --overwrite replaces only an earlier output of this tool "
+      "(choose another output folder, or move this one away yourself)"
+  )
 
 
 def check_destination(dst: str, overwrite: bool, protect: Iterable[str] = (), *, quiet: bool = False) -> str:
@@ -201,10 +210,13 @@ def check_destination(dst: str, overwrite: bool, protect: Iterable[str] = (), *,
   return dst
 
 
-_DISK_ERRORS = {errno.ENOSPC: "the disk is full (no space left on the device)",
-                errno.EDQUOT: "the disk quota is exhausted (no space left for this user)",
-                errno.EROFS: "the file system is read-only",
-                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+_DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full (no space left on the device)",
+    errno.EDQUOT: "the disk quota is exhausted (no space left for this user)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 _TS_ERRNO = re.compile(r"os_error_code='(\d+)'")
 _TS_PATH = re.compile(r'(?:Failed writing|Error writing local file|Failed to open): "([^"]+)"')
 
@@ -236,8 +248,10 @@ def disk_error(e: BaseException, dst: str) -> ConversionError | None:
     rel = os.path.relpath(os.path.abspath(path), parent).split(os.sep)[0]
     if rel != "." and rel != os.path.basename(dst) and not rel.startswith(f".{os.path.basename(dst)}."):
       return None  # not a path this module writes (e.g. a source file beside DST): reported as it is
-  return ConversionError(f"{dst}: cannot write the output: {_DISK_ERRORS[code]} on {parent}; {dst} is as it "
-                         "was (the partial output was removed)")
+  return ConversionError(
+      f"{dst}: cannot write the output: {_DISK_ERRORS[code]} on {parent}; {dst} is as it "
+      "was (the partial output was removed)"
+  )
 
 
 @contextlib.contextmanager
@@ -266,9 +280,10 @@ def atomic_output_dir(dst: str, overwrite: bool = False, protect: Iterable[str] 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-{_host()}-{os.getpid()}-", dir=parent)
   except OSError as e:
-    raise disk_error(e, dst) or ConversionError(f"{dst}: cannot create the output there: {e.strerror} "
-                                                f"({e.filename})") from None
-  tag = os.path.basename(tmp)[len(f".{os.path.basename(dst)}.partial-"):]
+    raise disk_error(e, dst) or ConversionError(
+        f"{dst}: cannot create the output there: {e.strerror} " f"({e.filename})"
+    ) from None
+  tag = os.path.basename(tmp)[len(f".{os.path.basename(dst)}.partial-") :]
   _ACTIVE.add(tag)
   item = _Leftover(tag, _host(), os.getpid(), {"partial": tmp, "old": _hidden(dst, "old", tag)})
   umask = os.umask(0)

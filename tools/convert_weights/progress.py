@@ -20,8 +20,16 @@ class Progress:
   On a terminal the bar is redrawn in place; otherwise (logs, CI) a line is printed per 10 %.
   """
 
-  def __init__(self, total_tensors: int, total_bytes: int, label: str = "", *, enabled: bool = True,
-               stream=None, interval: float = 0.2):
+  def __init__(
+      self,
+      total_tensors: int,
+      total_bytes: int,
+      label: str = "",
+      *,
+      enabled: bool = True,
+      stream=None,
+      interval: float = 0.2,
+  ):
     self.total_tensors, self.total_bytes = total_tensors, max(total_bytes, 1)
     self.label = label
     self.enabled = enabled
@@ -58,8 +66,10 @@ class Progress:
     rate = self.bytes / elapsed
     eta = (self.total_bytes - self.bytes) / rate if rate > 0 else float("inf")
     eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
-    return (f"{self.label} [{bar}] {self.tensors}/{self.total_tensors} tensors "
-            f"{_size(self.bytes)}/{_size(self.total_bytes)} {_size(rate)}/s eta {eta_s}")
+    return (
+        f"{self.label} [{bar}] {self.tensors}/{self.total_tensors} tensors "
+        f"{_size(self.bytes)}/{_size(self.total_bytes)} {_size(rate)}/s eta {eta_s}"
+    )
 
   def close(self) -> None:
     if self.enabled and self._tty:

@@ -20,11 +20,21 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20  # the safetensors reference implementation refuses larger headers too
@@ -92,14 +102,17 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
   with open(path, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     if n > MAX_HEADER_BYTES or 8 + n > size:
-      raise SafetensorsError(f"{name}: header length field says {n} bytes but the file has {size} bytes "
-                             "(truncated or not a safetensors file)")
+      raise SafetensorsError(
+          f"{name}: header length field says {n} bytes but the file has {size} bytes "
+          "(truncated or not a safetensors file)"
+      )
     raw = f.read(n)
   try:
     header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_object_pairs)
   except DuplicateKeyError as e:
-    raise SafetensorsError(f"{name}: the header lists {e.args[0]!r} twice; the file is corrupt (which entry "
-                           "is meant cannot be told)") from None
+    raise SafetensorsError(
+        f"{name}: the header lists {e.args[0]!r} twice; the file is corrupt (which entry " "is meant cannot be told)"
+    ) from None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise SafetensorsError(f"{name}: header is not valid JSON ({e}); the file is corrupt") from None
   if not isinstance(header, dict):
@@ -108,8 +121,10 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
   if metadata is None:
     metadata = {}
   elif not isinstance(metadata, dict):
-    raise SafetensorsError(f"{name}: '__metadata__' is {type(metadata).__name__} {json.dumps(metadata)[:60]}; "
-                           "expected an object of strings; the header is corrupt")
+    raise SafetensorsError(
+        f"{name}: '__metadata__' is {type(metadata).__name__} {json.dumps(metadata)[:60]}; "
+        "expected an object of strings; the header is corrupt"
+    )
   data_start, data_size = 8 + n, size - 8 - n
   infos: dict[str, TensorInfo] = {}
   spans = []
@@ -126,11 +141,15 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
       raise SafetensorsError(f"{name}: tensor {key!r} has a negative dimension {shape}")
     want = math.prod(shape) * dtype.itemsize
     if end - begin != want or begin < 0:
-      raise SafetensorsError(f"{name}: tensor {key!r} {entry['dtype']}{list(shape)} needs {want} bytes but its "
-                             f"data_offsets are [{begin}, {end}]; the header is corrupt")
+      raise SafetensorsError(
+          f"{name}: tensor {key!r} {entry['dtype']}{list(shape)} needs {want} bytes but its "
+          f"data_offsets are [{begin}, {end}]; the header is corrupt"
+      )
     if end > data_size:
-      raise SafetensorsError(f"{name}: truncated file: tensor {key!r} needs data bytes up to {end} but only "
-                             f"{data_size} are present ({size} bytes on disk); re-download the file")
+      raise SafetensorsError(
+          f"{name}: truncated file: tensor {key!r} needs data bytes up to {end} but only "
+          f"{data_size} are present ({size} bytes on disk); re-download the file"
+      )
     spans.append((begin, end, key))
     infos[key] = TensorInfo(key, shape, dtype, path, data_start + begin)
   spans.sort()
@@ -140,8 +159,10 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
       raise SafetensorsError(f"{name}: tensor {key!r} overlaps the previous tensor; the header is corrupt")
     cursor = end
   if cursor != data_size:
-    raise SafetensorsError(f"{name}: data region is {data_size} bytes but the tensors cover {cursor}; "
-                           "the file is corrupt or has trailing bytes")
+    raise SafetensorsError(
+        f"{name}: data region is {data_size} bytes but the tensors cover {cursor}; "
+        "the file is corrupt or has trailing bytes"
+    )
   return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -156,8 +177,10 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> np.ndarray:
     while done < info.nbytes:
       got = os.preadv(fd, [view[done:]], info.offset + done)
       if got <= 0:
-        raise SafetensorsError(f"{os.path.basename(info.file)}: unexpected end of file while reading {info.key!r} "
-                               f"({done} of {info.nbytes} bytes); the file was truncated")
+        raise SafetensorsError(
+            f"{os.path.basename(info.file)}: unexpected end of file while reading {info.key!r} "
+            f"({done} of {info.nbytes} bytes); the file was truncated"
+        )
       done += got
   finally:
     if own:
@@ -180,21 +203,29 @@ def map_tensor(info: TensorInfo, fd: int) -> np.ndarray:
     return np.empty(info.shape, info.dtype)
   size = os.fstat(fd).st_size
   if info.offset + info.nbytes > size:
-    raise SafetensorsError(f"{os.path.basename(info.file)}: unexpected end of file while reading {info.key!r} "
-                           f"(needs bytes up to {info.offset + info.nbytes}, the file has {size}); the file was "
-                           "truncated")
+    raise SafetensorsError(
+        f"{os.path.basename(info.file)}: unexpected end of file while reading {info.key!r} "
+        f"(needs bytes up to {info.offset + info.nbytes}, the file has {size}); the file was "
+        "truncated"
+    )
   start = info.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
   try:
-    m = mmap.mmap(fd, info.offset + info.nbytes - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                  prot=mmap.PROT_READ, offset=start)
+    m = mmap.mmap(
+        fd,
+        info.offset + info.nbytes - start,
+        flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+        prot=mmap.PROT_READ,
+        offset=start,
+    )
   except (OSError, ValueError, AttributeError):
     return read_tensor(info, fd)
   buf = np.frombuffer(m, np.uint8, info.nbytes, info.offset - start)
   return buf.view(info.dtype).reshape(info.shape)
 
 
-def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-                 metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[tuple[int, int]]]:
+def header_bytes(
+    entries: Iterable[tuple[str, tuple[int, ...], np.dtype]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[tuple[int, int]]]:
   """The serialized header (length prefix included) for tensors written in the given order."""
   header: dict = {}
   if metadata:
@@ -210,8 +241,12 @@ def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], np.dtype]],
   return struct.pack("<Q", len(raw)) + raw, spans
 
 
-def write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
-               tensors: Iterator[tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None) -> int:
+def write_file(
+    path: str,
+    entries: list[tuple[str, tuple[int, ...], np.dtype]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
   """Streams tensors into a safetensors file; `entries` (the header) must list them in the same order.
 
   Returns the number of bytes written. Each tensor is checked against its header entry.
@@ -222,8 +257,10 @@ def write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
     f.write(head)
     for (key, shape, dtype), (got_key, value) in zip(entries, tensors, strict=True):
       if got_key != key or tuple(value.shape) != tuple(shape) or value.dtype != np.dtype(dtype):
-        raise SafetensorsError(f"writer got {got_key} {value.shape} {value.dtype} where the header has "
-                               f"{key} {tuple(shape)} {np.dtype(dtype)}")
+        raise SafetensorsError(
+            f"writer got {got_key} {value.shape} {value.dtype} where the header has "
+            f"{key} {tuple(shape)} {np.dtype(dtype)}"
+        )
       data = np.ascontiguousarray(value)
       f.write(memoryview(data.reshape(-1).view(np.uint8)))
       total += data.nbytes

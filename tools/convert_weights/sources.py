@@ -17,8 +17,14 @@ from typing import Iterator
 
 import numpy as np
 
-from tools.convert_weights.safetensors_io import (DuplicateKeyError, SafetensorsError, TensorInfo, map_tensor,
-                                                  read_header, unique_object_pairs)
+from tools.convert_weights.safetensors_io import (
+    DuplicateKeyError,
+    SafetensorsError,
+    TensorInfo,
+    map_tensor,
+    read_header,
+    unique_object_pairs,
+)
 from tools.convert_weights.torch_zip import StoredTensor, TorchZipError, read_index
 
 
@@ -74,8 +80,7 @@ def _load_index(path: str) -> dict[str, str]:
 def _check_against_index(index_path: str, weight_map: dict[str, str], found: dict[str, str]) -> None:
   """Every key listed where the index says, and no shard key the index does not list."""
   name = os.path.basename(index_path)
-  problems = [f"{k}: index says {weight_map[k]}, not found there" for k in weight_map
-              if found.get(k) != weight_map[k]]
+  problems = [f"{k}: index says {weight_map[k]}, not found there" for k in weight_map if found.get(k) != weight_map[k]]
   problems += [f"{k}: in {found[k]} but not in the index" for k in found if k not in weight_map]
   if problems:
     raise SourceError(f"{name} does not match the shard files:\n  " + "\n  ".join(sorted(problems)[:50]))
@@ -94,8 +99,10 @@ class SafetensorsSource(Source):
         raise SourceError(f"shard {os.path.basename(path)} listed in the index is missing") from None
       for key, info in infos.items():
         if key in self.infos:
-          raise SourceError(f"tensor {key!r} appears in both {os.path.basename(self.infos[key].file)} and "
-                            f"{os.path.basename(path)}")
+          raise SourceError(
+              f"tensor {key!r} appears in both {os.path.basename(self.infos[key].file)} and "
+              f"{os.path.basename(path)}"
+          )
         self.infos[key] = info
         found[key] = os.path.basename(path)
     if weight_map is not None:
@@ -176,8 +183,9 @@ class Readahead:
         with self._cond:
           while not self._stop:
             nxt = max(nxt, self._current + 1)
-            if nxt < len(self._order) and (nxt == self._current + 1 or
-                                           self._ends[nxt] - self._ends[self._current + 1] < self._window):
+            if nxt < len(self._order) and (
+                nxt == self._current + 1 or self._ends[nxt] - self._ends[self._current + 1] < self._window
+            ):
               break
             self._cond.wait()
           if self._stop:
@@ -241,8 +249,9 @@ class TorchBinSource(Source):
       return _mapped(self.infos[key], self._fds)
     # A view saved with its whole storage (e.g. a transposed tensor): map the storage, copy the view out.
     storage = _mapped(TensorInfo(key, (t.storage_numel,), t.dtype, t.file, t.storage_offset), self._fds)
-    view = np.lib.stride_tricks.as_strided(storage[t.element_offset:], t.shape,
-                                           tuple(s * t.dtype.itemsize for s in t.strides), writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        storage[t.element_offset :], t.shape, tuple(s * t.dtype.itemsize for s in t.strides), writeable=False
+    )
     return np.array(view)
 
   def close(self) -> None:

@@ -26,12 +26,14 @@ CLIP_EMBED_DIM = 768  # EVA02-CLIP-L head output (docs/model.md section 4)
 def _param_shapes(cfg: KangarooConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   from flax import nnx
   from kangaroo_jax.model_tree import abstract_model
+
   abstract = abstract_model(cfg)
   return {tuple(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 
-def released_entries(cfg: KangarooConfig, *, extras: bool = True,
-                     head_dim: int = CLIP_EMBED_DIM) -> list[tuple[str, tuple[int, ...]]]:
+def released_entries(
+    cfg: KangarooConfig, *, extras: bool = True, head_dim: int = CLIP_EMBED_DIM
+) -> list[tuple[str, tuple[int, ...]]]:
   """[(key, shape)] of a released checkpoint for `cfg` (mapped keys, plus ignored extras if `extras`)."""
   shapes = _param_shapes(cfg)
   out = []
@@ -45,24 +47,37 @@ def released_entries(cfg: KangarooConfig, *, extras: bool = True,
       out.append((rule.key, released_shape(shape, rule)))
   if extras:
     v = cfg.vision
-    rope = (v.trained_grid ** 2, v.head_width)
-    out += [("vision_tower.rope.freqs_cos", rope), ("vision_tower.rope.freqs_sin", rope),
-            ("vision_tower.head.weight", (head_dim, v.width)), ("vision_tower.head.bias", (head_dim,))]
+    rope = (v.trained_grid**2, v.head_width)
+    out += [
+        ("vision_tower.rope.freqs_cos", rope),
+        ("vision_tower.rope.freqs_sin", rope),
+        ("vision_tower.head.weight", (head_dim, v.width)),
+        ("vision_tower.head.bias", (head_dim,)),
+    ]
   return out
 
 
 def random_tensor(key: str, shape: tuple[int, ...], rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
   """Plausible random values: norm scales around 1, everything else small."""
-  if key.endswith(("norm.weight", "layernorm.weight", "norm1.weight", "norm2.weight", "ffn_ln.weight",
-                   "inner_attn_ln.weight")):
+  if key.endswith(
+      ("norm.weight", "layernorm.weight", "norm1.weight", "norm2.weight", "ffn_ln.weight", "inner_attn_ln.weight")
+  ):
     x = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
   else:
     x = 0.05 * rng.standard_normal(shape, dtype=np.float32)
   return x.astype(dtype)
 
 
-def write_checkpoint(folder: str, cfg: KangarooConfig, *, dtype=np.float32, seed: int = 0,
-                     extras: bool = True, shards: int = 1, vision_file: bool = False) -> dict:
+def write_checkpoint(
+    folder: str,
+    cfg: KangarooConfig,
+    *,
+    dtype=np.float32,
+    seed: int = 0,
+    extras: bool = True,
+    shards: int = 1,
+    vision_file: bool = False,
+) -> dict:
   """Writes folder/model.safetensors + folder/config.json; returns {"bytes", "largest_tensor_bytes", "tensors"}.
 
   `shards` > 1: the release's sharded layout instead, model-0000i-of-0000n.safetensors (keys dealt out

@@ -28,12 +28,21 @@ class TorchZipError(ValueError):
 
 def _storage_dtypes() -> dict[str, np.dtype]:
   import ml_dtypes
-  return {"FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
-          "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-          "Float8_e4m3fnStorage": np.dtype(ml_dtypes.float8_e4m3fn),
-          "Float8_e5m2Storage": np.dtype(ml_dtypes.float8_e5m2),
-          "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32), "ShortStorage": np.dtype(np.int16),
-          "CharStorage": np.dtype(np.int8), "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_)}
+
+  return {
+      "FloatStorage": np.dtype(np.float32),
+      "DoubleStorage": np.dtype(np.float64),
+      "HalfStorage": np.dtype(np.float16),
+      "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+      "Float8_e4m3fnStorage": np.dtype(ml_dtypes.float8_e4m3fn),
+      "Float8_e5m2Storage": np.dtype(ml_dtypes.float8_e5m2),
+      "LongStorage": np.dtype(np.int64),
+      "IntStorage": np.dtype(np.int32),
+      "ShortStorage": np.dtype(np.int16),
+      "CharStorage": np.dtype(np.int8),
+      "ByteStorage": np.dtype(np.uint8),
+      "BoolStorage": np.dtype(np.bool_),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +92,14 @@ class _TensorRef:
   strides: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
   if not isinstance(storage, _StorageRef):
     raise TorchZipError(f"a tensor refers to {type(storage).__name__}, not to a storage")
   return _TensorRef(storage, int(storage_offset), tuple(int(n) for n in size), tuple(int(s) for s in stride))
 
 
 class _Unpickler(pickle.Unpickler):
+
   def __init__(self, data: bytes, name: str):
     super().__init__(io.BytesIO(data))
     self._name = name
@@ -99,18 +108,23 @@ class _Unpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) == ("collections", "OrderedDict"):
       import collections
+
       return collections.OrderedDict
     if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
       return _rebuild_tensor_v2
     if module == "torch" and name in self._dtypes:
       return _StorageType(name)
-    raise TorchZipError(f"{self._name}: the pickle refers to {module}.{name}, which a state dict of tensors never "
-                        "needs; refusing to load it")
+    raise TorchZipError(
+        f"{self._name}: the pickle refers to {module}.{name}, which a state dict of tensors never "
+        "needs; refusing to load it"
+    )
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-      raise TorchZipError(f"{self._name}: unexpected persistent id {pid!r} (expected ('storage', <Type>Storage, key, "
-                          "location, numel))")
+      raise TorchZipError(
+          f"{self._name}: unexpected persistent id {pid!r} (expected ('storage', <Type>Storage, key, "
+          "location, numel))"
+      )
     return _StorageRef(self._dtypes[pid[1].name], str(pid[2]), int(pid[4]))
 
 
@@ -136,8 +150,10 @@ def read_index(path: str) -> dict[str, StoredTensor]:
   try:
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile:
-    raise TorchZipError(f"{name}: not a (complete) torch zip checkpoint; the file is truncated, corrupt, or in the "
-                        "legacy pre-1.6 format (re-save it with torch.save or convert to safetensors)") from None
+    raise TorchZipError(
+        f"{name}: not a (complete) torch zip checkpoint; the file is truncated, corrupt, or in the "
+        "legacy pre-1.6 format (re-save it with torch.save or convert to safetensors)"
+    ) from None
   with archive, open(path, "rb") as f:
     pickles = [m for m in archive.namelist() if m.endswith("/data.pkl") and m.count("/") == 1]
     if len(pickles) != 1:
@@ -167,15 +183,19 @@ def read_index(path: str) -> dict[str, StoredTensor]:
         if member.compress_type != zipfile.ZIP_STORED:
           raise TorchZipError(f"{name}: storage {ref.key} is compressed; torch.save writes them uncompressed")
         if member.file_size != ref.numel * ref.dtype.itemsize:
-          raise TorchZipError(f"{name}: storage {ref.key} holds {member.file_size} bytes; {ref.numel} x "
-                              f"{ref.dtype} needs {ref.numel * ref.dtype.itemsize}")
+          raise TorchZipError(
+              f"{name}: storage {ref.key} holds {member.file_size} bytes; {ref.numel} x "
+              f"{ref.dtype} needs {ref.numel * ref.dtype.itemsize}"
+          )
         storages[ref.key] = (_member_data_offset(f, member), ref)
       start, ref = storages[ref.key]
       if len(t.strides) != len(t.shape):
         raise TorchZipError(f"{name}: {key!r} has shape {t.shape} but strides {t.strides}")
       last = t.element_offset + sum((n - 1) * s for n, s in zip(t.shape, t.strides)) if math.prod(t.shape) else -1
       if t.element_offset < 0 or min(t.strides, default=0) < 0 or last >= ref.numel:
-        raise TorchZipError(f"{name}: {key!r} (offset {t.element_offset}, shape {t.shape}, strides {t.strides}) "
-                            f"reaches outside its storage of {ref.numel} elements")
+        raise TorchZipError(
+            f"{name}: {key!r} (offset {t.element_offset}, shape {t.shape}, strides {t.strides}) "
+            f"reaches outside its storage of {ref.numel} elements"
+        )
       out[str(key)] = StoredTensor(str(key), ref.dtype, t.shape, t.strides, path, start, ref.numel, t.element_offset)
     return out

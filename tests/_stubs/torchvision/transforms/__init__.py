@@ -7,8 +7,10 @@ from torchvision.transforms.functional import InterpolationMode  # noqa: F401
 
 
 class _Unavailable:
+
   def __init__(self, *args, **kwargs):
     raise NotImplementedError(f"torchvision test stub: {type(self).__name__} is not available")
 
 
-class ToTensor(_Unavailable): pass
+class ToTensor(_Unavailable):
+  pass

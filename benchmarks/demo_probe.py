@@ -34,10 +34,12 @@ a change since reverted with the rest):
   shape questions only (--weights direction=0,color=0,shape=1,order=0), 700-step schedule, seed 0: the loss
     stayed at chance (0.548; ln 3 / 2 = 0.549 per reply token) through step 500 with vision_lr 1 and 3 alike
   the tower alone (benchmarks/demo_vit_pooling.py: the demo ViT, a linear head, 150 steps of 32 frames, seed 0):
-    mean pooling 71.3%, learned attention pooling 75.3%, max pooling 100% (loss 0.002)
+    mean pooling 71.3%, learned attention pooling 75.3%, max pooling 100% (loss 0.002); after the demo's
+    2x2 average merge (--merge): attention 72.8%, max 62.5%
 The shape evidence sits in a few patches (corners, slanted edges): the tower finds it within 150 steps when
-read by a maximum, and averaging (what a near-uniform LLM attention does) dilutes it; through the 2-layer LLM
-shape stays at chance within the demo's budget, whatever share of the clips asks it.
+read by a maximum, and averaging (the 2x2 patchify merge, a near-uniform LLM attention) dilutes it; through the
+2-layer LLM shape stays at chance within the demo's budget, whatever share of the clips asks it. Next to measure:
+spatial_patch=1 (no merge) over the full 1,500 steps and 3 seeds.
 """
 
 from __future__ import annotations

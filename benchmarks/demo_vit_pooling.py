@@ -6,9 +6,13 @@ held-out accuracy. `--pool` says how the head reads the patch features [n, 64, w
   mean  the average over patches (what the LLM sees at initialisation: near-uniform attention)
   attn  a learned 4-head attention pooling (a single learned query per head, as a reading LLM token would)
   max   the per-channel maximum over patches
+`--merge` first averages each 2x2 window of patches, as the demo's patchify (spatial_patch=2) does.
 If `max` learns shape in a few hundred steps and `mean` / `attn` do not, the shape evidence sits in a few
 patches (corners, slanted edges) and averaging dilutes it: the bottleneck of the demo's shape question is
 reading it through the LLM, not the tower.
+
+Measured (2-core AMD EPYC VM, one core, one run each, seed 0, 150 steps of 32 frames; held-out accuracy):
+  mean 71.3%, attn 75.3%, max 100% (loss 0.002); with --merge: attn 72.8%, max 62.5%
 
 Prints one JSON line: {"pool", "steps", "batch", "lr", "seed", "loss_curve": {step: mean loss of the 50 before},
 "test", "train", "train_s"}. Run (one core): taskset -c 0 python benchmarks/demo_vit_pooling.py --pool max
@@ -54,6 +58,7 @@ def shape_frames(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python benchmarks/demo_vit_pooling.py", description=__doc__.split("\n\n")[0])
   ap.add_argument("--pool", choices=POOLS, default="mean", help="how the head reads the patches (default mean)")
+  ap.add_argument("--merge", action="store_true", help="average 2x2 patches first, as the demo's patchify does")
   ap.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
   ap.add_argument("--batch", type=int, default=32, help="frames per step (default 32)")
   ap.add_argument("--lr", type=float, default=2e-3, help="peak AdamW lr, as the demo (default 2e-3)")
@@ -87,6 +92,10 @@ def main(argv=None) -> int:
 
     def __call__(self, frames):
       f = self.tower(normalize_frames(frames))  # [n, patches, width]
+      if args.merge:  # the demo's 2x2 spatial merge (one frame: patchify's average over each 2x2 window)
+        n, p, d = f.shape
+        g = int(round(p**0.5))
+        f = f.reshape(n, g // 2, 2, g // 2, 2, d).mean(axis=(2, 4)).reshape(n, -1, d)
       if args.pool == "mean":
         pooled = f.mean(1)
       elif args.pool == "max":
@@ -133,6 +142,7 @@ def main(argv=None) -> int:
           dict(
               benchmark="demo_vit_pooling",
               pool=args.pool,
+              merge=args.merge,
               steps=args.steps,
               batch=args.batch,
               lr=args.lr,

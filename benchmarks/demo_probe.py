@@ -45,7 +45,9 @@ each (1.25 steps/s), the demo's question mix:
   seed 2: direction 91.4, colour 100, shape 65.0, order 100   (train: 95.0, 100, 61.6, 100)
 Direction is then robust and shape learnt (loss still falling at step 1,500), not yet at 80%; not the demo's
 default yet: it needs the 3-seed `make demo` measurement, and its step cost (about 0.8 s on one core) may not
-fit 1,500 steps into 10 minutes on 2 cores.
+fit 1,500 steps into 10 minutes on 2 cores. Measured: the full demo with it (`train.demo` with the config's
+spatial_patch=1,seq_len=352; seed 0, one run, quiet 2 cores): direction 82.9, colour 98.3, shape 59.3, order 96.7,
+1,500 steps trained in 699 s (0.44 s a step), 767 s wall.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ patches (corners, slanted edges) and averaging dilutes it: the bottleneck of the
 reading it through the LLM, not the tower.
 
 Measured (2-core AMD EPYC VM, one core, one run each, seed 0, 150 steps of 32 frames; held-out accuracy):
-  mean 71.3%, attn 75.3%, max 100% (loss 0.002); with --merge: attn 72.8%, max 62.5%
+  shapes of radius 0.2-0.25, square of half-side 0.85 r, triangle 1.6 r wide:
+    mean 71.3%, attn 75.3%, max 100% (loss 0.002); with --merge: attn 72.8%, max 62.5%
+  as drawn now (train/demo_data.py: radius 0.24-0.28, square and triangle 2 r wide):
+    attn 97.2%; with --merge: attn 95.0%
 
 Prints one JSON line: {"pool", "steps", "batch", "lr", "seed", "loss_curve": {step: mean loss of the 50 before},
 "test", "train", "train_s"}. Run (one core): taskset -c 0 python benchmarks/demo_vit_pooling.py --pool max

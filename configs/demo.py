@@ -2,7 +2,7 @@
 
 arg: data=<ArrayRecord folder>,tokenizer=<folder>,steps=N,frame_size=PX,batch=B,lr=LR,tpe=none|sinusoidal|learned,
      seed=S (model init and batch order), seq_len=L, patchify=avg|conv3d, spatial_patch=S, tap=..., vision_lr=X
-     (LR scale of the ViT and projector), warmup=FRACTION (the probe's knobs: benchmarks/demo_probe.py)
+     (LR scale of the ViT and projector), warmup=FRACTION, vit_width=W, vit_mlp=M (the probe's knobs: benchmarks/demo_probe.py)
 """
 
 from configs.common import PROJECTOR, VISION, base, parse_arg
@@ -13,7 +13,7 @@ def get_config(arg=None):
       arg,
       data="",
       tokenizer="",
-      steps=1500,
+      steps=1800,
       frame_size=112,
       batch=8,
       lr=2e-3,
@@ -25,6 +25,8 @@ def get_config(arg=None):
       tap="last_prenorm",
       vision_lr=1.0,
       warmup=0.1,
+      vit_width=96,
+      vit_mlp=256,
   )
   c = base("demo")
   c.model.preset = "tiny"
@@ -34,10 +36,10 @@ def get_config(arg=None):
   c.model.overrides = dict(
       vision=dict(
           image_size=a.frame_size,
-          width=96,
+          width=a.vit_width,
           num_layers=2,
           head_width=32,
-          mlp_hidden=256,
+          mlp_hidden=a.vit_mlp,
           pt_hw_seq_len=grid,
           feature_tap=a.tap,
       ),

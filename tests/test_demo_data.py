@@ -82,6 +82,31 @@ def test_colour_and_shape_labels(dataset):
     assert nearest == it.options[it.answer], it.id
 
 
+def test_shape_labels_read_back_from_the_outline(dataset):
+  """The decoded shape fills its bounding box as its label says: square ~1, circle pi/4, triangle 1/2."""
+  out, paths, _ = dataset
+  fills = collections.defaultdict(list)
+  for it in load_benchmark(paths["benchmark"]) + load_benchmark(paths["train_benchmark"]):
+    if it.task != "shape":
+      continue
+    ys, xs = np.nonzero(_foreground(_decoded(out, it.video)[0]))
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fills[it.options[it.answer]].append(len(ys) / box)
+  assert set(fills) == set(demo_data.SHAPES), fills
+  assert min(fills["square"]) > 0.9 and 0.68 < min(fills["circle"]) <= max(fills["circle"]) < 0.88, fills
+  assert max(fills["triangle"]) < 0.62, fills
+
+
+def test_order_clips_shapes_never_overlap():
+  for c in demo_data.sample(300, seed=11):
+    if c["task"] != "order":
+      continue
+    a, b = c["kind"]["first"], c["kind"]["second"]
+    size = c["kind"]["size"]
+    both = demo_data._mask(a["shape"], size, *a["center"], a["radius"])
+    assert not (both & demo_data._mask(b["shape"], size, *b["center"], b["radius"])).any(), c["kind"]
+
+
 def test_answers_are_balanced_and_options_shuffled():
   clips = demo_data.sample(400, seed=7)
   by_task = collections.defaultdict(list)

@@ -11,7 +11,8 @@ If `max` learns shape in a few hundred steps and `mean` / `attn` do not, the sha
 patches (corners, slanted edges) and averaging dilutes it: the bottleneck of the demo's shape question is
 reading it through the LLM, not the tower.
 
-Measured (2-core AMD EPYC VM, one core, one run each, seed 0, 150 steps of 32 frames; held-out accuracy):
+Measured (2-core AMD EPYC VM, one core, one run each, seed 0, 150 steps of 32 frames; held-out accuracy; at
+112 px, the demo's frame size then; it is 84 px now):
   shapes of radius 0.2-0.25, square of half-side 0.85 r, triangle 1.6 r wide:
     mean 71.3%, attn 75.3%, max 100% (loss 0.002); with --merge: attn 72.8%, max 62.5%
   as drawn now (train/demo_data.py: radius 0.24-0.28, square and triangle 2 r wide):

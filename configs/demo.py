@@ -13,15 +13,15 @@ def get_config(arg=None):
       arg,
       data="",
       tokenizer="",
-      steps=1800,
-      frame_size=112,
+      steps=1500,
+      frame_size=84,
       batch=8,
       lr=2e-3,
       tpe="none",
       seed=0,
-      seq_len=160,
+      seq_len=240,
       patchify="conv3d",
-      spatial_patch=2,
+      spatial_patch=1,
       tap="last_prenorm",
       vision_lr=1.0,
       warmup=0.1,
@@ -30,8 +30,11 @@ def get_config(arg=None):
   )
   c = base("demo")
   c.model.preset = "tiny"
-  # Wider than `tiny` and at 112 px: an 8x8 patch grid leaves 16 visual tokens per frame pair after the
-  # 2x2 spatial pooling, enough to tell where a shape is in each pair (56 px gives 4, too coarse for motion).
+  # Wider than `tiny`, at 84 px and without the 2x2 spatial merge (spatial_patch=1): a 6x6 patch grid gives
+  # 36 visual tokens per frame pair, 144 per clip (seq_len 240 holds them and the ~90 text tokens). The merge
+  # averages away where a shape's corners are (benchmarks/demo_vit_pooling.py --merge) and made direction a knife
+  # edge (38.6% to 84.3% by seed at 112 px, 1,800 steps: benchmarks/demo_probe.py); at 84 px a step costs what the
+  # merged 112 px step did, because the ViT, not the LLM, is most of it.
   grid = a.frame_size // 14
   c.model.overrides = dict(
       vision=dict(

@@ -158,7 +158,8 @@ def test_demo_config_validates_and_overrides(tmp_path):
 
   cfg = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},steps=7"))
   assert cfg.total_steps == 7 and cfg.model.projector.tpe == "none"
-  assert cfg.model.vision.image_size == 112 and cfg.data.num_frames == 8
+  assert cfg.model.vision.image_size == 84 and cfg.data.num_frames == 8
+  assert cfg.model.projector.spatial_patch == 1 and cfg.data.seq_len == 240  # no 2x2 merge (configs/demo.py)
   assert cfg.model.projector.patchify == "conv3d"  # the pair's frames weighed apart (configs/demo.py)
   seeded = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},seed=4"))
   assert seeded.seed == 4 and seeded.data.shuffle_seed == 4 and cfg.seed == 0

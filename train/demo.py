@@ -1,6 +1,6 @@
 """`make demo` / `python -m train.demo [--workdir DIR] [--steps N]`: the whole job on a CPU in about 10 minutes.
 
-  1. synthetic video QA (moving / appearing coloured shapes at 112 px, train/demo_data.py): train manifest +
+  1. synthetic video QA (moving / appearing coloured shapes at 84 px, train/demo_data.py): train manifest +
      held-out benchmark JSON (other random seed) + a benchmark over training clips (train accuracy);
   2. a small chat sentencepiece tokenizer and ArrayRecord shards (tools.build_dataset);
   3. trains a small model with `configs/demo.py` (the same trainer as `python -m train`), checkpoints,
@@ -21,8 +21,8 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FRAME_SIZE, FRAMES = 112, 8
-STEPS = 1800
+FRAME_SIZE, FRAMES = 84, 8
+STEPS = 1500
 # Held-out accuracy (%) the default recipe is meant to reach on every seed (README, configs/demo.py).
 TARGETS = {"direction": 80, "order": 75, "shape": 80, "color": 95}
 

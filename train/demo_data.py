@@ -39,9 +39,9 @@ BACKGROUND = (123, 117, 104)
 # Direction (the question the demo is about) and shape (the slowest to learn) get the largest shares; colour
 # and order (one-word colour answers) are learnt from fewer clips (benchmarks/demo_probe.py numbers: README).
 TYPE_WEIGHTS = {"direction": 0.35, "color": 0.15, "shape": 0.35, "order": 0.15}
-# A moving shape's radius, as a fraction of the frame size: 4-4.5 ViT patches across at 112 px. With (0.2, 0.25)
-# and a square of half-side 0.85 r, the demo ViT read by attention pooling told the shapes apart in 70.8% of
-# held-out frames after 150 steps; with these sizes and the outlines below, 95.5% (benchmarks/demo_vit_pooling.py).
+# A moving shape's radius, as a fraction of the frame size: 3-3.4 ViT patches across at 84 px. With (0.2, 0.25)
+# and a square of half-side 0.85 r, the demo ViT read by attention pooling told 112 px shapes apart in 75.3% of
+# held-out frames after 150 steps; with these sizes and the outlines below, 97.2% (benchmarks/demo_vit_pooling.py).
 RADIUS = (0.24, 0.28)
 # An order clip's two shapes, smaller: centred 0.42-0.5 of the frame apart, they never overlap.
 ORDER_RADIUS = (0.17, 0.2)
@@ -151,7 +151,7 @@ def _order(rng, size: int, frames: int, first_color: str) -> dict:
   return {"type": "order", "size": size, "first": objs[0], "second": objs[1]}
 
 
-def sample(n: int, *, seed: int, size: int = 112, frames: int = 8) -> list[dict]:
+def sample(n: int, *, seed: int, size: int = 84, frames: int = 8) -> list[dict]:
   """n clips with their question: [{"kind": render spec, "task", "question", "options", "answer": index}]."""
   rng = np.random.default_rng(seed)
   counts = {t: int(round(w * n)) for t, w in TYPE_WEIGHTS.items()}
@@ -190,7 +190,7 @@ def sample(n: int, *, seed: int, size: int = 112, frames: int = 8) -> list[dict]
   return out
 
 
-def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 112, frames: int = 8, seed: int = 0) -> dict:
+def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 84, frames: int = 8, seed: int = 0) -> dict:
   """Writes the dataset; returns paths {"manifest", "benchmark", "train_benchmark", "videos", "texts"}.
 
   train_benchmark: the first `num_test` training clips in benchmark form (train-set accuracy);

@@ -2,7 +2,8 @@
 
 arg: data=<ArrayRecord folder>,tokenizer=<folder>,steps=N,frame_size=PX,batch=B,lr=LR,tpe=none|sinusoidal|learned,
      seed=S (model init and batch order), seq_len=L, patchify=avg|conv3d, spatial_patch=S, tap=..., vision_lr=X
-     (LR scale of the ViT and projector), warmup=FRACTION, vit_width=W, vit_mlp=M (the probe's knobs: benchmarks/demo_probe.py)
+     (LR scale of the ViT and projector), warmup=FRACTION, vit_width=W, vit_mlp=M (the probe's knobs:
+     benchmarks/demo_probe.py)
 """
 
 from configs.common import PROJECTOR, VISION, base, parse_arg

@@ -70,6 +70,8 @@ The default now (configs/demo.py): 84 px frames, spatial_patch=1 (36 tokens per 
 steps; a step costs what the 112 px merged one did (0.55 s on one core), the ViT being most of it. Full demo,
 seeds 0 / 1 side by side one core each: direction 97.1 / 96.4, colour 100 / 100, shape 86.4 / 85.7, order
 100 / 96.7 (every bar met; the loss leaves the plateau near steps 700-900); seed 2 alone on 2 cores: README.
+Seed 2 stays on the plateau: 72.9 / 36.4 direction / shape at 1,500 steps (README), 40.0 / 45.0 at 1,800 (one core):
+more steps do not get it off; what does is the open question.
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ def main(argv=None) -> int:
   ap.add_argument(
       "--radius",
       default="",
-      help="shape radius range as frame fractions, e.g. 0.2,0.25 " "(default: train/demo_data.py RADIUS)",
+      help="the moving shape's radius range as frame fractions, e.g. 0.2,0.25 (default: train/demo_data.py RADIUS; "
+      "order clips keep ORDER_RADIUS)",
   )
   ap.add_argument("--eval-only", default="", help="a kept probe folder (--keep): evaluate its export, no training")
   ap.add_argument("--keep", action="store_true", help="keep the probe folder (tokenizer, export); it is printed")

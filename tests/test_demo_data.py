@@ -103,8 +103,8 @@ def test_order_clips_shapes_never_overlap():
       continue
     a, b = c["kind"]["first"], c["kind"]["second"]
     size = c["kind"]["size"]
-    both = demo_data._mask(a["shape"], size, *a["center"], a["radius"])
-    assert not (both & demo_data._mask(b["shape"], size, *b["center"], b["radius"])).any(), c["kind"]
+    first = demo_data._mask(a["shape"], size, *a["center"], a["radius"])
+    assert not (first & demo_data._mask(b["shape"], size, *b["center"], b["radius"])).any(), c["kind"]
 
 
 def test_answers_are_balanced_and_options_shuffled():

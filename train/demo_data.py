@@ -48,8 +48,8 @@ ORDER_RADIUS = (0.17, 0.2)
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
-  """The shape's pixels: the circle of radius r, the square and the (apex up) triangle it is inscribed in
-  horizontally, so the three differ at the corners by whole ViT patches."""
+  """The shape's pixels: the circle of radius r, and the square and (apex up) triangle of the same 2r width and
+  height, so the three differ at the corners by whole ViT patches."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
   dx, dy = xx - cx, yy - cy
   if shape == "circle":

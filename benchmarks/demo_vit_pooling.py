@@ -65,7 +65,12 @@ def main(argv=None) -> int:
   ap.add_argument("--merge", action="store_true", help="average 2x2 patches first, as the demo's patchify does")
   ap.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
   ap.add_argument("--batch", type=int, default=32, help="frames per step (default 32)")
-  ap.add_argument("--lr", type=float, default=2e-3, help="peak AdamW lr, as the demo (default 2e-3)")
+  ap.add_argument(
+      "--lr",
+      type=float,
+      default=2e-3,
+      help="peak AdamW lr (default 2e-3: the demo's when the numbers above were taken)",
+  )
   ap.add_argument("--seed", type=int, default=0, help="frames and init (default 0)")
   ap.add_argument("--train", type=int, default=3000, help="training frames (default 3000)")
   ap.add_argument("--test", type=int, default=600, help="held-out frames (default 600)")

@@ -21,7 +21,11 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FRAME_SIZE, FRAMES = 84, 8
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)  # configs/ is loaded as a package
+
+from train.demo_data import FRAME_SIZE, FRAMES  # noqa: E402
+
 STEPS = 1500
 # Held-out accuracy (%) the default recipe is meant to reach on every seed (README, configs/demo.py).
 TARGETS = {"direction": 80, "order": 75, "shape": 80, "color": 95}
@@ -69,8 +73,6 @@ def main(argv=None) -> int:
       help="the projector's temporal position embedding (default and why: configs/demo.py)",
   )
   args = p.parse_args(argv)
-  if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)  # configs/ is loaded as a package
 
   import jax
   import ml_collections  # noqa: F401

@@ -31,6 +31,9 @@ COLORS = {"red": (240, 30, 30), "green": (30, 220, 50), "blue": (40, 80, 255), "
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 TYPES = ("direction", "color", "shape", "order")
+# The demo's clips: 84 px square (a 6x6 grid of 14 px ViT patches), 8 frames. `make demo`, its config
+# (configs/demo.py) and the probes read these.
+FRAME_SIZE, FRAMES = 84, 8
 CHANCE = {"direction": 1 / 4, "color": 1 / 4, "shape": 1 / 3, "order": 1 / 2}
 # The CLIP mean colour: it normalises to 0, so the (random-init) ViT sees nothing but the shapes. On a dark
 # background every background patch embeds to the same large vector and the shapes were a ~1% perturbation
@@ -151,7 +154,7 @@ def _order(rng, size: int, frames: int, first_color: str) -> dict:
   return {"type": "order", "size": size, "first": objs[0], "second": objs[1]}
 
 
-def sample(n: int, *, seed: int, size: int = 84, frames: int = 8) -> list[dict]:
+def sample(n: int, *, seed: int, size: int = FRAME_SIZE, frames: int = FRAMES) -> list[dict]:
   """n clips with their question: [{"kind": render spec, "task", "question", "options", "answer": index}]."""
   rng = np.random.default_rng(seed)
   counts = {t: int(round(w * n)) for t, w in TYPE_WEIGHTS.items()}
@@ -190,7 +193,9 @@ def sample(n: int, *, seed: int, size: int = 84, frames: int = 8) -> list[dict]:
   return out
 
 
-def generate(out_dir: str, *, num_train: int, num_test: int, size: int = 84, frames: int = 8, seed: int = 0) -> dict:
+def generate(
+    out_dir: str, *, num_train: int, num_test: int, size: int = FRAME_SIZE, frames: int = FRAMES, seed: int = 0
+) -> dict:
   """Writes the dataset; returns paths {"manifest", "benchmark", "train_benchmark", "videos", "texts"}.
 
   train_benchmark: the first `num_test` training clips in benchmark form (train-set accuracy);

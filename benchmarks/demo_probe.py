@@ -74,7 +74,8 @@ Seed 2 stays on the plateau: 72.9 / 36.4 direction / shape at 1,500 steps (READM
 more steps do not get it off. A lower peak lr does (full `train.demo`, 1,500 steps, one core each, one run each;
 direction / shape held out, colour 100 and order 96.7-100 in all):
   lr 1e-3:  seed 0 100 / 87.9, seed 1 100 / 92.9, seed 2 80.0 / 87.9, seed 3 100 / 92.1
-  lr 7e-4 (the default now): seed 0 100 / 92.1, seed 1 100 / 98.6, seed 2 100 / 97.1
+  lr 7e-4 (the default now): seed 0 100 / 92.1, seed 1 100 / 98.6, seed 2 100 / 97.1, seed 3 100 / 92.9,
+    seed 4 100 / 96.4
   lr 2e-3 with vision_lr=3 (the ViT and projector at 6e-3), seed 2: 77.1 / 70.0
 """
 

@@ -162,7 +162,7 @@ def test_demo_config_validates_and_overrides(tmp_path):
   assert cfg.model.projector.spatial_patch == 1 and cfg.data.seq_len == 240  # no 2x2 merge (configs/demo.py)
   assert cfg.model.projector.patchify == "conv3d"  # the pair's frames weighed apart (configs/demo.py)
   assert cfg.optim.lr == 7e-4  # at 2e-3 seed 2 never learnt direction or shape (configs/demo.py)
-  assert cfg.data.frame_size == demo_data.FRAME_SIZE and cfg.data.num_frames == demo_data.FRAMES
+  assert cfg.data.frame_size == demo_data.FRAME_SIZE and cfg.data.max_frames == demo_data.FRAMES  # one source
   seeded = from_configdict(get_config(f"data={tmp_path},tokenizer={tmp_path},seed=4"))
   assert seeded.seed == 4 and seeded.data.shuffle_seed == 4 and cfg.seed == 0
   paths = f"data={tmp_path},tokenizer={tmp_path}"

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
   from train.config import from_configdict
   from train.loop import train
 
-  arg = f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},frame_size={FRAME_SIZE},seed={args.seed}"
+  # The frame size and count are the config's defaults: demo_data.FRAME_SIZE / FRAMES, as the videos above.
+  arg = f"data={ds_dir},tokenizer={tok_dir},steps={args.steps},seed={args.seed}"
   cfg = from_configdict(get_config(arg + (f",tpe={args.tpe}" if args.tpe else "")))
   t_train = time.perf_counter()
   result = train(cfg, run_dir)
